@@ -1,0 +1,1 @@
+fn main() { println!("cpu {}", vmtask_percpu::cpu()); }
