@@ -31,8 +31,10 @@
 //! assert!(total <= 10);
 //! ```
 
+mod cache;
 mod cpu;
 mod slots;
 
+pub use cache::CpuCache;
 pub use cpu::{cpu, pin_current_thread, possible_cpus, rseq_available};
 pub use slots::{Contended, PerCpu, SlotGuard};
