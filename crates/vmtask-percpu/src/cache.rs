@@ -1,25 +1,161 @@
 //! `CpuCache`: per-CPU bounded stacks of pointers, the fast path of a
 //! magazine allocator (the kernel's per-CPU stack cache, SLUB's sheaves).
 //!
-//! Each possible CPU owns an array of `capacity` pointer slots and a length.
-//! [`CpuCache::pop`] and [`CpuCache::push`] work on the current CPU's array;
-//! they fail (empty, full, or contended) instead of waiting, and the caller
-//! moves whole batches to and from its shared depot on its slow path.
-//! [`CpuCache::drain`] empties any CPU's array, for depot refills, trimming
-//! and teardown.
+//! Each possible CPU owns an *area*: a `stopped` word, a length, and
+//! `capacity` pointer slots, 128-byte aligned so no two CPUs share a cache
+//! line (or an adjacent-line prefetch pair); the areas sit in one allocation
+//! with a fixed stride. [`CpuCache::pop`] and [`CpuCache::push`] work on the
+//! current CPU's area; they fail (empty, full, or busy) instead of waiting,
+//! and the caller moves whole batches to and from its shared depot on its
+//! slow path. [`CpuCache::drain`] empties any CPU's area, for depot refills,
+//! trimming and teardown.
 //!
-//! Protocol (baseline): each CPU's array sits in a [`PerCpu`] slot behind its
-//! try-lock. A push or pop holds the lock for a few instructions; a thread
-//! that finds the lock taken reports failure, so nothing ever waits on a
-//! preempted holder.
+//! # Protocol
+//!
+//! Invariant: `len <= capacity`, and slots `0..len` hold the pointers pushed
+//! and not yet popped, most recent last. Slots at or past `len` are garbage.
+//!
+//! There are two ways to make a push or pop exclusive on its area; a cache
+//! uses one of them for its whole life ([`CacheMode`]).
+//!
+//! **Rseq** (x86_64 Linux with glibc's rseq registration and
+//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ)` with the CPU flag):
+//! a push or pop is one restartable sequence (`rseq.rs`) that reads
+//! `cpu_id`, picks that CPU's area, fails if `stopped` is set, checks `len`,
+//! reads or writes a slot and *commits* by storing `len`, its last
+//! instruction. The kernel aborts a sequence that is preempted, migrated,
+//! signalled or hit by an rseq membarrier before its commit, so a sequence
+//! that commits ran on the CPU it indexed, with no other sequence of this
+//! process on that CPU in between: sequences on one CPU are atomic with
+//! respect to each other, with no atomic instruction at all. An aborted
+//! push may have written a slot at `len`: garbage, harmless.
+//!
+//! Other threads reach an area through `drain` and `len` only. A drainer
+//! `D` *stops* CPU `c`:
+//! 1. `D` sets `c`'s `stopped` word with a compare-exchange (drainers of one
+//!    area exclude each other this way);
+//! 2. `D` calls `membarrier(PRIVATE_EXPEDITED_RSEQ, FLAG_CPU, c)`: if a
+//!    thread of this process runs on `c`, the kernel interrupts it with an
+//!    IPI that executes a full barrier and aborts any sequence in flight;
+//!    the call returns after the IPI completed, with a full barrier on
+//!    either side;
+//! 3. `D` reads and writes `len` and the slots;
+//! 4. `D` clears `stopped` with a release store.
+//!
+//! Why no sequence `S` indexing `c` commits during 3: let `T` be the moment
+//! of the IPI on `c` (or, if no thread of ours was on `c`, the moment the
+//! kernel found that out). If `S` committed before `T`, its stores precede
+//! the IPI's barrier, so `D` sees them in 3. If `S` was between `start_ip`
+//! and its commit at `T`, running or preempted, it is aborted (at `T`, or
+//! when it next runs) and never commits. If `S` starts after `T`, its load
+//! of `stopped` comes after the IPI's barrier (or after the context switch
+//! that brought its thread onto `c`, which has a full barrier after the
+//! scheduler updates `rq->curr`), and `D`'s store of `stopped` came before
+//! membarrier's opening barrier, so `S` reads `stopped != 0` and fails
+//! without writing. After 4, a sequence that reads `stopped == 0` reads
+//! `D`'s `len` and slots too: `D`'s stores are ordered before its release
+//! store, and x86 keeps a load ordered after an earlier load (TSO). `D`
+//! does not read `len` between 1 and 2 (`drain` may read it before 1, as a
+//! hint only).
+//!
+//! **Try-lock** (everywhere else, or when forced): the `stopped` word is a
+//! try-lock, as in [`PerCpu`](crate::PerCpu): push and pop take it with an
+//! acquire swap (after a plain load, so a busy area costs a shared read,
+//! not a cache-line steal) and report failure if it is taken; drainers
+//! spin for it. Release on unlock orders each holder before the next.
+//!
+//! `len(cpu)` is a relaxed load of `len` in both modes: a snapshot.
+//!
+//! The areas are reached through raw pointers and atomics; the rseq
+//! sequences access the same memory with plain `mov`s, which on x86 are
+//! single-copy atomic like the relaxed atomic accesses on the Rust side.
 
+use crossbeam_utils::Backoff;
+use std::alloc::{self, Layout};
+use std::fmt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
-use crate::slots::PerCpu;
+use crate::cpu::{cpu, possible_cpus};
 
-struct Magazine {
-    items: Box<[*mut u8]>,
-    len: usize,
+/// Alignment of every CPU's area: two cache lines, as `CachePadded` uses on
+/// x86_64, because the adjacent-line prefetcher pairs lines.
+const AREA_ALIGN: usize = 128;
+
+/// Environment variable that, set to anything but `0`, makes
+/// [`CpuCache::new`] use [`CacheMode::TryLock`] even where rseq works.
+pub const NO_RSEQ_ENV: &str = "VMTASK_PERCPU_NO_RSEQ";
+
+/// How a [`CpuCache`] makes a push or pop exclusive on its CPU's area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheMode {
+    /// A restartable sequence: no atomic instruction on the fast path.
+    Rseq,
+    /// An uncontended try-lock per CPU: one atomic swap per operation.
+    TryLock,
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CacheMode::Rseq => "rseq",
+            CacheMode::TryLock => "try-lock",
+        })
+    }
+}
+
+/// Whether [`CacheMode::Rseq`] works in this process (x86_64 Linux, glibc
+/// rseq registration, rseq membarrier with the CPU flag). The first call
+/// registers the process for that membarrier.
+pub fn rseq_cache_supported() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        crate::rseq::supported()
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// The mode [`CpuCache::new`] uses: [`CacheMode::Rseq`] where
+/// [`rseq_cache_supported`] and the environment variable
+/// `VMTASK_PERCPU_NO_RSEQ` is unset (or `0`), otherwise
+/// [`CacheMode::TryLock`]. Decided once per process.
+pub fn cache_mode() -> CacheMode {
+    static MODE: OnceLock<CacheMode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let forced_off = std::env::var_os(NO_RSEQ_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+        if !forced_off && rseq_cache_supported() {
+            CacheMode::Rseq
+        } else {
+            CacheMode::TryLock
+        }
+    })
+}
+
+/// Where the areas are; read by the rseq sequences at fixed offsets.
+#[repr(C)]
+pub(crate) struct Table {
+    /// The first area; area `cpu` starts at `base + cpu * stride`.
+    pub(crate) base: *mut u8,
+    /// Bytes from one area to the next, a multiple of [`AREA_ALIGN`].
+    pub(crate) stride: usize,
+    /// The number of areas (the possible CPUs).
+    pub(crate) cpus: usize,
+    /// Slots per area.
+    pub(crate) capacity: usize,
+}
+
+/// The start of each area; `capacity` pointer slots follow it.
+#[repr(C)]
+pub(crate) struct AreaHead {
+    /// Nonzero while a drainer owns the area (rseq) or a holder has it
+    /// locked (try-lock).
+    pub(crate) stopped: AtomicUsize,
+    /// Slots in use.
+    pub(crate) len: AtomicUsize,
 }
 
 /// Per-CPU bounded LIFO stacks of non-null pointers.
@@ -27,108 +163,308 @@ struct Magazine {
 /// The cache stores pointers and never dereferences them; what they point
 /// to, and who owns it, is the caller's business.
 pub struct CpuCache {
-    cpus: PerCpu<Magazine>,
-    capacity: usize,
+    table: Table,
+    mode: CacheMode,
+    /// glibc's `__rseq_offset` (rseq mode only; 0 otherwise).
+    rseq_offset: isize,
 }
 
-// SAFETY: the cache only stores pointer values (it never dereferences them);
-// its internal state is protected by the per-CPU locks.
+// SAFETY: the cache only stores pointer values (it never dereferences
+// them); its areas are reached through atomics under the protocol in the
+// module header, and the allocation is owned by the cache.
 unsafe impl Send for CpuCache {}
 // SAFETY: as above.
 unsafe impl Sync for CpuCache {}
 
 impl CpuCache {
-    /// A cache holding up to `capacity` pointers per CPU.
+    /// A cache holding up to `capacity` pointers per CPU, in the mode
+    /// [`cache_mode()`] picks.
     ///
     /// # Panics
-    /// If `capacity` is 0.
+    /// If `capacity` is 0, or so large that the areas cannot be allocated.
     pub fn new(capacity: usize) -> Self {
+        Self::with_mode(capacity, cache_mode())
+    }
+
+    /// A cache in `mode` if this process supports it: asking for
+    /// [`CacheMode::Rseq`] where [`rseq_cache_supported`] is false gives
+    /// [`CacheMode::TryLock`]; [`CpuCache::mode`] tells which one you got.
+    /// Ignores `VMTASK_PERCPU_NO_RSEQ`.
+    ///
+    /// # Panics
+    /// As [`CpuCache::new`].
+    pub fn with_mode(capacity: usize, mode: CacheMode) -> Self {
         assert!(capacity > 0, "CpuCache capacity must be at least 1");
-        CpuCache {
-            cpus: PerCpu::new(|_| Magazine {
-                items: vec![std::ptr::null_mut(); capacity].into_boxed_slice(),
-                len: 0,
-            }),
-            capacity,
+        let mode = match mode {
+            CacheMode::Rseq if rseq_cache_supported() => CacheMode::Rseq,
+            _ => CacheMode::TryLock,
+        };
+        let rseq_offset = match mode {
+            CacheMode::Rseq => {
+                crate::cpu::rseq_offset().expect("rseq support implies an rseq area")
+            }
+            CacheMode::TryLock => 0,
+        };
+        let cpus = possible_cpus();
+        let layout = Self::layout(capacity, cpus);
+        // SAFETY: the layout has a nonzero size (cpus >= 1, stride >= 128).
+        let base = unsafe { alloc::alloc_zeroed(layout) };
+        if base.is_null() {
+            alloc::handle_alloc_error(layout);
         }
+        // All-zero areas are valid: not stopped, empty.
+        CpuCache {
+            table: Table {
+                base,
+                stride: layout.size() / cpus,
+                cpus,
+                capacity,
+            },
+            mode,
+            rseq_offset,
+        }
+    }
+
+    /// The allocation holding `cpus` areas of `capacity` slots.
+    fn layout(capacity: usize, cpus: usize) -> Layout {
+        capacity
+            .checked_mul(size_of::<*mut u8>())
+            .and_then(|slots| slots.checked_add(size_of::<AreaHead>()))
+            .and_then(|bytes| bytes.checked_next_multiple_of(AREA_ALIGN))
+            .and_then(|stride| stride.checked_mul(cpus))
+            .and_then(|size| Layout::from_size_align(size, AREA_ALIGN).ok())
+            .unwrap_or_else(|| {
+                panic!("CpuCache capacity {capacity} per CPU is too large for {cpus} CPUs")
+            })
     }
 
     /// Pointers each CPU can hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.table.capacity
     }
 
-    /// The number of CPU arrays (the possible CPUs).
+    /// The number of CPU areas (the possible CPUs).
     pub fn cpus(&self) -> usize {
-        self.cpus.len()
+        self.table.cpus
     }
 
-    /// Takes the most recently pushed pointer from the current CPU's array.
-    /// `None` if it is empty or another thread is using it right now.
+    /// Whether this cache's fast path is an rseq sequence or a try-lock.
+    pub fn mode(&self) -> CacheMode {
+        self.mode
+    }
+
+    /// Takes the most recently pushed pointer from the current CPU's area.
+    /// `None` if it is empty or busy (being drained, or, in try-lock mode,
+    /// used by another thread) right now.
     #[inline]
     pub fn pop(&self) -> Option<NonNull<u8>> {
-        let mut mag = self.cpus.try_current().ok()?;
-        if mag.len == 0 {
-            return None;
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.mode == CacheMode::Rseq {
+            // SAFETY: `table` describes this cache's live areas and
+            // `rseq_offset` is glibc's, checked when the mode was chosen.
+            return NonNull::new(unsafe { crate::rseq::pop(&self.table, self.rseq_offset) });
         }
-        mag.len -= 1;
-        let item = mag.items[mag.len];
+        self.pop_locked()
+    }
+
+    /// Puts `item` on the current CPU's area; gives it back if the area is
+    /// full or busy right now.
+    #[inline]
+    pub fn push(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.mode == CacheMode::Rseq {
+            // SAFETY: as in `pop`.
+            return match unsafe { crate::rseq::push(&self.table, self.rseq_offset, item.as_ptr()) }
+            {
+                true => Ok(()),
+                false => Err(item),
+            };
+        }
+        self.push_locked(item)
+    }
+
+    #[inline]
+    fn pop_locked(&self) -> Option<NonNull<u8>> {
+        let area = self.try_lock(cpu())?;
+        let len = area.head().len.load(Ordering::Relaxed);
+        let new_len = len.checked_sub(1)?;
+        let item = area.slot(new_len).load(Ordering::Relaxed);
+        area.head().len.store(new_len, Ordering::Relaxed);
         // Every stored item came from a NonNull in `push`.
         NonNull::new(item)
     }
 
-    /// Puts `item` on the current CPU's array; gives it back if the array is
-    /// full or another thread is using it right now.
     #[inline]
-    pub fn push(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
-        let Ok(mut mag) = self.cpus.try_current() else {
+    fn push_locked(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
+        let Some(area) = self.try_lock(cpu()) else {
             return Err(item);
         };
-        if mag.len == mag.items.len() {
+        let len = area.head().len.load(Ordering::Relaxed);
+        if len == self.table.capacity {
             return Err(item);
         }
-        let len = mag.len;
-        mag.items[len] = item.as_ptr();
-        mag.len = len + 1;
+        area.slot(len).store(item.as_ptr(), Ordering::Relaxed);
+        area.head().len.store(len + 1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Moves up to `max` pointers from `cpu`'s array (most recent first)
-    /// into `out`, waiting for the array if another thread holds it.
-    /// Returns how many moved.
+    /// Moves up to `max` pointers from `cpu`'s area (most recent first)
+    /// into `out`, waiting for the area if another drainer (or, in try-lock
+    /// mode, another thread) holds it. Returns how many moved.
+    ///
+    /// In rseq mode a drain that finds work costs a `membarrier` system
+    /// call (an IPI to `cpu` if a thread of this process runs there), so
+    /// drain in batches, off the hot path.
     ///
     /// # Panics
     /// If `cpu >= self.cpus()`.
     pub fn drain(&self, cpu: usize, max: usize, out: &mut Vec<NonNull<u8>>) -> usize {
-        let mut mag = self.cpus.lock(cpu);
-        let take = max.min(mag.len);
-        for _ in 0..take {
-            mag.len -= 1;
-            let item = mag.items[mag.len];
-            out.extend(NonNull::new(item));
+        self.check_cpu(cpu);
+        // A hint, read before stopping the area: an empty area needs no
+        // membarrier, and "empty" was true at the moment of this load.
+        if max == 0 || self.head(cpu).len.load(Ordering::Relaxed) == 0 {
+            return 0;
         }
+        let area = self.stop(cpu);
+        let len = area.head().len.load(Ordering::Relaxed);
+        let take = max.min(len);
+        out.reserve(take);
+        for i in (len - take..len).rev() {
+            let item = area.slot(i).load(Ordering::Relaxed);
+            out.push(NonNull::new(item).expect("CpuCache: slots below len hold pushed pointers"));
+        }
+        area.head().len.store(len - take, Ordering::Relaxed);
         take
     }
 
-    /// The number of pointers in `cpu`'s array now (a snapshot).
+    /// The number of pointers in `cpu`'s area now (a snapshot).
     ///
     /// # Panics
     /// If `cpu >= self.cpus()`.
     pub fn len(&self, cpu: usize) -> usize {
-        self.cpus.lock(cpu).len
+        self.check_cpu(cpu);
+        self.head(cpu).len.load(Ordering::Relaxed)
     }
 
     /// Pointers held over all CPUs now (a snapshot).
     pub fn total_len(&self) -> usize {
         (0..self.cpus()).map(|cpu| self.len(cpu)).sum()
     }
+
+    fn check_cpu(&self, cpu: usize) {
+        assert!(
+            cpu < self.cpus(),
+            "CPU {cpu} out of range: this cache has {} CPU areas",
+            self.cpus()
+        );
+    }
+
+    /// The head of `cpu`'s area. `cpu` must be below `self.cpus()`
+    /// (`cpu()` always is: the cache has `possible_cpus()` areas).
+    #[inline]
+    fn head(&self, cpu: usize) -> &AreaHead {
+        debug_assert!(cpu < self.table.cpus);
+        // SAFETY: area `cpu < cpus` lies inside the allocation, is aligned
+        // to 128 and starts with an `AreaHead` (all-zero is valid); it is
+        // only ever accessed through atomics (or the rseq sequences' plain
+        // aligned `mov`s, equally single-copy atomic), so a shared
+        // reference is sound for as long as `self` lives.
+        unsafe { &*(self.table.base.add(cpu * self.table.stride) as *const AreaHead) }
+    }
+
+    /// Makes `cpu`'s area exclusive to the caller without waiting, in
+    /// try-lock mode. `None` if another thread holds it.
+    #[inline]
+    fn try_lock(&self, cpu: usize) -> Option<Exclusive<'_>> {
+        let stopped = &self.head(cpu).stopped;
+        // Test before the read-modify-write: a busy area costs a shared
+        // load, not a cache-line steal.
+        if stopped.load(Ordering::Relaxed) != 0 || stopped.swap(1, Ordering::Acquire) != 0 {
+            return None;
+        }
+        Some(Exclusive { cache: self, cpu })
+    }
+
+    /// Makes `cpu`'s area exclusive to the caller, waiting for other
+    /// holders; in rseq mode, also stops `cpu`'s critical sections (steps
+    /// 1 and 2 of the protocol).
+    fn stop(&self, cpu: usize) -> Exclusive<'_> {
+        let stopped = &self.head(cpu).stopped;
+        let backoff = Backoff::new();
+        while stopped.load(Ordering::Relaxed) != 0
+            || stopped
+                .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            if backoff.is_completed() {
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if self.mode == CacheMode::Rseq {
+            // The compare-exchange above is a locked instruction, so the
+            // store of `stopped` is globally visible before the membarrier
+            // begins; the membarrier orders it before every later sequence
+            // on `cpu` and aborts the ones in flight.
+            crate::rseq::fence_cpu(cpu);
+        }
+        Exclusive { cache: self, cpu }
+    }
 }
 
-impl std::fmt::Debug for CpuCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// Exclusive use of one CPU's area (its `stopped` word is ours); released
+/// on drop.
+struct Exclusive<'a> {
+    cache: &'a CpuCache,
+    cpu: usize,
+}
+
+impl Exclusive<'_> {
+    #[inline]
+    fn head(&self) -> &AreaHead {
+        self.cache.head(self.cpu)
+    }
+
+    /// Slot `i` of the area. `i` must be below the capacity.
+    #[inline]
+    fn slot(&self, i: usize) -> &AtomicPtr<u8> {
+        assert!(i < self.cache.table.capacity);
+        let head = self.head() as *const AreaHead;
+        // SAFETY: slots follow the head; slot `i < capacity` lies inside
+        // the area (the stride covers head and slots), is pointer-aligned,
+        // and, like the head, is only accessed atomically.
+        unsafe { &*(head.add(1) as *const AtomicPtr<u8>).add(i) }
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // Release: our writes to `len` and the slots happen before the next
+        // holder's (or, in rseq mode, the next sequence's) reads.
+        self.head().stopped.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for CpuCache {
+    fn drop(&mut self) {
+        let layout = Self::layout(self.table.capacity, self.table.cpus);
+        // SAFETY: `base` came from `alloc_zeroed` with this same layout;
+        // `&mut self` proves no push, pop or drain is in progress (a thread
+        // inside a sequence borrows the cache), and the sequences' rseq
+        // descriptors are static, so nothing refers to the areas any more.
+        unsafe { alloc::dealloc(self.table.base, layout) };
+    }
+}
+
+impl fmt::Debug for CpuCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CpuCache")
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.capacity())
             .field("cpus", &self.cpus())
+            .field("mode", &self.mode)
             .finish()
     }
 }
@@ -137,7 +473,10 @@ impl std::fmt::Debug for CpuCache {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
+
+    const MODES: [CacheMode; 2] = [CacheMode::Rseq, CacheMode::TryLock];
 
     fn ptr(n: usize) -> NonNull<u8> {
         NonNull::new((n * 16) as *mut u8).unwrap()
@@ -145,64 +484,259 @@ mod tests {
 
     #[test]
     fn pop_returns_last_push_on_same_cpu() {
-        let cache = CpuCache::new(4);
-        crate::pin_current_thread(crate::cpu()).unwrap();
-        cache.push(ptr(1)).unwrap();
-        cache.push(ptr(2)).unwrap();
-        assert_eq!(cache.pop(), Some(ptr(2)));
-        assert_eq!(cache.pop(), Some(ptr(1)));
-        assert_eq!(cache.pop(), None);
+        for mode in MODES {
+            std::thread::spawn(move || {
+                let cache = CpuCache::with_mode(4, mode);
+                crate::pin_current_thread(crate::cpu()).unwrap();
+                cache.push(ptr(1)).unwrap();
+                cache.push(ptr(2)).unwrap();
+                assert_eq!(cache.pop(), Some(ptr(2)));
+                assert_eq!(cache.pop(), Some(ptr(1)));
+                assert_eq!(cache.pop(), None);
+            })
+            .join()
+            .unwrap();
+        }
     }
 
     #[test]
     fn push_refuses_when_full() {
-        let cache = CpuCache::new(2);
-        std::thread::spawn(move || {
-            crate::pin_current_thread(0).unwrap();
-            cache.push(ptr(1)).unwrap();
-            cache.push(ptr(2)).unwrap();
-            assert_eq!(cache.push(ptr(3)), Err(ptr(3)));
-            let mut out = Vec::new();
-            assert_eq!(cache.drain(0, 10, &mut out), 2);
-            assert_eq!(out, vec![ptr(2), ptr(1)]);
-        })
-        .join()
-        .unwrap();
+        for mode in MODES {
+            let cache = CpuCache::with_mode(2, mode);
+            std::thread::spawn(move || {
+                crate::pin_current_thread(0).unwrap();
+                cache.push(ptr(1)).unwrap();
+                cache.push(ptr(2)).unwrap();
+                assert_eq!(cache.push(ptr(3)), Err(ptr(3)));
+                assert_eq!(cache.len(0), 2);
+                let mut out = Vec::new();
+                assert_eq!(cache.drain(0, 10, &mut out), 2);
+                assert_eq!(out, vec![ptr(2), ptr(1)]);
+                assert_eq!(cache.total_len(), 0);
+            })
+            .join()
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn drain_takes_at_most_max_most_recent_first() {
+        for mode in MODES {
+            let cache = CpuCache::with_mode(8, mode);
+            std::thread::spawn(move || {
+                crate::pin_current_thread(0).unwrap();
+                for i in 1..=5 {
+                    cache.push(ptr(i)).unwrap();
+                }
+                let mut out = Vec::new();
+                assert_eq!(cache.drain(0, 0, &mut out), 0);
+                assert_eq!(cache.drain(0, 2, &mut out), 2);
+                assert_eq!(out, vec![ptr(5), ptr(4)]);
+                assert_eq!(cache.pop(), Some(ptr(3)));
+                assert_eq!(cache.len(0), 2);
+            })
+            .join()
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn fast_path_uses_the_mode_asked_for_when_supported() {
+        let forced = CpuCache::with_mode(4, CacheMode::TryLock);
+        assert_eq!(forced.mode(), CacheMode::TryLock);
+        let rseq = CpuCache::with_mode(4, CacheMode::Rseq);
+        let expected = if rseq_cache_supported() {
+            CacheMode::Rseq
+        } else {
+            CacheMode::TryLock
+        };
+        assert_eq!(rseq.mode(), expected);
+        eprintln!(
+            "rseq CpuCache supported: {}; default mode: {}",
+            rseq_cache_supported(),
+            cache_mode()
+        );
+    }
+
+    #[test]
+    fn drained_cpu_accepts_pushes_again() {
+        for mode in MODES {
+            let cache = CpuCache::with_mode(4, mode);
+            std::thread::spawn(move || {
+                crate::pin_current_thread(0).unwrap();
+                let mut out = Vec::new();
+                for round in 0..100 {
+                    cache.push(ptr(round + 1)).unwrap();
+                    assert_eq!(cache.drain(0, usize::MAX, &mut out), 1);
+                }
+                assert_eq!(out.len(), 100);
+                cache.push(ptr(7)).unwrap();
+                assert_eq!(cache.pop(), Some(ptr(7)));
+            })
+            .join()
+            .unwrap();
+        }
     }
 
     #[test]
     fn no_pointer_is_lost_or_duplicated_across_threads() {
-        let cache = Arc::new(CpuCache::new(8));
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let cache = cache.clone();
+        for mode in MODES {
+            let cache = Arc::new(CpuCache::with_mode(8, mode));
+            let threads: Vec<_> = (0..4)
+                .map(|t| {
+                    let cache = cache.clone();
+                    std::thread::spawn(move || {
+                        // Each thread owns a range of pointers; whatever it
+                        // pops it keeps, whatever it cannot push it keeps.
+                        let mut held: Vec<NonNull<u8>> =
+                            (0..64).map(|i| ptr(1 + t * 1000 + i)).collect();
+                        for round in 0..20_000 {
+                            if round % 2 == 0 {
+                                if let Some(p) = held.pop() {
+                                    if let Err(p) = cache.push(p) {
+                                        held.push(p);
+                                    }
+                                }
+                            } else if let Some(p) = cache.pop() {
+                                held.push(p);
+                            }
+                        }
+                        held.into_iter()
+                            .map(|p| p.as_ptr() as usize)
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut all: Vec<usize> = threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect();
+            let mut drained = Vec::new();
+            for cpu in 0..cache.cpus() {
+                cache.drain(cpu, usize::MAX, &mut drained);
+            }
+            all.extend(drained.iter().map(|p| p.as_ptr() as usize));
+            let unique: HashSet<_> = all.iter().copied().collect();
+            assert_eq!(all.len(), 4 * 64, "{mode}: pointers lost or duplicated");
+            assert_eq!(unique.len(), 4 * 64, "{mode}: pointers duplicated");
+        }
+    }
+
+    /// More threads than CPUs (so sequences are preempted and migrated
+    /// mid-flight) push and pop while two drainers empty random CPUs and
+    /// put what they took back; every pointer must end up in exactly one
+    /// place.
+    fn stress_every_pointer_accounted_once(mode: CacheMode) {
+        const PER_THREAD: usize = 48;
+        let cache = Arc::new(CpuCache::with_mode(6, mode));
+        assert_eq!(cache.mode(), mode, "mode not supported here");
+        let workers = 2 * cache.cpus().max(2) + 3;
+        let stop = Arc::new(AtomicBool::new(false));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let drained_total = Arc::new(AtomicUsize::new(0));
+        let spawn_worker = |t: usize| {
+            let (cache, stop, hits) = (cache.clone(), stop.clone(), hits.clone());
+            std::thread::spawn(move || {
+                let mut held: Vec<NonNull<u8>> =
+                    (0..PER_THREAD).map(|i| ptr(1 + t * 10_000 + i)).collect();
+                let (mut rng, mut ok) = (t as u64 * 0x9E37_79B9 + 1, 0usize);
+                while !stop.load(Ordering::Relaxed) {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    if rng % 2 == 0 {
+                        if let Some(p) = held.pop() {
+                            match cache.push(p) {
+                                Ok(()) => ok += 1,
+                                Err(p) => held.push(p),
+                            }
+                        }
+                    } else if let Some(p) = cache.pop() {
+                        ok += 1;
+                        held.push(p);
+                    }
+                }
+                hits.fetch_add(ok, Ordering::Relaxed);
+                held.into_iter()
+                    .map(|p| p.as_ptr() as usize)
+                    .collect::<Vec<_>>()
+            })
+        };
+        let threads: Vec<_> = (0..workers).map(spawn_worker).collect();
+        let drainers: Vec<_> = (0..2)
+            .map(|d| {
+                let (cache, stop, drained_total) =
+                    (cache.clone(), stop.clone(), drained_total.clone());
                 std::thread::spawn(move || {
-                    // Each thread owns a range of pointers; whatever it pops it
-                    // keeps, whatever it cannot push it keeps.
-                    let mut held: Vec<NonNull<u8>> = (0..64).map(|i| ptr(1 + t * 1000 + i)).collect();
-                    for round in 0..20_000 {
-                        if round % 2 == 0 {
-                            if let Some(p) = held.pop() {
-                                if let Err(p) = cache.push(p) {
+                    let mut held = Vec::new();
+                    let mut i: usize = d;
+                    while !stop.load(Ordering::Relaxed) {
+                        i = i.wrapping_mul(31).wrapping_add(7);
+                        let n = cache.drain(i % cache.cpus(), 1 + i % 4, &mut held);
+                        drained_total.fetch_add(n, Ordering::Relaxed);
+                        // Give back half, keep half for a while.
+                        while held.len() > n / 2 {
+                            match cache.push(held.pop().unwrap()) {
+                                Ok(()) => {}
+                                Err(p) => {
                                     held.push(p);
+                                    break;
                                 }
                             }
-                        } else if let Some(p) = cache.pop() {
-                            held.push(p);
                         }
                     }
-                    held.into_iter().map(|p| p.as_ptr() as usize).collect::<Vec<_>>()
+                    held.into_iter()
+                        .map(|p| p.as_ptr() as usize)
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let mut all: Vec<usize> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-        let mut drained = Vec::new();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<usize> = threads
+            .into_iter()
+            .chain(drainers)
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let mut rest = Vec::new();
         for cpu in 0..cache.cpus() {
-            cache.drain(cpu, usize::MAX, &mut drained);
+            cache.drain(cpu, usize::MAX, &mut rest);
         }
-        all.extend(drained.iter().map(|p| p.as_ptr() as usize));
+        assert_eq!(cache.total_len(), 0);
+        all.extend(rest.iter().map(|p| p.as_ptr() as usize));
         let unique: HashSet<_> = all.iter().copied().collect();
-        assert_eq!(all.len(), 4 * 64, "pointers lost or duplicated");
-        assert_eq!(unique.len(), 4 * 64);
+        eprintln!(
+            "{mode}: {workers} workers, {} fast-path hits, {} drained",
+            hits.load(Ordering::Relaxed),
+            drained_total.load(Ordering::Relaxed)
+        );
+        assert_eq!(unique.len(), all.len(), "{mode}: a pointer was duplicated");
+        assert_eq!(
+            all.len(),
+            workers * PER_THREAD,
+            "{mode}: a pointer was lost"
+        );
+        assert!(
+            hits.load(Ordering::Relaxed) > 0,
+            "{mode}: the fast path never succeeded"
+        );
+        assert!(
+            drained_total.load(Ordering::Relaxed) > 0,
+            "{mode}: no drain found work"
+        );
+    }
+
+    #[test]
+    fn stress_push_pop_drain_keeps_every_pointer_once_rseq() {
+        if !rseq_cache_supported() {
+            eprintln!("rseq CpuCache unsupported here; skipping");
+            return;
+        }
+        stress_every_pointer_accounted_once(CacheMode::Rseq);
+    }
+
+    #[test]
+    fn stress_push_pop_drain_keeps_every_pointer_once_trylock() {
+        stress_every_pointer_accounted_once(CacheMode::TryLock);
     }
 }

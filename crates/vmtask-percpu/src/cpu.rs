@@ -6,40 +6,86 @@
 //! the current CPU is one load from `%fs:offset+4`. We look the symbol up at
 //! run time with `dlsym`, so the crate still works (through
 //! `sched_getcpu(3)`) on a libc without rseq.
+//!
+//! [`cpu()`] is on every per-CPU fast path, so its common case is two
+//! relaxed loads of process-wide constants (the rseq offset and the number
+//! of possible CPUs, published once by a cold initialiser), the `%fs` load
+//! and a bounds check; no `OnceLock` and no call.
 
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// Offset of `struct rseq` from the thread pointer, if glibc registered one.
-fn rseq_offset() -> Option<isize> {
-    static OFFSET: OnceLock<Option<isize>> = OnceLock::new();
-    *OFFSET.get_or_init(|| {
-        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only
-        // looks a symbol up; a null result means "absent".
-        let offset = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) };
-        // SAFETY: as above.
-        let size = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) };
-        if offset.is_null() || size.is_null() {
-            return None;
-        }
+/// `RSEQ.offset` before the first look-up.
+const OFFSET_UNKNOWN: isize = isize::MIN;
+/// `RSEQ.offset` when glibc registered no rseq area (or it is too small).
+const OFFSET_ABSENT: isize = isize::MIN + 1;
+
+/// What [`cpu()`] needs on its fast path, together on one cache line.
+/// Both fields are written once by [`init_cpu_read`] with values that never
+/// change afterwards, so relaxed loads suffice: a reader that sees the
+/// initial values just takes the cold path, which initialises them.
+#[repr(C, align(64))]
+struct CpuRead {
+    /// Offset of `struct rseq` from the thread pointer, or a sentinel.
+    offset: AtomicIsize,
+    /// [`possible_cpus()`], or 0 before initialisation.
+    possible: AtomicUsize,
+}
+
+static RSEQ: CpuRead = CpuRead {
+    offset: AtomicIsize::new(OFFSET_UNKNOWN),
+    possible: AtomicUsize::new(0),
+};
+
+/// Offset of `struct rseq` from the thread pointer, if glibc registered one
+/// that is large enough to hold `cpu_id` and `rseq_cs`.
+pub(crate) fn rseq_offset() -> Option<isize> {
+    let mut offset = RSEQ.offset.load(Ordering::Relaxed);
+    if offset == OFFSET_UNKNOWN {
+        init_cpu_read();
+        offset = RSEQ.offset.load(Ordering::Relaxed);
+    }
+    (offset != OFFSET_ABSENT).then_some(offset)
+}
+
+/// Looks up glibc's rseq registration and the possible CPUs, and publishes
+/// both for [`cpu()`]. Idempotent; racing callers store the same values.
+#[cold]
+fn init_cpu_read() {
+    RSEQ.possible.store(possible_cpus(), Ordering::Relaxed);
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only
+    // looks a symbol up; a null result means "absent".
+    let offset = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) };
+    // SAFETY: as above.
+    let size = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) };
+    let offset = if offset.is_null() || size.is_null() {
+        OFFSET_ABSENT
+    } else {
         // SAFETY: glibc defines `__rseq_offset` as `const ptrdiff_t` and
-        // `__rseq_size` as `const unsigned int`; both are initialised before
-        // main and never change.
+        // `__rseq_size` as `const unsigned int`; both are initialised
+        // before main and never change.
         let (offset, size) = unsafe { (*(offset as *const isize), *(size as *const u32)) };
         // A size of 0 means registration was disabled (glibc.pthread.rseq=0)
-        // or refused by the kernel.
-        (size >= 20).then_some(offset)
-    })
+        // or refused by the kernel. 20 bytes cover `cpu_id` and `rseq_cs`.
+        if size >= 20 && offset != OFFSET_UNKNOWN && offset != OFFSET_ABSENT {
+            offset
+        } else {
+            OFFSET_ABSENT
+        }
+    };
+    RSEQ.offset.store(offset, Ordering::Relaxed);
 }
 
 /// Whether `cpu()` reads glibc's rseq area (true) or calls `sched_getcpu`.
 pub fn rseq_available() -> bool {
-    rseq_offset().is_some() && read_rseq_cpu().is_some()
+    rseq_offset().and_then(read_rseq_cpu).is_some()
 }
 
+/// The calling thread's `cpu_id` from the rseq area at `offset`, or `None`
+/// if the kernel has not initialised it for this thread.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn read_rseq_cpu() -> Option<usize> {
-    let offset = rseq_offset()?;
+fn read_rseq_cpu(offset: isize) -> Option<usize> {
     let cpu: i32;
     // SAFETY: on x86_64 Linux `%fs:0` holds the thread pointer; glibc's rseq
     // area lives at `tp + __rseq_offset` for every thread it created
@@ -59,7 +105,7 @@ fn read_rseq_cpu() -> Option<usize> {
 
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
-fn read_rseq_cpu() -> Option<usize> {
+fn read_rseq_cpu(_offset: isize) -> Option<usize> {
     None
 }
 
@@ -70,20 +116,44 @@ fn read_rseq_cpu() -> Option<usize> {
 /// Always less than [`possible_cpus()`].
 #[inline]
 pub fn cpu() -> usize {
-    let cpu = match read_rseq_cpu() {
-        Some(cpu) => cpu,
-        None => sched_getcpu(),
-    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let offset = RSEQ.offset.load(Ordering::Relaxed);
+        let possible = RSEQ.possible.load(Ordering::Relaxed);
+        // Before initialisation `possible` is 0 and the check fails; a
+        // negative `cpu_id` fails it too (`read_rseq_cpu` returns None).
+        if offset != OFFSET_UNKNOWN && offset != OFFSET_ABSENT {
+            if let Some(cpu) = read_rseq_cpu(offset) {
+                if cpu < possible {
+                    return cpu;
+                }
+            }
+        }
+    }
+    cpu_slow()
+}
+
+/// [`cpu()`] without rseq (or before the first look-up): initialise, then
+/// ask rseq again or `sched_getcpu(3)`.
+#[cold]
+#[inline(never)]
+fn cpu_slow() -> usize {
+    let possible = possible_cpus();
+    if RSEQ.possible.load(Ordering::Relaxed) == 0 {
+        init_cpu_read();
+    }
+    let cpu = rseq_offset()
+        .and_then(read_rseq_cpu)
+        .unwrap_or_else(sched_getcpu);
     // A CPU hot-added past the possible mask cannot happen on Linux, but a
     // wrong answer here must not become an out-of-bounds index.
-    if cpu < possible_cpus() {
+    if cpu < possible {
         cpu
     } else {
-        cpu % possible_cpus()
+        cpu % possible
     }
 }
 
-#[cold]
 fn sched_getcpu() -> usize {
     // SAFETY: sched_getcpu has no preconditions.
     let cpu = unsafe { libc::sched_getcpu() };
@@ -105,7 +175,11 @@ pub fn possible_cpus() -> usize {
             .map(|max| max + 1);
         // SAFETY: sysconf has no preconditions.
         let configured = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-        let configured = if configured > 0 { configured as usize } else { 1 };
+        let configured = if configured > 0 {
+            configured as usize
+        } else {
+            1
+        };
         from_sysfs.unwrap_or(configured).max(configured).max(1)
     })
 }
@@ -114,7 +188,11 @@ pub fn possible_cpus() -> usize {
 fn parse_cpu_list_max(list: &str) -> Option<usize> {
     list.split(',')
         .filter(|part| !part.is_empty())
-        .map(|part| part.rsplit('-').next().and_then(|n| n.parse::<usize>().ok()))
+        .map(|part| {
+            part.rsplit('-')
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+        })
         .try_fold(0usize, |max, n| n.map(|n| max.max(n)))
 }
 

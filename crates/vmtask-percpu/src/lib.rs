@@ -14,8 +14,16 @@
 //!   migrated from, that CPU holds it) so the caller can take its shared
 //!   slow path instead of waiting.
 //!
+//! - [`CpuCache`] holds one bounded stack of pointers per CPU, the fast path
+//!   of the slab and stack magazines. On x86_64 Linux its push and pop are
+//!   restartable sequences (rseq): no atomic instruction, the kernel restarts
+//!   a sequence that was preempted or migrated, and drains of another CPU
+//!   stop that CPU with a `membarrier`. Elsewhere, or with
+//!   `VMTASK_PERCPU_NO_RSEQ=1`, it uses the try-lock; [`CpuCache::mode`]
+//!   says which.
+//!
 //! Migration makes the slot choice a hint, never a correctness problem: the
-//! lock, not the CPU number, gives exclusive access.
+//! lock (or the rseq abort), not the CPU number, gives exclusive access.
 //!
 //! ```
 //! use vmtask_percpu::PerCpu;
@@ -29,12 +37,26 @@
 //! }
 //! let total: u64 = (0..hits.len()).map(|cpu| *hits.lock(cpu)).sum();
 //! assert!(total <= 10);
+//!
+//! use std::ptr::NonNull;
+//! use vmtask_percpu::CpuCache;
+//!
+//! let cache = CpuCache::new(16);
+//! let item = NonNull::<u64>::dangling().cast::<u8>();
+//! if cache.push(item).is_ok() {
+//!     // Usually the same CPU, so usually Some(item); a migration in
+//!     // between may send the pop to another CPU's (empty) stack.
+//!     let _maybe = cache.pop();
+//! }
+//! println!("CpuCache mode: {}", cache.mode());
 //! ```
 
 mod cache;
 mod cpu;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod rseq;
 mod slots;
 
-pub use cache::CpuCache;
+pub use cache::{cache_mode, rseq_cache_supported, CacheMode, CpuCache, NO_RSEQ_ENV};
 pub use cpu::{cpu, pin_current_thread, possible_cpus, rseq_available};
 pub use slots::{Contended, PerCpu, SlotGuard};

@@ -44,7 +44,11 @@ pub struct Contended {
 
 impl fmt::Display for Contended {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "per-CPU slot of CPU {} is held by another thread", self.cpu)
+        write!(
+            f,
+            "per-CPU slot of CPU {} is held by another thread",
+            self.cpu
+        )
     }
 }
 
@@ -121,7 +125,9 @@ impl<T> PerCpu<T> {
 
 impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PerCpu").field("cpus", &self.len()).finish_non_exhaustive()
+        f.debug_struct("PerCpu")
+            .field("cpus", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
