@@ -1,1 +1,69 @@
-//! placeholder
+//! Virtually mapped stacks: guard-paged, demand-paged, recycled through
+//! per-CPU caches and freed synchronously.
+//!
+//! A [`StackPool`] reserves address space in a few large arenas of
+//! `[guard][stack]` slots (`mmap` with `MAP_NORESERVE`), so a stack costs no
+//! memory until it is touched and the arenas add mappings with the logarithm
+//! of the stack count, not per stack. Guards are guard markers
+//! (`MADV_GUARD_INSTALL`, Linux 6.13+) that live in the page tables and
+//! keep an arena one mapping; older kernels get `mprotect(PROT_NONE)`.
+//!
+//! Guarantees:
+//! - Every stack has a guard below it; running into it aborts the process
+//!   with `stack overflow: stack <base>..<limit> of <size> bytes`, never a
+//!   silent segfault or corruption of a neighbouring stack.
+//! - Reuse is fast: a freed [`Stack`] goes straight into the current CPU's
+//!   magazine (as the kernel frees a dead task's stack in
+//!   `finish_task_switch`, with no RCU grace period) and the next
+//!   allocation on that CPU takes it back without a system call.
+//! - Memory comes back: stacks leaving the per-CPU magazines for the shared
+//!   depot keep only their top `keep_resident` bytes, a full depot gives
+//!   stacks' memory back entirely, and [`StackPool::trim`] does it on demand.
+//! - Allocation fails with a [`StackError`], never a crash, when the pool
+//!   or the kernel runs out.
+//! - [`ensure`] turns "growth that cannot fail" into an explicit, fallible
+//!   reservation.
+//!
+//! With the default `corosensei` feature a [`Stack`] is a
+//! `corosensei::stack::Stack`:
+//!
+//! ```
+//! use corosensei::{Coroutine, CoroutineResult};
+//! use vmtask_stack::{Config, StackPool};
+//!
+//! let pool = StackPool::new(Config { cache_size: 2, ..Config::default() })?;
+//! let stack = pool.alloc()?;
+//! assert_eq!(stack.size(), 128 * 1024);
+//!
+//! let mut coroutine = Coroutine::with_stack(stack, |yielder, n: u32| {
+//!     let room = vmtask_stack::remaining().expect("running on a pool stack");
+//!     assert!(room < 128 * 1024);
+//!     vmtask_stack::ensure(32 * 1024)?;
+//!     yielder.suspend(n + 1);
+//!     Ok::<_, vmtask_stack::StackError>(())
+//! });
+//! assert!(matches!(coroutine.resume(1), CoroutineResult::Yield(2)));
+//! assert!(matches!(coroutine.resume(0), CoroutineResult::Return(Ok(()))));
+//! drop(coroutine); // the stack goes back to this CPU's magazine
+//!
+//! let stats = pool.stats();
+//! assert_eq!((stats.live, stats.slots_carved), (0, 1));
+//! println!("{stats}");
+//! # Ok::<(), vmtask_stack::StackError>(())
+//! ```
+
+mod arena;
+mod config;
+mod ensure;
+mod error;
+mod overflow;
+mod pool;
+mod stack;
+mod sys;
+
+pub use config::{Config, GuardMode};
+pub use ensure::{ensure, remaining};
+pub use error::StackError;
+pub use overflow::{prepare_thread, set_overflow_label_hook, LabelHook};
+pub use pool::{PoolStats, StackPool};
+pub use stack::Stack;

@@ -1,0 +1,255 @@
+//! Arenas: reserved runs of `[guard][stack]` slots, and the process-wide
+//! registry that maps an address back to its slot.
+//!
+//! A pool reserves address space in arenas that double in size (256 slots,
+//! then 512, ...) up to `max_stacks`, so mappings grow with the logarithm of
+//! the stack count. Slots are carved from an arena in address order; a slot
+//! is `guard_size` bytes of guard followed by `stack_size` usable bytes,
+//! and the stack's top (its `base`) is the slot's end.
+//!
+//! Registry protocol: the overflow handler runs in a signal handler and
+//! `ensure` runs on any stack, so neither may lock. Every arena of every
+//! pool is published in a lock-free, append-only list of leaked nodes. A
+//! node is claimed with a CAS on `claimed`, then its geometry is written and
+//! `end` is stored last with `Release`; readers load `end` with `Acquire`
+//! before the rest, so a reader that sees a non-zero `end` sees the whole
+//! geometry. A pool clears `end` (then `claimed`) only when it unmaps the
+//! arena, which it does only when none of its stacks is live, so no fault
+//! or `ensure` can be looking at that arena then. Nodes are reused, never
+//! freed: the list is bounded by the most arenas ever live at once.
+
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+
+use crate::config::Layout;
+use crate::error::StackError;
+use crate::sys;
+
+/// Slots in a pool's first arena; each later arena doubles the previous.
+const FIRST_ARENA_SLOTS: usize = 256;
+
+struct Node {
+    claimed: AtomicBool,
+    start: AtomicUsize,
+    end: AtomicUsize,
+    slot_size: AtomicUsize,
+    guard_size: AtomicUsize,
+    next: AtomicPtr<Node>,
+}
+
+static REGISTRY: AtomicPtr<Node> = AtomicPtr::new(ptr::null_mut());
+
+fn nodes() -> impl Iterator<Item = &'static Node> {
+    let mut cur = REGISTRY.load(Ordering::Acquire);
+    std::iter::from_fn(move || {
+        // SAFETY: nodes are leaked boxes, published with Release and never
+        // freed, so every pointer in the list stays valid forever.
+        let node = unsafe { cur.as_ref()? };
+        cur = node.next.load(Ordering::Acquire);
+        Some(node)
+    })
+}
+
+fn register(start: usize, len: usize, layout: &Layout) -> &'static Node {
+    let node = nodes()
+        .find(|n| {
+            n.claimed
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        })
+        .unwrap_or_else(|| {
+            let node: &'static Node = Box::leak(Box::new(Node {
+                claimed: AtomicBool::new(true),
+                start: AtomicUsize::new(0),
+                end: AtomicUsize::new(0),
+                slot_size: AtomicUsize::new(0),
+                guard_size: AtomicUsize::new(0),
+                next: AtomicPtr::new(ptr::null_mut()),
+            }));
+            let mut head = REGISTRY.load(Ordering::Acquire);
+            loop {
+                node.next.store(head, Ordering::Relaxed);
+                let new = node as *const Node as *mut Node;
+                match REGISTRY.compare_exchange_weak(
+                    head,
+                    new,
+                    Ordering::Release,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break node,
+                    Err(h) => head = h,
+                }
+            }
+        });
+    node.start.store(start, Ordering::Relaxed);
+    node.slot_size.store(layout.slot_size, Ordering::Relaxed);
+    node.guard_size.store(layout.guard_size, Ordering::Relaxed);
+    node.end.store(start + len, Ordering::Release);
+    node
+}
+
+fn unregister(node: &Node) {
+    node.end.store(0, Ordering::Release);
+    node.claimed.store(false, Ordering::Release);
+}
+
+/// The geometry of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    /// Lowest guard address.
+    pub guard: usize,
+    /// Lowest usable address.
+    pub limit: usize,
+    /// Top of the stack (one past its highest byte).
+    pub base: usize,
+}
+
+/// Where an address falls in the registered arenas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// In a slot's guard pages.
+    Guard(Slot),
+    /// In a slot's usable stack.
+    Stack(Slot),
+}
+
+/// Finds the slot holding `addr`, in any pool. Async-signal-safe: atomic
+/// loads and arithmetic only.
+pub(crate) fn lookup(addr: usize) -> Option<Place> {
+    for node in nodes() {
+        let end = node.end.load(Ordering::Acquire);
+        let start = node.start.load(Ordering::Relaxed);
+        if addr < start || addr >= end {
+            continue;
+        }
+        let slot_size = node.slot_size.load(Ordering::Relaxed);
+        let guard_size = node.guard_size.load(Ordering::Relaxed);
+        let guard = start + (addr - start) / slot_size * slot_size;
+        let slot = Slot {
+            guard,
+            limit: guard + guard_size,
+            base: guard + slot_size,
+        };
+        return Some(if addr < slot.limit {
+            Place::Guard(slot)
+        } else {
+            Place::Stack(slot)
+        });
+    }
+    None
+}
+
+struct Arena {
+    start: usize,
+    slots: usize,
+    carved: usize,
+    node: &'static Node,
+}
+
+/// One pool's arenas and its carving cursor. Lives behind the pool's carve
+/// lock.
+pub(crate) struct Arenas {
+    list: Vec<Arena>,
+    reserved_slots: usize,
+}
+
+impl Arenas {
+    pub(crate) fn new() -> Arenas {
+        Arenas {
+            list: Vec::new(),
+            reserved_slots: 0,
+        }
+    }
+
+    /// Carves a fresh slot and installs its guard; returns the stack's top.
+    /// Touches nothing but the guard.
+    pub(crate) fn carve(&mut self, layout: &Layout, markers: bool) -> Result<usize, StackError> {
+        if self.list.last().is_none_or(|a| a.carved == a.slots) {
+            self.grow(layout)?;
+        }
+        let arena = self.list.last_mut().expect("grow added an arena");
+        let guard = arena.start + arena.carved * layout.slot_size;
+        sys::install_guard(guard, layout.guard_size, markers).map_err(|errno| {
+            StackError::MapFailed {
+                what: if markers {
+                    "install a guard page (MADV_GUARD_INSTALL)"
+                } else {
+                    "protect a guard page (mprotect PROT_NONE, bounded by vm.max_map_count)"
+                },
+                bytes: layout.guard_size,
+                errno,
+            }
+        })?;
+        arena.carved += 1;
+        Ok(guard + layout.slot_size)
+    }
+
+    fn grow(&mut self, layout: &Layout) -> Result<(), StackError> {
+        let left = layout.max_stacks - self.reserved_slots;
+        if left == 0 {
+            return Err(StackError::Exhausted {
+                max_stacks: layout.max_stacks,
+                stack_size: layout.stack_size,
+            });
+        }
+        let want = self.list.last().map_or(FIRST_ARENA_SLOTS, |a| a.slots * 2);
+        let slots = want.min(left);
+        let len = slots * layout.slot_size;
+        let start = sys::reserve(len).map_err(|errno| StackError::MapFailed {
+            what: "reserve a stack arena (mmap MAP_NORESERVE)",
+            bytes: len,
+            errno,
+        })?;
+        let node = register(start, len, layout);
+        self.list.push(Arena {
+            start,
+            slots,
+            carved: 0,
+            node,
+        });
+        self.reserved_slots += slots;
+        Ok(())
+    }
+
+    /// Slots carved over all arenas.
+    pub(crate) fn carved(&self) -> usize {
+        self.list.iter().map(|a| a.carved).sum()
+    }
+
+    /// Arenas reserved.
+    pub(crate) fn count(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Mappings the arenas take as created (the kernel may merge adjacent
+    /// ones): one per arena with guard markers; with `mprotect` every guard
+    /// splits its arena, giving two mappings per carved slot plus the
+    /// uncarved tail.
+    pub(crate) fn mappings(&self, markers: bool) -> usize {
+        if markers {
+            return self.list.len();
+        }
+        self.list
+            .iter()
+            .map(|a| 2 * a.carved + usize::from(a.carved < a.slots))
+            .sum()
+    }
+
+    /// Bytes of address space reserved.
+    pub(crate) fn reserved_bytes(&self, layout: &Layout) -> usize {
+        self.reserved_slots * layout.slot_size
+    }
+
+    /// Unregisters and unmaps every arena.
+    ///
+    /// # Safety
+    /// No stack carved from these arenas may be in use, now or later.
+    pub(crate) unsafe fn unmap_all(&mut self, layout: &Layout) {
+        for arena in self.list.drain(..) {
+            unregister(arena.node);
+            // SAFETY: the caller guarantees no stack of this arena is in use.
+            unsafe { sys::unmap(arena.start, arena.slots * layout.slot_size) };
+        }
+        self.reserved_slots = 0;
+    }
+}

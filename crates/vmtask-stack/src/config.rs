@@ -1,0 +1,200 @@
+//! Pool configuration.
+//!
+//! # Choosing `stack_size`
+//!
+//! Every touched 2 MiB of address space costs the kernel one 4 KiB
+//! page-table page, and guard markers count as touched. A slot is
+//! `guard_size + stack_size`, so the slot size sets the page-table cost of
+//! every live stack, on top of the pages the stack really uses:
+//!
+//! | `stack_size` | slot (with 4 KiB guard) | page tables per live stack | 1,000,000 stacks reserve |
+//! |---:|---:|---:|---:|
+//! | 16 KiB | 20 KiB | 40 B | 19 GiB |
+//! | 64 KiB | 68 KiB | 136 B | 65 GiB |
+//! | 128 KiB (default) | 132 KiB | 264 B | 126 GiB |
+//! | 1 MiB | 1028 KiB | 2 KiB | 980 GiB |
+//! | 8 MiB | 8196 KiB | 16 KiB | 7.8 TiB |
+//!
+//! Reserved address space is free (`MAP_NORESERVE`, demand paged), but the
+//! 47-bit user address space holds 128 TiB, which bounds
+//! `max_stacks × slot`. Small slots are cheap but overflow sooner; use
+//! [`ensure`](crate::ensure) before deep recursion.
+
+use crate::error::StackError;
+use crate::sys::{page_ceil, page_size};
+
+/// How guard pages are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardMode {
+    /// Guard markers where the kernel has them, else `mprotect`; chosen once
+    /// when the pool is created.
+    Auto,
+    /// `madvise(MADV_GUARD_INSTALL)` (Linux 6.13+): guards live in the page
+    /// tables, so an arena stays one mapping however many stacks it holds.
+    GuardMarker,
+    /// `mprotect(PROT_NONE)`: every guard splits the arena's mapping, so
+    /// live stacks are bounded by `vm.max_map_count` (about 32,000 stacks at
+    /// the default 65,530 mappings).
+    Mprotect,
+}
+
+impl std::fmt::Display for GuardMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuardMode::Auto => "auto",
+            GuardMode::GuardMarker => "guard markers (MADV_GUARD_INSTALL)",
+            GuardMode::Mprotect => "mprotect(PROT_NONE)",
+        })
+    }
+}
+
+/// Configuration of a [`StackPool`](crate::StackPool).
+///
+/// Sizes are rounded up to whole pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Usable bytes per stack, without the guard. Default 128 KiB.
+    pub stack_size: usize,
+    /// Guard bytes below each stack. Default one page; at least one page.
+    pub guard_size: usize,
+    /// Most stacks the pool will ever hold at once. Default 1,048,576.
+    pub max_stacks: usize,
+    /// Free stacks each CPU's magazine holds. Default 16; the kernel uses 2.
+    pub cache_size: usize,
+    /// Free stacks the shared depot holds before it gives stacks' memory
+    /// back entirely. Default: four magazines per possible CPU.
+    pub depot_size: usize,
+    /// Bytes kept resident at the top of a free stack when its deeper pages
+    /// are released. Default 16 KiB.
+    pub keep_resident: usize,
+    /// Release every page of a stack when it is freed, so the next user
+    /// reads zeros. Default false: tasks share one address space, and
+    /// neither Go nor glibc clears reused stacks. Costs a system call per
+    /// free and a page fault per reuse.
+    pub zero_on_reuse: bool,
+    /// How guard pages are made. Default [`GuardMode::Auto`].
+    pub guard_mode: GuardMode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            stack_size: 128 * 1024,
+            guard_size: page_size(),
+            max_stacks: 1 << 20,
+            cache_size: 16,
+            depot_size: 4 * 16 * vmtask_percpu::possible_cpus(),
+            keep_resident: 16 * 1024,
+            zero_on_reuse: false,
+            guard_mode: GuardMode::Auto,
+        }
+    }
+}
+
+/// A validated configuration with page-rounded sizes.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub stack_size: usize,
+    pub guard_size: usize,
+    pub slot_size: usize,
+    pub max_stacks: usize,
+    pub cache_size: usize,
+    pub depot_size: usize,
+    pub keep_resident: usize,
+    pub zero_on_reuse: bool,
+}
+
+impl Layout {
+    pub(crate) fn new(config: &Config) -> Result<Layout, StackError> {
+        let invalid = |field, reason| Err(StackError::InvalidConfig { field, reason });
+        if config.stack_size == 0 {
+            return invalid("stack_size", "must be at least one byte");
+        }
+        if config.guard_size == 0 {
+            return invalid(
+                "guard_size",
+                "must be at least one page: a stack without a guard overflows silently",
+            );
+        }
+        if config.max_stacks == 0 {
+            return invalid("max_stacks", "must be at least 1");
+        }
+        if config.cache_size == 0 {
+            return invalid("cache_size", "must be at least 1");
+        }
+        let stack_size = page_ceil(config.stack_size);
+        let guard_size = page_ceil(config.guard_size);
+        let Some(slot_size) = stack_size.checked_add(guard_size) else {
+            return invalid("stack_size", "stack plus guard overflows the address space");
+        };
+        if slot_size
+            .checked_mul(config.max_stacks)
+            .is_none_or(|total| total > 1 << 47)
+        {
+            return invalid(
+                "max_stacks",
+                "max_stacks slots do not fit in the 128 TiB user address space",
+            );
+        }
+        Ok(Layout {
+            stack_size,
+            guard_size,
+            slot_size,
+            max_stacks: config.max_stacks,
+            cache_size: config.cache_size,
+            depot_size: config.depot_size,
+            keep_resident: page_ceil(config.keep_resident).min(stack_size),
+            zero_on_reuse: config.zero_on_reuse,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_pages() {
+        let page = page_size();
+        let layout = Layout::new(&Config {
+            stack_size: page + 1,
+            guard_size: 1,
+            keep_resident: 1 << 30,
+            ..Config::default()
+        })
+        .unwrap();
+        assert_eq!(layout.stack_size, 2 * page);
+        assert_eq!(layout.guard_size, page);
+        assert_eq!(layout.slot_size, 3 * page);
+        assert_eq!(
+            layout.keep_resident,
+            2 * page,
+            "keep_resident is capped at the stack size"
+        );
+    }
+
+    #[test]
+    fn invalid_config_names_the_field() {
+        let err = Layout::new(&Config {
+            guard_size: 0,
+            ..Config::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("guard_size"), "{err}");
+        let err = Layout::new(&Config {
+            max_stacks: usize::MAX / 2,
+            ..Config::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_stacks"), "{err}");
+    }
+
+    #[test]
+    fn default_holds_a_million_default_stacks() {
+        let config = Config::default();
+        assert!(config.max_stacks >= 1_000_000);
+        assert_eq!(config.stack_size, 128 * 1024);
+        assert_eq!(config.cache_size, 16);
+        assert!(!config.zero_on_reuse);
+    }
+}

@@ -1,0 +1,563 @@
+//! `StackPool`: per-CPU magazines in front of a shared depot in front of the
+//! arenas.
+//!
+//! Allocation: pop the current CPU's magazine ([`CpuCache`]); on a miss take
+//! up to a magazine's worth of stacks from the depot, keep one and refill the
+//! local magazine with the rest; failing that reuse a slot whose memory was
+//! given back; failing that carve a fresh slot; failing that,
+//! [`StackError::Exhausted`]. Free: push on the current CPU's magazine; when
+//! it is full, the whole magazine goes to the depot, so stacks freed on
+//! another CPU than the one that allocated them flow back through the depot
+//! instead of piling up.
+//!
+//! Memory: the fast paths make no system call. A magazine on its way to the
+//! depot has each stack's pages below `keep_resident` released
+//! (`MADV_DONTNEED`), one batch per magazine; when the depot is full
+//! (`depot_size`), further stacks lose all their pages and wait on the
+//! `released` list for reuse. [`StackPool::trim`] does the same for every
+//! cached stack, on demand.
+//!
+//! Locks: the depot is a spin lock held for a few pointer moves, never
+//! across a system call; the arenas sit behind a mutex taken only to carve.
+//! A `Stack` points at its pool without counting references (a counted
+//! reference would cost two atomic read-modify-writes per stack), so the
+//! free path's last access to the pool is the publishing store: the
+//! magazine push, or the depot lock's release. A pool dropped while stacks
+//! are out is leaked rather than unmapped under a running stack.
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crossbeam_utils::{Backoff, CachePadded};
+use vmtask_percpu::CpuCache;
+
+use crate::arena::Arenas;
+use crate::config::{Config, GuardMode, Layout};
+use crate::error::StackError;
+use crate::stack::Stack;
+use crate::{overflow, sys};
+
+/// A test-and-test-and-set lock whose release is a single store, so a
+/// thread that publishes into the depot touches the pool no later than that
+/// store (see the module docs).
+struct SpinLock<T> {
+    locked: AtomicBool,
+    value: std::cell::UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through a guard, which holds the lock.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+struct SpinGuard<'a, T>(&'a SpinLock<T>);
+
+impl<T> SpinLock<T> {
+    fn new(value: T) -> Self {
+        SpinLock {
+            locked: AtomicBool::new(false),
+            value: std::cell::UnsafeCell::new(value),
+        }
+    }
+
+    fn lock(&self) -> SpinGuard<'_, T> {
+        let backoff = Backoff::new();
+        while self.locked.load(Ordering::Relaxed) || self.locked.swap(true, Ordering::Acquire) {
+            if backoff.is_completed() {
+                // The holder may be preempted; let it run.
+                std::thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
+        }
+        SpinGuard(self)
+    }
+}
+
+impl<T> std::ops::Deref for SpinGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: this guard holds the lock.
+        unsafe { &*self.0.value.get() }
+    }
+}
+
+impl<T> std::ops::DerefMut for SpinGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: this guard holds the lock, and `&mut self` makes this the
+        // only use.
+        unsafe { &mut *self.0.value.get() }
+    }
+}
+
+impl<T> Drop for SpinGuard<'_, T> {
+    fn drop(&mut self) {
+        self.0.locked.store(false, Ordering::Release);
+    }
+}
+
+/// Free stacks shared by all CPUs, by their tops.
+struct Depot {
+    /// Warm stacks (top `keep_resident` bytes may be resident), at most
+    /// `depot_size`.
+    stacks: Vec<NonNull<u8>>,
+    /// Slots whose memory was given back entirely.
+    released: Vec<NonNull<u8>>,
+}
+
+// SAFETY: the pointers are addresses of free stacks that the depot owns;
+// it never dereferences them.
+unsafe impl Send for Depot {}
+
+#[derive(Default)]
+struct Counters {
+    depot_hits: AtomicU64,
+    depot_transfers: AtomicU64,
+    released_reuses: AtomicU64,
+    failures: AtomicU64,
+    stacks_released: AtomicU64,
+    pages_trimmed: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub(crate) struct PoolInner {
+    pub(crate) layout: Layout,
+    markers: bool,
+    cache: CpuCache,
+    /// Cache hits per CPU. Incremented with a plain load and store rather
+    /// than a read-modify-write, to keep the fast path free of atomics; two
+    /// threads racing on one CPU's counter can lose a count (statistics
+    /// only).
+    cache_hits: Box<[CachePadded<AtomicU64>]>,
+    depot: SpinLock<Depot>,
+    arenas: Mutex<Arenas>,
+    counters: Counters,
+}
+
+impl PoolInner {
+    #[inline]
+    fn alloc(&self) -> Result<NonNull<u8>, StackError> {
+        if let Some(top) = self.cache.pop() {
+            let hits = &self.cache_hits[vmtask_percpu::cpu()];
+            hits.store(hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return Ok(top);
+        }
+        self.alloc_slow()
+    }
+
+    #[cold]
+    fn alloc_slow(&self) -> Result<NonNull<u8>, StackError> {
+        let mut batch = Vec::with_capacity(self.layout.cache_size);
+        let released = {
+            let mut depot = self.depot.lock();
+            let n = depot.stacks.len();
+            let take = n.min(self.layout.cache_size);
+            batch.extend(depot.stacks.drain(n - take..));
+            if take == 0 {
+                depot.released.pop()
+            } else {
+                None
+            }
+        };
+        if let Some(top) = released {
+            bump(&self.counters.released_reuses, 1);
+            return Ok(top);
+        }
+        if let Some(top) = batch.pop() {
+            bump(&self.counters.depot_hits, 1);
+            bump(&self.counters.depot_transfers, 1);
+            let leftover: Vec<_> = batch
+                .into_iter()
+                .filter_map(|p| self.cache.push(p).err())
+                .collect();
+            if !leftover.is_empty() {
+                self.depot.lock().stacks.extend(leftover);
+            }
+            return Ok(top);
+        }
+        let carved = self
+            .arenas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .carve(&self.layout, self.markers);
+        match carved {
+            Ok(top) => Ok(NonNull::new(top as *mut u8).expect("a slot's top is never null")),
+            Err(e) => {
+                bump(&self.counters.failures, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Frees the stack whose top is `top`. Nothing may use it afterwards.
+    #[inline]
+    pub(crate) fn free(&self, top: NonNull<u8>) {
+        if self.layout.zero_on_reuse {
+            let limit = top.as_ptr() as usize - self.layout.stack_size;
+            sys::release(limit, self.layout.stack_size);
+        }
+        if let Err(top) = self.cache.push(top) {
+            self.free_slow(top);
+        }
+    }
+
+    /// The local magazine is full (or busy): hand it to the depot whole.
+    #[cold]
+    fn free_slow(&self, top: NonNull<u8>) {
+        let mut magazine = Vec::with_capacity(self.layout.cache_size + 1);
+        self.cache
+            .drain(vmtask_percpu::cpu(), self.layout.cache_size, &mut magazine);
+        magazine.push(top);
+        if !self.layout.zero_on_reuse {
+            for &top in &magazine {
+                self.release_deep(top, false);
+            }
+        }
+        bump(&self.counters.depot_transfers, 1);
+        self.stash(magazine, false);
+    }
+
+    /// Releases a free stack's pages below `keep_resident`; with `count`,
+    /// returns how many were resident (one `mincore` call more).
+    fn release_deep(&self, top: NonNull<u8>, count: bool) -> usize {
+        let limit = top.as_ptr() as usize - self.layout.stack_size;
+        let len = self.layout.stack_size - self.layout.keep_resident;
+        let resident = if count {
+            sys::resident_pages(limit, len)
+        } else {
+            0
+        };
+        sys::release(limit, len);
+        resident
+    }
+
+    /// Puts free, trimmed stacks in the depot; what does not fit loses all
+    /// its memory and goes on the released list. With `count`, returns the
+    /// resident pages given back. The last access to the pool is the depot
+    /// lock's release.
+    fn stash(&self, mut stacks: Vec<NonNull<u8>>, count: bool) -> usize {
+        {
+            let mut depot = self.depot.lock();
+            let room = self.layout.depot_size.saturating_sub(depot.stacks.len());
+            let fits = room.min(stacks.len());
+            depot.stacks.extend(stacks.drain(..fits));
+        }
+        if stacks.is_empty() {
+            return 0;
+        }
+        let mut pages = 0;
+        for &top in &stacks {
+            let limit = top.as_ptr() as usize - self.layout.stack_size;
+            if count {
+                pages += sys::resident_pages(limit, self.layout.stack_size);
+            }
+            sys::release(limit, self.layout.stack_size);
+        }
+        bump(&self.counters.stacks_released, stacks.len() as u64);
+        self.depot.lock().released.extend(stacks);
+        pages
+    }
+}
+
+/// A pool of virtually mapped stacks. See the [crate docs](crate).
+///
+/// `Send + Sync`; share it by reference or `Arc`. Dropping the pool unmaps
+/// its arenas if every stack has been freed, and leaks them otherwise
+/// (better to leak a stack than to unmap it under a running task).
+pub struct StackPool {
+    inner: NonNull<PoolInner>,
+}
+
+// SAFETY: PoolInner's shared state is behind per-CPU slots, the depot spin
+// lock, the arenas mutex and atomics; the raw pointers it holds are
+// addresses of free stacks it owns.
+unsafe impl Send for StackPool {}
+// SAFETY: as above; every method takes `&self` and synchronises internally.
+unsafe impl Sync for StackPool {}
+
+impl StackPool {
+    /// Creates a pool. Reserves nothing until the first allocation; installs
+    /// the process's overflow handler the first time any pool is created.
+    ///
+    /// Fails on an invalid `config`, or with
+    /// [`StackError::GuardMarkersUnsupported`] when
+    /// [`GuardMode::GuardMarker`] is asked of a kernel without it.
+    pub fn new(config: Config) -> Result<StackPool, StackError> {
+        let layout = Layout::new(&config)?;
+        let markers = match config.guard_mode {
+            GuardMode::Auto => sys::guard_markers_supported(),
+            GuardMode::GuardMarker if sys::guard_markers_supported() => true,
+            GuardMode::GuardMarker => return Err(StackError::GuardMarkersUnsupported),
+            GuardMode::Mprotect => false,
+        };
+        overflow::install_handler();
+        let inner = Box::new(PoolInner {
+            cache: CpuCache::new(layout.cache_size),
+            cache_hits: (0..vmtask_percpu::possible_cpus())
+                .map(|_| CachePadded::new(AtomicU64::new(0)))
+                .collect(),
+            depot: SpinLock::new(Depot {
+                stacks: Vec::new(),
+                released: Vec::new(),
+            }),
+            arenas: Mutex::new(Arenas::new()),
+            counters: Counters::default(),
+            layout,
+            markers,
+        });
+        Ok(StackPool {
+            inner: NonNull::from(Box::leak(inner)),
+        })
+    }
+
+    /// The process-wide pool with the default [`Config`].
+    ///
+    /// # Panics
+    /// If the default pool cannot be created (it reserves no memory, so only
+    /// on a broken kernel).
+    pub fn global() -> &'static StackPool {
+        static GLOBAL: OnceLock<StackPool> = OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            StackPool::new(Config::default()).expect("cannot create the global stack pool")
+        })
+    }
+
+    fn inner(&self) -> &PoolInner {
+        // SAFETY: `inner` came from Box::leak in `new` and is freed only in
+        // `drop`, which needs `&mut self`.
+        unsafe { self.inner.as_ref() }
+    }
+
+    /// Allocates a stack: from the current CPU's magazine, else the depot,
+    /// else a fresh slot. Also makes sure this thread has an alternate
+    /// signal stack, so an overflow on the new stack can be reported.
+    #[inline]
+    pub fn alloc(&self) -> Result<Stack, StackError> {
+        overflow::prepare_thread();
+        let top = self.inner().alloc()?;
+        // SAFETY: `top` is a free stack of this pool, now owned by the new
+        // Stack; the pool outlives it (see `Drop`).
+        Ok(unsafe { Stack::from_raw(top, self.inner) })
+    }
+
+    /// Gives back memory held by free stacks: every per-CPU magazine is
+    /// emptied into the depot with its stacks' pages below `keep_resident`
+    /// released; stacks that do not fit in the depot give back everything.
+    /// Returns the bytes that were resident and are now released.
+    pub fn trim(&self) -> usize {
+        let inner = self.inner();
+        let mut free = Vec::new();
+        for cpu in 0..inner.cache.cpus() {
+            inner.cache.drain(cpu, usize::MAX, &mut free);
+        }
+        let mut pages: usize = free.iter().map(|&top| inner.release_deep(top, true)).sum();
+        pages += inner.stash(free, true);
+        bump(&inner.counters.pages_trimmed, pages as u64);
+        pages * sys::page_size()
+    }
+
+    /// A snapshot of the pool's counters. Exact when no thread is using the
+    /// pool; approximate while it is in use.
+    pub fn stats(&self) -> PoolStats {
+        let inner = self.inner();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (carved, arenas, mappings, reserved_bytes) = {
+            let a = inner.arenas.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                a.carved() as u64,
+                a.count(),
+                a.mappings(inner.markers),
+                a.reserved_bytes(&inner.layout),
+            )
+        };
+        let (in_depot, released) = {
+            let d = inner.depot.lock();
+            (d.stacks.len() as u64, d.released.len() as u64)
+        };
+        let cached = inner.cache.total_len() as u64;
+        let cache_hits: u64 = inner.cache_hits.iter().map(|c| load(c)).sum();
+        let depot_hits = load(&inner.counters.depot_hits);
+        let released_reuses = load(&inner.counters.released_reuses);
+        let allocs = cache_hits + depot_hits + released_reuses + carved;
+        let live = carved.saturating_sub(cached + in_depot + released);
+        PoolStats {
+            allocs,
+            frees: allocs.saturating_sub(live),
+            cache_hits,
+            cache_misses: allocs - cache_hits,
+            depot_hits,
+            depot_transfers: load(&inner.counters.depot_transfers),
+            slots_carved: carved,
+            live,
+            cached,
+            in_depot,
+            released,
+            stacks_released: load(&inner.counters.stacks_released),
+            pages_trimmed: load(&inner.counters.pages_trimmed),
+            failures: load(&inner.counters.failures),
+            guard_mode: if inner.markers {
+                GuardMode::GuardMarker
+            } else {
+                GuardMode::Mprotect
+            },
+            arenas,
+            mappings,
+            reserved_bytes,
+            stack_size: inner.layout.stack_size,
+        }
+    }
+
+    /// The guard mode in use ([`GuardMode::Auto`] resolved).
+    pub fn guard_mode(&self) -> GuardMode {
+        if self.inner().markers {
+            GuardMode::GuardMarker
+        } else {
+            GuardMode::Mprotect
+        }
+    }
+
+    /// Usable bytes per stack (page-rounded `stack_size`).
+    pub fn stack_size(&self) -> usize {
+        self.inner().layout.stack_size
+    }
+}
+
+impl Drop for StackPool {
+    fn drop(&mut self) {
+        let inner = self.inner();
+        let mut free = Vec::new();
+        for cpu in 0..inner.cache.cpus() {
+            inner.cache.drain(cpu, usize::MAX, &mut free);
+        }
+        let all_free = {
+            let depot = inner.depot.lock();
+            let arenas = inner.arenas.lock().unwrap_or_else(|e| e.into_inner());
+            arenas.carved() == free.len() + depot.stacks.len() + depot.released.len()
+        };
+        if !all_free {
+            // Some Stack still points here: leak the pool. Its free path
+            // keeps working on the leaked magazines and depot.
+            inner.depot.lock().stacks.extend(free);
+            return;
+        }
+        // SAFETY: every carved stack is free and no `Stack` refers to the
+        // pool, so nothing can reach `inner` or its arenas any more; `inner`
+        // came from Box::leak in `new`.
+        unsafe {
+            let mut inner = Box::from_raw(self.inner.as_ptr());
+            let layout = inner.layout.clone();
+            inner
+                .arenas
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .unmap_all(&layout);
+        }
+    }
+}
+
+impl fmt::Debug for StackPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let layout = &self.inner().layout;
+        f.debug_struct("StackPool")
+            .field("stack_size", &layout.stack_size)
+            .field("guard_size", &layout.guard_size)
+            .field("max_stacks", &layout.max_stacks)
+            .field("cache_size", &layout.cache_size)
+            .field("guard_mode", &self.guard_mode())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of a [`StackPool`], from [`StackPool::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Stacks handed out.
+    pub allocs: u64,
+    /// Stacks given back.
+    pub frees: u64,
+    /// Allocations served by the current CPU's magazine.
+    pub cache_hits: u64,
+    /// Allocations that missed the magazine.
+    pub cache_misses: u64,
+    /// Misses served by a magazine's worth of stacks from the depot.
+    pub depot_hits: u64,
+    /// Magazines moved to or from the depot.
+    pub depot_transfers: u64,
+    /// Fresh slots carved from the arenas.
+    pub slots_carved: u64,
+    /// Stacks allocated and not yet freed.
+    pub live: u64,
+    /// Free stacks in the per-CPU magazines.
+    pub cached: u64,
+    /// Free stacks in the depot.
+    pub in_depot: u64,
+    /// Free slots whose memory was given back entirely, awaiting reuse.
+    pub released: u64,
+    /// Stacks whose memory was given back entirely (depot full).
+    pub stacks_released: u64,
+    /// Resident pages given back by [`StackPool::trim`].
+    pub pages_trimmed: u64,
+    /// Allocations that failed.
+    pub failures: u64,
+    /// How guard pages are made.
+    pub guard_mode: GuardMode,
+    /// Arenas reserved.
+    pub arenas: usize,
+    /// Mappings the arenas use, as created.
+    pub mappings: usize,
+    /// Address space reserved.
+    pub reserved_bytes: usize,
+    /// Usable bytes per stack.
+    pub stack_size: usize,
+}
+
+impl PoolStats {
+    /// The share of allocations served by a magazine or the depot, that is
+    /// by a stack that was already carved and still warm.
+    pub fn hit_rate(&self) -> f64 {
+        if self.allocs == 0 {
+            return 1.0;
+        }
+        (self.cache_hits + self.depot_hits) as f64 / self.allocs as f64
+    }
+}
+
+impl fmt::Display for PoolStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "stacks: {} allocs, {} frees, {} live ({} KiB each)",
+            self.allocs,
+            self.frees,
+            self.live,
+            self.stack_size / 1024
+        )?;
+        writeln!(
+            f,
+            "cache: {} hits, {} misses, {} depot hits ({:.2}% hit rate), {} depot transfers",
+            self.cache_hits,
+            self.cache_misses,
+            self.depot_hits,
+            100.0 * self.hit_rate(),
+            self.depot_transfers
+        )?;
+        writeln!(
+            f,
+            "free: {} cached, {} in depot, {} released; {} stacks released, {} pages trimmed",
+            self.cached, self.in_depot, self.released, self.stacks_released, self.pages_trimmed
+        )?;
+        write!(
+            f,
+            "arenas: {} slots carved, {} arenas, {} mappings, {} MiB reserved, guards by {}, {} failed allocs",
+            self.slots_carved,
+            self.arenas,
+            self.mappings,
+            self.reserved_bytes >> 20,
+            self.guard_mode,
+            self.failures
+        )
+    }
+}

@@ -1,0 +1,178 @@
+//! The few system calls the pool makes, each wrapped once so the rest of the
+//! crate reads as plain Rust: reserve and unmap address space, install guard
+//! pages, release and pre-fault pages, count resident pages.
+//!
+//! Every wrapper takes addresses as `usize` and returns the raw `errno` on
+//! failure; callers turn that into a [`StackError`](crate::StackError) that
+//! names what was being done.
+
+use std::sync::OnceLock;
+
+/// `MADV_GUARD_INSTALL` (Linux 6.13+): turn a range into guard markers that
+/// fault on access without splitting the mapping.
+pub(crate) const MADV_GUARD_INSTALL: libc::c_int = 102;
+
+/// The system page size.
+pub(crate) fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if page > 0 {
+            page as usize
+        } else {
+            4096
+        }
+    })
+}
+
+/// `n` rounded up to a whole number of pages.
+pub(crate) fn page_ceil(n: usize) -> usize {
+    let page = page_size();
+    n.div_ceil(page) * page
+}
+
+/// `n` rounded down to a page boundary.
+pub(crate) fn page_floor(n: usize) -> usize {
+    n & !(page_size() - 1)
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Reserves `len` bytes of read-write, private, anonymous address space
+/// that is neither committed nor touched (`MAP_NORESERVE`).
+pub(crate) fn reserve(len: usize) -> Result<usize, i32> {
+    // SAFETY: an anonymous mapping at an address of the kernel's choosing
+    // touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(errno())
+    } else {
+        Ok(p as usize)
+    }
+}
+
+/// Unmaps a range obtained from [`reserve`].
+///
+/// # Safety
+/// Nothing may use memory in `[addr, addr + len)` afterwards.
+pub(crate) unsafe fn unmap(addr: usize, len: usize) {
+    // SAFETY: the caller guarantees the range is unused; munmap of a range
+    // we mapped cannot fail except on invalid arguments.
+    let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    debug_assert_eq!(rc, 0, "munmap failed");
+}
+
+fn madvise(addr: usize, len: usize, advice: libc::c_int) -> Result<(), i32> {
+    // SAFETY: madvise validates the range itself; the advice values this
+    // module passes (guard install, dontneed on pages nobody is using,
+    // populate) never invalidate memory that Rust code holds references to.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Makes `[addr, addr + len)` fault on any access.
+pub(crate) fn install_guard(addr: usize, len: usize, markers: bool) -> Result<(), i32> {
+    if markers {
+        madvise(addr, len, MADV_GUARD_INSTALL)
+    } else {
+        // SAFETY: the range lies in one of our arenas and holds no live data.
+        let rc = unsafe { libc::mprotect(addr as *mut libc::c_void, len, libc::PROT_NONE) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(errno())
+        }
+    }
+}
+
+/// Gives the pages of `[addr, addr + len)` back to the kernel; the next
+/// touch reads zeros.
+pub(crate) fn release(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // MADV_DONTNEED on a private anonymous range of ours cannot fail; if it
+    // somehow did, the pages would merely stay resident.
+    let _ = madvise(addr, len, libc::MADV_DONTNEED);
+}
+
+/// Faults in `[addr, addr + len)` for writing (`MADV_POPULATE_WRITE`).
+pub(crate) fn populate_write(addr: usize, len: usize) -> Result<(), i32> {
+    madvise(addr, len, libc::MADV_POPULATE_WRITE)
+}
+
+/// How many pages of `[addr, addr + len)` (page-aligned) are resident.
+pub(crate) fn resident_pages(addr: usize, len: usize) -> usize {
+    let pages = len / page_size();
+    if pages == 0 {
+        return 0;
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `vec` has one byte per page of the range, as mincore requires.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+/// Whether this kernel supports `MADV_GUARD_INSTALL`, probed once on a
+/// scratch mapping.
+pub(crate) fn guard_markers_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let page = page_size();
+        let Ok(probe) = reserve(2 * page) else {
+            return false;
+        };
+        let ok = madvise(probe, page, MADV_GUARD_INSTALL).is_ok();
+        // SAFETY: the probe mapping is ours and nothing else uses it.
+        unsafe { unmap(probe, 2 * page) };
+        ok
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_rounding_is_exact() {
+        let page = page_size();
+        assert_eq!(page_ceil(1), page);
+        assert_eq!(page_ceil(page), page);
+        assert_eq!(page_ceil(page + 1), 2 * page);
+        assert_eq!(page_floor(page + 1), page);
+    }
+
+    #[test]
+    fn release_drops_resident_pages() {
+        let page = page_size();
+        let p = reserve(4 * page).unwrap();
+        // SAFETY: the mapping is ours, read-write, 4 pages long.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 1, 4 * page) };
+        assert_eq!(resident_pages(p, 4 * page), 4);
+        release(p, 2 * page);
+        assert_eq!(resident_pages(p, 4 * page), 2);
+        // SAFETY: nothing uses the mapping any more.
+        unsafe { unmap(p, 4 * page) };
+    }
+}

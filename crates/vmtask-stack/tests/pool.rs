@@ -1,0 +1,334 @@
+//! Pool behaviour: reuse, zeroing, exhaustion, accounting across CPUs,
+//! trimming, and `ensure`.
+
+use std::collections::HashSet;
+use std::sync::mpsc;
+
+use corosensei::{Coroutine, CoroutineResult};
+use vmtask_stack::{Config, GuardMode, StackError, StackPool};
+
+fn page() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// Runs `f` on a thread pinned to `cpu`, so per-CPU caches behave
+/// deterministically.
+fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            vmtask_percpu::pin_current_thread(cpu).expect("pin to CPU");
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn resident_pages(addr: usize, len: usize) -> usize {
+    let mut vec = vec![0u8; len / page()];
+    // SAFETY: one byte per page of a page-aligned range.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn stack_geometry_matches_config() {
+    let pool = StackPool::new(Config {
+        stack_size: 60 * 1024,
+        guard_size: 2 * page(),
+        ..Config::default()
+    })
+    .unwrap();
+    let stack = pool.alloc().unwrap();
+    assert_eq!(stack.size(), 60 * 1024);
+    assert_eq!(stack.base() as usize - stack.limit() as usize, stack.size());
+    assert_eq!(stack.base() as usize % page(), 0);
+    let guard = stack.guard_range();
+    assert_eq!(guard.end, stack.limit());
+    assert_eq!(guard.end as usize - guard.start as usize, 2 * page());
+    // The whole usable range is writable.
+    // SAFETY: [limit, base) is the stack's usable memory and nothing runs on it.
+    unsafe { std::ptr::write_bytes(stack.limit(), 0xa5, stack.size()) };
+}
+
+#[test]
+fn stack_is_reused_on_same_cpu() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    on_cpu(0, || {
+        let first = pool.alloc().unwrap();
+        let base = first.base();
+        drop(first);
+        let before = pool.stats();
+        let second = pool.alloc().unwrap();
+        assert_eq!(
+            second.base(),
+            base,
+            "a freed stack must come back from the CPU's cache"
+        );
+        let after = pool.stats();
+        assert_eq!(after.cache_hits, before.cache_hits + 1);
+        assert_eq!(after.slots_carved, 1);
+    });
+}
+
+#[test]
+fn reused_stack_reads_as_zeros_with_zero_on_reuse() {
+    let pool = StackPool::new(Config {
+        zero_on_reuse: true,
+        stack_size: 64 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    on_cpu(0, || {
+        let stack = pool.alloc().unwrap();
+        let base = stack.base();
+        // SAFETY: the stack's usable memory, unused by anything else.
+        unsafe { std::ptr::write_bytes(stack.limit(), 0x5a, stack.size()) };
+        drop(stack);
+        let stack = pool.alloc().unwrap();
+        assert_eq!(stack.base(), base, "same slot, from the cache");
+        // SAFETY: reading the stack's usable memory.
+        let bytes = unsafe { std::slice::from_raw_parts(stack.limit(), stack.size()) };
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "a reused stack must expose no old bytes"
+        );
+    });
+}
+
+#[test]
+fn exhausted_pool_errs_then_recovers_after_free() {
+    let pool = StackPool::new(Config {
+        max_stacks: 8,
+        ..Config::default()
+    })
+    .unwrap();
+    let mut stacks: Vec<_> = (0..8).map(|_| pool.alloc().unwrap()).collect();
+    let err = pool.alloc().unwrap_err();
+    assert_eq!(
+        err,
+        StackError::Exhausted {
+            max_stacks: 8,
+            stack_size: 128 * 1024
+        }
+    );
+    assert!(err.to_string().contains("8 slots of 128 KiB"), "{err}");
+    stacks.pop();
+    let again = pool.alloc().expect("a freed slot is allocatable again");
+    stacks.push(again);
+    let stats = pool.stats();
+    assert_eq!((stats.live, stats.slots_carved, stats.failures), (8, 8, 1));
+    let distinct: HashSet<_> = stacks.iter().map(|s| s.base() as usize).collect();
+    assert_eq!(distinct.len(), 8);
+}
+
+#[test]
+fn cross_cpu_frees_keep_every_stack_accounted() {
+    let cpus = vmtask_percpu::possible_cpus().min(2);
+    let pool = StackPool::new(Config {
+        cache_size: 2,
+        depot_size: 8,
+        ..Config::default()
+    })
+    .unwrap();
+    let (to_1, from_0) = mpsc::sync_channel(64);
+    let (to_0, from_1) = mpsc::sync_channel(64);
+    let rounds = 20_000;
+    std::thread::scope(|s| {
+        for (cpu, tx, rx) in [(0, to_1, from_1), (cpus - 1, to_0, from_0)] {
+            let pool = &pool;
+            s.spawn(move || {
+                vmtask_percpu::pin_current_thread(cpu).unwrap();
+                for i in 0..rounds {
+                    let stack = pool.alloc().unwrap();
+                    if i % 2 == 0 {
+                        tx.send(stack).unwrap();
+                    }
+                    while let Ok(other) = rx.try_recv() {
+                        drop(other);
+                    }
+                }
+                drop(tx);
+                for other in rx {
+                    drop(other);
+                }
+            });
+        }
+    });
+    let stats = pool.stats();
+    assert_eq!(stats.live, 0, "{stats}");
+    assert_eq!(
+        stats.cached + stats.in_depot + stats.released,
+        stats.slots_carved,
+        "{stats}"
+    );
+    assert!(stats.in_depot <= 8, "the depot is bounded: {stats}");
+    assert_eq!(stats.allocs, 2 * rounds as u64, "{stats}");
+    let held: Vec<_> = (0..5).map(|_| pool.alloc().unwrap()).collect();
+    assert_eq!(pool.stats().live, 5);
+    drop(held);
+}
+
+#[test]
+fn trim_releases_pages_below_keep_resident() {
+    let pool = StackPool::new(Config {
+        stack_size: 64 * 1024,
+        keep_resident: 8 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let stack = pool.alloc().unwrap();
+    let (limit, size) = (stack.limit() as usize, stack.size());
+    // SAFETY: the stack's usable memory.
+    unsafe { std::ptr::write_bytes(stack.limit(), 1, stack.size()) };
+    assert_eq!(resident_pages(limit, size), size / page());
+    drop(stack);
+    let released = pool.trim();
+    assert_eq!(released, size - 8 * 1024);
+    assert_eq!(
+        resident_pages(limit, size),
+        8 * 1024 / page(),
+        "only keep_resident stays"
+    );
+    assert_eq!(
+        pool.stats().pages_trimmed as usize,
+        (size - 8 * 1024) / page()
+    );
+    assert_eq!(pool.trim(), 0, "nothing left to trim");
+}
+
+#[test]
+fn full_depot_gives_stack_memory_back() {
+    let pool = StackPool::new(Config {
+        cache_size: 1,
+        depot_size: 0,
+        stack_size: 32 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    on_cpu(0, || {
+        let stacks: Vec<_> = (0..4).map(|_| pool.alloc().unwrap()).collect();
+        let slots: Vec<_> = stacks
+            .iter()
+            .map(|s| (s.limit() as usize, s.size()))
+            .collect();
+        for s in &stacks {
+            // SAFETY: the stack's usable memory.
+            unsafe { std::ptr::write_bytes(s.limit(), 1, s.size()) };
+        }
+        drop(stacks);
+        let stats = pool.stats();
+        // Every second free overflows the one-stack magazine, which goes to
+        // the depot whole; the depot has no room, so both stacks give all
+        // their memory back.
+        assert_eq!(
+            (stats.cached, stats.in_depot, stats.released),
+            (0, 0, 4),
+            "{stats}"
+        );
+        assert_eq!(stats.stacks_released, 4);
+        let resident: usize = slots.iter().map(|&(a, l)| resident_pages(a, l)).sum();
+        assert_eq!(resident, 0, "released stacks keep no memory");
+        // Released slots are reused before new ones are carved.
+        let again: Vec<_> = (0..4).map(|_| pool.alloc().unwrap()).collect();
+        assert_eq!(pool.stats().slots_carved, 4);
+        drop(again);
+    });
+}
+
+#[test]
+fn mprotect_mode_allocates_guarded_stacks() {
+    let pool = StackPool::new(Config {
+        guard_mode: GuardMode::Mprotect,
+        ..Config::default()
+    })
+    .unwrap();
+    assert_eq!(pool.guard_mode(), GuardMode::Mprotect);
+    let stacks: Vec<_> = (0..10).map(|_| pool.alloc().unwrap()).collect();
+    let stats = pool.stats();
+    assert_eq!(
+        stats.mappings,
+        2 * 10 + 1,
+        "each mprotect guard splits the arena"
+    );
+    drop(stacks);
+}
+
+#[test]
+fn pool_dropped_with_live_stack_leaks_rather_than_unmaps() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    let stack = pool.alloc().unwrap();
+    drop(pool);
+    // SAFETY: the stack's usable memory; it must still be mapped.
+    unsafe { std::ptr::write_bytes(stack.limit(), 7, stack.size()) };
+    drop(stack);
+}
+
+#[test]
+fn global_pool_is_one_pool() {
+    let a = StackPool::global() as *const StackPool;
+    let b = StackPool::global() as *const StackPool;
+    assert_eq!(a, b);
+    let stack = StackPool::global().alloc().unwrap();
+    assert_eq!(stack.size(), 128 * 1024);
+}
+
+#[test]
+fn stats_display_names_every_counter() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    drop(pool.alloc().unwrap());
+    let text = pool.stats().to_string();
+    for word in [
+        "allocs", "frees", "live", "hits", "misses", "depot", "carved", "trimmed", "guard",
+        "mappings",
+    ] {
+        assert!(text.contains(word), "{word} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn ensure_succeeds_within_the_slot_and_errs_past_it() {
+    let pool = StackPool::new(Config {
+        stack_size: 64 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let stack = pool.alloc().unwrap();
+    let (limit, size) = (stack.limit() as usize, stack.size());
+    let mut co = Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| {
+        let room = vmtask_stack::remaining().expect("on a pool stack");
+        assert!(room > 60 * 1024 && room < 64 * 1024, "room {room}");
+        vmtask_stack::ensure(48 * 1024).expect("fits");
+        let err = vmtask_stack::ensure(64 * 1024).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StackError::TooLarge {
+                    requested: 65536,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        room
+    });
+    let CoroutineResult::Return(room) = co.resume(()) else {
+        panic!("coroutine yielded")
+    };
+    // ensure(48 KiB) below the stack pointer made those pages resident.
+    let sp_page = (limit + room) & !(page() - 1);
+    let low = (limit + room - 48 * 1024) & !(page() - 1);
+    assert_eq!(resident_pages(low, sp_page - low), (sp_page - low) / page());
+    assert!(
+        resident_pages(limit, size) < size / page(),
+        "pages past the request stay untouched"
+    );
+}
+
+#[test]
+fn ensure_off_pool_stacks_is_a_no_op() {
+    assert_eq!(vmtask_stack::remaining(), None);
+    assert_eq!(vmtask_stack::ensure(1 << 40), Ok(()));
+}
