@@ -1,0 +1,227 @@
+//! `SlabCache<T>`: the cache itself, tying the per-CPU magazines, the depot
+//! and the slabs together.
+
+use std::fmt;
+use std::ptr::NonNull;
+
+use vmtask_percpu::CpuCache;
+
+use crate::boxed::SlabBox;
+use crate::config::Config;
+use crate::error::SlabError;
+use crate::magazine::{Backing, Magazines};
+use crate::rcu_free::RcuMagazines;
+use crate::slab::{SlabLayer, Slot};
+use crate::stats::{Event, SlabStats};
+
+/// A cache of constructed `T`s, handed out from slabs through per-CPU
+/// magazines.
+///
+/// Each `T` is built once, by the constructor given to [`new`](Self::new),
+/// when its slab is created, and dropped when its slab is returned to the
+/// system (by [`shrink`](Self::shrink) or when the cache is dropped). In
+/// between, [`alloc`](Self::alloc) hands out a previously used `T` as it was
+/// left: re-initialise what your use needs, and keep in it what should
+/// survive reuse (a lock, a counter, a buffer).
+///
+/// Handles borrow the cache, so it cannot be dropped while a [`SlabBox`] or
+/// [`SlabArc`](crate::SlabArc) is alive:
+///
+/// ```compile_fail
+/// use vmtask_slab::{Config, SlabCache};
+/// let cache = SlabCache::new(Config::new("c"), || 0u64).unwrap();
+/// let object = cache.alloc().unwrap();
+/// drop(cache); // error: `cache` is still borrowed by `object`
+/// drop(object);
+/// ```
+///
+/// Objects leaked with [`SlabBox::into_raw`] are dropped with their slab
+/// when the cache is dropped; turning such a pointer back into a box needs
+/// the cache, so the pointer is dead by then.
+///
+/// Dropping a cache that used [`free_rcu`](Self::free_rcu) waits for its RCU
+/// magazines (`vmtask_rcu::barrier`), and dropping a type-stable cache waits
+/// for a grace period before its memory goes back to the system; both panic
+/// inside a read-side critical section.
+pub struct SlabCache<T> {
+    /// Boxed so that its address outlives moves of the cache: RCU magazines
+    /// in flight point at it.
+    pub(crate) shared: Box<Shared<T>>,
+}
+
+pub(crate) struct Shared<T> {
+    pub(crate) name: String,
+    pub(crate) typesafe: bool,
+    pub(crate) magazines: Magazines<CpuCache>,
+    pub(crate) slabs: SlabLayer<T>,
+    pub(crate) rcu: RcuMagazines,
+}
+
+impl<T> Backing for SlabLayer<T> {
+    fn take(&self, max: usize, out: &mut Vec<NonNull<u8>>) -> Result<usize, SlabError> {
+        SlabLayer::take(self, max, out)
+    }
+
+    fn give_back(&self, objects: &[NonNull<u8>]) {
+        SlabLayer::give_back(self, objects)
+    }
+}
+
+impl<T: Send + 'static> SlabCache<T> {
+    /// A cache of `T`s built by `ctor`, laid out by `config`.
+    ///
+    /// `ctor` runs once per object, when the object's slab is created,
+    /// possibly on any thread that allocates.
+    ///
+    /// # Errors
+    /// [`SlabError::InvalidConfig`] if a field of `config` is out of range
+    /// or a `T` (with its 8-byte header) does not fit in a slab.
+    pub fn new(
+        config: Config,
+        ctor: impl Fn() -> T + Send + Sync + 'static,
+    ) -> Result<Self, SlabError> {
+        config.validate(
+            std::mem::size_of::<Slot<T>>(),
+            std::mem::align_of::<Slot<T>>(),
+        )?;
+        Ok(SlabCache {
+            shared: Box::new(Shared {
+                typesafe: config.typesafe_by_rcu,
+                magazines: Magazines::new(
+                    CpuCache::new(config.magazine_size),
+                    config.magazine_size,
+                    config.depot_magazines,
+                ),
+                slabs: SlabLayer::new(
+                    config.name.clone(),
+                    config.slab_bytes,
+                    config.max_bytes,
+                    Box::new(ctor),
+                ),
+                rcu: RcuMagazines::new(),
+                name: config.name,
+            }),
+        })
+    }
+
+    /// Returns to the system every slab whose objects are all free, after
+    /// moving the free objects out of every CPU's magazine and the depot.
+    /// Returns the bytes released: at once for a plain cache, after a grace
+    /// period (on the RCU callback thread) for a type-stable one, since
+    /// readers may still be looking at its objects.
+    ///
+    /// Partly filled RCU magazines are sent on their grace period, so their
+    /// objects come back for a later `shrink` (after `vmtask_rcu::barrier`).
+    pub fn shrink(&self) -> usize {
+        let shared = &*self.shared;
+        self.flush_rcu();
+        shared.magazines.drain_all(&shared.slabs);
+        let empty = shared.slabs.take_empty_slabs();
+        let bytes = empty.iter().map(|slab| slab.bytes()).sum();
+        if shared.typesafe {
+            // Readers that found an object of these slabs before they left
+            // the cache are inside read-side sections that this grace
+            // period waits for; later readers cannot find them.
+            vmtask_rcu::call(move || drop(empty));
+        } else {
+            drop(empty);
+        }
+        bytes
+    }
+}
+
+impl<T> SlabCache<T> {
+    /// A constructed object, from the current CPU's magazine when it has
+    /// one, else from the depot or a slab.
+    ///
+    /// # Errors
+    /// [`SlabError::Limit`] at the configured `max_bytes`;
+    /// [`SlabError::Map`] if the system refuses a new slab.
+    #[inline]
+    pub fn alloc(&self) -> Result<SlabBox<'_, T>, SlabError> {
+        let shared = &*self.shared;
+        let slot = shared.magazines.alloc(&shared.slabs)?;
+        // SAFETY: the magazines hand out each free slot of this cache to one
+        // caller, and every slot holds a constructed, unshared `T`.
+        Ok(unsafe { SlabBox::from_slot(self, slot.cast()) })
+    }
+
+    /// Returns a slot to the current CPU's magazine.
+    ///
+    /// # Safety
+    /// `slot` must be an allocated slot of this cache that nobody uses any
+    /// more.
+    #[inline]
+    pub(crate) unsafe fn free_slot(&self, slot: NonNull<Slot<T>>) {
+        let shared = &*self.shared;
+        shared.magazines.free(slot.cast(), &shared.slabs);
+    }
+
+    /// The name from the configuration.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Whether the cache is `typesafe_by_rcu`.
+    pub fn is_typesafe(&self) -> bool {
+        self.shared.typesafe
+    }
+
+    /// A snapshot of the counters and occupancy.
+    pub fn stats(&self) -> SlabStats {
+        let shared = &*self.shared;
+        let counters = &shared.magazines.counters;
+        let slabs = shared.slabs.counts();
+        let magazines = shared.magazines.counts();
+        let per_slab = shared.slabs.objects_per_slab();
+        let objects_free = slabs.free + magazines.cpu_objects + magazines.depot_objects;
+        let magazine_hits = counters.sum(Event::AllocHit);
+        let magazine_misses = counters.sum(Event::AllocMiss);
+        SlabStats {
+            name: shared.name.clone(),
+            object_bytes: std::mem::size_of::<Slot<T>>(),
+            objects_per_slab: per_slab,
+            allocs: magazine_hits + magazine_misses,
+            frees: counters.sum(Event::FreeHit) + counters.sum(Event::FreeMiss),
+            magazine_hits,
+            magazine_misses,
+            depot_gets: counters.sum(Event::DepotGet),
+            depot_puts: counters.sum(Event::DepotPut),
+            depot_magazines: magazines.depot_magazines,
+            slab_objects_out: counters.sum(Event::SlabOut),
+            slab_objects_in: counters.sum(Event::SlabIn),
+            rcu_frees: counters.sum(Event::RcuFree),
+            rcu_magazines: counters.sum(Event::RcuSubmit),
+            rcu_magazines_in_flight: shared.rcu.in_flight(),
+            slabs: slabs.slabs,
+            objects_in_use: (slabs.slabs * per_slab).saturating_sub(objects_free),
+            objects_free,
+            resident_bytes: slabs.slabs * shared.slabs.slab_bytes(),
+        }
+    }
+}
+
+impl<T> Drop for SlabCache<T> {
+    fn drop(&mut self) {
+        if self.shared.rcu.used() {
+            // RCU magazines in flight point at `shared`; let them land.
+            vmtask_rcu::barrier();
+        }
+        if self.shared.typesafe || self.shared.rcu.used() {
+            // Readers may still be looking at objects freed by free_rcu or,
+            // in a type-stable cache, at any freed object.
+            vmtask_rcu::synchronize();
+        }
+        // The fields drop now: the slabs drop their objects and unmap.
+    }
+}
+
+impl<T> fmt::Debug for SlabCache<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlabCache")
+            .field("name", &self.shared.name)
+            .field("typesafe_by_rcu", &self.shared.typesafe)
+            .field("magazine_size", &self.shared.magazines.size())
+            .finish_non_exhaustive()
+    }
+}

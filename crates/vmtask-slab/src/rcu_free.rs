@@ -1,0 +1,136 @@
+//! `free_rcu`: frees that wait for a grace period and still feed the cache.
+//!
+//! Freeing each object with its own RCU callback is what made the seeds'
+//! per-CPU cache useless: the frees arrive as one large batch per grace
+//! period, long after the allocations that needed them, and flood the cache.
+//! Here deferred frees collect in a per-CPU *RCU magazine*. A full one goes
+//! through a single `call_intrusive` (its `RcuHead` is embedded, so nothing
+//! is allocated) and, after the grace period, lands in the depot whole:
+//! a full magazine, ready for the next CPU whose magazine runs empty.
+//!
+//! Protocol: a CPU's RCU magazine sits in a `PerCpu` slot. `free_rcu` adds
+//! the object under the slot's lock; whoever fills the magazine takes it out
+//! of the slot and submits it. The callback runs on the RCU thread, after
+//! every reader that might have seen the objects has finished, and gives
+//! the magazine to the depot (`Magazines::put_full`), which is safe from
+//! any thread. The cache's `Drop` waits (`vmtask_rcu::barrier`) for
+//! magazines in flight, since the callback reaches the cache through a raw
+//! pointer.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use vmtask_percpu::PerCpu;
+use vmtask_rcu::RcuHead;
+
+use crate::boxed::SlabBox;
+use crate::cache::{Shared, SlabCache};
+use crate::magazine::Magazine;
+use crate::stats::Event;
+
+/// The per-CPU RCU magazines of one cache.
+pub(crate) struct RcuMagazines {
+    slots: PerCpu<Option<Box<Magazine>>>,
+    in_flight: AtomicU64,
+    used: AtomicBool,
+}
+
+impl RcuMagazines {
+    pub(crate) fn new() -> Self {
+        RcuMagazines {
+            slots: PerCpu::new(|_| None),
+            in_flight: AtomicU64::new(0),
+            used: AtomicBool::new(false),
+        }
+    }
+
+    /// Magazines submitted and not yet back.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether `free_rcu` was ever called (then dropping the cache waits
+    /// for RCU).
+    pub(crate) fn used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl<T> SlabCache<T> {
+    /// Frees `object` after a grace period: readers inside
+    /// `vmtask_rcu::read_lock` that found it may keep reading it until they
+    /// leave. The object joins the current CPU's RCU magazine; a full
+    /// magazine passes one grace period and returns to the depot whole.
+    ///
+    /// Until its magazine fills, an object waits; [`flush_rcu`](Self::flush_rcu)
+    /// sends partly filled magazines on their way.
+    ///
+    /// # Panics
+    /// If `object` belongs to another cache.
+    pub fn free_rcu(&self, object: SlabBox<'_, T>) {
+        let (cache, slot) = SlabBox::into_slot(object);
+        assert!(
+            std::ptr::eq(cache, self),
+            "object of slab cache `{}` passed to free_rcu of cache `{}`",
+            cache.name(),
+            self.name()
+        );
+        let shared = &*self.shared;
+        if !shared.rcu.used.load(Ordering::Relaxed) {
+            shared.rcu.used.store(true, Ordering::Relaxed);
+        }
+        shared.magazines.counters.bump(Event::RcuFree);
+        let mut own = match shared.rcu.slots.try_current() {
+            Ok(own) => own,
+            Err(busy) => shared.rcu.slots.lock(busy.cpu),
+        };
+        let magazine = own.get_or_insert_with(|| shared.magazines.empty_magazine());
+        magazine.objects.push(slot.cast());
+        if magazine.objects.len() >= shared.magazines.size() {
+            let full = own.take().expect("just filled");
+            drop(own);
+            self.submit(full);
+        }
+    }
+
+    /// Sends every partly filled RCU magazine through its grace period now;
+    /// after a following `vmtask_rcu::barrier()` all objects freed with
+    /// `free_rcu` before this call are back in the cache.
+    pub fn flush_rcu(&self) {
+        let shared = &*self.shared;
+        if !shared.rcu.used() {
+            return;
+        }
+        for cpu in 0..shared.rcu.slots.len() {
+            let magazine = shared.rcu.slots.lock(cpu).take();
+            if let Some(magazine) = magazine {
+                self.submit(magazine);
+            }
+        }
+    }
+
+    fn submit(&self, magazine: Box<Magazine>) {
+        let shared: &Shared<T> = &self.shared;
+        shared.rcu.in_flight.fetch_add(1, Ordering::Relaxed);
+        shared.magazines.counters.add(Event::RcuSubmit, 1);
+        let head = magazine.into_head((shared as *const Shared<T>).cast());
+        // SAFETY: `head` is the embedded head of a magazine we own and give
+        // up here; `rcu_magazine_done::<T>` matches its owner's type.
+        unsafe { vmtask_rcu::call_intrusive(head, rcu_magazine_done::<T>) };
+    }
+}
+
+/// The RCU callback of a magazine: into the depot.
+///
+/// # Safety
+/// `head` comes from `Magazine::into_head` with a `Shared<T>` owner that is
+/// still alive (the cache's `Drop` waits for callbacks with `barrier`).
+unsafe fn rcu_magazine_done<T>(head: *mut RcuHead) {
+    // SAFETY: given up by `submit` and handed back once by RCU.
+    let (magazine, owner) = unsafe { Magazine::from_head(head) };
+    // SAFETY: the owner is alive until `barrier` in its `Drop` returns,
+    // which waits for this callback.
+    let shared = unsafe { &*owner.cast::<Shared<T>>() };
+    shared.magazines.put_full(magazine, &shared.slabs);
+    // Last touch of `shared`.
+    shared.rcu.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
