@@ -56,7 +56,10 @@
 //! `D`'s `len` and slots too: `D`'s stores are ordered before its release
 //! store, and x86 keeps a load ordered after an earlier load (TSO). `D`
 //! does not read `len` between 1 and 2 (`drain` may read it before 1, as a
-//! hint only).
+//! hint only). The kernel skips the IPI when the process has one thread or
+//! the machine one online CPU; then no other thread is running while `D`
+//! is in the system call, so a sequence in flight was preempted (and will
+//! abort), and a later one starts after a context switch (a full barrier).
 //!
 //! **Try-lock** (everywhere else, or when forced): the `stopped` word is a
 //! try-lock, as in [`PerCpu`](crate::PerCpu): push and pop take it with an

@@ -46,8 +46,14 @@
 //! and pops always fail (the caller takes its slow path). glibc registers
 //! every thread or none, so this is a corner case, never the common one.
 //!
-//! Known limitation of rseq itself: single-stepping through a section in a
-//! debugger restarts it forever; step over the `asm!` block instead.
+//! Limitations:
+//! - `rseq_cs` is left pointing at the last descriptor used (the kernel
+//!   clears it lazily), as tcmalloc does; the descriptors are static, so
+//!   this is sound unless the code is in a shared object that is unloaded
+//!   (`dlclose`) while threads live on. Do not unload a library that
+//!   contains this crate.
+//! - Single-stepping through a section in a debugger restarts it forever;
+//!   step over the `asm!` block instead.
 
 use std::mem::offset_of;
 use std::sync::atomic::{fence, Ordering};
