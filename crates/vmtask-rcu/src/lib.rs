@@ -1,1 +1,82 @@
-//! placeholder
+//! User-space RCU (read-copy-update), liburcu's "memb" flavor.
+//!
+//! Readers enter a read-side section with [`read_lock`]; inside it they may
+//! follow pointers published with [`RcuCell`] (or any pointer whose target
+//! is freed through this crate). Updaters unpublish an object, then wait
+//! for a grace period — [`synchronize`] blocks, [`call`], [`defer_drop`]
+//! and [`call_intrusive`] queue work for after it — and only then free it.
+//!
+//! Guarantees:
+//! - **Cheap readers.** `read_lock` and dropping the guard are a few plain
+//!   loads and stores on the thread's own cache line: no read-modify-write,
+//!   no hardware fence. Updaters pay instead, with
+//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`; where the kernel lacks
+//!   it (or [`force_fence_fallback`] / `VMTASK_RCU_FORCE_FENCE=1` asks),
+//!   readers issue a SeqCst fence and [`stats`] says so.
+//! - **Grace periods.** [`synchronize`] returns after every read-side
+//!   section that began before it has ended. Concurrent callers share grace
+//!   periods.
+//! - **Callbacks** run on one background thread, in batches, one grace
+//!   period per batch; [`barrier`] waits for all queued before it.
+//! - **Bounded memory.** Past a soft backlog of queued callbacks a grace
+//!   period starts at once; past a hard limit, queuing waits for the
+//!   backlog to drain ([`set_backlog_limits`]).
+//! - **Misuse is loud.** `synchronize`, `barrier` and [`RcuCell::swap`]
+//!   inside a read-side section would deadlock; they panic instead.
+//!
+//! Threads register as readers on first use and unregister when they exit.
+//! After `fork`, the child starts clean (its callback thread restarts).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmtask_rcu::{read_lock, RcuCell};
+//!
+//! let current = Arc::new(RcuCell::new(Some(Box::new(1u64))));
+//! let reader = {
+//!     let current = current.clone();
+//!     std::thread::spawn(move || {
+//!         let guard = read_lock();
+//!         // Valid until `guard` is dropped, whatever writers do meanwhile.
+//!         current.load(&guard).copied()
+//!     })
+//! };
+//! current.store(Some(Box::new(2))); // the old value is freed after a grace period
+//! assert!(matches!(reader.join().unwrap(), Some(1) | Some(2)));
+//! vmtask_rcu::barrier(); // every deferred drop so far has run
+//! ```
+
+mod gp;
+mod sync;
+
+#[cfg(not(all(loom, test)))]
+mod callback;
+#[cfg(not(all(loom, test)))]
+mod cell;
+#[cfg(not(all(loom, test)))]
+mod fence;
+#[cfg(not(all(loom, test)))]
+mod fork;
+#[cfg(not(all(loom, test)))]
+mod grace;
+#[cfg(not(all(loom, test)))]
+mod reader;
+#[cfg(not(all(loom, test)))]
+mod registry;
+#[cfg(not(all(loom, test)))]
+mod stats;
+
+#[cfg(not(all(loom, test)))]
+pub use callback::{
+    backlog_limits, barrier, call, call_intrusive, defer_drop, defer_raw, set_backlog_limits,
+    RcuHead, DEFAULT_HARD_LIMIT, DEFAULT_SOFT_LIMIT,
+};
+#[cfg(not(all(loom, test)))]
+pub use cell::RcuCell;
+#[cfg(not(all(loom, test)))]
+pub use fence::{force_fence_fallback, AlreadyInitialized, FORCE_FENCE_ENV};
+#[cfg(not(all(loom, test)))]
+pub use grace::synchronize;
+#[cfg(not(all(loom, test)))]
+pub use reader::{in_read_section, read_lock, ReadGuard};
+#[cfg(not(all(loom, test)))]
+pub use stats::{stats, BarrierMode, Stats};

@@ -1,0 +1,705 @@
+//! Callbacks: `call`, `defer_drop`, `call_intrusive`, `barrier`.
+//!
+//! Queues. Each possible CPU has a wait-free multi-producer queue of
+//! intrusive `RcuHead`s (liburcu's wfcqueue): enqueue is one exchange of
+//! the tail and one store linking the previous node; the callback thread
+//! splices a whole queue out at once. Callbacks from one queue run in the
+//! order they were queued.
+//!
+//! Bags. `defer_drop` would need an allocation per object to get an
+//! `RcuHead`; instead each CPU fills a bag of (pointer, drop function)
+//! pairs under its per-CPU slot lock, and a full bag is queued as one
+//! node. Partial bags are flushed when the callback thread goes idle and
+//! by `barrier`. If the slot is busy, the drop goes through its own node.
+//!
+//! The callback thread (started on first use, and again in a child after
+//! `fork`): splice every queue; run one grace period for the whole batch;
+//! invoke it; repeat. It sleeps when there is nothing to do, announcing it
+//! in `SLEEPING` before a last check; producers read `SLEEPING` after
+//! queuing (both sides SeqCst), so one of them always sees the other.
+//!
+//! Backlog. Producers count what they queue per CPU, the thread counts
+//! what it invoked. Past `soft` queued-but-not-invoked callbacks the
+//! thread is woken at once; past `hard`, `call` and friends wait for the
+//! backlog to drain below `soft` — unless the caller is the callback
+//! thread or inside a read-side section, where waiting would deadlock.
+
+use crossbeam_utils::CachePadded;
+use parking_lot::{Condvar, Mutex};
+use std::cell::{Cell, UnsafeCell};
+use std::ptr;
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::Duration;
+use vmtask_percpu::{cpu, PerCpu};
+
+use crate::grace;
+
+/// An RCU callback head, embedded in the object it frees, as the kernel's
+/// `struct rcu_head`. Two words; queue it with [`call_intrusive`].
+///
+/// ```
+/// use vmtask_rcu::{call_intrusive, RcuHead};
+///
+/// #[repr(C)]
+/// struct Node {
+///     head: RcuHead, // first field: a `*mut RcuHead` is a `*mut Node`
+///     value: u64,
+/// }
+///
+/// unsafe fn free_node(head: *mut RcuHead) {
+///     // SAFETY: `head` is the first field of a `Box<Node>` leaked below.
+///     drop(unsafe { Box::from_raw(head.cast::<Node>()) });
+/// }
+///
+/// let node = Box::into_raw(Box::new(Node { head: RcuHead::new(), value: 7 }));
+/// // SAFETY: the node is ours, unpublished, and freed only by `free_node`.
+/// unsafe { call_intrusive(node.cast::<RcuHead>(), free_node) };
+/// vmtask_rcu::barrier();
+/// ```
+#[repr(C)]
+pub struct RcuHead {
+    next: AtomicPtr<RcuHead>,
+    func: UnsafeCell<Option<unsafe fn(*mut RcuHead)>>,
+}
+
+// SAFETY: `func` is written only by the thread that queues the head (which
+// owns it until then) and read only by the callback thread after the
+// queue's release/acquire hand-off.
+unsafe impl Send for RcuHead {}
+// SAFETY: as above; shared references never touch `func`.
+unsafe impl Sync for RcuHead {}
+
+impl RcuHead {
+    /// An unqueued head.
+    pub const fn new() -> Self {
+        RcuHead {
+            next: AtomicPtr::new(ptr::null_mut()),
+            func: UnsafeCell::new(None),
+        }
+    }
+}
+
+impl Default for RcuHead {
+    fn default() -> Self {
+        RcuHead::new()
+    }
+}
+
+impl std::fmt::Debug for RcuHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RcuHead")
+    }
+}
+
+/// One CPU's queue. `head` is the stub node: `head.next` is the first
+/// callback; `tail` is the last node, or `&head` when empty.
+struct Queue {
+    head: CachePadded<RcuHead>,
+    tail: CachePadded<AtomicPtr<RcuHead>>,
+    /// Callbacks ever queued here (a bag counts its entries).
+    queued: AtomicU64,
+}
+
+impl Queue {
+    fn stub(&self) -> *mut RcuHead {
+        &*self.head as *const RcuHead as *mut RcuHead
+    }
+
+    /// Wait-free enqueue.
+    ///
+    /// # Safety
+    /// `node` is valid, owned by the caller and not queued; it stays valid
+    /// until its callback runs.
+    unsafe fn push(&self, node: *mut RcuHead, count: u64) {
+        // SAFETY: the caller owns `node`.
+        unsafe { (*node).next.store(ptr::null_mut(), Ordering::Relaxed) };
+        // SeqCst: pairs with the callback thread's `SLEEPING` store and
+        // queue re-check (see the module header).
+        let prev = self.tail.swap(node, Ordering::SeqCst);
+        // SAFETY: `prev` is the stub or a queued node, which stays valid
+        // until the consumer has walked past it, and the consumer waits
+        // for this link before doing so.
+        unsafe { (*prev).next.store(node, Ordering::Release) };
+        self.queued.fetch_add(count, Ordering::Relaxed);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.next.load(Ordering::SeqCst).is_null()
+            && self.tail.load(Ordering::SeqCst) == self.stub()
+    }
+
+    /// Takes the whole queue: `(first, last)`. Callback thread and
+    /// `barrier` flushes are the only consumers, serialised by `CONSUMER`.
+    fn splice(&self) -> Option<(*mut RcuHead, *mut RcuHead)> {
+        if self.is_empty() {
+            return None;
+        }
+        // Not empty: a producer has swapped the tail and will link the
+        // first node in a moment.
+        let first = wait_next(&self.head);
+        self.head.next.store(ptr::null_mut(), Ordering::Relaxed);
+        // Release: the reset above happens before any producer that finds
+        // the stub as its `prev` links from it.
+        let last = self.tail.swap(self.stub(), Ordering::AcqRel);
+        Some((first, last))
+    }
+}
+
+/// Spins until `node.next` is linked.
+fn wait_next(node: &RcuHead) -> *mut RcuHead {
+    let backoff = crossbeam_utils::Backoff::new();
+    loop {
+        let next = node.next.load(Ordering::Acquire);
+        if !next.is_null() {
+            return next;
+        }
+        backoff.snooze();
+    }
+}
+
+/// Invokes a spliced list in order; returns how many callbacks it held.
+///
+/// # Safety
+/// `(first, last)` came from `Queue::splice` after a grace period.
+unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
+    let mut count = 0;
+    let mut node = first;
+    loop {
+        // Read the link before the callback frees the node. The last node
+        // is never linked further: later producers link from the stub.
+        let next = if node == last {
+            ptr::null_mut()
+        } else {
+            // SAFETY: `node` is queued and not yet invoked, so still valid.
+            wait_next(unsafe { &*node })
+        };
+        // SAFETY: as above; `func` was set before the node was queued.
+        let func = unsafe { (*(*node).func.get()).take() };
+        // SAFETY: every queued node carries its function, and the grace
+        // period it waited for is the contract of `call_intrusive`.
+        count += unsafe { invoke_one(node, func) };
+        if node == last {
+            return count;
+        }
+        node = next;
+    }
+}
+
+/// # Safety
+/// As for `invoke`.
+unsafe fn invoke_one(node: *mut RcuHead, func: Option<unsafe fn(*mut RcuHead)>) -> u64 {
+    let Some(func) = func else {
+        // A node without function is a bug in this module; leaking is
+        // better than guessing.
+        debug_assert!(false, "queued RcuHead without a callback");
+        return 0;
+    };
+    // A panicking callback must not kill the callback thread (every later
+    // callback would then be lost); report it and go on.
+    // SAFETY: the callback's own contract; it owns `node` from here on.
+    contain_panic(|| unsafe { func(node) });
+    1
+}
+
+/// Runs `f`, reporting instead of propagating a panic.
+fn contain_panic(f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        eprintln!("vmtask_rcu: an RCU callback panicked; its object may have leaked");
+    }
+}
+
+const BAG_CAPACITY: usize = 126;
+
+/// A deferred drop: the object and the function that drops it.
+type DropEntry = (*mut (), unsafe fn(*mut ()));
+
+/// A node carrying many deferred drops (about 2 KiB).
+#[repr(C)]
+struct Bag {
+    head: RcuHead,
+    len: usize,
+    entries: [DropEntry; BAG_CAPACITY],
+}
+
+unsafe fn no_drop(_: *mut ()) {}
+
+impl Bag {
+    fn new() -> Box<Bag> {
+        Box::new(Bag {
+            head: RcuHead::new(),
+            len: 0,
+            entries: [(ptr::null_mut(), no_drop as unsafe fn(*mut ())); BAG_CAPACITY],
+        })
+    }
+}
+
+/// # Safety
+/// `head` is the head of a leaked `Box<Bag>` whose grace period passed.
+unsafe fn run_bag(head: *mut RcuHead) {
+    // SAFETY: the caller's contract; `head` is the first field.
+    let bag = unsafe { Box::from_raw(head.cast::<Bag>()) };
+    // The node counts as one invocation; its other entries count here, so
+    // `INVOKED` matches what `queued` counted.
+    INVOKED.fetch_add(bag.len.saturating_sub(1) as u64, Ordering::Relaxed);
+    for &(data, drop_fn) in &bag.entries[..bag.len] {
+        // SAFETY: each entry was queued by `defer_raw`, whose contract is
+        // that `drop_fn(data)` is valid after a grace period.
+        contain_panic(|| unsafe { drop_fn(data) });
+    }
+}
+
+/// A single deferred drop, when the CPU's bag is busy.
+#[repr(C)]
+struct DropNode {
+    head: RcuHead,
+    data: *mut (),
+    drop_fn: unsafe fn(*mut ()),
+}
+
+/// # Safety
+/// `head` is the head of a leaked `Box<DropNode>` whose grace period passed.
+unsafe fn run_drop_node(head: *mut RcuHead) {
+    // SAFETY: the caller's contract.
+    let node = unsafe { Box::from_raw(head.cast::<DropNode>()) };
+    // SAFETY: as in `run_bag`.
+    unsafe { (node.drop_fn)(node.data) };
+}
+
+#[repr(C)]
+struct CallNode<F> {
+    head: RcuHead,
+    f: F,
+}
+
+/// # Safety
+/// `head` is the head of a leaked `Box<CallNode<F>>` whose grace period
+/// passed.
+unsafe fn run_call_node<F: FnOnce()>(head: *mut RcuHead) {
+    // SAFETY: the caller's contract.
+    let node = unsafe { Box::from_raw(head.cast::<CallNode<F>>()) };
+    (node.f)();
+}
+
+struct BagSlot(Option<Box<Bag>>);
+
+// SAFETY: a bag holds pointers handed to us with `Send` data (`defer_drop`
+// requires `T: Send`; `defer_raw`'s contract says the same).
+unsafe impl Send for BagSlot {}
+
+struct Callbacks {
+    queues: Box<[Queue]>,
+    bags: PerCpu<BagSlot>,
+    /// Serialises queue consumers (the thread, barrier's flush).
+    consumer: Mutex<()>,
+}
+
+static CALLBACKS: OnceLock<Callbacks> = OnceLock::new();
+
+fn callbacks() -> &'static Callbacks {
+    CALLBACKS.get_or_init(|| {
+        crate::fork::register_handlers();
+        let queues: Box<[Queue]> = (0..vmtask_percpu::possible_cpus())
+            .map(|_| Queue {
+                head: CachePadded::new(RcuHead::new()),
+                tail: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
+                queued: AtomicU64::new(0),
+            })
+            .collect();
+        // The boxed slice does not move again: tails may point into it.
+        for q in queues.iter() {
+            q.tail.store(q.stub(), Ordering::Relaxed);
+        }
+        Callbacks {
+            queues,
+            bags: PerCpu::new(|_| BagSlot(None)),
+            consumer: Mutex::new(()),
+        }
+    })
+}
+
+// Thread state. STARTED: 0 no thread, 1 starting/running.
+static STARTED: AtomicU8 = AtomicU8::new(0);
+static SLEEPING: AtomicBool = AtomicBool::new(false);
+static THREAD: Mutex<Option<Thread>> = Mutex::new(None);
+
+pub(crate) static INVOKED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BATCHES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static LARGEST_BATCH: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BACKLOG_HIGH: AtomicU64 = AtomicU64::new(0);
+pub(crate) static EXPEDITED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static THROTTLED: AtomicU64 = AtomicU64::new(0);
+static SOFT_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_SOFT_LIMIT);
+static HARD_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_HARD_LIMIT);
+static DRAIN_WAITERS: AtomicUsize = AtomicUsize::new(0);
+static DRAINED: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
+
+/// Default soft backlog limit: past it, a grace period starts at once.
+pub const DEFAULT_SOFT_LIMIT: usize = 32 * 1024;
+/// Default hard backlog limit: past it, queuing waits for the backlog.
+pub const DEFAULT_HARD_LIMIT: usize = 256 * 1024;
+
+thread_local! {
+    static IS_CALLBACK_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+pub(crate) fn on_callback_thread() -> bool {
+    IS_CALLBACK_THREAD.try_with(|c| c.get()).unwrap_or(false)
+}
+
+/// Sets the backlog limits (callbacks queued and not yet invoked).
+///
+/// # Panics
+/// If `soft` is 0 or `soft > hard`.
+pub fn set_backlog_limits(soft: usize, hard: usize) {
+    assert!(
+        soft > 0 && soft <= hard,
+        "vmtask_rcu::set_backlog_limits: need 0 < soft ({soft}) <= hard ({hard})"
+    );
+    SOFT_LIMIT.store(soft, Ordering::Relaxed);
+    HARD_LIMIT.store(hard, Ordering::Relaxed);
+}
+
+/// The backlog limits in force: `(soft, hard)`.
+pub fn backlog_limits() -> (usize, usize) {
+    (
+        SOFT_LIMIT.load(Ordering::Relaxed),
+        HARD_LIMIT.load(Ordering::Relaxed),
+    )
+}
+
+pub(crate) fn queued_total() -> u64 {
+    callbacks()
+        .queues
+        .iter()
+        .map(|q| q.queued.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// Callbacks queued and not yet invoked.
+pub(crate) fn backlog() -> u64 {
+    queued_total().saturating_sub(INVOKED.load(Ordering::Relaxed))
+}
+
+fn ensure_thread() {
+    if STARTED.load(Ordering::Acquire) == 0 {
+        start_thread();
+    }
+}
+
+#[cold]
+fn start_thread() {
+    if STARTED
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("vmtask-rcu-callbacks".into())
+        .spawn(callback_thread);
+    match spawned {
+        Ok(handle) => *THREAD.lock() = Some(handle.thread().clone()),
+        Err(err) => {
+            // Without the thread no memory would ever be reclaimed.
+            panic!("vmtask_rcu: cannot start the callback thread: {err}");
+        }
+    }
+}
+
+fn wake_thread() {
+    if SLEEPING.load(Ordering::SeqCst) && SLEEPING.swap(false, Ordering::SeqCst) {
+        if let Some(thread) = THREAD.lock().as_ref() {
+            thread.unpark();
+        }
+    }
+}
+
+/// After queuing: start or wake the thread, and apply the backlog limits.
+#[inline]
+fn after_queue(queued_before: u64, count: u64) {
+    ensure_thread();
+    if SLEEPING.load(Ordering::SeqCst) {
+        wake_thread();
+    }
+    // Check the limits once per 256 callbacks queued on this CPU.
+    if (queued_before >> 8) != ((queued_before + count) >> 8) {
+        check_backlog();
+    }
+}
+
+#[cold]
+fn check_backlog() {
+    let backlog = backlog();
+    BACKLOG_HIGH.fetch_max(backlog, Ordering::Relaxed);
+    let (soft, hard) = backlog_limits();
+    if backlog <= soft as u64 {
+        return;
+    }
+    EXPEDITED.fetch_add(1, Ordering::Relaxed);
+    wake_thread();
+    if backlog <= hard as u64 || on_callback_thread() || crate::in_read_section() {
+        return;
+    }
+    THROTTLED.fetch_add(1, Ordering::Relaxed);
+    DRAIN_WAITERS.fetch_add(1, Ordering::SeqCst);
+    let mut lock = DRAINED.0.lock();
+    while self::backlog() > soft as u64 {
+        DRAINED.1.wait_for(&mut lock, Duration::from_millis(5));
+    }
+    drop(lock);
+    DRAIN_WAITERS.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Queues `node` on the current CPU's queue.
+///
+/// # Safety
+/// As for `Queue::push`, and `node`'s `func` is set.
+unsafe fn queue_node(node: *mut RcuHead, count: u64) {
+    let q = &callbacks().queues[cpu()];
+    let before = q.queued.load(Ordering::Relaxed);
+    // SAFETY: the caller's contract.
+    unsafe { q.push(node, count) };
+    after_queue(before, count);
+}
+
+/// Queues `f(head)` to run after a grace period, with no allocation:
+/// the head lives inside the object, as the kernel's `call_rcu`.
+///
+/// Callbacks queued on one CPU run in order, on the callback thread.
+///
+/// # Safety
+/// - `head` points to a valid `RcuHead` that is not queued, and stays
+///   valid and untouched until `f` is called with it;
+/// - `f(head)` is sound to call on another thread once every read-side
+///   section that began before this call has ended (the object must be
+///   `Send` in spirit).
+pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
+    // SAFETY: the caller owns the head until the callback.
+    unsafe { *(*head).func.get() = Some(f) };
+    // SAFETY: the caller's contract.
+    unsafe { queue_node(head, 1) };
+}
+
+/// Runs `f` after a grace period, on the callback thread.
+pub fn call<F: FnOnce() + Send + 'static>(f: F) {
+    let node = Box::into_raw(Box::new(CallNode {
+        head: RcuHead::new(),
+        f,
+    }));
+    // SAFETY: a fresh, leaked node whose first field is the head; freed by
+    // `run_call_node::<F>`, which is sound on any thread since `F: Send`.
+    unsafe { call_intrusive(node.cast::<RcuHead>(), run_call_node::<F>) };
+}
+
+/// Drops `value` after a grace period, on the callback thread.
+///
+/// Drops are batched per CPU (no allocation per object in the common
+/// case), so their order relative to other callbacks is unspecified;
+/// `barrier()` waits for them all the same.
+pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
+    unsafe fn drop_box<T>(data: *mut ()) {
+        // SAFETY: `data` came from `Box::into_raw` below.
+        drop(unsafe { Box::from_raw(data.cast::<T>()) });
+    }
+    // SAFETY: the box is ours; dropping a `T: Send` on another thread
+    // after a grace period is what the caller asked for.
+    unsafe { defer_raw(Box::into_raw(value).cast::<()>(), drop_box::<T>) };
+}
+
+/// Calls `drop_fn(data)` after a grace period, batched like
+/// [`defer_drop`].
+///
+/// # Safety
+/// `drop_fn(data)` must be sound to call once, on another thread, once
+/// every read-side section that began before this call has ended.
+pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
+    let cb = callbacks();
+    let Ok(mut slot) = cb.bags.try_current() else {
+        return defer_one(data, drop_fn);
+    };
+    let bag = slot.0.get_or_insert_with(Bag::new);
+    bag.entries[bag.len] = (data, drop_fn);
+    bag.len += 1;
+    let first = bag.len == 1;
+    if bag.len < BAG_CAPACITY {
+        drop(slot);
+        if first {
+            ensure_thread();
+            // Pairs with the thread's SLEEPING store and bag re-check.
+            fence(Ordering::SeqCst);
+            wake_thread();
+        }
+        return;
+    }
+    let cpu = slot.cpu();
+    let full = slot.0.take();
+    drop(slot);
+    if let Some(full) = full {
+        queue_bag(cpu, full);
+    }
+}
+
+fn queue_bag(cpu: usize, mut bag: Box<Bag>) {
+    let count = bag.len as u64;
+    *bag.head.func.get_mut() = Some(run_bag);
+    let q = &callbacks().queues[cpu];
+    let before = q.queued.load(Ordering::Relaxed);
+    // SAFETY: a leaked bag whose first field is the head, freed by
+    // `run_bag`; entries obey `defer_raw`'s contract.
+    unsafe { q.push(Box::into_raw(bag).cast::<RcuHead>(), count) };
+    after_queue(before, count);
+}
+
+#[cold]
+fn defer_one(data: *mut (), drop_fn: unsafe fn(*mut ())) {
+    let node = Box::into_raw(Box::new(DropNode {
+        head: RcuHead::new(),
+        data,
+        drop_fn,
+    }));
+    // SAFETY: a fresh, leaked node whose first field is the head; freed by
+    // `run_drop_node`; `defer_raw`'s contract covers the drop.
+    unsafe { call_intrusive(node.cast::<RcuHead>(), run_drop_node) };
+}
+
+/// Queues every CPU's partial bag. Returns how many were queued.
+fn flush_bags() -> usize {
+    let cb = callbacks();
+    let mut flushed = 0;
+    for cpu in 0..cb.bags.len() {
+        let bag = cb.bags.lock(cpu).0.take();
+        if let Some(bag) = bag {
+            if bag.len > 0 {
+                queue_bag(cpu, bag);
+                flushed += 1;
+            }
+        }
+    }
+    flushed
+}
+
+fn bags_empty() -> bool {
+    let cb = callbacks();
+    (0..cb.bags.len()).all(|cpu| cb.bags.lock(cpu).0.as_ref().is_none_or(|b| b.len == 0))
+}
+
+fn callback_thread() {
+    IS_CALLBACK_THREAD.with(|c| c.set(true));
+    let cb = callbacks();
+    let mut batch: Vec<(*mut RcuHead, *mut RcuHead)> = Vec::with_capacity(cb.queues.len());
+    loop {
+        batch.clear();
+        {
+            let _consumer = cb.consumer.lock();
+            batch.extend(cb.queues.iter().filter_map(Queue::splice));
+        }
+        if batch.is_empty() {
+            if flush_bags() > 0 {
+                continue;
+            }
+            SLEEPING.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if cb.queues.iter().all(Queue::is_empty) && bags_empty() {
+                std::thread::park_timeout(Duration::from_millis(100));
+            }
+            SLEEPING.store(false, Ordering::SeqCst);
+            continue;
+        }
+        // One grace period for everything queued before the splice.
+        grace::wait(grace::snapshot());
+        let mut invoked = 0;
+        for &(first, last) in &batch {
+            // SAFETY: spliced above, and a grace period has passed since.
+            invoked += unsafe { invoke(first, last) };
+        }
+        INVOKED.fetch_add(invoked, Ordering::Relaxed);
+        BATCHES.fetch_add(1, Ordering::Relaxed);
+        LARGEST_BATCH.fetch_max(invoked, Ordering::Relaxed);
+        if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
+            let _lock = DRAINED.0.lock();
+            DRAINED.1.notify_all();
+        }
+    }
+}
+
+struct BarrierState {
+    remaining: AtomicUsize,
+    waiter: Thread,
+}
+
+#[repr(C)]
+struct BarrierNode {
+    head: RcuHead,
+    state: Arc<BarrierState>,
+}
+
+/// # Safety
+/// `head` is the head of a leaked `Box<BarrierNode>`.
+unsafe fn run_barrier_node(head: *mut RcuHead) {
+    // SAFETY: the caller's contract.
+    let node = unsafe { Box::from_raw(head.cast::<BarrierNode>()) };
+    if node.state.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        node.state.waiter.unpark();
+    }
+}
+
+/// Waits until every callback queued (by any thread) before this call has
+/// been invoked (`rcu_barrier`). Callbacks queued by those callbacks may
+/// still be pending.
+///
+/// # Panics
+/// Inside a read-side section, or from an RCU callback: both would wait
+/// for themselves forever.
+pub fn barrier() {
+    crate::grace::assert_not_reading("barrier");
+    assert!(
+        !on_callback_thread(),
+        "vmtask_rcu::barrier called from an RCU callback: the callback thread would wait for \
+         itself and deadlock"
+    );
+    let cb = callbacks();
+    ensure_thread();
+    flush_bags();
+    let state = Arc::new(BarrierState {
+        remaining: AtomicUsize::new(cb.queues.len()),
+        waiter: std::thread::current(),
+    });
+    for q in cb.queues.iter() {
+        let node = Box::into_raw(Box::new(BarrierNode {
+            head: RcuHead::new(),
+            state: state.clone(),
+        }));
+        // SAFETY: a fresh, leaked node, freed by `run_barrier_node`.
+        unsafe {
+            *(*node).head.func.get() = Some(run_barrier_node);
+            q.push(node.cast::<RcuHead>(), 1);
+        }
+    }
+    SLEEPING.store(true, Ordering::SeqCst);
+    wake_thread();
+    while state.remaining.load(Ordering::Acquire) != 0 {
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+/// In the fork child: the callback thread is gone; start anew on next use.
+/// Batches it had taken but not invoked are lost (leaked) in the child.
+pub(crate) fn after_fork_child() {
+    STARTED.store(0, Ordering::SeqCst);
+    SLEEPING.store(false, Ordering::SeqCst);
+    // SAFETY: the only thread in the child; if a parent thread held these
+    // locks across fork, nobody will release them.
+    unsafe {
+        if THREAD.is_locked() {
+            THREAD.force_unlock();
+        }
+        if let Some(cb) = CALLBACKS.get() {
+            if cb.consumer.is_locked() {
+                cb.consumer.force_unlock();
+            }
+        }
+    }
+    *THREAD.lock() = None;
+}

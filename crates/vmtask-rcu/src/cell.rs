@@ -1,0 +1,148 @@
+//! `RcuCell<T>`: an RCU-protected pointer (`rcu_assign_pointer` /
+//! `rcu_dereference`).
+//!
+//! `store` publishes with release ordering; `load` reads with acquire
+//! ordering under a read guard, so a reader sees the object fully
+//! initialised. A replaced value is never freed while a reader that might
+//! have loaded it is still inside its section: it is dropped after a grace
+//! period (`store`, `Drop`) or handed back only after one (`swap`).
+
+use std::marker::PhantomData;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use crate::ReadGuard;
+
+/// An RCU-protected, optionally empty, owned pointer.
+///
+/// ```
+/// use vmtask_rcu::{read_lock, RcuCell};
+///
+/// let config = RcuCell::new(Some(Box::new(String::from("v1"))));
+/// {
+///     let guard = read_lock();
+///     assert_eq!(config.load(&guard).map(String::as_str), Some("v1"));
+/// }
+/// config.store(Some(Box::new(String::from("v2")))); // "v1" dropped later
+/// let old = config.swap(None); // waits for a grace period
+/// assert_eq!(old.as_deref().map(String::as_str), Some("v2"));
+/// ```
+pub struct RcuCell<T: Send + 'static> {
+    ptr: AtomicPtr<T>,
+    _owns: PhantomData<Option<Box<T>>>,
+}
+
+// SAFETY: readers on other threads get `&T` (needs `T: Sync`), writers move
+// boxes in and out and old values are dropped on the callback thread
+// (needs `T: Send`).
+unsafe impl<T: Send + Sync + 'static> Sync for RcuCell<T> {}
+// SAFETY: the cell owns a `Box<T>`.
+unsafe impl<T: Send + 'static> Send for RcuCell<T> {}
+
+impl<T: Send + 'static> RcuCell<T> {
+    /// A cell holding `value`.
+    pub fn new(value: Option<Box<T>>) -> Self {
+        RcuCell {
+            ptr: AtomicPtr::new(into_ptr(value)),
+            _owns: PhantomData,
+        }
+    }
+
+    /// The current value, valid for as long as the guard lives.
+    #[inline]
+    pub fn load<'g>(&self, _guard: &'g ReadGuard) -> Option<&'g T> {
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: a published pointer came from `Box::into_raw` and is freed
+        // only a grace period after it was unpublished; `_guard` keeps this
+        // thread in a read-side section for `'g`, so that grace period
+        // cannot end before `'g` does.
+        unsafe { p.as_ref() }
+    }
+
+    /// Publishes `value`; the old value is dropped after a grace period.
+    pub fn store(&self, value: Option<Box<T>>) {
+        let old = self.ptr.swap(into_ptr(value), Ordering::AcqRel);
+        // SAFETY: `old` is unpublished now and owned by us.
+        if let Some(old) = unsafe { from_ptr(old) } {
+            crate::defer_drop(old);
+        }
+    }
+
+    /// Publishes `value` and returns the old one once a grace period has
+    /// passed, so no reader can still see it.
+    ///
+    /// # Panics
+    /// Inside a read-side section (the wait would deadlock).
+    pub fn swap(&self, value: Option<Box<T>>) -> Option<Box<T>> {
+        crate::grace::assert_not_reading("RcuCell::swap");
+        let old = self.ptr.swap(into_ptr(value), Ordering::AcqRel);
+        crate::synchronize();
+        // SAFETY: unpublished, and every reader that could have loaded it
+        // has left its section.
+        unsafe { from_ptr(old) }
+    }
+
+    /// Publishes `new` if the cell still holds the value `current` points
+    /// to (compared by address; `None` for empty). On failure `new` is
+    /// returned. The replaced value is dropped after a grace period.
+    pub fn compare_and_store(
+        &self,
+        current: Option<&T>,
+        new: Option<Box<T>>,
+    ) -> Result<(), Option<Box<T>>> {
+        let expected = current.map_or(ptr::null_mut(), |r| r as *const T as *mut T);
+        let new_ptr = into_ptr(new);
+        match self
+            .ptr
+            .compare_exchange(expected, new_ptr, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(old) => {
+                // SAFETY: unpublished by the exchange, owned by us.
+                if let Some(old) = unsafe { from_ptr(old) } {
+                    crate::defer_drop(old);
+                }
+                Ok(())
+            }
+            // SAFETY: `new_ptr` was never published.
+            Err(_) => Err(unsafe { from_ptr(new_ptr) }),
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for RcuCell<T> {
+    fn drop(&mut self) {
+        // Readers may hold `&'g T` from `load` beyond the cell's own
+        // lifetime (the reference is bound to their guard), so the last
+        // value also waits for a grace period.
+        let old = std::mem::replace(self.ptr.get_mut(), ptr::null_mut());
+        // SAFETY: owned by the cell, unpublished now.
+        if let Some(old) = unsafe { from_ptr(old) } {
+            crate::defer_drop(old);
+        }
+    }
+}
+
+impl<T: Send + 'static> Default for RcuCell<T> {
+    fn default() -> Self {
+        RcuCell::new(None)
+    }
+}
+
+impl<T: Send + 'static> std::fmt::Debug for RcuCell<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RcuCell")
+            .field("ptr", &self.ptr.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn into_ptr<T>(value: Option<Box<T>>) -> *mut T {
+    value.map_or(ptr::null_mut(), Box::into_raw)
+}
+
+/// # Safety
+/// `p` is null or came from `Box::into_raw` and is owned by the caller.
+unsafe fn from_ptr<T>(p: *mut T) -> Option<Box<T>> {
+    // SAFETY: the caller's contract.
+    (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
+}

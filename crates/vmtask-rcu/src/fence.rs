@@ -1,0 +1,120 @@
+//! The updater's heavy barrier: `membarrier(2)`, or SeqCst fences on both
+//! sides where the kernel lacks it (or the user asked for the fallback).
+//!
+//! The mode is chosen once, when the first reader registers or the first
+//! updater runs, and never changes: readers that skipped their fence under
+//! one mode must not meet an updater of the other.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use crate::gp::FenceMode;
+
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+/// Set by [`force_fence_fallback`] before initialisation.
+static FORCED: AtomicU8 = AtomicU8::new(0);
+/// The chosen mode, cached for the readers' fast path.
+/// 0: not chosen yet, 1: membarrier, 2: fences.
+static MODE: AtomicU8 = AtomicU8::new(0);
+static CHOSEN: OnceLock<FenceMode> = OnceLock::new();
+
+/// Environment variable that forces the SeqCst-fence fallback when set to
+/// `1` (read once, at initialisation).
+pub const FORCE_FENCE_ENV: &str = "VMTASK_RCU_FORCE_FENCE";
+
+/// [`force_fence_fallback`] came too late: the mode was already chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlreadyInitialized;
+
+impl fmt::Display for AlreadyInitialized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "vmtask_rcu: the read-side barrier mode is chosen at first use (membarrier already \
+             registered); call force_fence_fallback before any RCU use",
+        )
+    }
+}
+
+impl std::error::Error for AlreadyInitialized {}
+
+/// Makes readers and updaters use SeqCst fences instead of `membarrier`,
+/// as on a kernel without it. Must run before any other RCU call in the
+/// process; also available as `VMTASK_RCU_FORCE_FENCE=1`.
+pub fn force_fence_fallback() -> Result<(), AlreadyInitialized> {
+    FORCED.store(1, Ordering::SeqCst);
+    match mode() {
+        FenceMode::SeqCst => Ok(()),
+        FenceMode::Membarrier => Err(AlreadyInitialized),
+    }
+}
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes (cmd, flags, cpu_id) integers and touches no
+    // user memory.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }
+}
+
+fn choose() -> FenceMode {
+    let forced = FORCED.load(Ordering::SeqCst) != 0
+        || std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| v == "1");
+    if forced {
+        return FenceMode::SeqCst;
+    }
+    let supported = membarrier(MEMBARRIER_CMD_QUERY);
+    let wanted = (MEMBARRIER_CMD_PRIVATE_EXPEDITED | MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
+        as libc::c_long;
+    if supported < 0 || supported & wanted != wanted {
+        return FenceMode::SeqCst;
+    }
+    if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) != 0 {
+        return FenceMode::SeqCst;
+    }
+    FenceMode::Membarrier
+}
+
+/// The process-wide mode, choosing it on first call.
+pub(crate) fn mode() -> FenceMode {
+    *CHOSEN.get_or_init(|| {
+        let mode = choose();
+        MODE.store(
+            match mode {
+                FenceMode::Membarrier => 1,
+                FenceMode::SeqCst => 2,
+            },
+            Ordering::Release,
+        );
+        mode
+    })
+}
+
+/// The mode for a reader that has registered (so `mode()` has run).
+#[inline(always)]
+pub(crate) fn reader_mode() -> FenceMode {
+    if MODE.load(Ordering::Relaxed) == 1 {
+        FenceMode::Membarrier
+    } else {
+        FenceMode::SeqCst
+    }
+}
+
+/// `smp_mb_master()`.
+pub(crate) fn heavy_barrier() {
+    match mode() {
+        FenceMode::SeqCst => std::sync::atomic::fence(Ordering::SeqCst),
+        FenceMode::Membarrier => {
+            if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0 {
+                // Readers skip their fences because of this call; continuing
+                // without it could free memory under a reader.
+                let err = std::io::Error::last_os_error();
+                eprintln!(
+                    "vmtask_rcu: membarrier(PRIVATE_EXPEDITED) failed after registration: {err}"
+                );
+                std::process::abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The grace-period protocol: liburcu's "memb" flavor.
+//!
+//! Shared state:
+//! - `GpWord::ctr`, written only by the updater holding the grace-period
+//!   lock: a phase bit (`GP_PHASE`) and a constant count of one
+//!   (`GP_COUNT`), so a reader can copy it into its slot as "nesting 1".
+//! - `ReaderCtr::ctr`, one per registered thread, written only by that
+//!   thread: zero when outside a read-side section, otherwise the copied
+//!   phase plus the nesting depth in the low bits.
+//! - `GpWord::futex`: -1 while an updater sleeps waiting for readers.
+//!
+//! Reader, outermost `lock`: `slot = gp.ctr` (relaxed), then a compiler
+//! barrier. Nested lock/unlock only add or subtract `GP_COUNT`. Outermost
+//! `unlock`: barrier, `slot -= GP_COUNT`, barrier, and wake the updater if
+//! `futex == -1`. No read-modify-write and no hardware fence.
+//!
+//! Updater, one grace period (`grace_period`):
+//! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
+//!    of the process executes a full fence, so each reader's plain stores
+//!    and loads are ordered as if the reader had fenced itself);
+//! 2. wait until no reader is *old*: active with a phase different from
+//!    `gp.ctr`'s;
+//! 3. flip the phase;
+//! 4. wait again until no reader is old;
+//! 5. heavy barrier, so the caller's frees come after every old reader's
+//!    last access.
+//!
+//! Why two waits: a reader may load `gp.ctr`, be preempted, and store the
+//! value much later. With one flip, such a reader could carry a stale phase
+//! that looks current to a later grace period, which would then skip it.
+//! Waiting for both phases means a reader that was active when the grace
+//! period began is waited for whichever phase it copied.
+//!
+//! Why the heavy barrier suffices: the reader's slot store and its data
+//! loads are separated by a compiler barrier only, so the CPU could reorder
+//! them, but `membarrier` forces a full fence on that CPU between the
+//! updater's "unlink" store and its scan of the slots. Either the reader's
+//! slot store is visible to the scan (and the updater waits), or the
+//! reader's later data loads happen after the fence and see the unlink.
+//! Without membarrier (`FenceMode::SeqCst`) readers issue the fence
+//! themselves.
+
+use crate::sync::{fence, spin, AtomicI32, AtomicUsize, Ordering};
+
+/// One reader nesting level.
+pub(crate) const GP_COUNT: usize = 1;
+/// The phase bit, above the nesting bits.
+pub(crate) const GP_PHASE: usize = 1 << (usize::BITS / 2);
+/// The nesting depth of a reader slot.
+pub(crate) const NEST_MASK: usize = GP_PHASE - 1;
+
+/// The global grace-period state.
+pub(crate) struct GpWord {
+    pub(crate) ctr: AtomicUsize,
+    pub(crate) futex: AtomicI32,
+}
+
+impl GpWord {
+    #[cfg(not(all(loom, test)))]
+    pub(crate) const fn new() -> Self {
+        GpWord {
+            ctr: AtomicUsize::new(GP_COUNT),
+            futex: AtomicI32::new(0),
+        }
+    }
+
+    #[cfg(all(loom, test))]
+    pub(crate) fn new() -> Self {
+        GpWord {
+            ctr: AtomicUsize::new(GP_COUNT),
+            futex: AtomicI32::new(0),
+        }
+    }
+}
+
+/// A reader's published state.
+pub(crate) struct ReaderCtr {
+    pub(crate) ctr: AtomicUsize,
+}
+
+/// Which barrier readers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FenceMode {
+    /// Readers use a compiler barrier; updaters use `membarrier`.
+    Membarrier,
+    /// Readers and updaters use SeqCst fences.
+    SeqCst,
+}
+
+/// The reader side's `smp_mb_slave()`.
+#[inline(always)]
+fn reader_barrier(mode: FenceMode) {
+    match mode {
+        FenceMode::SeqCst => fence(Ordering::SeqCst),
+        #[cfg(not(all(loom, test)))]
+        FenceMode::Membarrier => crate::sync::compiler_fence(Ordering::SeqCst),
+        // Loom cannot run membarrier; model it as the fence it forces.
+        #[cfg(all(loom, test))]
+        FenceMode::Membarrier => fence(Ordering::SeqCst),
+    }
+}
+
+impl ReaderCtr {
+    pub(crate) fn new() -> Self {
+        ReaderCtr {
+            ctr: AtomicUsize::new(0),
+        }
+    }
+
+    /// Nesting depth (0: outside any read-side section).
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    #[inline]
+    pub(crate) fn depth(&self) -> usize {
+        self.ctr.load(Ordering::Relaxed) & NEST_MASK
+    }
+
+    /// `rcu_read_lock`. Only the owning thread calls this.
+    #[inline]
+    pub(crate) fn lock(&self, gp: &GpWord, mode: FenceMode) {
+        // Only this thread writes `ctr`, so a relaxed read sees our own value.
+        let tmp = self.ctr.load(Ordering::Relaxed);
+        if tmp & NEST_MASK == 0 {
+            self.ctr
+                .store(gp.ctr.load(Ordering::Relaxed), Ordering::Relaxed);
+            // Orders the slot store before the section's data loads (with
+            // the updater's membarrier; see the module header).
+            reader_barrier(mode);
+        } else {
+            assert!(
+                tmp & NEST_MASK != NEST_MASK,
+                "vmtask_rcu::read_lock nested more than {NEST_MASK} deep"
+            );
+            self.ctr.store(tmp + GP_COUNT, Ordering::Relaxed);
+        }
+    }
+
+    /// `rcu_read_unlock`. Returns true when the outermost section ended and
+    /// an updater sleeps waiting for readers: the caller must wake it.
+    #[inline]
+    pub(crate) fn unlock(&self, gp: &GpWord, mode: FenceMode) -> bool {
+        let tmp = self.ctr.load(Ordering::Relaxed);
+        if tmp & NEST_MASK == GP_COUNT {
+            // The section's data loads complete before the slot says
+            // "quiescent".
+            reader_barrier(mode);
+            self.ctr.store(tmp - GP_COUNT, Ordering::Relaxed);
+            // The slot store is ordered before the futex load, pairing with
+            // the updater's "futex = -1; membarrier; re-check slot".
+            reader_barrier(mode);
+            gp.futex.load(Ordering::Relaxed) == -1
+        } else {
+            self.ctr.store(tmp - GP_COUNT, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Whether this reader is in a section that began before the last flip
+    /// (its phase differs from `gp_ctr`'s).
+    #[inline]
+    fn is_old(&self, gp_ctr: usize) -> bool {
+        let v = self.ctr.load(Ordering::Relaxed);
+        v & NEST_MASK != 0 && (v ^ gp_ctr) & GP_PHASE != 0
+    }
+}
+
+/// What the updater needs from its environment: the heavy barrier and a
+/// way to sleep until a reader wakes it.
+pub(crate) trait Updater {
+    /// `smp_mb_master()`: a full fence on every thread that may read.
+    fn heavy_barrier(&self);
+    /// Sleep while `futex` is -1 (a reader or a timeout wakes us).
+    fn sleep(&self, futex: &AtomicI32);
+    /// How many scans of a reader before sleeping.
+    fn spins(&self) -> usize;
+}
+
+/// Waits until no reader in `readers` is in a section older than the
+/// current phase.
+fn wait_for_readers<'a, U: Updater>(
+    gp: &GpWord,
+    readers: impl Iterator<Item = &'a ReaderCtr>,
+    updater: &U,
+) {
+    for reader in readers {
+        let mut attempts = 0;
+        while reader.is_old(gp.ctr.load(Ordering::Relaxed)) {
+            attempts += 1;
+            if attempts < updater.spins() {
+                spin();
+                continue;
+            }
+            // Announce that we sleep, then re-check: a reader that unlocked
+            // before seeing -1 is visible to the re-check thanks to the
+            // heavy barrier; one that unlocks after will see -1 and wake us.
+            gp.futex.store(-1, Ordering::Relaxed);
+            updater.heavy_barrier();
+            if !reader.is_old(gp.ctr.load(Ordering::Relaxed)) {
+                gp.futex.store(0, Ordering::Relaxed);
+                break;
+            }
+            updater.sleep(&gp.futex);
+            gp.futex.store(0, Ordering::Relaxed);
+            attempts = 0;
+        }
+    }
+}
+
+/// One full grace period over `readers` (a snapshot of the registry).
+/// The caller holds the grace-period lock, so `gp.ctr` has one writer.
+pub(crate) fn grace_period<'a, U: Updater, I>(gp: &GpWord, readers: I, updater: &U)
+where
+    I: Iterator<Item = &'a ReaderCtr> + Clone,
+{
+    updater.heavy_barrier();
+    wait_for_readers(gp, readers.clone(), updater);
+    // The first wait's slot loads complete before the flip is published.
+    fence(Ordering::SeqCst);
+    let ctr = gp.ctr.load(Ordering::Relaxed);
+    gp.ctr.store(ctr ^ GP_PHASE, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    wait_for_readers(gp, readers, updater);
+    updater.heavy_barrier();
+}
+
+#[cfg(all(loom, test))]
+mod loom_model {
+    //! Model: a reader reads a published pointer inside a section and checks
+    //! the object has not been freed; the updater unpublishes it, runs a
+    //! grace period and frees it. membarrier is modelled as a SeqCst fence.
+    use super::*;
+    use loom::sync::atomic::AtomicBool;
+    use loom::sync::Arc;
+
+    struct Model;
+    impl Updater for Model {
+        fn heavy_barrier(&self) {
+            fence(Ordering::SeqCst);
+        }
+        fn sleep(&self, _futex: &AtomicI32) {
+            loom::thread::yield_now();
+        }
+        fn spins(&self) -> usize {
+            usize::MAX
+        }
+    }
+
+    struct Shared {
+        gp: GpWord,
+        reader: ReaderCtr,
+        /// Which object is published: 0 or 1.
+        published: AtomicUsize,
+        freed: [AtomicBool; 2],
+    }
+
+    fn run(mode: FenceMode, reader_sections: usize) {
+        loom::model(move || {
+            let s = Arc::new(Shared {
+                gp: GpWord::new(),
+                reader: ReaderCtr::new(),
+                published: AtomicUsize::new(0),
+                freed: [AtomicBool::new(false), AtomicBool::new(false)],
+            });
+            let r = s.clone();
+            let reader = loom::thread::spawn(move || {
+                for _ in 0..reader_sections {
+                    r.reader.lock(&r.gp, mode);
+                    let obj = r.published.load(Ordering::Acquire);
+                    assert!(
+                        !r.freed[obj].load(Ordering::Relaxed),
+                        "reader saw a freed object"
+                    );
+                    let _ = r.reader.unlock(&r.gp, mode);
+                }
+            });
+            s.published.store(1, Ordering::Release);
+            grace_period(&s.gp, std::iter::once(&s.reader), &Model);
+            s.freed[0].store(true, Ordering::Relaxed);
+            reader.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn loom_reader_never_sees_freed_object_membarrier() {
+        run(FenceMode::Membarrier, 1);
+    }
+
+    #[test]
+    fn loom_reader_never_sees_freed_object_two_sections() {
+        run(FenceMode::SeqCst, 2);
+    }
+}

@@ -1,0 +1,159 @@
+//! `synchronize()`: grace periods, shared between concurrent callers.
+//!
+//! `GP_SEQ` counts grace-period boundaries the kernel's way (`rcu_seq`):
+//! odd while one runs, +2 per grace period. A caller takes a snapshot,
+//! the value `GP_SEQ` must reach for a grace period that *began after the
+//! call* to have completed: `(seq + 3) & !1`. It then takes `GP_LOCK` and
+//! runs a grace period only if nobody has reached the snapshot meanwhile.
+//! Callers queued on the lock while one grace period runs are all served
+//! by the next one: N concurrent callers cost at most two grace periods.
+
+use parking_lot::Mutex;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::gp::{self, GpWord, Updater};
+use crate::registry;
+use crate::sync::AtomicI32;
+
+pub(crate) static GP: GpWord = GpWord::new();
+static GP_LOCK: Mutex<()> = Mutex::new(());
+static GP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) static GP_COUNT: AtomicU64 = AtomicU64::new(0);
+pub(crate) static GP_NANOS_TOTAL: AtomicU64 = AtomicU64::new(0);
+pub(crate) static GP_NANOS_MAX: AtomicU64 = AtomicU64::new(0);
+
+/// Scans of one reader before the updater sleeps on the futex.
+const SPINS: usize = 1000;
+/// A sleeping updater re-checks at least this often (a reader that
+/// leaked its slot by other means than thread exit cannot stall us
+/// silently; one that is genuinely long just costs a wake-up).
+const SLEEP_TIMEOUT: Duration = Duration::from_millis(10);
+
+struct Real;
+
+impl Updater for Real {
+    fn heavy_barrier(&self) {
+        crate::fence::heavy_barrier();
+    }
+
+    fn sleep(&self, futex: &AtomicI32) {
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: SLEEP_TIMEOUT.as_nanos() as libc::c_long,
+        };
+        // SAFETY: FUTEX_WAIT on a live, aligned i32 with a valid timespec;
+        // the kernel only reads both. Returns at once if the value is no
+        // longer -1 (a reader already woke us).
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                futex.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                -1,
+                &timeout as *const libc::timespec,
+            );
+        }
+    }
+
+    fn spins(&self) -> usize {
+        SPINS
+    }
+}
+
+/// Wakes an updater sleeping in `wait_for_readers` (`wake_up_gp`).
+#[cold]
+pub(crate) fn wake_updater() {
+    if GP.futex.load(Ordering::Relaxed) == -1 {
+        GP.futex.store(0, Ordering::Relaxed);
+        // SAFETY: FUTEX_WAKE on a live, aligned i32; no memory is written.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                GP.futex.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            );
+        }
+    }
+}
+
+/// The sequence value at which a grace period that starts after now has
+/// completed.
+pub(crate) fn snapshot() -> u64 {
+    // Order the caller's earlier stores (the unlink) before reading the
+    // sequence: if we see "no grace period running", the next one starts
+    // after our stores.
+    fence(Ordering::SeqCst);
+    (GP_SEQ.load(Ordering::SeqCst) + 3) & !1
+}
+
+/// Whether the grace period of `snap` has completed.
+pub(crate) fn done(snap: u64) -> bool {
+    GP_SEQ.load(Ordering::Acquire) >= snap
+}
+
+/// Waits for the grace period of `snap`, running it if nobody else does.
+pub(crate) fn wait(snap: u64) {
+    while !done(snap) {
+        let _lock = GP_LOCK.lock();
+        if done(snap) {
+            break;
+        }
+        run_one();
+    }
+}
+
+fn run_one() {
+    let start = Instant::now();
+    GP_SEQ.fetch_add(1, Ordering::SeqCst);
+    let mut readers = Vec::new();
+    registry::snapshot(&mut readers);
+    gp::grace_period(&GP, readers.iter().map(|slot| &*slot.reader), &Real);
+    GP_SEQ.fetch_add(1, Ordering::SeqCst);
+    let nanos = start.elapsed().as_nanos() as u64;
+    GP_COUNT.fetch_add(1, Ordering::Relaxed);
+    GP_NANOS_TOTAL.fetch_add(nanos, Ordering::Relaxed);
+    GP_NANOS_MAX.fetch_max(nanos, Ordering::Relaxed);
+}
+
+/// Panics if the calling thread is inside a read-side section: waiting
+/// there for a grace period would wait for ourselves, forever.
+#[track_caller]
+pub(crate) fn assert_not_reading(what: &str) {
+    if crate::in_read_section() {
+        panic!(
+            "vmtask_rcu::{what} called inside an RCU read-side critical section: it would wait \
+             for this thread's own read_lock guard and deadlock; drop the guard first"
+        );
+    }
+}
+
+/// Waits until every read-side section that began before this call has
+/// ended (`synchronize_rcu`).
+///
+/// Concurrent callers share grace periods. With membarrier and no
+/// readers it takes a few microseconds.
+///
+/// # Panics
+/// If called inside a read-side section (it would deadlock).
+pub fn synchronize() {
+    assert_not_reading("synchronize");
+    wait(snapshot());
+}
+
+/// In the fork child: no thread can be holding the lock or running a grace
+/// period any more.
+pub(crate) fn after_fork_child() {
+    if GP_LOCK.is_locked() {
+        // SAFETY: the thread that held the lock does not exist in the child;
+        // nothing else can release it.
+        unsafe { GP_LOCK.force_unlock() };
+    }
+    let seq = GP_SEQ.load(Ordering::Relaxed);
+    if seq & 1 == 1 {
+        GP_SEQ.store(seq + 1, Ordering::Relaxed);
+    }
+    GP.futex.store(0, Ordering::Relaxed);
+}

@@ -1,0 +1,158 @@
+//! Reader registration: one `ReaderCtr` per thread, registered on first use
+//! and released when the thread exits.
+//!
+//! Slots are leaked, never freed, and reused by later threads: an updater
+//! may scan a snapshot of the registry without holding its lock, because a
+//! slot it scans is always valid memory. A slot released (or reused) during
+//! a scan reads as quiescent or as a section newer than the grace period,
+//! both of which the updater may treat as done.
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::gp::ReaderCtr;
+
+/// A registered reader.
+pub(crate) struct Slot {
+    pub(crate) reader: CachePadded<ReaderCtr>,
+    in_use: AtomicBool,
+}
+
+/// Every slot ever created, in use or free.
+pub(crate) static REGISTRY: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's slot, or null before registration / after exit.
+    static CURRENT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+    /// Owns the registration; releases the slot when the thread exits.
+    static REGISTRATION: Registration = Registration::new();
+}
+
+struct Registration {
+    slot: &'static Slot,
+}
+
+impl Registration {
+    fn new() -> Self {
+        let slot = acquire_slot();
+        CURRENT.with(|c| c.set(slot));
+        Registration { slot }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // Other thread-local destructors may still read; they get temporary
+        // slots from `current_or_temporary`.
+        let _ = CURRENT.try_with(|c| c.set(ptr::null()));
+        release_slot(self.slot);
+    }
+}
+
+/// Takes a free slot or creates one.
+pub(crate) fn acquire_slot() -> &'static Slot {
+    // The fence mode must be fixed before any reader can skip its fence.
+    crate::fence::mode();
+    let mut registry = REGISTRY.lock();
+    for slot in registry.iter() {
+        if !slot.in_use.load(Ordering::Relaxed) {
+            slot.in_use.store(true, Ordering::Relaxed);
+            return slot;
+        }
+    }
+    let slot: &'static Slot = Box::leak(Box::new(Slot {
+        reader: CachePadded::new(ReaderCtr::new()),
+        in_use: AtomicBool::new(true),
+    }));
+    registry.push(slot);
+    slot
+}
+
+/// Gives a slot back. A thread that exits inside a section (it leaked a
+/// guard) is quiescent from now on: it can read nothing more.
+pub(crate) fn release_slot(slot: &'static Slot) {
+    let was_active = slot.reader.depth() != 0;
+    slot.reader.ctr.store(0, Ordering::Release);
+    slot.in_use.store(false, Ordering::Release);
+    if was_active {
+        crate::grace::wake_updater();
+    }
+}
+
+/// This thread's slot, registering on first use. `Err` with a fresh slot
+/// when the thread is past its thread-local destructors (the caller must
+/// release it).
+#[inline]
+pub(crate) fn current() -> Result<&'static Slot, &'static Slot> {
+    let slot = CURRENT.with(|c| c.get());
+    if !slot.is_null() {
+        // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
+        return Ok(unsafe { &*slot });
+    }
+    register_slow()
+}
+
+#[cold]
+fn register_slow() -> Result<&'static Slot, &'static Slot> {
+    match REGISTRATION.try_with(|r| r.slot) {
+        Ok(slot) => Ok(slot),
+        Err(_) => Err(acquire_slot()),
+    }
+}
+
+/// This thread's slot if it has registered, without registering.
+#[inline]
+pub(crate) fn current_if_registered() -> Option<&'static Slot> {
+    let slot = CURRENT.try_with(|c| c.get()).ok()?;
+    // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
+    (!slot.is_null()).then(|| unsafe { &*slot })
+}
+
+/// Snapshot of the slots in use, for a grace period.
+pub(crate) fn snapshot(out: &mut Vec<&'static Slot>) {
+    out.clear();
+    let registry = REGISTRY.lock();
+    out.extend(registry.iter().filter(|s| s.in_use.load(Ordering::Acquire)));
+}
+
+/// Number of registered readers now.
+pub(crate) fn registered() -> usize {
+    REGISTRY
+        .lock()
+        .iter()
+        .filter(|s| s.in_use.load(Ordering::Relaxed))
+        .count()
+}
+
+/// In a child after `fork`: only the forking thread exists, so every other
+/// slot is released (their readers are gone with their threads).
+pub(crate) fn after_fork_child() {
+    let mine = current_if_registered().map(|s| s as *const Slot);
+    // The prepare handler held this lock across fork; the child owns it now.
+    // SAFETY: `before_fork` locked REGISTRY and leaked the guard; in the
+    // child, this thread (the only one) is the owner.
+    unsafe { REGISTRY.force_unlock() };
+    let registry = REGISTRY.lock();
+    for slot in registry.iter() {
+        if Some(*slot as *const Slot) != mine {
+            slot.reader.ctr.store(0, Ordering::Relaxed);
+            slot.in_use.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Holds the registry lock across `fork`, so the child sees a consistent
+/// list.
+pub(crate) fn before_fork() {
+    std::mem::forget(REGISTRY.lock());
+}
+
+/// In the parent after `fork`.
+pub(crate) fn after_fork_parent() {
+    // SAFETY: `before_fork` locked REGISTRY on this thread and leaked the
+    // guard.
+    unsafe { REGISTRY.force_unlock() };
+}

@@ -1,0 +1,109 @@
+//! `stats()`: counters a user can print.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::gp::FenceMode;
+use crate::{callback, grace};
+
+/// How updaters order themselves against readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierMode {
+    /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`; readers use only a
+    /// compiler barrier.
+    Membarrier,
+    /// SeqCst fences on both sides (no membarrier, or forced).
+    Fence,
+}
+
+impl fmt::Display for BarrierMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BarrierMode::Membarrier => "membarrier (readers fence-free)",
+            BarrierMode::Fence => "SeqCst fence fallback",
+        })
+    }
+}
+
+/// A snapshot of RCU's counters since process start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Grace periods completed.
+    pub grace_periods: u64,
+    /// Mean grace-period latency.
+    pub gp_latency_mean: Duration,
+    /// Longest grace period.
+    pub gp_latency_max: Duration,
+    /// Callbacks queued (`call`, `call_intrusive`, `defer_drop` entries).
+    pub callbacks_queued: u64,
+    /// Callbacks invoked.
+    pub callbacks_invoked: u64,
+    /// Batches the callback thread processed (one grace period each).
+    pub batches: u64,
+    /// Most callbacks invoked after one grace period.
+    pub largest_batch: u64,
+    /// Most callbacks queued and not yet invoked, as seen at backlog checks.
+    pub backlog_high_water: u64,
+    /// Times the soft backlog limit started a grace period early.
+    pub expedited: u64,
+    /// Times a caller waited at the hard backlog limit.
+    pub throttled: u64,
+    /// Threads registered as readers now.
+    pub readers: usize,
+    /// The barrier in use.
+    pub mode: BarrierMode,
+}
+
+/// The counters now.
+pub fn stats() -> Stats {
+    let grace_periods = grace::GP_COUNT.load(Ordering::Relaxed);
+    let total = grace::GP_NANOS_TOTAL.load(Ordering::Relaxed);
+    Stats {
+        grace_periods,
+        gp_latency_mean: Duration::from_nanos(total.checked_div(grace_periods).unwrap_or(0)),
+        gp_latency_max: Duration::from_nanos(grace::GP_NANOS_MAX.load(Ordering::Relaxed)),
+        callbacks_queued: callback::queued_total(),
+        callbacks_invoked: callback::INVOKED.load(Ordering::Relaxed),
+        batches: callback::BATCHES.load(Ordering::Relaxed),
+        largest_batch: callback::LARGEST_BATCH.load(Ordering::Relaxed),
+        backlog_high_water: callback::BACKLOG_HIGH.load(Ordering::Relaxed),
+        expedited: callback::EXPEDITED.load(Ordering::Relaxed),
+        throttled: callback::THROTTLED.load(Ordering::Relaxed),
+        readers: crate::registry::registered(),
+        mode: match crate::fence::mode() {
+            FenceMode::Membarrier => BarrierMode::Membarrier,
+            FenceMode::SeqCst => BarrierMode::Fence,
+        },
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "barrier mode:        {}", self.mode)?;
+        writeln!(f, "grace periods:       {}", self.grace_periods)?;
+        writeln!(
+            f,
+            "grace-period latency: mean {:.1?}, max {:.1?}",
+            self.gp_latency_mean, self.gp_latency_max
+        )?;
+        writeln!(
+            f,
+            "callbacks:           {} queued, {} invoked, {} pending",
+            self.callbacks_queued,
+            self.callbacks_invoked,
+            self.callbacks_queued.saturating_sub(self.callbacks_invoked)
+        )?;
+        writeln!(
+            f,
+            "batches:             {} (largest {})",
+            self.batches, self.largest_batch
+        )?;
+        writeln!(
+            f,
+            "backlog:             high-water {}, expedited {}x, throttled {}x",
+            self.backlog_high_water, self.expedited, self.throttled
+        )?;
+        write!(f, "registered readers:  {}", self.readers)
+    }
+}

@@ -1,0 +1,235 @@
+//! rcutorture-style stress, shared by the membarrier and fence-fallback
+//! test binaries.
+//!
+//! Elements live in a leaked pool and are never deallocated, so a reader
+//! that holds an element across its "free" reads valid memory and can
+//! report the bug instead of crashing. The writer publishes elements; on
+//! removal an element's pipe count becomes 1, and each grace period that
+//! passes afterwards adds 1; at `PIPE_FREE` it is marked freed and goes
+//! back to the free list (its generation changes on reuse). A reader that
+//! sees a pipe count of 2 or more, a freed element, or a generation change
+//! during its section has seen a grace period end under it.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const POOL: usize = 4096;
+const PIPE_FREE: usize = 3;
+
+pub struct Elem {
+    pipe: AtomicUsize,
+    freed: AtomicBool,
+    generation: AtomicU64,
+}
+
+struct Shared {
+    pool: &'static [Elem],
+    free: Mutex<Vec<usize>>,
+    current: AtomicPtr<Elem>,
+    stop: AtomicBool,
+    max_pipe_seen: AtomicUsize,
+    freed_seen: AtomicU64,
+    reads: AtomicU64,
+    updates: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Wait {
+    Synchronize,
+    Call,
+    DeferDrop,
+}
+
+/// Seconds per torture run: `VMTASK_TORTURE_SECS`, default 1.
+pub fn torture_duration() -> Duration {
+    let secs = std::env::var("VMTASK_TORTURE_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(1.0);
+    Duration::from_secs_f64(secs)
+}
+
+impl Shared {
+    fn index(&self, e: *const Elem) -> usize {
+        (e as usize - self.pool.as_ptr() as usize) / std::mem::size_of::<Elem>()
+    }
+
+    fn alloc(&self) -> Option<&'static Elem> {
+        let idx = self.free.lock().unwrap().pop()?;
+        let e = &self.pool[idx];
+        e.pipe.store(0, Ordering::Relaxed);
+        e.freed.store(false, Ordering::Relaxed);
+        e.generation.fetch_add(1, Ordering::Relaxed);
+        Some(e)
+    }
+
+    /// One grace period passed for `e`; returns true when freed.
+    fn advance(&self, e: &Elem) -> bool {
+        let pipe = e.pipe.fetch_add(1, Ordering::Relaxed) + 1;
+        if pipe >= PIPE_FREE {
+            e.freed.store(true, Ordering::Release);
+            self.free.lock().unwrap().push(self.index(e));
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Retire {
+    shared: Arc<Shared>,
+    elem: &'static Elem,
+}
+
+impl Drop for Retire {
+    fn drop(&mut self) {
+        if !self.shared.advance(self.elem) {
+            vmtask_rcu::defer_drop(Box::new(Retire {
+                shared: self.shared.clone(),
+                elem: self.elem,
+            }));
+        }
+    }
+}
+
+fn retire_by_call(shared: Arc<Shared>, elem: &'static Elem) {
+    vmtask_rcu::call(move || {
+        if !shared.advance(elem) {
+            retire_by_call(shared, elem);
+        }
+    });
+}
+
+pub struct Report {
+    pub reads: u64,
+    pub updates: u64,
+    pub max_pipe_seen: usize,
+    pub freed_seen: u64,
+}
+
+/// Runs readers against one writer for `duration`, retiring through `wait`.
+pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
+    let pool: &'static [Elem] = Box::leak(
+        (0..POOL)
+            .map(|_| Elem {
+                pipe: AtomicUsize::new(0),
+                freed: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+            })
+            .collect(),
+    );
+    let shared = Arc::new(Shared {
+        pool,
+        free: Mutex::new((1..POOL).collect()),
+        current: AtomicPtr::new(&pool[0] as *const Elem as *mut Elem),
+        stop: AtomicBool::new(false),
+        max_pipe_seen: AtomicUsize::new(0),
+        freed_seen: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+        updates: AtomicU64::new(0),
+    });
+    let reader_threads: Vec<_> = (0..readers)
+        .map(|r| {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !shared.stop.load(Ordering::Relaxed) {
+                    let guard = vmtask_rcu::read_lock();
+                    // Nest sometimes: nesting must not end the section early.
+                    let inner = (reads % 7 == 0).then(vmtask_rcu::read_lock);
+                    let p = shared.current.load(Ordering::Acquire);
+                    // SAFETY: pool elements are leaked, never deallocated.
+                    let e = unsafe { &*p };
+                    let generation = e.generation.load(Ordering::Relaxed);
+                    drop(inner);
+                    // Stay in the section a little, sometimes longer.
+                    let spins = if reads % 1024 == r as u64 { 20_000 } else { 50 };
+                    for _ in 0..spins {
+                        std::hint::spin_loop();
+                    }
+                    let pipe = e.pipe.load(Ordering::Relaxed);
+                    let freed = e.freed.load(Ordering::Acquire);
+                    let same = e.generation.load(Ordering::Relaxed) == generation;
+                    drop(guard);
+                    shared.max_pipe_seen.fetch_max(pipe, Ordering::Relaxed);
+                    if freed || !same {
+                        shared.freed_seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    reads += 1;
+                }
+                shared.reads.fetch_add(reads, Ordering::Relaxed);
+            })
+        })
+        .collect();
+
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let Some(new) = shared.alloc() else {
+            // Everything is in flight: let the callbacks catch up.
+            vmtask_rcu::barrier();
+            continue;
+        };
+        let old = shared
+            .current
+            .swap(new as *const Elem as *mut Elem, Ordering::AcqRel);
+        // SAFETY: pool elements are leaked, never deallocated.
+        let old: &'static Elem = unsafe { &*old };
+        old.pipe.store(1, Ordering::Relaxed);
+        shared.updates.fetch_add(1, Ordering::Relaxed);
+        match wait {
+            Wait::Synchronize => loop {
+                vmtask_rcu::synchronize();
+                if shared.advance(old) {
+                    break;
+                }
+            },
+            Wait::Call => retire_by_call(shared.clone(), old),
+            Wait::DeferDrop => vmtask_rcu::defer_drop(Box::new(Retire {
+                shared: shared.clone(),
+                elem: old,
+            })),
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in reader_threads {
+        t.join().unwrap();
+    }
+    // Retired elements re-queue themselves until freed: a few barriers.
+    for _ in 0..PIPE_FREE + 1 {
+        vmtask_rcu::barrier();
+    }
+    Report {
+        reads: shared.reads.load(Ordering::Relaxed),
+        updates: shared.updates.load(Ordering::Relaxed),
+        max_pipe_seen: shared.max_pipe_seen.load(Ordering::Relaxed),
+        freed_seen: shared.freed_seen.load(Ordering::Relaxed),
+    }
+}
+
+/// Runs all three ways of waiting and asserts no reader saw a grace
+/// period end under it.
+pub fn torture_all(label: &str) {
+    let duration = torture_duration() / 3;
+    for wait in [Wait::Synchronize, Wait::Call, Wait::DeferDrop] {
+        let report = torture(wait, 2, duration);
+        eprintln!(
+            "torture[{label}, {wait:?}]: {} reads, {} updates, max pipe seen {}, freed seen {}",
+            report.reads, report.updates, report.max_pipe_seen, report.freed_seen
+        );
+        assert!(report.updates > 10, "writer made no progress with {wait:?}");
+        assert!(report.reads > 100, "readers made no progress with {wait:?}");
+        assert!(
+            report.max_pipe_seen <= 1,
+            "{label}/{wait:?}: a reader saw pipe count {} (a grace period ended under it)",
+            report.max_pipe_seen
+        );
+        assert_eq!(
+            report.freed_seen, 0,
+            "{label}/{wait:?}: readers saw freed elements"
+        );
+    }
+    eprintln!("{}", vmtask_rcu::stats());
+}
