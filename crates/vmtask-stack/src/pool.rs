@@ -212,26 +212,17 @@ impl PoolInner {
             .drain(vmtask_percpu::cpu(), self.layout.cache_size, &mut magazine);
         magazine.push(top);
         if !self.layout.zero_on_reuse {
-            for &top in &magazine {
-                self.release_deep(top, false);
-            }
+            let deep: Vec<_> = magazine.iter().map(|&top| self.deep_range(top)).collect();
+            sys::release_many(&deep);
         }
         bump(&self.counters.depot_transfers, 1);
         self.stash(magazine, false);
     }
 
-    /// Releases a free stack's pages below `keep_resident`; with `count`,
-    /// returns how many were resident (one `mincore` call more).
-    fn release_deep(&self, top: NonNull<u8>, count: bool) -> usize {
+    /// The pages of a free stack below `keep_resident`, as `(addr, len)`.
+    fn deep_range(&self, top: NonNull<u8>) -> (usize, usize) {
         let limit = top.as_ptr() as usize - self.layout.stack_size;
-        let len = self.layout.stack_size - self.layout.keep_resident;
-        let resident = if count {
-            sys::resident_pages(limit, len)
-        } else {
-            0
-        };
-        sys::release(limit, len);
-        resident
+        (limit, self.layout.stack_size - self.layout.keep_resident)
     }
 
     /// Puts free, trimmed stacks in the depot; what does not fit loses all
@@ -248,14 +239,20 @@ impl PoolInner {
         if stacks.is_empty() {
             return 0;
         }
-        let mut pages = 0;
-        for &top in &stacks {
-            let limit = top.as_ptr() as usize - self.layout.stack_size;
-            if count {
-                pages += sys::resident_pages(limit, self.layout.stack_size);
-            }
-            sys::release(limit, self.layout.stack_size);
-        }
+        let size = self.layout.stack_size;
+        let whole: Vec<_> = stacks
+            .iter()
+            .map(|&top| (top.as_ptr() as usize - size, size))
+            .collect();
+        let pages = if count {
+            whole
+                .iter()
+                .map(|&(addr, len)| sys::resident_pages(addr, len))
+                .sum()
+        } else {
+            0
+        };
+        sys::release_many(&whole);
         bump(&self.counters.stacks_released, stacks.len() as u64);
         self.depot.lock().released.extend(stacks);
         pages
@@ -353,7 +350,12 @@ impl StackPool {
         for cpu in 0..inner.cache.cpus() {
             inner.cache.drain(cpu, usize::MAX, &mut free);
         }
-        let mut pages: usize = free.iter().map(|&top| inner.release_deep(top, true)).sum();
+        let deep: Vec<_> = free.iter().map(|&top| inner.deep_range(top)).collect();
+        let mut pages: usize = deep
+            .iter()
+            .map(|&(addr, len)| sys::resident_pages(addr, len))
+            .sum();
+        sys::release_many(&deep);
         pages += inner.stash(free, true);
         bump(&inner.counters.pages_trimmed, pages as u64);
         pages * sys::page_size()
