@@ -225,11 +225,8 @@ mod tests {
         release_many(&[(p + page, page), (p + 3 * page, page)]);
         assert_eq!(resident_pages(p, 4 * page), 1);
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { *((p + 3 * page) as *const u8) },
-            0,
-            "released pages read zeros"
-        );
+        let byte = unsafe { *((p + 3 * page) as *const u8) };
+        assert_eq!(byte, 0, "released pages read zeros");
         // SAFETY: nothing uses the mapping any more.
         unsafe { unmap(p, 4 * page) };
     }
