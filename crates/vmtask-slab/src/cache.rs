@@ -27,7 +27,7 @@ use crate::stats::{Event, SlabStats};
 /// Handles borrow the cache, so it cannot be dropped while a [`SlabBox`] or
 /// [`SlabArc`](crate::SlabArc) is alive:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0505
 /// use vmtask_slab::{Config, SlabCache};
 /// let cache = SlabCache::new(Config::new("c"), || 0u64).unwrap();
 /// let object = cache.alloc().unwrap();
@@ -181,6 +181,7 @@ impl<T> SlabCache<T> {
             name: shared.name.clone(),
             object_bytes: std::mem::size_of::<Slot<T>>(),
             objects_per_slab: per_slab,
+            rseq_fast_path: shared.magazines.is_rseq(),
             allocs: magazine_hits + magazine_misses,
             frees: counters.sum(Event::FreeHit) + counters.sum(Event::FreeMiss),
             magazine_hits,

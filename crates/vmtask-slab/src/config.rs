@@ -28,7 +28,9 @@ pub struct Config {
     pub slab_bytes: usize,
     /// Magazines holding objects that the depot keeps before it returns
     /// further objects to their slabs; bounds the free objects a cache hoards
-    /// after a burst of frees. Default 16 per possible CPU.
+    /// after a burst of frees. RCU magazines coming back from their grace
+    /// period are exempt (see [`free_rcu`](crate::SlabCache::free_rcu)).
+    /// Default 16 per possible CPU.
     pub depot_magazines: usize,
     /// Upper bound on slab memory, in bytes; allocation fails with
     /// [`SlabError::Limit`] past it. Default unlimited.

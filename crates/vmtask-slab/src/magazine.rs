@@ -14,12 +14,20 @@
 //! - *Full on free*: drain the CPU's magazine into a spare magazine, push
 //!   the freed object onto the now empty CPU magazine, and give the drained
 //!   magazine to the depot.
-//! - *RCU magazine after its grace period* ([`Magazines::put_full`]): goes
-//!   to the depot whole, ready for the next empty-on-alloc.
+//! - *RCU magazine after its grace period* ([`Magazines::put_returned`]):
+//!   goes to the depot whole, ready for the next empty-on-alloc.
 //!
-//! The depot holds magazines of objects (bounded by `depot_magazines`; past
-//! it a magazine's objects return to their slabs) and spare empty
-//! magazines (bounded the same way). Its lists sit behind one mutex held for
+//! The depot holds magazines of objects and spare empty magazines. Both are
+//! bounded by `depot_magazines`: past it, a magazine drained from a full CPU
+//! magazine returns its objects to their slabs. Returning RCU magazines are
+//! exempt. All of a grace period's deferred frees come back at once, and
+//! flushing them to the slabs would turn each magazine move into single
+//! frees under the slab lock, and the next allocations into slab refills:
+//! the flood that made the seeds' cache useless. Their number is bounded by
+//! what was in flight (the free rate times the grace-period latency, which
+//! `vmtask_rcu`'s backlog limit bounds); the objects are the working set of
+//! the last grace period and stay resident either way, and `shrink()`
+//! empties the depot. Its lists sit behind one mutex held for
 //! a push or pop of a magazine pointer: every object crosses it at most once
 //! per magazine, never one by one.
 //!
@@ -96,6 +104,8 @@ pub(crate) trait CpuMagazines {
     fn drain_all(&self, out: &mut Vec<NonNull<u8>>);
     /// Objects in all CPU magazines now.
     fn total_len(&self) -> usize;
+    /// Whether push and pop are restartable sequences.
+    fn is_rseq(&self) -> bool;
 }
 
 impl CpuMagazines for vmtask_percpu::CpuCache {
@@ -121,6 +131,10 @@ impl CpuMagazines for vmtask_percpu::CpuCache {
 
     fn total_len(&self) -> usize {
         vmtask_percpu::CpuCache::total_len(self)
+    }
+
+    fn is_rseq(&self) -> bool {
+        self.mode() == vmtask_percpu::CacheMode::Rseq
     }
 }
 
@@ -157,9 +171,11 @@ impl Depot {
         Some(magazine)
     }
 
-    fn try_put_full(&self, magazine: Box<Magazine>) -> Result<(), Box<Magazine>> {
+    /// Adds a magazine of objects; refuses it at the bound unless
+    /// `bounded` is false.
+    fn try_put_full(&self, magazine: Box<Magazine>, bounded: bool) -> Result<(), Box<Magazine>> {
         let mut lists = lock(&self.lists);
-        if lists.full.len() >= self.max_magazines {
+        if bounded && lists.full.len() >= self.max_magazines {
             return Err(magazine);
         }
         lists.objects += magazine.objects.len();
@@ -254,7 +270,7 @@ impl<C: CpuMagazines> Magazines<C> {
                 break;
             }
         }
-        self.put_full(magazine, backing);
+        self.put_full(magazine, true, backing);
         Ok(object)
     }
 
@@ -281,17 +297,23 @@ impl<C: CpuMagazines> Magazines<C> {
                 self.counters.add(Event::SlabIn, 1);
             }
         }
-        self.put_full(magazine, backing);
+        self.put_full(magazine, true, backing);
+    }
+
+    /// Gives an RCU magazine, back from its grace period, to the depot
+    /// whole (exempt from the bound; see the module documentation).
+    pub(crate) fn put_returned(&self, magazine: Box<Magazine>, backing: &impl Backing) {
+        self.put_full(magazine, false, backing);
     }
 
     /// Gives a magazine of objects to the depot, or its objects to the slabs
     /// if the depot is at its bound; keeps the empty magazine as a spare.
-    pub(crate) fn put_full(&self, mut magazine: Box<Magazine>, backing: &impl Backing) {
+    fn put_full(&self, mut magazine: Box<Magazine>, bounded: bool, backing: &impl Backing) {
         if magazine.objects.is_empty() {
             self.depot.put_empty(magazine);
             return;
         }
-        match self.depot.try_put_full(magazine) {
+        match self.depot.try_put_full(magazine, bounded) {
             Ok(()) => self.counters.add(Event::DepotPut, 1),
             Err(returned) => {
                 magazine = returned;
@@ -335,6 +357,10 @@ impl<C: CpuMagazines> Magazines<C> {
 
     pub(crate) fn size(&self) -> usize {
         self.size
+    }
+
+    pub(crate) fn is_rseq(&self) -> bool {
+        self.cpu.is_rseq()
     }
 
     pub(crate) fn counts(&self) -> MagazineCounts {
@@ -385,6 +411,9 @@ mod loom_models {
         }
         fn total_len(&self) -> usize {
             lock(&self.stack).len()
+        }
+        fn is_rseq(&self) -> bool {
+            false
         }
     }
 
@@ -486,7 +515,7 @@ mod loom_models {
             world.slabs.take(2, &mut rcu.objects).unwrap();
             let callback = {
                 let world = world.clone();
-                thread::spawn(move || world.magazines.put_full(rcu, &world.slabs))
+                thread::spawn(move || world.magazines.put_returned(rcu, &world.slabs))
             };
             let a = world.magazines.alloc(&world.slabs).unwrap();
             let b = world.magazines.alloc(&world.slabs).unwrap();

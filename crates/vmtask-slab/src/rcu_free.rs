@@ -12,7 +12,7 @@
 //! the object under the slot's lock; whoever fills the magazine takes it out
 //! of the slot and submits it. The callback runs on the RCU thread, after
 //! every reader that might have seen the objects has finished, and gives
-//! the magazine to the depot (`Magazines::put_full`), which is safe from
+//! the magazine to the depot (`Magazines::put_returned`), which is safe from
 //! any thread. The cache's `Drop` waits (`vmtask_rcu::barrier`) for
 //! magazines in flight, since the callback reaches the cache through a raw
 //! pointer.
@@ -130,7 +130,7 @@ unsafe fn rcu_magazine_done<T>(head: *mut RcuHead) {
     // SAFETY: the owner is alive until `barrier` in its `Drop` returns,
     // which waits for this callback.
     let shared = unsafe { &*owner.cast::<Shared<T>>() };
-    shared.magazines.put_full(magazine, &shared.slabs);
+    shared.magazines.put_returned(magazine, &shared.slabs);
     // Last touch of `shared`.
     shared.rcu.in_flight.fetch_sub(1, Ordering::Relaxed);
 }

@@ -84,6 +84,9 @@ pub struct SlabStats {
     pub object_bytes: usize,
     /// Objects per slab.
     pub objects_per_slab: usize,
+    /// Whether the per-CPU magazines use restartable sequences (no atomic
+    /// instruction on the fast path) rather than a per-CPU try-lock.
+    pub rseq_fast_path: bool,
     /// Allocations.
     pub allocs: u64,
     /// Immediate frees (drops of `SlabBox` and of last `SlabArc`s).
@@ -147,8 +150,15 @@ impl fmt::Display for SlabStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "slab cache `{}`: {}-byte objects, {} per slab",
-            self.name, self.object_bytes, self.objects_per_slab
+            "slab cache `{}`: {}-byte objects, {} per slab, {} fast path",
+            self.name,
+            self.object_bytes,
+            self.objects_per_slab,
+            if self.rseq_fast_path {
+                "rseq"
+            } else {
+                "try-lock"
+            }
         )?;
         writeln!(
             f,

@@ -448,6 +448,40 @@ fn rcu_magazine_returns_to_the_depot_whole() {
 }
 
 #[test]
+fn depot_bound_sends_overflow_to_slabs_but_keeps_rcu_magazines_whole() {
+    let config = Config {
+        magazine_size: 4,
+        depot_magazines: 1,
+        ..Config::new("bound")
+    };
+    let cache = SlabCache::new(config, obj).unwrap();
+    on_cpu(0, || {
+        let objects: Vec<_> = (0..40).map(|_| cache.alloc().unwrap()).collect();
+        drop(objects);
+        let stats = cache.stats();
+        assert_eq!(
+            stats.depot_magazines, 1,
+            "the depot stops at its bound: {stats}"
+        );
+        assert!(
+            stats.slab_objects_in >= 40 - 4 - 4,
+            "overflow went back to the slabs: {stats}"
+        );
+
+        let objects: Vec<_> = (0..40).map(|_| cache.alloc().unwrap()).collect();
+        for object in objects {
+            cache.free_rcu(object);
+        }
+    });
+    vmtask_rcu::barrier();
+    let stats = cache.stats();
+    assert!(
+        stats.depot_magazines >= 10,
+        "RCU magazines come back whole past the bound: {stats}"
+    );
+}
+
+#[test]
 fn shared_objects_are_freed_by_the_last_reference() {
     let cache = SlabCache::new(
         Config {
