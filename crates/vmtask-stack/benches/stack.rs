@@ -5,7 +5,7 @@
 //! Groups:
 //! - `cached alloc+free`: a stack that goes back to the CPU cache and comes
 //!   out again, vs a plain free-list `Vec` pop/push and corosensei's reuse
-//!   of one stack (`Coroutine::with_stack` + `into_stack`, never resumed);
+//!   of one stack (`Coroutine::with_stack` + `resume` + `into_stack`);
 //! - `fresh stack, top page touched`: a newly carved slot vs a fresh
 //!   `mmap` + `mprotect` guard + touch + `munmap`, and corosensei's
 //!   `DefaultStack::new` + touch + drop;
@@ -56,11 +56,12 @@ fn cached(c: &mut Criterion) {
     });
 
     let mut spare = Some(DefaultStack::new(STACK).unwrap());
-    g.bench_function("corosensei with_stack+into_stack (peer)", |b| {
+    g.bench_function("corosensei with_stack+resume+into_stack (peer)", |b| {
         b.iter(|| {
-            let co: Coroutine<(), (), (), _> =
+            let mut co: Coroutine<(), (), (), _> =
                 Coroutine::with_stack(spare.take().unwrap(), |_, ()| ());
-            spare = Some(black_box(co).into_stack());
+            black_box(co.resume(()));
+            spare = Some(co.into_stack());
         })
     });
     g.finish();
