@@ -7,13 +7,14 @@
 //! order they were queued.
 //!
 //! Bags. `defer_drop` would need an allocation per object to get an
-//! `RcuHead`; instead each CPU fills a bag of (pointer, drop function)
-//! pairs under its per-CPU slot lock, and a full bag is queued as one
-//! node. Partial bags are flushed when the callback thread goes idle and
-//! by `barrier`. If the slot is busy, the drop goes through its own node.
+//! `RcuHead`; instead each thread fills a bag of (pointer, drop function)
+//! pairs with plain stores, and a full bag is queued as one node (see
+//! `bag.rs` for how partial bags are taken from their threads).
 //!
 //! The callback thread (started on first use, and again in a child after
-//! `fork`): splice every queue; run one grace period for the whole batch;
+//! `fork`): wait up to `LAZY_DELAY` for a batch to gather (unless
+//! `barrier` or the backlog made it urgent); take every thread's partial
+//! bag; splice every queue; run one grace period for the whole batch;
 //! invoke it; repeat. It sleeps when there is nothing to do, announcing it
 //! in `SLEEPING` before a last check; producers read `SLEEPING` after
 //! queuing (both sides SeqCst), so one of them always sees the other.
@@ -27,12 +28,15 @@
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 use std::cell::{Cell, UnsafeCell};
+use std::collections::VecDeque;
 use std::ptr;
 use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
-use std::time::Duration;
-use vmtask_percpu::{cpu, PerCpu};
+use std::time::{Duration, Instant};
+use vmtask_percpu::cpu;
+
+use crate::bag::{run_bag, Bag, Pushed, BAG_CAPACITY};
 
 use crate::grace;
 
@@ -204,53 +208,13 @@ unsafe fn invoke_one(node: *mut RcuHead, func: Option<unsafe fn(*mut RcuHead)>) 
 }
 
 /// Runs `f`, reporting instead of propagating a panic.
-fn contain_panic(f: impl FnOnce()) {
+pub(crate) fn contain_panic(f: impl FnOnce()) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
         eprintln!("vmtask_rcu: an RCU callback panicked; its object may have leaked");
     }
 }
 
-const BAG_CAPACITY: usize = 126;
-
-/// A deferred drop: the object and the function that drops it.
-type DropEntry = (*mut (), unsafe fn(*mut ()));
-
-/// A node carrying many deferred drops (about 2 KiB).
-#[repr(C)]
-struct Bag {
-    head: RcuHead,
-    len: usize,
-    entries: [DropEntry; BAG_CAPACITY],
-}
-
-unsafe fn no_drop(_: *mut ()) {}
-
-impl Bag {
-    fn new() -> Box<Bag> {
-        Box::new(Bag {
-            head: RcuHead::new(),
-            len: 0,
-            entries: [(ptr::null_mut(), no_drop as unsafe fn(*mut ())); BAG_CAPACITY],
-        })
-    }
-}
-
-/// # Safety
-/// `head` is the head of a leaked `Box<Bag>` whose grace period passed.
-unsafe fn run_bag(head: *mut RcuHead) {
-    // SAFETY: the caller's contract; `head` is the first field.
-    let bag = unsafe { Box::from_raw(head.cast::<Bag>()) };
-    // The node counts as one invocation; its other entries count here, so
-    // `INVOKED` matches what `queued` counted.
-    INVOKED.fetch_add(bag.len.saturating_sub(1) as u64, Ordering::Relaxed);
-    for &(data, drop_fn) in &bag.entries[..bag.len] {
-        // SAFETY: each entry was queued by `defer_raw`, whose contract is
-        // that `drop_fn(data)` is valid after a grace period.
-        contain_panic(|| unsafe { drop_fn(data) });
-    }
-}
-
-/// A single deferred drop, when the CPU's bag is busy.
+/// A single deferred drop, when the thread's bag is not available.
 #[repr(C)]
 struct DropNode {
     head: RcuHead,
@@ -282,15 +246,8 @@ unsafe fn run_call_node<F: FnOnce()>(head: *mut RcuHead) {
     (node.f)();
 }
 
-struct BagSlot(Option<Box<Bag>>);
-
-// SAFETY: a bag holds pointers handed to us with `Send` data (`defer_drop`
-// requires `T: Send`; `defer_raw`'s contract says the same).
-unsafe impl Send for BagSlot {}
-
 struct Callbacks {
     queues: Box<[Queue]>,
-    bags: PerCpu<BagSlot>,
     /// Serialises queue consumers (the thread, barrier's flush).
     consumer: Mutex<()>,
 }
@@ -313,7 +270,6 @@ fn callbacks() -> &'static Callbacks {
         }
         Callbacks {
             queues,
-            bags: PerCpu::new(|_| BagSlot(None)),
             consumer: Mutex::new(()),
         }
     })
@@ -322,6 +278,10 @@ fn callbacks() -> &'static Callbacks {
 // Thread state. STARTED: 0 no thread, 1 starting/running.
 static STARTED: AtomicU8 = AtomicU8::new(0);
 static SLEEPING: AtomicBool = AtomicBool::new(false);
+/// Work that must not wait for the lazy batching delay (barrier, backlog).
+static URGENT: AtomicBool = AtomicBool::new(false);
+/// Threads have bags waiting for a grace period.
+static NEED_GP: AtomicBool = AtomicBool::new(false);
 static THREAD: Mutex<Option<Thread>> = Mutex::new(None);
 
 pub(crate) static INVOKED: AtomicU64 = AtomicU64::new(0);
@@ -408,6 +368,15 @@ fn start_thread() {
     }
 }
 
+/// Makes the thread process a batch now.
+fn wake_thread_urgent() {
+    URGENT.store(true, Ordering::SeqCst);
+    SLEEPING.store(false, Ordering::SeqCst);
+    if let Some(thread) = THREAD.lock().as_ref() {
+        thread.unpark();
+    }
+}
+
 fn wake_thread() {
     if SLEEPING.load(Ordering::SeqCst) && SLEEPING.swap(false, Ordering::SeqCst) {
         if let Some(thread) = THREAD.lock().as_ref() {
@@ -438,17 +407,27 @@ fn check_backlog() {
         return;
     }
     EXPEDITED.fetch_add(1, Ordering::Relaxed);
-    wake_thread();
-    if backlog <= hard as u64 || on_callback_thread() || crate::in_read_section() {
+    if !URGENT.load(Ordering::Relaxed) {
+        wake_thread_urgent();
+    }
+    // Callbacks may not run inside a read-side section (they could wait
+    // for a grace period), nor re-enter from a callback.
+    if on_callback_thread() || crate::in_read_section() {
+        return;
+    }
+    // Past the soft limit, help: invoke a ready batch here.
+    invoke_ready();
+    if backlog <= hard as u64 {
         return;
     }
     THROTTLED.fetch_add(1, Ordering::Relaxed);
     DRAIN_WAITERS.fetch_add(1, Ordering::SeqCst);
-    let mut lock = DRAINED.0.lock();
     while self::backlog() > soft as u64 {
-        DRAINED.1.wait_for(&mut lock, Duration::from_millis(5));
+        if !invoke_ready() {
+            let mut lock = DRAINED.0.lock();
+            DRAINED.1.wait_for(&mut lock, Duration::from_millis(1));
+        }
     }
-    drop(lock);
     DRAIN_WAITERS.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -515,34 +494,70 @@ pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
 /// `drop_fn(data)` must be sound to call once, on another thread, once
 /// every read-side section that began before this call has ended.
 pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
-    let cb = callbacks();
-    let Ok(mut slot) = cb.bags.try_current() else {
+    let Some(slot) = crate::registry::current_for_bag() else {
         return defer_one(data, drop_fn);
     };
-    let bag = slot.0.get_or_insert_with(Bag::new);
-    bag.entries[bag.len] = (data, drop_fn);
-    bag.len += 1;
-    let first = bag.len == 1;
-    if bag.len < BAG_CAPACITY {
-        drop(slot);
-        if first {
+    match slot.bag.push((data, drop_fn)) {
+        Pushed::Stored { first: false } => {}
+        Pushed::Stored { first: true } => {
             ensure_thread();
             // Pairs with the thread's SLEEPING store and bag re-check.
             fence(Ordering::SeqCst);
             wake_thread();
         }
-        return;
-    }
-    let cpu = slot.cpu();
-    let full = slot.0.take();
-    drop(slot);
-    if let Some(full) = full {
-        queue_bag(cpu, full);
+        Pushed::Filled => bag_filled(slot),
+        Pushed::Busy => defer_one(data, drop_fn),
     }
 }
 
-fn queue_bag(cpu: usize, mut bag: Box<Bag>) {
-    let count = bag.len as u64;
+/// A thread's bag filled: count it, ask for a grace period, and run what
+/// is ready.
+#[cold]
+fn bag_filled(slot: &'static crate::registry::Slot) {
+    ensure_thread();
+    let q = &callbacks().queues[cpu()];
+    q.queued.fetch_add(BAG_CAPACITY as u64, Ordering::Relaxed);
+    // Frees may not run inside a read-side section (a drop could wait for a
+    // grace period) nor from a callback.
+    let may_run = !crate::in_read_section() && !on_callback_thread();
+    if !may_run {
+        request_grace_period(false);
+        return;
+    }
+    let (waiting, _) = slot.bag.collect(true);
+    if waiting > 0 {
+        request_grace_period(waiting >= MAX_WAITING_URGENT);
+    }
+}
+
+/// Bags waiting past which the grace period is asked for at once.
+const MAX_WAITING_URGENT: usize = 16;
+
+/// Asks the callback thread for a grace period; `urgent` skips its lazy
+/// batching delay.
+fn request_grace_period(urgent: bool) {
+    if urgent {
+        if !URGENT.load(Ordering::Relaxed) {
+            NEED_GP.store(true, Ordering::SeqCst);
+            wake_thread_urgent();
+        }
+        return;
+    }
+    if !NEED_GP.load(Ordering::Relaxed) {
+        NEED_GP.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        wake_thread();
+    }
+}
+
+/// Queues a bag taken from a thread on `cpu`'s queue. Its entries were
+/// counted as queued when it filled, except a partial bag's.
+pub(crate) fn queue_bag(cpu: usize, mut bag: Box<Bag>) {
+    let count = if bag.len == BAG_CAPACITY {
+        0
+    } else {
+        bag.len as u64
+    };
     *bag.head.func.get_mut() = Some(run_bag);
     let q = &callbacks().queues[cpu];
     let before = q.queued.load(Ordering::Relaxed);
@@ -564,63 +579,137 @@ fn defer_one(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     unsafe { call_intrusive(node.cast::<RcuHead>(), run_drop_node) };
 }
 
-/// Queues every CPU's partial bag. Returns how many were queued.
-fn flush_bags() -> usize {
-    let cb = callbacks();
-    let mut flushed = 0;
-    for cpu in 0..cb.bags.len() {
-        let bag = cb.bags.lock(cpu).0.take();
-        if let Some(bag) = bag {
-            if bag.len > 0 {
-                queue_bag(cpu, bag);
-                flushed += 1;
+/// Moves threads' bags to the shared queues: every thread's (`all`, for
+/// `barrier`), or those of threads that filled no bag for `IDLE_AFTER`
+/// (idle ones, whose bags would otherwise wait for them forever).
+fn flush_bags(all: bool) -> usize {
+    thread_local! {
+        /// Per slot: the fill count last seen and since when.
+        static LAST_FILLED: std::cell::RefCell<std::collections::HashMap<usize, (u64, Instant)>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    let now = Instant::now();
+    let mut bags = Vec::new();
+    LAST_FILLED.with(|last| {
+        let mut last = last.borrow_mut();
+        crate::bag::steal(&mut bags, |slot| {
+            let key = slot as *const crate::registry::Slot as usize;
+            let filled = slot.bag.filled();
+            let seen = last.entry(key).or_insert((filled, now));
+            if seen.0 != filled {
+                *seen = (filled, now);
             }
-        }
+            all || now.duration_since(seen.1) >= IDLE_AFTER
+        });
+    });
+    let flushed = bags.len();
+    let cpu = cpu();
+    for bag in bags {
+        queue_bag(cpu, bag);
     }
     flushed
 }
 
-fn bags_empty() -> bool {
-    let cb = callbacks();
-    (0..cb.bags.len()).all(|cpu| cb.bags.lock(cpu).0.as_ref().is_none_or(|b| b.len == 0))
+/// Whether anything waits to be processed (a hint: racy by design, made
+/// exact by the SLEEPING handshake).
+fn work_pending() -> bool {
+    ready_pending()
+        || NEED_GP.load(Ordering::SeqCst)
+        || callbacks().queues.iter().any(|q| !q.is_empty())
+        || crate::registry::any_bag_has_entries()
+}
+
+/// Callbacks wait this long to gather a larger batch, unless something is
+/// urgent: fewer grace periods, and fewer membarrier interruptions of the
+/// threads that queue them.
+const LAZY_DELAY: Duration = Duration::from_millis(1);
+/// A thread that filled no bag for this long has its bags taken.
+const IDLE_AFTER: Duration = Duration::from_millis(5);
+
+/// A spliced list per CPU queue, whose grace period has passed.
+struct ReadyBatch(Vec<(*mut RcuHead, *mut RcuHead)>);
+
+// SAFETY: the nodes were handed to us by `call_intrusive`, whose contract
+// makes their callbacks sound to run on any thread.
+unsafe impl Send for ReadyBatch {}
+
+/// Batches past their grace period, oldest first.
+static READY: Mutex<VecDeque<ReadyBatch>> = Mutex::new(VecDeque::new());
+/// Held while invoking: batches run one at a time, in order.
+static INVOKING: Mutex<()> = Mutex::new(());
+
+/// Invokes the oldest ready batch, if there is one and nobody else is
+/// invoking. Returns whether it did.
+///
+/// The callback thread calls this after each grace period; callers
+/// throttled by the backlog and `barrier` call it too, so the frees run
+/// on the threads that made the garbage (cache-hot memory, the
+/// allocator's thread-local lists) while the callback thread starts the
+/// next grace period.
+fn invoke_ready() -> bool {
+    let Some(_invoking) = INVOKING.try_lock() else {
+        return false;
+    };
+    let Some(batch) = READY.lock().pop_front() else {
+        return false;
+    };
+    let was_callback_thread = IS_CALLBACK_THREAD.with(|c| c.replace(true));
+    let mut invoked = 0;
+    for &(first, last) in &batch.0 {
+        // SAFETY: spliced by the callback thread, which then waited for a
+        // grace period before making the batch ready.
+        invoked += unsafe { invoke(first, last) };
+    }
+    IS_CALLBACK_THREAD.with(|c| c.set(was_callback_thread));
+    INVOKED.fetch_add(invoked, Ordering::Relaxed);
+    LARGEST_BATCH.fetch_max(invoked, Ordering::Relaxed);
+    if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
+        let _lock = DRAINED.0.lock();
+        DRAINED.1.notify_all();
+    }
+    true
+}
+
+fn ready_pending() -> bool {
+    !READY.lock().is_empty()
 }
 
 fn callback_thread() {
     IS_CALLBACK_THREAD.with(|c| c.set(true));
     let cb = callbacks();
-    let mut batch: Vec<(*mut RcuHead, *mut RcuHead)> = Vec::with_capacity(cb.queues.len());
     loop {
-        batch.clear();
-        {
-            let _consumer = cb.consumer.lock();
-            batch.extend(cb.queues.iter().filter_map(Queue::splice));
-        }
-        if batch.is_empty() {
-            if flush_bags() > 0 {
+        // Whatever is ready and not being invoked by a helper.
+        while invoke_ready() {}
+        if !URGENT.swap(false, Ordering::SeqCst) {
+            if !work_pending() {
+                SLEEPING.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                if !work_pending() && !URGENT.load(Ordering::SeqCst) {
+                    std::thread::park_timeout(Duration::from_secs(1));
+                }
+                SLEEPING.store(false, Ordering::SeqCst);
                 continue;
             }
-            SLEEPING.store(true, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            if cb.queues.iter().all(Queue::is_empty) && bags_empty() {
-                std::thread::park_timeout(Duration::from_millis(100));
+            std::thread::park_timeout(LAZY_DELAY);
+            URGENT.store(false, Ordering::SeqCst);
+        }
+        flush_bags(false);
+        let need_gp = NEED_GP.swap(false, Ordering::SeqCst);
+        let batch: Vec<_> = {
+            let _consumer = cb.consumer.lock();
+            cb.queues.iter().filter_map(Queue::splice).collect()
+        };
+        if batch.is_empty() {
+            if need_gp {
+                // For the threads' waiting bags.
+                grace::wait(grace::snapshot());
             }
-            SLEEPING.store(false, Ordering::SeqCst);
             continue;
         }
         // One grace period for everything queued before the splice.
         grace::wait(grace::snapshot());
-        let mut invoked = 0;
-        for &(first, last) in &batch {
-            // SAFETY: spliced above, and a grace period has passed since.
-            invoked += unsafe { invoke(first, last) };
-        }
-        INVOKED.fetch_add(invoked, Ordering::Relaxed);
         BATCHES.fetch_add(1, Ordering::Relaxed);
-        LARGEST_BATCH.fetch_max(invoked, Ordering::Relaxed);
-        if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
-            let _lock = DRAINED.0.lock();
-            DRAINED.1.notify_all();
-        }
+        READY.lock().push_back(ReadyBatch(batch));
     }
 }
 
@@ -661,7 +750,7 @@ pub fn barrier() {
     );
     let cb = callbacks();
     ensure_thread();
-    flush_bags();
+    flush_bags(true);
     let state = Arc::new(BarrierState {
         remaining: AtomicUsize::new(cb.queues.len()),
         waiter: std::thread::current(),
@@ -677,10 +766,11 @@ pub fn barrier() {
             q.push(node.cast::<RcuHead>(), 1);
         }
     }
-    SLEEPING.store(true, Ordering::SeqCst);
-    wake_thread();
+    wake_thread_urgent();
     while state.remaining.load(Ordering::Acquire) != 0 {
-        std::thread::park_timeout(Duration::from_millis(10));
+        if !invoke_ready() {
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
     }
 }
 
@@ -694,6 +784,12 @@ pub(crate) fn after_fork_child() {
     unsafe {
         if THREAD.is_locked() {
             THREAD.force_unlock();
+        }
+        if INVOKING.is_locked() {
+            INVOKING.force_unlock();
+        }
+        if READY.is_locked() {
+            READY.force_unlock();
         }
         if let Some(cb) = CALLBACKS.get() {
             if cb.consumer.is_locked() {

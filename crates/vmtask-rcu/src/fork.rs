@@ -17,6 +17,7 @@ extern "C" fn child() {
     crate::registry::after_fork_child();
     crate::grace::after_fork_child();
     crate::callback::after_fork_child();
+    crate::bag::after_fork_child();
 }
 
 /// Installs the handlers once per process.

@@ -49,6 +49,8 @@ mod gp;
 mod sync;
 
 #[cfg(not(all(loom, test)))]
+mod bag;
+#[cfg(not(all(loom, test)))]
 mod callback;
 #[cfg(not(all(loom, test)))]
 mod cell;

@@ -13,11 +13,14 @@ use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::bag::LocalBag;
 use crate::gp::ReaderCtr;
 
 /// A registered reader.
 pub(crate) struct Slot {
     pub(crate) reader: CachePadded<ReaderCtr>,
+    /// The thread's deferred-drop bag.
+    pub(crate) bag: CachePadded<LocalBag>,
     in_use: AtomicBool,
 }
 
@@ -48,6 +51,12 @@ impl Drop for Registration {
         // Other thread-local destructors may still read; they get temporary
         // slots from `current_or_temporary`.
         let _ = CURRENT.try_with(|c| c.set(ptr::null()));
+        // The thread's pending drops go on without it.
+        let mut bags = Vec::new();
+        self.slot.bag.take_own(&mut bags);
+        for bag in bags.into_iter().filter(|bag| bag.len > 0) {
+            crate::callback::queue_bag(vmtask_percpu::cpu(), bag);
+        }
         release_slot(self.slot);
     }
 }
@@ -65,6 +74,7 @@ pub(crate) fn acquire_slot() -> &'static Slot {
     }
     let slot: &'static Slot = Box::leak(Box::new(Slot {
         reader: CachePadded::new(ReaderCtr::new()),
+        bag: LocalBag::new(),
         in_use: AtomicBool::new(true),
     }));
     registry.push(slot);
@@ -103,6 +113,26 @@ fn register_slow() -> Result<&'static Slot, &'static Slot> {
     }
 }
 
+/// This thread's slot for its bag, registering on first use; `None` once
+/// the thread is past its thread-local destructors.
+#[inline]
+pub(crate) fn current_for_bag() -> Option<&'static Slot> {
+    let slot = CURRENT.try_with(|c| c.get()).ok()?;
+    if !slot.is_null() {
+        // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
+        return Some(unsafe { &*slot });
+    }
+    REGISTRATION.try_with(|r| r.slot).ok()
+}
+
+/// Whether any registered thread's bag holds entries (a hint).
+pub(crate) fn any_bag_has_entries() -> bool {
+    REGISTRY
+        .lock()
+        .iter()
+        .any(|s| s.in_use.load(Ordering::Relaxed) && s.bag.has_entries())
+}
+
 /// This thread's slot if it has registered, without registering.
 #[inline]
 pub(crate) fn current_if_registered() -> Option<&'static Slot> {
@@ -139,6 +169,9 @@ pub(crate) fn after_fork_child() {
     for slot in registry.iter() {
         if Some(*slot as *const Slot) != mine {
             slot.reader.ctr.store(0, Ordering::Relaxed);
+            // The owner is gone: its bag's entries are dropped by whoever
+            // takes the slot next (at its exit) or a flusher.
+            slot.bag.reset_after_fork();
             slot.in_use.store(false, Ordering::Relaxed);
         }
     }

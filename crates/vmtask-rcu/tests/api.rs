@@ -354,3 +354,9 @@ fn the_child_of_a_fork_can_use_rcu() {
         "child failed: status {status:#x}"
     );
 }
+
+#[test]
+#[should_panic(expected = "need 0 < soft (10) <= hard (5)")]
+fn backlog_limits_must_be_ordered() {
+    set_backlog_limits(10, 5);
+}

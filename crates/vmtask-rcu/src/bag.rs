@@ -1,0 +1,326 @@
+//! Deferred-drop bags: `defer_drop` without an allocation per object,
+//! without an atomic read-modify-write, and with the frees run by the
+//! thread that made the garbage.
+//!
+//! Each registered thread owns, in its reader slot, a `current` bag of
+//! (pointer, drop function) pairs and a FIFO of full bags `waiting` for
+//! their grace period, each tagged with the grace-period snapshot taken
+//! when it filled. When a bag fills, the owner asks for a grace period
+//! (the callback thread runs it, lazily) and runs the drops of every
+//! waiting bag whose grace period has completed — on its own thread, so
+//! memory goes back to its own allocator caches, as the kernel runs RCU
+//! callbacks on the CPU that queued them. At most `MAX_WAITING` bags wait;
+//! past that the owner waits for the oldest bag's grace period itself.
+//!
+//! Bags of a thread that has stopped deferring are taken by *flushers*
+//! and go through the shared callback queues: the callback thread takes
+//! idle threads' bags each cycle, `barrier` takes everyone's, and a thread
+//! hands over its own when it exits.
+//!
+//! Owner/flusher protocol (the asymmetric Dekker of RCU itself):
+//! - owner: `busy = 1`; compiler barrier; if `steal` is set, clear `busy`
+//!   and take the slow path (a node per object); otherwise touch the bags;
+//!   `busy = 0` (release).
+//! - flusher (one at a time, `FLUSH_LOCK`): `steal = 1` on the chosen
+//!   slots; heavy barrier (`membarrier`); for each, wait while `busy`,
+//!   take the bags, `steal = 0` (release).
+//!
+//! The heavy barrier runs a full fence on every CPU running one of our
+//! threads: an owner whose `steal` load comes after it sees `steal = 1`;
+//! an owner whose load came before it has its `busy = 1` store made
+//! visible by it, so the flusher waits for that owner to finish. In the
+//! fence fallback the owner issues the SeqCst fence itself.
+
+// Bags are boxed on purpose, also inside vectors: each becomes an
+// intrusive callback node whose address must not change.
+#![allow(clippy::vec_box)]
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use std::cell::UnsafeCell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::callback::{RcuHead, INVOKED};
+use crate::gp::FenceMode;
+use crate::grace;
+
+pub(crate) const BAG_CAPACITY: usize = 126;
+/// Full bags a thread keeps waiting for their grace period.
+const MAX_WAITING: usize = 64;
+
+/// A deferred drop: the object and the function that drops it.
+pub(crate) type DropEntry = (*mut (), unsafe fn(*mut ()));
+
+/// A callback node carrying many deferred drops (about 2 KiB).
+#[repr(C)]
+pub(crate) struct Bag {
+    pub(crate) head: RcuHead,
+    pub(crate) len: usize,
+    entries: [DropEntry; BAG_CAPACITY],
+}
+
+unsafe fn no_drop(_: *mut ()) {}
+
+impl Bag {
+    fn new() -> Box<Bag> {
+        Box::new(Bag {
+            head: RcuHead::new(),
+            len: 0,
+            entries: [(std::ptr::null_mut(), no_drop as unsafe fn(*mut ())); BAG_CAPACITY],
+        })
+    }
+
+    /// Runs every drop. Counts the entries as invoked.
+    fn run(&self) {
+        INVOKED.fetch_add(self.len as u64, Ordering::Relaxed);
+        for &(data, drop_fn) in &self.entries[..self.len] {
+            // SAFETY: each entry was pushed by `defer_raw`, whose contract
+            // is that `drop_fn(data)` is valid after a grace period, which
+            // every caller of `run` has waited for.
+            crate::callback::contain_panic(|| unsafe { drop_fn(data) });
+        }
+    }
+}
+
+/// The callback of a bag queued on the shared queues.
+///
+/// # Safety
+/// `head` is the head of a leaked `Box<Bag>` whose grace period passed.
+pub(crate) unsafe fn run_bag(head: *mut RcuHead) {
+    // SAFETY: the caller's contract; `head` is the first field.
+    let bag = unsafe { Box::from_raw(head.cast::<Bag>()) };
+    // The queue counted this node as one invocation already.
+    INVOKED.fetch_sub(1, Ordering::Relaxed);
+    bag.run();
+}
+
+/// Empty bags a thread keeps for reuse. Recycling matters: a bag is a
+/// 2 KiB allocation, and in glibc a request that size first consolidates
+/// every small free chunk, which would cost more than the drops.
+const MAX_SPARE: usize = 4;
+
+/// What the owner keeps; touched only under the protocol.
+struct Owned {
+    current: Option<Box<Bag>>,
+    waiting: VecDeque<(u64, Box<Bag>)>,
+    spare: Vec<Box<Bag>>,
+}
+
+/// A thread's bags and the flags of the protocol above.
+pub(crate) struct LocalBag {
+    busy: AtomicBool,
+    steal: AtomicBool,
+    /// A hint for the callback thread: this thread holds entries.
+    has_entries: AtomicBool,
+    /// Bags filled so far; a flusher treats an unchanged count as idle.
+    filled: AtomicU64,
+    owned: UnsafeCell<Owned>,
+}
+
+// SAFETY: `owned` is touched only by the owner between `busy = 1` and
+// `busy = 0` while `steal` is clear, or by the single flusher after it has
+// seen `busy = 0` with `steal` set (see the module header).
+unsafe impl Sync for LocalBag {}
+// SAFETY: the entries were handed over by `defer_raw` as sendable.
+unsafe impl Send for LocalBag {}
+
+/// What a push did.
+pub(crate) enum Pushed {
+    /// Stored; `first` if the thread held no entries before.
+    Stored { first: bool },
+    /// Stored, and the bag filled: it now waits for a grace period.
+    Filled,
+    /// A flusher holds the bags: use the slow path.
+    Busy,
+}
+
+#[inline(always)]
+fn owner_barrier() {
+    match crate::fence::reader_mode() {
+        FenceMode::Membarrier => std::sync::atomic::compiler_fence(Ordering::SeqCst),
+        FenceMode::SeqCst => std::sync::atomic::fence(Ordering::SeqCst),
+    }
+}
+
+impl LocalBag {
+    pub(crate) fn new() -> CachePadded<Self> {
+        CachePadded::new(LocalBag {
+            busy: AtomicBool::new(false),
+            steal: AtomicBool::new(false),
+            has_entries: AtomicBool::new(false),
+            filled: AtomicU64::new(0),
+            owned: UnsafeCell::new(Owned {
+                current: None,
+                waiting: VecDeque::new(),
+                spare: Vec::new(),
+            }),
+        })
+    }
+
+    /// Owner only: runs `f` on the bags, or returns `None` if a flusher
+    /// holds them.
+    #[inline(always)]
+    fn with_owned<R>(&self, f: impl FnOnce(&mut Owned) -> R) -> Option<R> {
+        self.busy.store(true, Ordering::Relaxed);
+        owner_barrier();
+        if self.steal.load(Ordering::Acquire) {
+            self.busy.store(false, Ordering::Release);
+            return None;
+        }
+        // SAFETY: `busy` is published and `steal` is clear: the protocol
+        // gives the owner exclusive use. `f` cannot re-enter (it runs no
+        // user code).
+        let result = f(unsafe { &mut *self.owned.get() });
+        self.busy.store(false, Ordering::Release);
+        Some(result)
+    }
+
+    /// Owner only: adds an entry.
+    #[inline]
+    pub(crate) fn push(&self, entry: DropEntry) -> Pushed {
+        let pushed = self.with_owned(|owned| {
+            let bag = match &mut owned.current {
+                Some(bag) => bag,
+                empty => empty.insert(owned.spare.pop().unwrap_or_else(Bag::new)),
+            };
+            bag.entries[bag.len] = entry;
+            bag.len += 1;
+            if bag.len == BAG_CAPACITY {
+                let full = owned.current.take();
+                owned
+                    .waiting
+                    .extend(full.map(|bag| (grace::snapshot(), bag)));
+                Pushed::Filled
+            } else {
+                Pushed::Stored {
+                    first: bag.len == 1 && owned.waiting.is_empty(),
+                }
+            }
+        });
+        match pushed {
+            Some(Pushed::Stored { first: true }) => self.has_entries.store(true, Ordering::Relaxed),
+            Some(Pushed::Filled) => {
+                self.has_entries.store(true, Ordering::Relaxed);
+                self.filled.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        pushed.unwrap_or(Pushed::Busy)
+    }
+
+    /// Owner only, after `Pushed::Filled`: runs the drops of waiting bags
+    /// whose grace period has completed, and bounds how many wait.
+    /// Returns the number of waiting bags left and the oldest's snapshot.
+    pub(crate) fn collect(&self, may_wait: bool) -> (usize, Option<u64>) {
+        let mut done: Option<Box<Bag>> = None;
+        loop {
+            let next = self.with_owned(|owned| {
+                if let Some(mut bag) = done.take() {
+                    if owned.spare.len() < MAX_SPARE {
+                        bag.len = 0;
+                        owned.spare.push(bag);
+                    }
+                }
+                let ready = match owned.waiting.front() {
+                    Some(&(snap, _)) => {
+                        grace::done(snap) || (may_wait && owned.waiting.len() > MAX_WAITING)
+                    }
+                    None => false,
+                };
+                let snap = owned.waiting.front().map(|&(snap, _)| snap);
+                let bag = if ready {
+                    owned.waiting.pop_front()
+                } else {
+                    None
+                };
+                (bag, owned.waiting.len(), snap)
+            });
+            match next {
+                Some((Some((snap, bag)), _, _)) => {
+                    // Past the bound, wait (sharing grace periods with
+                    // everyone else) rather than let garbage pile up.
+                    grace::wait(snap);
+                    bag.run();
+                    done = Some(bag);
+                }
+                Some((None, left, oldest)) => return (left, oldest),
+                None => return (0, None),
+            }
+        }
+    }
+
+    /// Owner only (thread exit): takes every bag, waiting out a flusher.
+    pub(crate) fn take_own(&self, out: &mut Vec<Box<Bag>>) {
+        loop {
+            let taken = self.with_owned(|owned| {
+                out.extend(owned.current.take());
+                out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
+            });
+            if taken.is_some() {
+                self.has_entries.store(false, Ordering::Relaxed);
+                return;
+            }
+            while self.steal.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// In the fork child, for a slot whose owner did not survive the fork:
+    /// it may have been stopped inside a push.
+    pub(crate) fn reset_after_fork(&self) {
+        self.busy.store(false, Ordering::Relaxed);
+        self.steal.store(false, Ordering::Relaxed);
+    }
+
+    pub(crate) fn has_entries(&self) -> bool {
+        self.has_entries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn filled(&self) -> u64 {
+        self.filled.load(Ordering::Relaxed)
+    }
+}
+
+static FLUSH_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the bags of every registered thread for which `choose` says yes
+/// (a flusher, see the module header).
+pub(crate) fn steal(
+    out: &mut Vec<Box<Bag>>,
+    mut choose: impl FnMut(&crate::registry::Slot) -> bool,
+) {
+    let _flusher = FLUSH_LOCK.lock();
+    let mut slots = Vec::new();
+    crate::registry::snapshot(&mut slots);
+    slots.retain(|slot| slot.bag.has_entries() && choose(slot));
+    if slots.is_empty() {
+        return;
+    }
+    for slot in &slots {
+        slot.bag.steal.store(true, Ordering::Relaxed);
+    }
+    crate::fence::heavy_barrier();
+    for slot in &slots {
+        let bag = &slot.bag;
+        while bag.busy.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        // SAFETY: `steal` was set before the heavy barrier and `busy` is
+        // clear: the owner cannot touch its bags until `steal` clears.
+        let owned = unsafe { &mut *bag.owned.get() };
+        out.extend(owned.current.take().filter(|b| b.len > 0));
+        out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
+        bag.has_entries.store(false, Ordering::Relaxed);
+        bag.steal.store(false, Ordering::Release);
+    }
+}
+
+/// In the fork child: a flusher that held the lock is gone.
+pub(crate) fn after_fork_child() {
+    if FLUSH_LOCK.is_locked() {
+        // SAFETY: its holder does not exist in the child.
+        unsafe { FLUSH_LOCK.force_unlock() };
+    }
+}
