@@ -82,6 +82,17 @@ impl<T: Send + 'static> RcuCell<T> {
         unsafe { from_ptr(old) }
     }
 
+    /// Publishes `value` and hands the old value back as a [`Retired`],
+    /// which gives it up only once a grace period has passed: wait for one
+    /// ([`Retired::wait`]), run a function after one ([`Retired::defer`]),
+    /// or drop it (dropped after one).
+    pub fn replace(&self, value: Option<Box<T>>) -> Option<Retired<T>> {
+        let old = self.ptr.swap(into_ptr(value), Ordering::AcqRel);
+        // SAFETY: unpublished now and owned by us; `Retired` withholds it
+        // until a grace period has passed.
+        unsafe { from_ptr(old) }.map(|old| Retired { old: Some(old) })
+    }
+
     /// Publishes `new` if the cell still holds the value `current` points
     /// to (compared by address; `None` for empty). On failure `new` is
     /// returned. The replaced value is dropped after a grace period.
@@ -145,4 +156,48 @@ fn into_ptr<T>(value: Option<Box<T>>) -> *mut T {
 unsafe fn from_ptr<T>(p: *mut T) -> Option<Box<T>> {
     // SAFETY: the caller's contract.
     (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
+}
+
+/// A value unpublished from an [`RcuCell`] that readers may still see.
+/// It hands the value over only after a grace period.
+#[must_use = "dropping a Retired drops its value after a grace period; use wait or defer to get it back"]
+pub struct Retired<T: Send + 'static> {
+    old: Option<Box<T>>,
+}
+
+impl<T: Send + 'static> Retired<T> {
+    /// Waits for a grace period, then returns the value.
+    ///
+    /// # Panics
+    /// Inside a read-side section (the wait would deadlock).
+    pub fn wait(mut self) -> Box<T> {
+        crate::grace::assert_not_reading("Retired::wait");
+        crate::synchronize();
+        self.old
+            .take()
+            .expect("a Retired holds its value until consumed")
+    }
+
+    /// Runs `f` with the value after a grace period, on the callback thread.
+    pub fn defer(mut self, f: impl FnOnce(Box<T>) + Send + 'static) {
+        let old = self
+            .old
+            .take()
+            .expect("a Retired holds its value until consumed");
+        crate::call(move || f(old));
+    }
+}
+
+impl<T: Send + 'static> Drop for Retired<T> {
+    fn drop(&mut self) {
+        if let Some(old) = self.old.take() {
+            crate::defer_drop(old);
+        }
+    }
+}
+
+impl<T: Send + 'static> std::fmt::Debug for Retired<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Retired")
+    }
 }

@@ -73,7 +73,7 @@ pub use callback::{
     RcuHead, DEFAULT_HARD_LIMIT, DEFAULT_SOFT_LIMIT,
 };
 #[cfg(not(all(loom, test)))]
-pub use cell::RcuCell;
+pub use cell::{RcuCell, Retired};
 #[cfg(not(all(loom, test)))]
 pub use fence::{force_fence_fallback, AlreadyInitialized, FORCE_FENCE_ENV};
 #[cfg(not(all(loom, test)))]

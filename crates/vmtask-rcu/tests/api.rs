@@ -360,3 +360,38 @@ fn the_child_of_a_fork_can_use_rcu() {
 fn backlog_limits_must_be_ordered() {
     set_backlog_limits(10, 5);
 }
+
+#[test]
+fn retired_values_come_back_only_after_a_grace_period() {
+    let cell = RcuCell::new(Some(Box::new(1u32)));
+    let retired = cell.replace(Some(Box::new(2))).expect("had a value");
+    assert_eq!(*retired.wait(), 1);
+
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    cell.replace(Some(Box::new(3)))
+        .expect("had a value")
+        .defer(move |old| s.store(*old as usize, Ordering::SeqCst));
+    barrier();
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flagged = RcuCell::new(Some(Box::new(DropFlag(dropped.clone()))));
+    drop(flagged.replace(None));
+    barrier();
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "a dropped Retired drops its value after a grace period"
+    );
+    assert!(cell.replace(None).is_some());
+    assert!(cell.replace(None).is_none());
+}
+
+#[test]
+#[should_panic(expected = "Retired::wait called inside an RCU read-side critical section")]
+fn retired_wait_inside_a_read_section_panics() {
+    let cell = RcuCell::new(Some(Box::new(1u32)));
+    let retired = cell.replace(None).expect("had a value");
+    let _guard = read_lock();
+    let _ = retired.wait();
+}

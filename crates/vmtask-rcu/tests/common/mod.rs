@@ -1,6 +1,11 @@
 //! rcutorture-style stress, shared by the membarrier and fence-fallback
 //! test binaries.
 //!
+//! The writer publishes elements through an `RcuCell` and retires the one
+//! it replaced in one of three ways: `RcuCell::replace` + `Retired::wait`
+//! (synchronize), `Retired::defer` (call), or dropping the `Retired` (the
+//! old handle goes through `defer_drop` and its `Drop` re-defers itself).
+//!
 //! Elements live in a leaked pool and are never deallocated, so a reader
 //! that holds an element across its "free" reads valid memory and can
 //! report the bug instead of crashing. The writer publishes elements; on
@@ -12,7 +17,7 @@
 
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,10 +30,10 @@ pub struct Elem {
     generation: AtomicU64,
 }
 
-struct Shared {
+pub struct Shared {
     pool: &'static [Elem],
     free: Mutex<Vec<usize>>,
-    current: AtomicPtr<Elem>,
+    current: vmtask_rcu::RcuCell<Handle>,
     stop: AtomicBool,
     max_pipe_seen: AtomicUsize,
     freed_seen: AtomicU64,
@@ -79,18 +84,22 @@ impl Shared {
     }
 }
 
-struct Retire {
-    shared: Arc<Shared>,
+/// What the cell publishes: a pointer into the pool. In `DeferDrop` mode
+/// dropping it (a grace period after it was replaced) advances its element.
+pub struct Handle {
     elem: &'static Elem,
+    shared: Option<Arc<Shared>>,
 }
 
-impl Drop for Retire {
+impl Drop for Handle {
     fn drop(&mut self) {
-        if !self.shared.advance(self.elem) {
-            vmtask_rcu::defer_drop(Box::new(Retire {
-                shared: self.shared.clone(),
-                elem: self.elem,
-            }));
+        if let Some(shared) = self.shared.take() {
+            if !shared.advance(self.elem) {
+                vmtask_rcu::defer_drop(Box::new(Handle {
+                    elem: self.elem,
+                    shared: Some(shared),
+                }));
+            }
         }
     }
 }
@@ -124,7 +133,10 @@ pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
     let shared = Arc::new(Shared {
         pool,
         free: Mutex::new((1..POOL).collect()),
-        current: AtomicPtr::new(&pool[0] as *const Elem as *mut Elem),
+        current: vmtask_rcu::RcuCell::new(Some(Box::new(Handle {
+            elem: &pool[0],
+            shared: None,
+        }))),
         stop: AtomicBool::new(false),
         max_pipe_seen: AtomicUsize::new(0),
         freed_seen: AtomicU64::new(0),
@@ -140,9 +152,7 @@ pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
                     let guard = vmtask_rcu::read_lock();
                     // Nest sometimes: nesting must not end the section early.
                     let inner = (reads % 7 == 0).then(vmtask_rcu::read_lock);
-                    let p = shared.current.load(Ordering::Acquire);
-                    // SAFETY: pool elements are leaked, never deallocated.
-                    let e = unsafe { &*p };
+                    let e = shared.current.load(&guard).expect("always published").elem;
                     let generation = e.generation.load(Ordering::Relaxed);
                     drop(inner);
                     // Stay in the section a little, sometimes longer.
@@ -172,25 +182,38 @@ pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
             vmtask_rcu::barrier();
             continue;
         };
-        let old = shared
+        // The single writer reads what it is about to replace.
+        let old: &'static Elem = {
+            let guard = vmtask_rcu::read_lock();
+            shared.current.load(&guard).expect("always published").elem
+        };
+        let owner = matches!(wait, Wait::DeferDrop).then(|| shared.clone());
+        let retired = shared
             .current
-            .swap(new as *const Elem as *mut Elem, Ordering::AcqRel);
-        // SAFETY: pool elements are leaked, never deallocated.
-        let old: &'static Elem = unsafe { &*old };
+            .replace(Some(Box::new(Handle {
+                elem: new,
+                shared: owner,
+            })))
+            .expect("always published");
         old.pipe.store(1, Ordering::Relaxed);
         shared.updates.fetch_add(1, Ordering::Relaxed);
         match wait {
-            Wait::Synchronize => loop {
-                vmtask_rcu::synchronize();
-                if shared.advance(old) {
-                    break;
+            Wait::Synchronize => {
+                drop(retired.wait());
+                while !shared.advance(old) {
+                    vmtask_rcu::synchronize();
                 }
-            },
-            Wait::Call => retire_by_call(shared.clone(), old),
-            Wait::DeferDrop => vmtask_rcu::defer_drop(Box::new(Retire {
-                shared: shared.clone(),
-                elem: old,
-            })),
+            }
+            Wait::Call => {
+                let shared = shared.clone();
+                retired.defer(move |_handle| {
+                    if !shared.advance(old) {
+                        retire_by_call(shared, old);
+                    }
+                });
+            }
+            // Dropped a grace period from now; its `Drop` advances `old`.
+            Wait::DeferDrop => drop(retired),
         }
     }
     shared.stop.store(true, Ordering::Relaxed);
