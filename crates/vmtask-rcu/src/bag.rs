@@ -17,7 +17,8 @@
 //! idle threads' bags each cycle, `barrier` takes everyone's, and a thread
 //! hands over its own when it exits.
 //!
-//! Owner/flusher protocol (the asymmetric Dekker of RCU itself):
+//! Owner/flusher protocol (`handoff.rs`; the asymmetric Dekker of RCU
+//! itself):
 //! - owner: `busy = 1`; compiler barrier; if `steal` is set, clear `busy`
 //!   and take the slow path (a node per object); otherwise touch the bags;
 //!   `busy = 0` (release).
@@ -42,8 +43,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::callback::{RcuHead, INVOKED};
-use crate::gp::FenceMode;
 use crate::grace;
+use crate::handoff::Handoff;
 
 pub(crate) const BAG_CAPACITY: usize = 126;
 /// Full bags a thread keeps waiting for their grace period.
@@ -109,8 +110,7 @@ struct Owned {
 
 /// A thread's bags and the flags of the protocol above.
 pub(crate) struct LocalBag {
-    busy: AtomicBool,
-    steal: AtomicBool,
+    handoff: Handoff,
     /// A hint for the callback thread: this thread holds entries.
     has_entries: AtomicBool,
     /// Bags filled so far; a flusher treats an unchanged count as idle.
@@ -135,19 +135,10 @@ pub(crate) enum Pushed {
     Busy,
 }
 
-#[inline(always)]
-fn owner_barrier() {
-    match crate::fence::reader_mode() {
-        FenceMode::Membarrier => std::sync::atomic::compiler_fence(Ordering::SeqCst),
-        FenceMode::SeqCst => std::sync::atomic::fence(Ordering::SeqCst),
-    }
-}
-
 impl LocalBag {
     pub(crate) fn new() -> CachePadded<Self> {
         CachePadded::new(LocalBag {
-            busy: AtomicBool::new(false),
-            steal: AtomicBool::new(false),
+            handoff: Handoff::new(),
             has_entries: AtomicBool::new(false),
             filled: AtomicU64::new(0),
             owned: UnsafeCell::new(Owned {
@@ -162,17 +153,13 @@ impl LocalBag {
     /// holds them.
     #[inline(always)]
     fn with_owned<R>(&self, f: impl FnOnce(&mut Owned) -> R) -> Option<R> {
-        self.busy.store(true, Ordering::Relaxed);
-        owner_barrier();
-        if self.steal.load(Ordering::Acquire) {
-            self.busy.store(false, Ordering::Release);
+        if !self.handoff.owner_enter(crate::fence::reader_mode()) {
             return None;
         }
-        // SAFETY: `busy` is published and `steal` is clear: the protocol
-        // gives the owner exclusive use. `f` cannot re-enter (it runs no
-        // user code).
+        // SAFETY: the hand-off gives the owner exclusive use until
+        // `owner_exit`. `f` cannot re-enter (it runs no user code).
         let result = f(unsafe { &mut *self.owned.get() });
-        self.busy.store(false, Ordering::Release);
+        self.handoff.owner_exit();
         Some(result)
     }
 
@@ -261,17 +248,14 @@ impl LocalBag {
                 self.has_entries.store(false, Ordering::Relaxed);
                 return;
             }
-            while self.steal.load(Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
+            self.handoff.owner_wait_for_flusher();
         }
     }
 
     /// In the fork child, for a slot whose owner did not survive the fork:
     /// it may have been stopped inside a push.
     pub(crate) fn reset_after_fork(&self) {
-        self.busy.store(false, Ordering::Relaxed);
-        self.steal.store(false, Ordering::Relaxed);
+        self.handoff.reset();
     }
 
     pub(crate) fn has_entries(&self) -> bool {
@@ -299,21 +283,19 @@ pub(crate) fn steal(
         return;
     }
     for slot in &slots {
-        slot.bag.steal.store(true, Ordering::Relaxed);
+        slot.bag.handoff.flusher_mark();
     }
     crate::fence::heavy_barrier();
     for slot in &slots {
         let bag = &slot.bag;
-        while bag.busy.load(Ordering::Acquire) {
-            std::hint::spin_loop();
-        }
-        // SAFETY: `steal` was set before the heavy barrier and `busy` is
-        // clear: the owner cannot touch its bags until `steal` clears.
+        bag.handoff.flusher_acquire();
+        // SAFETY: marked before the heavy barrier, and the owner has left:
+        // the hand-off gives us the bags until `flusher_release`.
         let owned = unsafe { &mut *bag.owned.get() };
         out.extend(owned.current.take().filter(|b| b.len > 0));
         out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
         bag.has_entries.store(false, Ordering::Relaxed);
-        bag.steal.store(false, Ordering::Release);
+        bag.handoff.flusher_release();
     }
 }
 

@@ -46,6 +46,7 @@
 //! ```
 
 mod gp;
+mod handoff;
 mod sync;
 
 #[cfg(not(all(loom, test)))]

@@ -2,10 +2,10 @@
 //! protocol is model-checked (`RUSTFLAGS="--cfg loom" cargo test`).
 
 #[cfg(all(loom, test))]
-pub(crate) use loom::sync::atomic::{fence, AtomicI32, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 #[cfg(not(all(loom, test)))]
-pub(crate) use std::sync::atomic::{fence, AtomicI32, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 /// A compiler-only barrier. Under loom there is no compiler to restrain,
 /// and the model instead asks for a real fence where membarrier would
