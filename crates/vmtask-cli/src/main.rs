@@ -1,1 +1,330 @@
-fn main() { println!("cpu {}", vmtask_percpu::cpu()); }
+//! `vmtask`: the seeds' experiments. With no arguments, the tour: every
+//! experiment in turn, with a progress bar, a table and an SVG chart each.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use vmtask_cli::experiments::{balance, memory, rcu_free, spawn_cost};
+use vmtask_cli::{report, Error};
+
+/// Reproduces the vmtask seeds' findings on virtually mapped, cached,
+/// synchronously freed stacks.
+#[derive(Parser, Debug)]
+#[command(name = "vmtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Small parameters for a fast run (defaults only: explicit options win).
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Where chart files (SVG) go.
+    #[arg(long, global = true, default_value = "target/vmtask-charts")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Every experiment in turn (the default).
+    Tour,
+    /// 1. Stack cost per spawn: heap (kmalloc) vs fresh mmap (vmalloc) vs the per-CPU cache.
+    SpawnCost(SpawnCostArgs),
+    /// 2. Cache hit rate with stacks freed synchronously vs after an RCU grace period.
+    RcuFree(RcuFreeArgs),
+    /// 3. Resident memory per task: populated vs demand-paged and trimmed stacks.
+    Memory(MemoryArgs),
+    /// 4. Cache balance when tasks exit on another CPU than the one that spawned them.
+    Balance(BalanceArgs),
+}
+
+#[derive(Args, Debug, Default)]
+struct SpawnCostArgs {
+    /// Spawns per repetition and stack kind [default: 20000; --quick 500].
+    #[arg(long)]
+    count: Option<usize>,
+    /// Repetitions per kind; the median is reported [default: 15; --quick 3].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Stack size in KiB (the kernel's THREAD_SIZE is 16) [default: 16].
+    #[arg(long, default_value_t = 16)]
+    stack_kib: usize,
+}
+
+#[derive(Args, Debug, Default)]
+struct RcuFreeArgs {
+    /// Seconds per storm [default: 2; --quick 0.2].
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Per-CPU cache size; repeat for several [default: 2 and 16].
+    #[arg(long = "cache-size")]
+    cache_sizes: Vec<usize>,
+    /// Tasks per worker waiting for a grace period before the worker waits.
+    #[arg(long, default_value_t = 4096)]
+    max_deferred: usize,
+}
+
+#[derive(Args, Debug, Default)]
+struct MemoryArgs {
+    /// Tasks live at once [default: 2000; --quick 200].
+    #[arg(long)]
+    tasks: Option<usize>,
+}
+
+#[derive(Args, Debug, Default)]
+struct BalanceArgs {
+    /// Seconds per run [default: 2; --quick 0.2].
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Per-CPU cache size [default: 16].
+    #[arg(long, default_value_t = 16)]
+    cache_size: usize,
+}
+
+impl SpawnCostArgs {
+    fn params(&self, quick: bool) -> spawn_cost::Params {
+        spawn_cost::Params {
+            count: self.count.unwrap_or(if quick { 500 } else { 20_000 }),
+            reps: self.reps.unwrap_or(if quick { 3 } else { 15 }),
+            stack_size: self.stack_kib * 1024,
+        }
+    }
+}
+
+fn seconds(secs: Option<f64>, quick: bool) -> Result<Duration, Error> {
+    let secs = secs.unwrap_or(if quick { 0.2 } else { 2.0 });
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| Error::Usage(format!("--secs {secs} is not a duration")))
+}
+
+impl RcuFreeArgs {
+    fn params(&self, quick: bool) -> Result<rcu_free::Params, Error> {
+        Ok(rcu_free::Params {
+            duration: seconds(self.secs, quick)?,
+            cache_sizes: if self.cache_sizes.is_empty() {
+                vec![2, 16]
+            } else {
+                self.cache_sizes.clone()
+            },
+            max_deferred: self.max_deferred,
+        })
+    }
+}
+
+impl MemoryArgs {
+    fn params(&self, quick: bool) -> memory::Params {
+        memory::Params {
+            tasks: self.tasks.unwrap_or(if quick { 200 } else { 2000 }),
+        }
+    }
+}
+
+impl BalanceArgs {
+    fn params(&self, quick: bool) -> Result<balance::Params, Error> {
+        Ok(balance::Params {
+            duration: seconds(self.secs, quick)?,
+            cache_size: self.cache_size,
+        })
+    }
+}
+
+/// The experiments of one invocation, with their parameters.
+#[derive(Default)]
+struct Plan {
+    spawn_cost: Option<spawn_cost::Params>,
+    rcu_free: Option<rcu_free::Params>,
+    memory: Option<memory::Params>,
+    balance: Option<balance::Params>,
+}
+
+impl Plan {
+    fn new(command: Option<Command>, quick: bool) -> Result<Plan, Error> {
+        Ok(match command {
+            None | Some(Command::Tour) => Plan {
+                spawn_cost: Some(
+                    SpawnCostArgs {
+                        stack_kib: 16,
+                        ..Default::default()
+                    }
+                    .params(quick),
+                ),
+                rcu_free: Some(
+                    RcuFreeArgs {
+                        max_deferred: 4096,
+                        ..Default::default()
+                    }
+                    .params(quick)?,
+                ),
+                memory: Some(MemoryArgs::default().params(quick)),
+                balance: Some(
+                    BalanceArgs {
+                        cache_size: 16,
+                        ..Default::default()
+                    }
+                    .params(quick)?,
+                ),
+            },
+            Some(Command::SpawnCost(args)) => Plan {
+                spawn_cost: Some(args.params(quick)),
+                ..Plan::default()
+            },
+            Some(Command::RcuFree(args)) => Plan {
+                rcu_free: Some(args.params(quick)?),
+                ..Plan::default()
+            },
+            Some(Command::Memory(args)) => Plan {
+                memory: Some(args.params(quick)),
+                ..Plan::default()
+            },
+            Some(Command::Balance(args)) => Plan {
+                balance: Some(args.params(quick)?),
+                ..Plan::default()
+            },
+        })
+    }
+
+    fn steps(&self) -> u64 {
+        self.spawn_cost.as_ref().map_or(0, |p| p.steps())
+            + self.rcu_free.as_ref().map_or(0, |p| p.steps())
+            + self.memory.as_ref().map_or(0, |p| p.steps())
+            + self.balance.as_ref().map_or(0, |p| p.steps())
+    }
+}
+
+/// Prints through the progress bar, so the two do not garble each other.
+struct Out<'a> {
+    bar: &'a ProgressBar,
+    charts: &'a Path,
+}
+
+impl Out<'_> {
+    fn print(&self, text: impl AsRef<str>) {
+        self.bar.suspend(|| println!("{}", text.as_ref()));
+    }
+
+    fn section(&self, number: usize, title: &str, finding: &str) {
+        self.print(format!("\n## {number}. {title}\n\nSeed: {finding}\n"));
+        self.bar.set_message(title.to_string());
+    }
+
+    fn chart(&self, chart: vmtask_cli::chart::BarChart, name: &str) -> Result<(), Error> {
+        let path = chart.write_svg(self.charts, name)?;
+        self.print(format!("chart: {}", path.display()));
+        Ok(())
+    }
+}
+
+fn run(plan: &Plan, out: &Out<'_>) -> Result<(), Error> {
+    let tick = || out.bar.inc(1);
+    if let Some(params) = &plan.spawn_cost {
+        out.section(
+            1,
+            "Stack cost per spawn",
+            "vmalloc'd stacks cost ~1.5 µs more per fork than kmalloc'd ones; a per-CPU cache of 2 stacks turned that into a gain.",
+        );
+        let r = spawn_cost::run(params, &tick)?;
+        out.print(report::spawn_cost_table(&r));
+        let ns = |k| r.row(k).median_ns;
+        out.print(format!(
+            "fresh mapping costs {:+.0} ns per spawn over the heap; the per-CPU cache {:+.0} ns.\n",
+            ns(spawn_cost::StackKind::Mmap) - ns(spawn_cost::StackKind::Heap),
+            ns(spawn_cost::StackKind::Pool) - ns(spawn_cost::StackKind::Heap),
+        ));
+        out.print(format!("pool stats:\n{}\n", r.pool_stats));
+        out.chart(report::spawn_cost_chart(&r), "1-spawn-cost")?;
+    }
+    if let Some(params) = &plan.rcu_free {
+        out.section(
+            2,
+            "Stack free: synchronous vs after an RCU grace period",
+            "\"I implemented a percpu cache, and it's useless\": RCU-delayed frees arrive in batches, the cache is empty, then flooded.",
+        );
+        let r = rcu_free::run(params, &tick)?;
+        out.print(report::rcu_free_table(&r));
+        for row in &r.rows {
+            out.print(format!(
+                "pool stats, cache {}, freed {}:\n{}\n",
+                row.cache_size, row.mode, row.stats
+            ));
+        }
+        out.chart(report::rcu_free_chart(&r), "2-rcu-free")?;
+    }
+    if let Some(params) = &plan.memory {
+        out.section(
+            3,
+            "Resident memory per task",
+            "dynamic stacks: most threads use a few KiB; map only what is used and give the rest back.",
+        );
+        let r = memory::run(params, &tick)?;
+        out.print(report::memory_table(&r));
+        out.print(format!(
+            "pool stats (demand-paged pool):\n{}\n",
+            r.pool_stats
+        ));
+        out.chart(report::memory_chart(&r), "3-memory")?;
+    }
+    if let Some(params) = &plan.balance {
+        out.section(
+            4,
+            "Cache balance across CPUs",
+            "the per-CPU cache gets unbalanced when threads exit on another CPU than the one they started on.",
+        );
+        let r = balance::run(params, &tick)?;
+        out.print(report::balance_table(&r));
+        out.print("nothing piled up: no stack live, every free stack in a cache, the depot or the released list, each within its capacity.\n");
+        for row in &r.rows {
+            out.print(format!("pool stats, {}:\n{}\n", row.exit, row.stats));
+        }
+        out.chart(report::balance_chart(&r), "4-balance")?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quick = cli.common.quick;
+    let result = Plan::new(cli.command, quick).and_then(|plan| {
+        let bar = ProgressBar::new(plan.steps());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .expect("the template is valid"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        let out = Out {
+            bar: &bar,
+            charts: &cli.common.out,
+        };
+        let cpus = vmtask_cli::experiments::allowed_cpus();
+        out.print(format!(
+            "# vmtask tour{}\n\n{} CPUs allowed ({:?}); per-CPU cache mode: {}; stack guards: {}",
+            if quick { " (--quick)" } else { "" },
+            cpus.len(),
+            cpus,
+            vmtask_percpu::cache_mode(),
+            vmtask_stack::StackPool::global().guard_mode(),
+        ));
+        let start = Instant::now();
+        let result = run(&plan, &out);
+        bar.finish_and_clear();
+        result?;
+        println!("\n## RCU stats\n\n{}", vmtask_rcu::stats());
+        println!("\ndone in {:.1?}", start.elapsed());
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
