@@ -67,6 +67,9 @@ impl<T> Backing for SlabLayer<T> {
     }
 }
 
+/// Empty magazines each CPU keeps at hand (see `Magazines`).
+const SPARE_MAGAZINES: usize = 2;
+
 impl<T: Send + 'static> SlabCache<T> {
     /// A cache of `T`s built by `ctor`, laid out by `config`.
     ///
@@ -89,6 +92,7 @@ impl<T: Send + 'static> SlabCache<T> {
                 typesafe: config.typesafe_by_rcu,
                 magazines: Magazines::new(
                     CpuCache::new(config.magazine_size),
+                    CpuCache::new(SPARE_MAGAZINES),
                     config.magazine_size,
                     config.depot_magazines,
                 ),
@@ -98,7 +102,7 @@ impl<T: Send + 'static> SlabCache<T> {
                     config.max_bytes,
                     Box::new(ctor),
                 ),
-                rcu: RcuMagazines::new(),
+                rcu: RcuMagazines::new(config.magazine_size),
                 name: config.name,
             }),
         })
@@ -177,13 +181,18 @@ impl<T> SlabCache<T> {
         let objects_free = slabs.free + magazines.cpu_objects + magazines.depot_objects;
         let magazine_hits = counters.sum(Event::AllocHit);
         let magazine_misses = counters.sum(Event::AllocMiss);
+        let rcu_frees = counters.sum(Event::RcuFree);
+        let objects_in_use = (slabs.slabs * per_slab).saturating_sub(objects_free);
+        let rcu_waiting = shared.rcu.waiting_objects();
         SlabStats {
             name: shared.name.clone(),
             object_bytes: std::mem::size_of::<Slot<T>>(),
             objects_per_slab: per_slab,
             rseq_fast_path: shared.magazines.is_rseq(),
             allocs: magazine_hits + magazine_misses,
-            frees: counters.sum(Event::FreeHit) + counters.sum(Event::FreeMiss),
+            frees: (magazine_hits + magazine_misses)
+                .saturating_sub(rcu_frees + (objects_in_use as u64).saturating_sub(rcu_waiting)),
+            free_misses: counters.sum(Event::FreeMiss),
             magazine_hits,
             magazine_misses,
             depot_gets: counters.sum(Event::DepotGet),
@@ -191,11 +200,12 @@ impl<T> SlabCache<T> {
             depot_magazines: magazines.depot_magazines,
             slab_objects_out: counters.sum(Event::SlabOut),
             slab_objects_in: counters.sum(Event::SlabIn),
-            rcu_frees: counters.sum(Event::RcuFree),
+            rcu_frees,
             rcu_magazines: counters.sum(Event::RcuSubmit),
             rcu_magazines_in_flight: shared.rcu.in_flight(),
+            rcu_objects_waiting: rcu_waiting,
             slabs: slabs.slabs,
-            objects_in_use: (slabs.slabs * per_slab).saturating_sub(objects_free),
+            objects_in_use,
             objects_free,
             resident_bytes: slabs.slabs * shared.slabs.slab_bytes(),
         }

@@ -119,8 +119,17 @@ impl CpuMagazines for vmtask_percpu::CpuCache {
         vmtask_percpu::CpuCache::push(self, object)
     }
 
+    /// Pops one by one rather than calling `CpuCache::drain`: a drain stops
+    /// the area with a `membarrier` system call (an IPI to the CPU), which
+    /// costs microseconds; a pop costs nanoseconds. A migration midway only
+    /// means some objects come from another CPU's magazine.
     fn drain_current(&self, max: usize, out: &mut Vec<NonNull<u8>>) {
-        self.drain(vmtask_percpu::cpu(), max, out);
+        for _ in 0..max {
+            match vmtask_percpu::CpuCache::pop(self) {
+                Some(object) => out.push(object),
+                None => break,
+            }
+        }
     }
 
     fn drain_all(&self, out: &mut Vec<NonNull<u8>>) {
@@ -197,8 +206,12 @@ impl Depot {
 }
 
 /// Per-CPU magazines in front of a depot.
-pub(crate) struct Magazines<C> {
+pub(crate) struct Magazines<C: CpuMagazines> {
     cpu: C,
+    /// Per-CPU spare empty magazines (boxed `Magazine` pointers), so that
+    /// the hand-off of a magazine's container does not take the depot lock:
+    /// a refill leaves one behind, an overflow or an RCU magazine needs one.
+    spares: C,
     depot: Depot,
     size: usize,
     pub(crate) counters: Counters,
@@ -214,9 +227,10 @@ pub(crate) struct MagazineCounts {
 impl<C: CpuMagazines> Magazines<C> {
     /// `cpu` holds at most `size` objects per CPU; the depot keeps at most
     /// `max_magazines` magazines of objects.
-    pub(crate) fn new(cpu: C, size: usize, max_magazines: usize) -> Self {
+    pub(crate) fn new(cpu: C, spares: C, size: usize, max_magazines: usize) -> Self {
         Magazines {
             cpu,
+            spares,
             depot: Depot {
                 lists: Mutex::new(DepotLists {
                     full: Vec::new(),
@@ -253,7 +267,7 @@ impl<C: CpuMagazines> Magazines<C> {
                 match backing.take(self.size, &mut magazine.objects) {
                     Ok(taken) => self.counters.add(Event::SlabOut, taken as u64),
                     Err(error) => {
-                        self.depot.put_empty(magazine);
+                        self.put_empty(magazine);
                         return Err(error);
                     }
                 }
@@ -277,9 +291,10 @@ impl<C: CpuMagazines> Magazines<C> {
     /// Returns `object`, to the current CPU's magazine if it has room.
     #[inline]
     pub(crate) fn free(&self, object: NonNull<u8>, backing: &impl Backing) {
-        match self.cpu.push(object) {
-            Ok(()) => self.counters.bump(Event::FreeHit),
-            Err(object) => self.free_slow(object, backing),
+        // Not counted: frees are derived from allocations and occupancy,
+        // which keeps the fast path to one counter per alloc+free pair.
+        if let Err(object) = self.cpu.push(object) {
+            self.free_slow(object, backing);
         }
     }
 
@@ -310,7 +325,7 @@ impl<C: CpuMagazines> Magazines<C> {
     /// if the depot is at its bound; keeps the empty magazine as a spare.
     fn put_full(&self, mut magazine: Box<Magazine>, bounded: bool, backing: &impl Backing) {
         if magazine.objects.is_empty() {
-            self.depot.put_empty(magazine);
+            self.put_empty(magazine);
             return;
         }
         match self.depot.try_put_full(magazine, bounded) {
@@ -321,16 +336,32 @@ impl<C: CpuMagazines> Magazines<C> {
                 self.counters
                     .add(Event::SlabIn, magazine.objects.len() as u64);
                 magazine.objects.clear();
-                self.depot.put_empty(magazine);
+                self.put_empty(magazine);
             }
         }
     }
 
-    /// A spare empty magazine.
+    /// A spare empty magazine: this CPU's, else the depot's, else a new one.
     pub(crate) fn empty_magazine(&self) -> Box<Magazine> {
+        if let Some(spare) = self.spares.pop() {
+            // SAFETY: `spares` holds only pointers from `Box::leak` in
+            // `put_empty`, each popped once.
+            return unsafe { Box::from_raw(spare.cast::<Magazine>().as_ptr()) };
+        }
         self.depot
             .take_empty()
             .unwrap_or_else(|| Magazine::new(self.size))
+    }
+
+    /// Keeps an empty magazine as a spare: on this CPU, else in the depot.
+    fn put_empty(&self, magazine: Box<Magazine>) {
+        debug_assert!(magazine.objects.is_empty());
+        let spare = NonNull::from(Box::leak(magazine)).cast::<u8>();
+        if let Err(spare) = self.spares.push(spare) {
+            // SAFETY: leaked just above and stored nowhere.
+            let magazine = unsafe { Box::from_raw(spare.cast::<Magazine>().as_ptr()) };
+            self.depot.put_empty(magazine);
+        }
     }
 
     /// Returns every object in the CPU magazines and the depot to the slabs,
@@ -370,6 +401,18 @@ impl<C: CpuMagazines> Magazines<C> {
             cpu_objects,
             depot_objects: lists.objects,
             depot_magazines: lists.full.len(),
+        }
+    }
+}
+
+impl<C: CpuMagazines> Drop for Magazines<C> {
+    fn drop(&mut self) {
+        let mut spares = Vec::new();
+        self.spares.drain_all(&mut spares);
+        for spare in spares {
+            // SAFETY: `spares` holds only pointers from `Box::leak` in
+            // `put_empty`; draining took each out once.
+            drop(unsafe { Box::from_raw(spare.cast::<Magazine>().as_ptr()) });
         }
     }
 }
@@ -459,6 +502,10 @@ mod loom_models {
                 OneCpu {
                     stack: Mutex::new(Vec::new()),
                     capacity: 2,
+                },
+                OneCpu {
+                    stack: Mutex::new(Vec::new()),
+                    capacity: 1,
                 },
                 2,
                 1,

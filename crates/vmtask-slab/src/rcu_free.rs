@@ -8,9 +8,13 @@
 //! is allocated) and, after the grace period, lands in the depot whole:
 //! a full magazine, ready for the next CPU whose magazine runs empty.
 //!
-//! Protocol: a CPU's RCU magazine sits in a `PerCpu` slot. `free_rcu` adds
-//! the object under the slot's lock; whoever fills the magazine takes it out
-//! of the slot and submits it. The callback runs on the RCU thread, after
+//! Protocol: each CPU's RCU magazine is a second `CpuCache` (the same
+//! restartable-sequence push as the allocation fast path, capacity one
+//! magazine). `free_rcu` pushes the object onto it; a push that finds it full
+//! (or busy) drains it into a spare magazine, adds the object, and submits
+//! that magazine. The objects in a CPU's RCU magazine are freed but not yet
+//! submitted: nobody allocates them, and only `flush_rcu` (and the cache's
+//! `Drop`) drain them otherwise. The callback runs on the RCU thread, after
 //! every reader that might have seen the objects has finished, and gives
 //! the magazine to the depot (`Magazines::put_returned`), which is safe from
 //! any thread. The cache's `Drop` waits (`vmtask_rcu::barrier`) for
@@ -19,26 +23,29 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use vmtask_percpu::PerCpu;
+use vmtask_percpu::CpuCache;
 use vmtask_rcu::RcuHead;
 
 use crate::boxed::SlabBox;
 use crate::cache::{Shared, SlabCache};
-use crate::magazine::Magazine;
+use crate::magazine::{CpuMagazines, Magazine};
 use crate::stats::Event;
 
 /// The per-CPU RCU magazines of one cache.
 pub(crate) struct RcuMagazines {
-    slots: PerCpu<Option<Box<Magazine>>>,
+    pending: CpuCache,
     in_flight: AtomicU64,
+    /// Objects in the magazines in flight.
+    in_flight_objects: AtomicU64,
     used: AtomicBool,
 }
 
 impl RcuMagazines {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(magazine_size: usize) -> Self {
         RcuMagazines {
-            slots: PerCpu::new(|_| None),
+            pending: CpuCache::new(magazine_size),
             in_flight: AtomicU64::new(0),
+            in_flight_objects: AtomicU64::new(0),
             used: AtomicBool::new(false),
         }
     }
@@ -46,6 +53,12 @@ impl RcuMagazines {
     /// Magazines submitted and not yet back.
     pub(crate) fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Objects freed with `free_rcu` whose grace period has not ended (or
+    /// not begun: in a CPU's RCU magazine).
+    pub(crate) fn waiting_objects(&self) -> u64 {
+        self.pending.total_len() as u64 + self.in_flight_objects.load(Ordering::Relaxed)
     }
 
     /// Whether `free_rcu` was ever called (then dropping the cache waits
@@ -79,16 +92,20 @@ impl<T> SlabCache<T> {
             shared.rcu.used.store(true, Ordering::Relaxed);
         }
         shared.magazines.counters.bump(Event::RcuFree);
-        let mut own = match shared.rcu.slots.try_current() {
-            Ok(own) => own,
-            Err(busy) => shared.rcu.slots.lock(busy.cpu),
-        };
-        let magazine = own.get_or_insert_with(|| shared.magazines.empty_magazine());
-        magazine.objects.push(slot.cast());
-        if magazine.objects.len() >= shared.magazines.size() {
-            let full = own.take().expect("just filled");
-            drop(own);
-            self.submit(full);
+        if let Err(object) = shared.rcu.pending.push(slot.cast()) {
+            let mut magazine = shared.magazines.empty_magazine();
+            // Pops, not `drain`: no membarrier on this path (see
+            // `CpuMagazines::drain_current`).
+            shared
+                .rcu
+                .pending
+                .drain_current(shared.magazines.size(), &mut magazine.objects);
+            if let Err(object) = shared.rcu.pending.push(object) {
+                // Busy (being flushed): the object travels with the drained
+                // ones; a magazine may hold one object more than its size.
+                magazine.objects.push(object);
+            }
+            self.submit(magazine);
         }
     }
 
@@ -100,9 +117,15 @@ impl<T> SlabCache<T> {
         if !shared.rcu.used() {
             return;
         }
-        for cpu in 0..shared.rcu.slots.len() {
-            let magazine = shared.rcu.slots.lock(cpu).take();
-            if let Some(magazine) = magazine {
+        for cpu in 0..shared.rcu.pending.cpus() {
+            let mut magazine = shared.magazines.empty_magazine();
+            shared
+                .rcu
+                .pending
+                .drain(cpu, usize::MAX, &mut magazine.objects);
+            if magazine.objects.is_empty() {
+                shared.magazines.put_returned(magazine, &shared.slabs);
+            } else {
                 self.submit(magazine);
             }
         }
@@ -111,6 +134,10 @@ impl<T> SlabCache<T> {
     fn submit(&self, magazine: Box<Magazine>) {
         let shared: &Shared<T> = &self.shared;
         shared.rcu.in_flight.fetch_add(1, Ordering::Relaxed);
+        shared
+            .rcu
+            .in_flight_objects
+            .fetch_add(magazine.objects.len() as u64, Ordering::Relaxed);
         shared.magazines.counters.add(Event::RcuSubmit, 1);
         let head = magazine.into_head((shared as *const Shared<T>).cast());
         // SAFETY: `head` is the embedded head of a magazine we own and give
@@ -130,7 +157,12 @@ unsafe fn rcu_magazine_done<T>(head: *mut RcuHead) {
     // SAFETY: the owner is alive until `barrier` in its `Drop` returns,
     // which waits for this callback.
     let shared = unsafe { &*owner.cast::<Shared<T>>() };
+    let objects = magazine.objects.len() as u64;
     shared.magazines.put_returned(magazine, &shared.slabs);
+    shared
+        .rcu
+        .in_flight_objects
+        .fetch_sub(objects, Ordering::Relaxed);
     // Last touch of `shared`.
     shared.rcu.in_flight.fetch_sub(1, Ordering::Relaxed);
 }

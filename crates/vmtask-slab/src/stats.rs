@@ -20,8 +20,6 @@ pub(crate) enum Event {
     AllocHit,
     /// An allocation that went to the depot or the slabs.
     AllocMiss,
-    /// A free that went into the CPU's magazine.
-    FreeHit,
     /// A free that moved a magazine to the depot.
     FreeMiss,
     /// A magazine with objects taken from the depot.
@@ -38,7 +36,7 @@ pub(crate) enum Event {
     RcuSubmit,
 }
 
-const EVENTS: usize = 10;
+const EVENTS: usize = 9;
 
 pub(crate) struct Counters {
     cpus: Box<[CachePadded<[AtomicU64; EVENTS]>]>,
@@ -89,8 +87,11 @@ pub struct SlabStats {
     pub rseq_fast_path: bool,
     /// Allocations.
     pub allocs: u64,
-    /// Immediate frees (drops of `SlabBox` and of last `SlabArc`s).
+    /// Immediate frees (drops of `SlabBox` and of last `SlabArc`s): the
+    /// allocations not in use and not freed with `free_rcu`.
     pub frees: u64,
+    /// Frees that found the CPU's magazine full and moved it to the depot.
+    pub free_misses: u64,
     /// Allocations served by the current CPU's magazine.
     pub magazine_hits: u64,
     /// Allocations that went to the depot or the slabs.
@@ -112,6 +113,9 @@ pub struct SlabStats {
     pub rcu_magazines: u64,
     /// RCU magazines waiting for their grace period now.
     pub rcu_magazines_in_flight: u64,
+    /// Objects freed with `free_rcu` and not back yet (in flight, or in a
+    /// CPU's RCU magazine that is not full yet).
+    pub rcu_objects_waiting: u64,
     /// Slabs mapped now.
     pub slabs: usize,
     /// Objects allocated and not freed now (including those waiting in RCU
@@ -134,6 +138,9 @@ impl SlabStats {
     /// magazines (CPU magazine or depot) rather than out of a slab, as a
     /// fraction: the cache's hit rate in the seeds' sense.
     pub fn recycle_rate(&self) -> f64 {
+        if self.allocs == 0 {
+            return 0.0;
+        }
         1.0 - ratio(self.slab_objects_out.min(self.allocs), self.allocs)
     }
 }
@@ -162,8 +169,8 @@ impl fmt::Display for SlabStats {
         )?;
         writeln!(
             f,
-            "  allocs {}  frees {}  rcu frees {}",
-            self.allocs, self.frees, self.rcu_frees
+            "  allocs {}  frees {} (misses {})  rcu frees {}",
+            self.allocs, self.frees, self.free_misses, self.rcu_frees
         )?;
         writeln!(
             f,
@@ -184,8 +191,8 @@ impl fmt::Display for SlabStats {
         )?;
         writeln!(
             f,
-            "  rcu magazines {} in flight {}",
-            self.rcu_magazines, self.rcu_magazines_in_flight
+            "  rcu magazines {} in flight {}  objects waiting {}",
+            self.rcu_magazines, self.rcu_magazines_in_flight, self.rcu_objects_waiting
         )?;
         write!(
             f,

@@ -385,42 +385,47 @@ fn free_rcu_objects_wait_for_readers_then_return_as_a_magazine() {
     )
     .unwrap();
     on_cpu(0, || {
-        {
-            let objects: Vec<_> = (0..8).map(|_| cache.alloc().unwrap()).collect();
-            let addrs: Vec<*const Obj> = objects.iter().map(|o| &**o as *const Obj).collect();
-            let guard = vmtask_rcu::read_lock();
-            for object in objects {
-                cache.free_rcu(object);
-            }
-            assert_eq!(
-                cache.stats().rcu_magazines,
-                1,
-                "a full RCU magazine is submitted at once"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-            let fresh: Vec<_> = (0..64).map(|_| cache.alloc().unwrap()).collect();
-            for object in &fresh {
-                assert!(
-                    !addrs.contains(&(&**object as *const Obj)),
-                    "object reused before the grace period"
-                );
-            }
-            drop(guard);
-            drop(fresh);
+        let objects: Vec<_> = (0..9).map(|_| cache.alloc().unwrap()).collect();
+        let addrs: Vec<*const Obj> = objects.iter().map(|o| &**o as *const Obj).collect();
+        let guard = vmtask_rcu::read_lock();
+        for object in objects {
+            cache.free_rcu(object);
         }
-        vmtask_rcu::barrier();
         let stats = cache.stats();
-        assert_eq!(stats.rcu_magazines_in_flight, 0);
-        assert_eq!(stats.objects_in_use, 0, "{stats}");
-        assert_eq!(stats.rcu_frees, 8);
+        assert_eq!(
+            stats.rcu_magazines, 1,
+            "the free that finds the RCU magazine full submits it: {stats}"
+        );
+        assert_eq!(stats.rcu_objects_waiting, 9, "{stats}");
+        assert_eq!(stats.objects_in_use, 9, "{stats}");
+        std::thread::sleep(Duration::from_millis(50));
+        let fresh: Vec<_> = (0..64).map(|_| cache.alloc().unwrap()).collect();
+        for object in &fresh {
+            assert!(
+                !addrs.contains(&(&**object as *const Obj)),
+                "object reused before the grace period"
+            );
+        }
+        drop(guard);
+        drop(fresh);
     });
-    // A partly filled RCU magazine waits for flush_rcu.
-    let object = cache.alloc().unwrap();
-    cache.free_rcu(object);
-    assert_eq!(cache.stats().objects_in_use, 1);
+    vmtask_rcu::barrier();
+    let stats = cache.stats();
+    assert_eq!(stats.rcu_magazines_in_flight, 0, "{stats}");
+    assert_eq!(
+        stats.rcu_objects_waiting, 1,
+        "the ninth object waits for its magazine to fill: {stats}"
+    );
+    assert_eq!(stats.objects_in_use, 1, "{stats}");
+    assert_eq!((stats.rcu_frees, stats.frees), (9, 64), "{stats}");
     cache.flush_rcu();
     vmtask_rcu::barrier();
-    assert_eq!(cache.stats().objects_in_use, 0);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.objects_in_use, stats.rcu_objects_waiting),
+        (0, 0),
+        "{stats}"
+    );
 }
 
 #[test]
@@ -438,6 +443,7 @@ fn rcu_magazine_returns_to_the_depot_whole() {
     for object in objects {
         cache.free_rcu(object);
     }
+    cache.flush_rcu();
     vmtask_rcu::barrier();
     let stats = cache.stats();
     assert_eq!(stats.depot_puts - stats_before.depot_puts, 1, "{stats}");
@@ -473,6 +479,7 @@ fn depot_bound_sends_overflow_to_slabs_but_keeps_rcu_magazines_whole() {
             cache.free_rcu(object);
         }
     });
+    cache.flush_rcu();
     vmtask_rcu::barrier();
     let stats = cache.stats();
     assert!(
