@@ -60,6 +60,7 @@ mod overflow;
 mod pool;
 mod stack;
 mod sys;
+mod tally;
 
 pub use config::{Config, GuardMode};
 pub use ensure::{ensure, remaining};

@@ -30,13 +30,14 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crossbeam_utils::{Backoff, CachePadded};
+use crossbeam_utils::Backoff;
 use vmtask_percpu::CpuCache;
 
 use crate::arena::Arenas;
 use crate::config::{Config, GuardMode, Layout};
 use crate::error::StackError;
 use crate::stack::Stack;
+use crate::tally::Tallies;
 use crate::{overflow, sys};
 
 /// A test-and-test-and-set lock whose release is a single store, so a
@@ -127,29 +128,42 @@ pub(crate) struct PoolInner {
     pub(crate) layout: Layout,
     markers: bool,
     cache: CpuCache,
-    /// Cache hits per CPU. Incremented with a plain load and store rather
-    /// than a read-modify-write, to keep the fast path free of atomics; two
-    /// threads racing on one CPU's counter can lose a count (statistics
-    /// only).
-    cache_hits: Box<[CachePadded<AtomicU64>]>,
+    /// Cache hits, per thread (see [`crate::tally`]).
+    hits: Tallies,
     depot: SpinLock<Depot>,
     arenas: Mutex<Arenas>,
     counters: Counters,
 }
 
 impl PoolInner {
+    /// The fast path: a pop from this CPU's magazine and a plain increment
+    /// of this thread's hit tally. A thread reaches the slow paths, which
+    /// prepare it for overflow reports, before its first stack: a miss goes
+    /// to `alloc_slow`, and a hit on a pool the thread has not counted
+    /// before to `first_hit`.
     #[inline]
     fn alloc(&self) -> Result<NonNull<u8>, StackError> {
-        if let Some(top) = self.cache.pop() {
-            let hits = &self.cache_hits[vmtask_percpu::cpu()];
-            hits.store(hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            return Ok(top);
+        match self.cache.pop() {
+            Some(top) if self.hits.hit() => Ok(top),
+            Some(top) => {
+                self.first_hit();
+                Ok(top)
+            }
+            None => self.alloc_slow(),
         }
-        self.alloc_slow()
+    }
+
+    /// A cache hit on a thread whose tally cache holds another pool (or
+    /// none yet).
+    #[cold]
+    fn first_hit(&self) {
+        overflow::prepare_thread();
+        self.hits.hit_slow();
     }
 
     #[cold]
     fn alloc_slow(&self) -> Result<NonNull<u8>, StackError> {
+        overflow::prepare_thread();
         let mut batch = Vec::with_capacity(self.layout.cache_size);
         let released = {
             let mut depot = self.depot.lock();
@@ -196,12 +210,19 @@ impl PoolInner {
     #[inline]
     pub(crate) fn free(&self, top: NonNull<u8>) {
         if self.layout.zero_on_reuse {
-            let limit = top.as_ptr() as usize - self.layout.stack_size;
-            sys::release(limit, self.layout.stack_size);
+            self.clear(top);
         }
         if let Err(top) = self.cache.push(top) {
             self.free_slow(top);
         }
+    }
+
+    /// `zero_on_reuse`: gives every page of the stack back, so its next
+    /// user reads zeros. Out of line, to keep the default free path short.
+    #[cold]
+    fn clear(&self, top: NonNull<u8>) {
+        let limit = top.as_ptr() as usize - self.layout.stack_size;
+        sys::release(limit, self.layout.stack_size);
     }
 
     /// The local magazine is full (or busy): hand it to the depot whole.
@@ -293,9 +314,7 @@ impl StackPool {
         overflow::install_handler();
         let inner = Box::new(PoolInner {
             cache: CpuCache::new(layout.cache_size),
-            cache_hits: (0..vmtask_percpu::possible_cpus())
-                .map(|_| CachePadded::new(AtomicU64::new(0)))
-                .collect(),
+            hits: Tallies::new(),
             depot: SpinLock::new(Depot {
                 stacks: Vec::new(),
                 released: Vec::new(),
@@ -333,7 +352,6 @@ impl StackPool {
     /// signal stack, so an overflow on the new stack can be reported.
     #[inline]
     pub fn alloc(&self) -> Result<Stack, StackError> {
-        overflow::prepare_thread();
         let top = self.inner().alloc()?;
         // SAFETY: `top` is a free stack of this pool, now owned by the new
         // Stack; the pool outlives it (see `Drop`).
@@ -380,7 +398,7 @@ impl StackPool {
             (d.stacks.len() as u64, d.released.len() as u64)
         };
         let cached = inner.cache.total_len() as u64;
-        let cache_hits: u64 = inner.cache_hits.iter().map(|c| load(c)).sum();
+        let cache_hits = inner.hits.total();
         let depot_hits = load(&inner.counters.depot_hits);
         let released_reuses = load(&inner.counters.released_reuses);
         let allocs = cache_hits + depot_hits + released_reuses + carved;

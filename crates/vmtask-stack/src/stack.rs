@@ -65,6 +65,7 @@ impl Stack {
 }
 
 impl Drop for Stack {
+    #[inline]
     fn drop(&mut self) {
         self.pool().free(self.top);
     }

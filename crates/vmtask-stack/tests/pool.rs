@@ -74,6 +74,67 @@ fn stack_is_reused_on_same_cpu() {
 }
 
 #[test]
+fn cache_hits_of_exited_threads_are_counted() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    for _ in 0..3 {
+        // Each `on_cpu` thread has exited, locals destroyed, when it returns.
+        on_cpu(0, || {
+            for _ in 0..100 {
+                drop(pool.alloc().unwrap());
+            }
+        });
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.slots_carved, 1, "{stats}");
+    assert_eq!((stats.allocs, stats.cache_hits), (300, 299), "{stats}");
+}
+
+#[test]
+fn thread_whose_first_stack_is_a_cache_hit_gets_an_alt_stack() {
+    // A raw pthread has no alternate signal stack, unlike std threads, and
+    // this one's first allocation takes a stack another thread freed into
+    // CPU 0's magazine: the hit must still prepare it for overflow reports.
+    static POOL: std::sync::OnceLock<StackPool> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| StackPool::new(Config::default()).unwrap());
+    on_cpu(0, || drop(pool.alloc().unwrap()));
+    extern "C" fn body(_: *mut libc::c_void) -> *mut libc::c_void {
+        vmtask_percpu::pin_current_thread(0).expect("pin to CPU 0");
+        let pool = POOL.get().unwrap();
+        let hits = pool.stats().cache_hits;
+        let stack = pool.alloc().unwrap();
+        let hit = pool.stats().cache_hits == hits + 1;
+        drop(stack);
+        let mut current = libc::stack_t {
+            ss_sp: std::ptr::null_mut(),
+            ss_flags: 0,
+            ss_size: 0,
+        };
+        // SAFETY: query only.
+        unsafe { libc::sigaltstack(std::ptr::null(), &mut current) };
+        let prepared = current.ss_flags & libc::SS_DISABLE == 0;
+        (usize::from(hit) | usize::from(prepared) << 1) as *mut libc::c_void
+    }
+    let mut thread: libc::pthread_t = 0;
+    // SAFETY: `body` has the pthread start signature and takes no data.
+    let rc =
+        unsafe { libc::pthread_create(&mut thread, std::ptr::null(), body, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
+    let mut result = std::ptr::null_mut();
+    // SAFETY: joining the thread created above, once.
+    assert_eq!(unsafe { libc::pthread_join(thread, &mut result) }, 0);
+    assert_eq!(
+        result as usize & 1,
+        1,
+        "the first allocation was a cache hit"
+    );
+    assert_eq!(
+        result as usize & 2,
+        2,
+        "the thread got an alternate signal stack"
+    );
+}
+
+#[test]
 fn reused_stack_reads_as_zeros_with_zero_on_reuse() {
     let pool = StackPool::new(Config {
         zero_on_reuse: true,

@@ -1,0 +1,225 @@
+//! Per-thread tallies of cache hits: the one counter on the allocation fast
+//! path, kept without an atomic read-modify-write and without reading the
+//! CPU number.
+//!
+//! A cache hit must be counted where it happens (the other counters are
+//! bumped on slow paths, and `allocs`, `frees` and `live` are derived from
+//! them in `stats()`). Counting per CPU needs the CPU number again after the
+//! `CpuCache` pop, a second dependent load from the rseq area that made the
+//! whole alloc+free several times slower than the pop+push alone here;
+//! counting in one shared word would bounce its cache line between CPUs.
+//! So every thread counts into a tally of its own.
+//!
+//! Protocol:
+//! - Each pool has a [`Tallies`] with an id that is never reused, a
+//!   registry of the tallies threads use with it, and a `retired` total.
+//! - A thread caches `(pool id, &tally)` for the pool it used last in two
+//!   const-initialised thread-locals without destructors, so the fast path
+//!   is two `%fs` loads, a compare and a plain increment of a word only this
+//!   thread writes ([`Tallies::hit`]). Readers (`stats()`) load it relaxed;
+//!   a count is a single aligned word, so they see some recent value.
+//! - On a mismatch (first use, another pool, or after the thread's
+//!   thread-locals were destroyed) the slow path looks the pool up in the
+//!   thread's list of owned tallies, registering a new one with the pool if
+//!   needed. The thread holds an `Arc` to each tally it owns, the pool one
+//!   to each registered tally: a tally whose pool side is the only owner
+//!   belongs to an exited thread (the pool folds it into `retired`), and one
+//!   whose thread side is the only owner belongs to a dropped pool (the
+//!   thread forgets it). The id, not the pool's address, identifies a pool,
+//!   so a new pool at a dropped pool's address never matches a stale cache.
+//! - When the thread's list is destroyed at thread exit it clears the cache
+//!   first; hits counted after that (from other thread-local destructors)
+//!   go to `retired` with an atomic add.
+
+use std::cell::{Cell, RefCell};
+use std::ptr;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_utils::CachePadded;
+
+/// One thread's hits on one pool. Written by that thread only.
+type Tally = CachePadded<AtomicU64>;
+
+/// Pool ids; 0 means "no pool" in the thread cache.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The id of the pool whose tally `CURRENT_TALLY` is, or 0.
+    static CURRENT_ID: Cell<u64> = const { Cell::new(0) };
+    /// This thread's tally for pool `CURRENT_ID`; kept alive by `OWNED`.
+    static CURRENT_TALLY: Cell<*const Tally> = const { Cell::new(ptr::null()) };
+    /// Every tally this thread owns, by pool id.
+    static OWNED: Owned = const { Owned(RefCell::new(Vec::new())) };
+}
+
+struct Owned(RefCell<Vec<(u64, Arc<Tally>)>>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // The tallies may die with this list; later hits must not use them.
+        CURRENT_ID.set(0);
+        CURRENT_TALLY.set(ptr::null());
+    }
+}
+
+/// A pool's cache-hit tallies.
+pub(crate) struct Tallies {
+    id: u64,
+    /// Tallies of threads that used this pool (some may have exited).
+    live: Mutex<Vec<Arc<Tally>>>,
+    /// Hits of exited threads, and hits counted without a tally.
+    retired: AtomicU64,
+}
+
+impl Tallies {
+    pub(crate) fn new() -> Tallies {
+        Tallies {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            live: Mutex::new(Vec::new()),
+            retired: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one cache hit by the calling thread. Returns false, counting
+    /// nothing, when this pool is not the thread's cached one: the caller
+    /// then calls [`Tallies::hit_slow`] (after whatever else a first use on
+    /// this thread needs).
+    #[inline]
+    pub(crate) fn hit(&self) -> bool {
+        if CURRENT_ID.get() != self.id {
+            return false;
+        }
+        let tally = CURRENT_TALLY.get();
+        // SAFETY: CURRENT_TALLY is set together with CURRENT_ID to a tally
+        // in this thread's OWNED list, which keeps it alive and is only
+        // pruned of tallies of other (dropped) pools; both are cleared
+        // before the list is destroyed.
+        let tally = unsafe { &*tally };
+        // Only this thread writes its tally: no read-modify-write needed.
+        tally.store(tally.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        true
+    }
+
+    /// Counts one cache hit after [`Tallies::hit`] missed the thread cache:
+    /// finds or registers this thread's tally for the pool and caches it.
+    #[cold]
+    pub(crate) fn hit_slow(&self) {
+        let cached = OWNED.try_with(|owned| {
+            let mut owned = owned.0.borrow_mut();
+            // Forget tallies of dropped pools (the pool side is gone).
+            owned.retain(|(_, tally)| Arc::strong_count(tally) > 1);
+            let tally = match owned.iter().find(|(id, _)| *id == self.id) {
+                Some((_, tally)) => Arc::clone(tally),
+                None => {
+                    let tally = Arc::new(Tally::default());
+                    self.register(Arc::clone(&tally));
+                    owned.push((self.id, Arc::clone(&tally)));
+                    tally
+                }
+            };
+            CURRENT_TALLY.set(Arc::as_ptr(&tally));
+            CURRENT_ID.set(self.id);
+        });
+        if cached.is_err() || !self.hit() {
+            // The thread is exiting and its list is gone.
+            self.retired.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn register(&self, tally: Arc<Tally>) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        self.fold_exited(&mut live);
+        live.push(tally);
+    }
+
+    /// Moves the counts of exited threads' tallies into `retired`.
+    fn fold_exited(&self, live: &mut Vec<Arc<Tally>>) {
+        live.retain(|tally| {
+            if Arc::strong_count(tally) > 1 {
+                return true;
+            }
+            // Only the pool holds it: its thread has exited and wrote its
+            // last count before dropping its `Arc` (a release decrement);
+            // the fence makes that count visible to the load below.
+            fence(Ordering::Acquire);
+            self.retired
+                .fetch_add(tally.load(Ordering::Relaxed), Ordering::Relaxed);
+            false
+        });
+    }
+
+    /// Hits counted so far over all threads (a snapshot while threads run).
+    pub(crate) fn total(&self) -> u64 {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        self.fold_exited(&mut live);
+        self.retired.load(Ordering::Relaxed)
+            + live
+                .iter()
+                .map(|tally| tally.load(Ordering::Relaxed))
+                .sum::<u64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_of_exited_threads_are_kept() {
+        let tallies = Tallies::new();
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        for _ in 0..1000 {
+                            if !tallies.hit() {
+                                tallies.hit_slow();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // An explicit join waits for the thread's locals to be
+            // destroyed too; the scope's implicit wait does not.
+            for thread in threads {
+                thread.join().unwrap();
+            }
+        });
+        assert_eq!(tallies.total(), 4000);
+        assert!(
+            tallies.live.lock().unwrap().is_empty(),
+            "exited threads' tallies are folded"
+        );
+        assert_eq!(tallies.total(), 4000);
+    }
+
+    #[test]
+    fn a_thread_switching_pools_counts_each_exactly() {
+        let a = Tallies::new();
+        let b = Tallies::new();
+        for i in 0..100 {
+            let t = if i % 3 == 0 { &a } else { &b };
+            if !t.hit() {
+                t.hit_slow();
+            }
+        }
+        assert_eq!((a.total(), b.total()), (34, 66));
+    }
+
+    #[test]
+    fn a_dropped_pools_tally_is_forgotten_by_the_thread() {
+        let a = Tallies::new();
+        if !a.hit() {
+            a.hit_slow();
+        }
+        drop(a);
+        let b = Tallies::new();
+        if !b.hit() {
+            b.hit_slow();
+        }
+        let owned = OWNED.with(|o| o.0.borrow().iter().map(|(id, _)| *id).collect::<Vec<_>>());
+        assert_eq!(owned, vec![b.id]);
+        assert_eq!(b.total(), 1);
+    }
+}
