@@ -77,15 +77,19 @@ impl BarChart {
             .x_desc(self.x_desc.as_str())
             .y_labels(n as usize)
             .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
-                    labels.get(*i as usize).copied().unwrap_or("").to_string()
-                }
+                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => labels
+                    .get((n - 1).wrapping_sub(*i) as usize)
+                    .copied()
+                    .unwrap_or("")
+                    .to_string(),
                 SegmentValue::Last => String::new(),
             })
             .label_style(("sans-serif", 14))
             .draw()?;
+        // Segment 0 is at the bottom: the first bar goes in the top one.
+        let row = |i: usize| n - 1 - i as u32;
         chart.draw_series(self.bars.iter().enumerate().map(|(i, bar)| {
-            let i = i as u32;
+            let i = row(i);
             let colour = COLOURS[bar.series % COLOURS.len()];
             let mut rect = Rectangle::new(
                 [
@@ -100,7 +104,7 @@ impl BarChart {
         chart.draw_series(self.bars.iter().enumerate().map(|(i, bar)| {
             Text::new(
                 format_value(bar.value),
-                (bar.value + max * 0.01, SegmentValue::CenterOf(i as u32)),
+                (bar.value + max * 0.01, SegmentValue::CenterOf(row(i))),
                 ("sans-serif", 14).into_font(),
             )
         }))?;

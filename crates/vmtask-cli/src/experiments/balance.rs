@@ -258,6 +258,7 @@ mod tests {
 
     #[test]
     fn remote_exits_stay_bounded_and_flow_through_the_depot() {
+        let _serial = super::super::serial();
         let result = run(
             &Params {
                 duration: Duration::from_millis(150),

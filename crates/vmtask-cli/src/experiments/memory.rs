@@ -258,6 +258,7 @@ mod tests {
 
     #[test]
     fn demand_paged_tasks_cost_less_than_populated_ones() {
+        let _serial = super::super::serial();
         let result = run(&Params { tasks: 300 }, &|| ()).unwrap();
         let populated = result.row(Phase::Populated).kib_per_task;
         let demand = result.row(Phase::DemandPaged).kib_per_task;

@@ -168,6 +168,14 @@ pub fn median(samples: &mut [f64]) -> f64 {
     }
 }
 
+/// Serializes the tests that measure: storms on every CPU would skew
+/// timings and `VmRSS` readings of tests running beside them.
+#[cfg(test)]
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

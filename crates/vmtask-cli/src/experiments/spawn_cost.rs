@@ -211,6 +211,7 @@ mod tests {
 
     #[test]
     fn every_kind_is_measured_and_the_pool_is_balanced() {
+        let _serial = super::super::serial();
         let result = run(
             &Params {
                 count: 100,
@@ -238,6 +239,7 @@ mod tests {
 
     #[test]
     fn pool_spawn_beats_a_fresh_mapping() {
+        let _serial = super::super::serial();
         let result = run(
             &Params {
                 count: 2000,
