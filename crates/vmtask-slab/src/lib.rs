@@ -23,8 +23,10 @@
 //!   whole and comes back as a full magazine, instead of arriving as a
 //!   flood of single frees that overflows the cache.
 //!
-//! Slabs are whole pages from `mmap(2)` (see the `slab` module for why),
-//! returned by [`SlabCache::shrink`] and when the cache is dropped.
+//! Slabs are whole pages from `mmap(2)`, not from the global allocator:
+//! [`SlabCache::shrink`] (and dropping the cache) must give memory back to
+//! the system so that `VmRSS` really drops, which `munmap` guarantees and
+//! `free(3)` does not (it may keep the pages in its arenas).
 //!
 //! # Example: a type-stable lookup table
 //!

@@ -566,6 +566,7 @@ fn typesafe_shrink_keeps_memory_until_readers_leave() {
 
 /// The type-stable lookup torture: readers look keys up while writers
 /// replace, free and reuse objects for other keys and shrink the cache.
+/// Runs 2 s; `VMTASK_TORTURE_SECS=60` runs longer.
 #[test]
 fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
     const BUCKETS: u64 = 128;
