@@ -8,7 +8,8 @@
 //!   of one stack (`Coroutine::with_stack` + `resume` + `into_stack`);
 //! - `fresh stack, top page touched`: a newly carved slot vs a fresh
 //!   `mmap` + `mprotect` guard + touch + `munmap`, and corosensei's
-//!   `DefaultStack::new` + touch + drop;
+//!   `DefaultStack::new` + touch + drop; and the floor under all of them,
+//!   the page fault of a first touch alone;
 //! - `coroutine create+run+drop`: a corosensei coroutine on a pool stack vs
 //!   on one stack reused by hand vs on `DefaultStack::new`;
 //! - `zero_on_reuse`: what clearing a reused stack costs.
@@ -93,6 +94,39 @@ fn carve_fresh(iters: u64) -> Duration {
     total
 }
 
+/// The floor under any fresh stack: the first touch of a never-used page
+/// (one page fault), `iters` pages 132 KiB apart in a reserved mapping, as
+/// pool slots are; only the touching is timed.
+fn first_touch_only(iters: u64) -> Duration {
+    let slot = STACK + page();
+    let mut total = Duration::ZERO;
+    let mut left = iters as usize;
+    while left > 0 {
+        let n = left.min(4096);
+        left -= n;
+        // SAFETY: a fresh anonymous mapping; we own it until munmap below.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                n * slot,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            let p = p as *mut u8;
+            let start = Instant::now();
+            for i in 1..=n {
+                touch_top(p.add(i * slot));
+            }
+            total += start.elapsed();
+            libc::munmap(p.cast(), n * slot);
+        }
+    }
+    total
+}
+
 fn mmap_guard_touch_munmap() {
     let page = page();
     let len = STACK + page;
@@ -125,6 +159,9 @@ fn fresh(c: &mut Criterion) {
     pin();
     let mut g = c.benchmark_group("fresh stack, top page touched");
     g.bench_function("vmtask pool carve", |b| b.iter_custom(carve_fresh));
+    g.bench_function("first touch of a reserved page only (floor)", |b| {
+        b.iter_custom(first_touch_only)
+    });
     g.bench_function("mmap+guard+touch+munmap (peer)", |b| {
         b.iter(mmap_guard_touch_munmap)
     });

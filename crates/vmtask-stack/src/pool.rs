@@ -164,16 +164,16 @@ impl PoolInner {
     #[cold]
     fn alloc_slow(&self) -> Result<NonNull<u8>, StackError> {
         overflow::prepare_thread();
-        let mut batch = Vec::with_capacity(self.layout.cache_size);
-        let released = {
+        // No allocation unless the depot has stacks: a carve should cost
+        // its guard and nothing else.
+        let (mut batch, released) = {
             let mut depot = self.depot.lock();
             let n = depot.stacks.len();
-            let take = n.min(self.layout.cache_size);
-            batch.extend(depot.stacks.drain(n - take..));
-            if take == 0 {
-                depot.released.pop()
+            if n == 0 {
+                (Vec::new(), depot.released.pop())
             } else {
-                None
+                let take = n.min(self.layout.cache_size);
+                (depot.stacks.split_off(n - take), None)
             }
         };
         if let Some(top) = released {

@@ -121,47 +121,78 @@ pub(crate) fn release(addr: usize, len: usize) {
 /// process_madvise on the calling process needs Linux 6.13); one `madvise`
 /// per range where that is refused.
 pub(crate) fn release_many(ranges: &[(usize, usize)]) {
-    static PIDFD: OnceLock<Option<libc::c_long>> = OnceLock::new();
     static REFUSED: AtomicBool = AtomicBool::new(false);
+    for chunk in ranges.chunks(1024) {
+        if !madvise_many(chunk, libc::MADV_DONTNEED, &REFUSED) {
+            for &(addr, len) in chunk {
+                release(addr, len);
+            }
+        }
+    }
+}
+
+/// Installs guard markers (`MADV_GUARD_INSTALL`) on many ranges with one
+/// `process_madvise(2)` call, or one `madvise` per range where the kernel
+/// refuses that. At most 1024 ranges.
+pub(crate) fn install_guard_markers(ranges: &[(usize, usize)]) -> Result<(), i32> {
+    static REFUSED: AtomicBool = AtomicBool::new(false);
+    debug_assert!(ranges.len() <= 1024, "one iovec batch (UIO_MAXIOV)");
+    if madvise_many(ranges, MADV_GUARD_INSTALL, &REFUSED) {
+        return Ok(());
+    }
+    // Installing a marker twice is harmless, so a partial batch may simply
+    // be redone range by range.
+    ranges
+        .iter()
+        .try_for_each(|&(addr, len)| madvise(addr, len, MADV_GUARD_INSTALL))
+}
+
+/// Applies `advice` to up to 1024 ranges of our own address space with one
+/// `process_madvise(2)` on a pidfd of this process. True if the kernel did
+/// the whole batch; false if the caller must fall back to `madvise` (no
+/// pidfd, a kernel that refuses this advice through process_madvise, which
+/// is then remembered in `refused`, or a partial result).
+fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &AtomicBool) -> bool {
+    static PIDFD: OnceLock<Option<libc::c_long>> = OnceLock::new();
     let pidfd = *PIDFD.get_or_init(|| {
         // SAFETY: pidfd_open on our own pid only creates a descriptor; it
         // stays open for the life of the process.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
         (fd >= 0).then_some(fd)
     });
-    for chunk in ranges.chunks(1024) {
-        if let (Some(fd), false) = (pidfd, REFUSED.load(Ordering::Relaxed)) {
-            let iov: Vec<libc::iovec> = chunk
-                .iter()
-                .map(|&(addr, len)| libc::iovec {
-                    iov_base: addr as *mut libc::c_void,
-                    iov_len: len,
-                })
-                .collect();
-            let total: usize = chunk.iter().map(|r| r.1).sum();
-            // SAFETY: `iov` holds `chunk.len()` valid iovecs describing
-            // ranges of our own arenas that nobody is using.
-            let done = unsafe {
-                libc::syscall(
-                    libc::SYS_process_madvise,
-                    fd,
-                    iov.as_ptr(),
-                    iov.len(),
-                    libc::MADV_DONTNEED,
-                    0,
-                )
-            };
-            if done >= 0 && done as usize == total {
-                continue;
-            }
-            if done < 0 && errno() == libc::EINVAL {
-                REFUSED.store(true, Ordering::Relaxed);
-            }
-        }
-        for &(addr, len) in chunk {
-            release(addr, len);
-        }
+    let Some(fd) = pidfd else { return false };
+    if refused.load(Ordering::Relaxed) {
+        return false;
     }
+    let iov: Vec<libc::iovec> = ranges
+        .iter()
+        .map(|&(addr, len)| libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect();
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    // SAFETY: `iov` holds `ranges.len()` valid iovecs describing ranges of
+    // our own arenas that nobody is using; the advice values callers pass
+    // (dontneed on free stacks, guard install on uncarved slots) never
+    // invalidate memory Rust code holds references to.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            fd,
+            iov.as_ptr(),
+            iov.len(),
+            advice,
+            0,
+        )
+    };
+    if done >= 0 && done as usize == total {
+        return true;
+    }
+    if done < 0 && errno() == libc::EINVAL {
+        refused.store(true, Ordering::Relaxed);
+    }
+    false
 }
 
 /// Faults in `[addr, addr + len)` for writing (`MADV_POPULATE_WRITE`).
@@ -211,6 +242,24 @@ mod tests {
         assert_eq!(page_ceil(page), page);
         assert_eq!(page_ceil(page + 1), 2 * page);
         assert_eq!(page_floor(page + 1), page);
+    }
+
+    #[test]
+    fn guard_markers_install_in_one_batch() {
+        if !guard_markers_supported() {
+            return;
+        }
+        let page = page_size();
+        let p = reserve(8 * page).unwrap();
+        let guards: Vec<_> = (0..4).map(|i| (p + 2 * i * page, page)).collect();
+        install_guard_markers(&guards).unwrap();
+        // A guard marker refuses to be populated; the page after it works.
+        for &(addr, len) in &guards {
+            assert_eq!(populate_write(addr, len), Err(libc::EFAULT));
+            populate_write(addr + page, page).unwrap();
+        }
+        // SAFETY: nothing uses the mapping any more.
+        unsafe { unmap(p, 8 * page) };
     }
 
     #[test]

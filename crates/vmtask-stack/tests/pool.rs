@@ -393,3 +393,29 @@ fn ensure_off_pool_stacks_is_a_no_op() {
     assert_eq!(vmtask_stack::remaining(), None);
     assert_eq!(vmtask_stack::ensure(1 << 40), Ok(()));
 }
+
+#[test]
+fn every_carved_stack_has_its_guard_across_guard_batches() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    if pool.guard_mode() != GuardMode::GuardMarker {
+        return;
+    }
+    // Guard markers are installed 32 slots at a time; 100 stacks cross
+    // several batches. A marker refuses MADV_POPULATE_WRITE with EFAULT,
+    // which probes it without a fault.
+    let stacks: Vec<_> = (0..100).map(|_| pool.alloc().unwrap()).collect();
+    for stack in &stacks {
+        let guard = stack.guard_range();
+        // SAFETY: populating only reads the page tables of our own range.
+        let rc = unsafe {
+            libc::madvise(
+                guard.start.cast(),
+                guard.end as usize - guard.start as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((rc, errno), (-1, Some(libc::EFAULT)), "{stack:?}");
+    }
+    assert_eq!(pool.stats().slots_carved, 100);
+}
