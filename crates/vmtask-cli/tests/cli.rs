@@ -73,3 +73,21 @@ fn bad_duration_is_an_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--secs"));
 }
+
+#[test]
+fn quick_tour_runs_every_experiment() {
+    let out_dir = std::env::temp_dir().join(format!("vmtask-cli-tour-{}", std::process::id()));
+    let out = vmtask(&["--quick", "--out", out_dir.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for section in ["## 1.", "## 2.", "## 3.", "## 4.", "## RCU stats"] {
+        assert!(stdout.contains(section), "{section} missing:\n{stdout}");
+    }
+    for chart in ["1-spawn-cost", "2-rcu-free", "3-memory", "4-balance"] {
+        assert!(
+            out_dir.join(format!("{chart}.svg")).is_file(),
+            "{chart}.svg"
+        );
+    }
+    std::fs::remove_dir_all(out_dir).unwrap();
+}
