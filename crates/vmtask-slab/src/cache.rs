@@ -2,6 +2,8 @@
 //! and the slabs together.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 
 use vmtask_percpu::CpuCache;
@@ -39,14 +41,22 @@ use crate::stats::{Event, SlabStats};
 /// when the cache is dropped; turning such a pointer back into a box needs
 /// the cache, so the pointer is dead by then.
 ///
+/// # Dropping
+///
 /// Dropping a cache that used [`free_rcu`](Self::free_rcu) waits for its RCU
 /// magazines (`vmtask_rcu::barrier`), and dropping a type-stable cache waits
-/// for a grace period before its memory goes back to the system; both panic
-/// inside a read-side critical section.
+/// for a grace period before its memory goes back to the system. Where it
+/// cannot wait, inside a read-side critical section or in an RCU callback
+/// (which `barrier` would wait for), the cache is **leaked** with a message
+/// on standard error: its slabs stay mapped and its objects are never
+/// dropped. Better to leak than to free memory that a magazine in flight or
+/// a reader may still reach. Drop such caches outside read-side sections,
+/// on an ordinary thread.
 pub struct SlabCache<T> {
     /// Boxed so that its address outlives moves of the cache: RCU magazines
-    /// in flight point at it.
-    pub(crate) shared: Box<Shared<T>>,
+    /// in flight point at it. Freed only by `Drop`, and only once no RCU
+    /// magazine or reader can reach it (never on unwind).
+    pub(crate) shared: ManuallyDrop<Box<Shared<T>>>,
 }
 
 pub(crate) struct Shared<T> {
@@ -88,7 +98,7 @@ impl<T: Send + 'static> SlabCache<T> {
             std::mem::align_of::<Slot<T>>(),
         )?;
         Ok(SlabCache {
-            shared: Box::new(Shared {
+            shared: ManuallyDrop::new(Box::new(Shared {
                 typesafe: config.typesafe_by_rcu,
                 magazines: Magazines::new(
                     CpuCache::new(config.magazine_size),
@@ -104,7 +114,7 @@ impl<T: Send + 'static> SlabCache<T> {
                 ),
                 rcu: RcuMagazines::new(config.magazine_size),
                 name: config.name,
-            }),
+            })),
         })
     }
 
@@ -214,16 +224,54 @@ impl<T> SlabCache<T> {
 
 impl<T> Drop for SlabCache<T> {
     fn drop(&mut self) {
-        if self.shared.rcu.used() {
-            // RCU magazines in flight point at `shared`; let them land.
-            vmtask_rcu::barrier();
+        let shared: &Shared<T> = &self.shared;
+        // RCU magazines in flight point at `shared` (free_rcu), and readers
+        // may still reach objects freed by free_rcu or, in a type-stable
+        // cache, any freed object.
+        let in_flight = shared.rcu.used();
+        let readers = shared.typesafe || in_flight;
+        if readers && vmtask_rcu::in_read_section() {
+            // Waiting here would wait for our own read-side section.
+            self.leak("inside an RCU read-side critical section");
+            return;
         }
-        if self.shared.typesafe || self.shared.rcu.used() {
-            // Readers may still be looking at objects freed by free_rcu or,
-            // in a type-stable cache, at any freed object.
-            vmtask_rcu::synchronize();
+        // `barrier` also panics on the RCU callback thread (the callback
+        // would wait for itself). A panic must not free `shared` early:
+        // it is in a `ManuallyDrop`, so catching it and returning leaks it.
+        let waited = catch_unwind(AssertUnwindSafe(|| {
+            if in_flight {
+                vmtask_rcu::barrier();
+            }
+            if readers {
+                vmtask_rcu::synchronize();
+            }
+        }));
+        if waited.is_err() {
+            self.leak("where it cannot wait for RCU (in an RCU callback?)");
+            return;
         }
-        // The fields drop now: the slabs drop their objects and unmap.
+        // SAFETY: dropped once, here, in `drop`; the callbacks of the RCU
+        // magazines have all run (`barrier`) and every reader that could
+        // have found an object has left (`synchronize`), so nothing else
+        // refers to `shared` any more. The slabs drop their objects and
+        // unmap.
+        unsafe { ManuallyDrop::drop(&mut self.shared) };
+    }
+}
+
+impl<T> SlabCache<T> {
+    /// Leaves the shared state (slabs, objects, magazines) allocated
+    /// forever, for a `Drop` that could not wait for RCU.
+    #[cold]
+    fn leak(&self, why: &str) {
+        let shared: &Shared<T> = &self.shared;
+        let slabs = shared.slabs.counts().slabs;
+        eprintln!(
+            "vmtask_slab: cache `{}` dropped {why}; leaking its {slabs} slabs ({} bytes) \
+             rather than freeing memory that RCU readers or callbacks may still reach",
+            shared.name,
+            slabs * shared.slabs.slab_bytes(),
+        );
     }
 }
 

@@ -19,7 +19,8 @@
 //! the magazine to the depot (`Magazines::put_returned`), which is safe from
 //! any thread. The cache's `Drop` waits (`vmtask_rcu::barrier`) for
 //! magazines in flight, since the callback reaches the cache through a raw
-//! pointer.
+//! pointer; where it cannot wait (inside a read-side section, or on the
+//! callback thread itself) it leaks the cache instead of freeing it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -150,12 +151,14 @@ impl<T> SlabCache<T> {
 ///
 /// # Safety
 /// `head` comes from `Magazine::into_head` with a `Shared<T>` owner that is
-/// still alive (the cache's `Drop` waits for callbacks with `barrier`).
+/// still alive (the cache's `Drop` waits for callbacks with `barrier`, and
+/// leaks the owner where it cannot).
 unsafe fn rcu_magazine_done<T>(head: *mut RcuHead) {
     // SAFETY: given up by `submit` and handed back once by RCU.
     let (magazine, owner) = unsafe { Magazine::from_head(head) };
-    // SAFETY: the owner is alive until `barrier` in its `Drop` returns,
-    // which waits for this callback.
+    // SAFETY: the owner is freed only after `barrier` in its `Drop`
+    // returned, which waits for this callback; a `Drop` that cannot call
+    // `barrier` (or whose `barrier` panics) leaks it instead.
     let shared = unsafe { &*owner.cast::<Shared<T>>() };
     let objects = magazine.objects.len() as u64;
     shared.magazines.put_returned(magazine, &shared.slabs);

@@ -686,3 +686,58 @@ fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
         "slabs went back to the system under the readers"
     );
 }
+
+/// Dropping a cache must wait for RCU; inside a read-side section it cannot,
+/// and must leak the cache rather than free memory that RCU magazines in
+/// flight, or readers of a type-stable cache, still point at.
+#[test]
+fn cache_dropped_inside_a_read_section_is_leaked_not_freed() {
+    for typesafe in [false, true] {
+        let (cache, built, drops) = tracked_cache(Config {
+            typesafe_by_rcu: typesafe,
+            ..Config::new("dropped-reading")
+        });
+        let object = cache.alloc().unwrap();
+        if typesafe {
+            drop(object);
+        } else {
+            cache.free_rcu(object);
+            cache.flush_rcu();
+            assert_eq!(cache.stats().rcu_magazines_in_flight, 1);
+        }
+        let guard = vmtask_rcu::read_lock();
+        let dropped = catch_unwind(AssertUnwindSafe(move || drop(cache)));
+        drop(guard);
+        assert!(dropped.is_ok(), "typesafe {typesafe}: drop must not panic");
+        assert!(built.load(Relaxed) > 0);
+        assert_eq!(
+            drops.load(Relaxed),
+            0,
+            "typesafe {typesafe}: objects freed with no grace period"
+        );
+        // The magazine in flight lands in the leaked cache, not in freed
+        // memory.
+        vmtask_rcu::barrier();
+    }
+}
+
+/// An RCU callback cannot wait for other callbacks (`barrier` would wait
+/// for itself), so a cache dropped there is leaked too.
+#[test]
+fn cache_dropped_by_an_rcu_callback_is_leaked_not_freed() {
+    let (cache, _built, drops) = tracked_cache(Config::new("dropped-in-callback"));
+    cache.free_rcu(cache.alloc().unwrap());
+    cache.flush_rcu();
+    let returned = Arc::new(AtomicBool::new(false));
+    let done = returned.clone();
+    vmtask_rcu::call(move || {
+        drop(cache);
+        done.store(true, Relaxed);
+    });
+    vmtask_rcu::barrier();
+    assert!(
+        returned.load(Relaxed),
+        "dropping the cache panicked on the callback thread"
+    );
+    assert_eq!(drops.load(Relaxed), 0, "objects freed with no barrier");
+}
