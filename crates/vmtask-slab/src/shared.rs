@@ -165,6 +165,24 @@ impl<T> fmt::Debug for SlabPtr<'_, T> {
 /// block of lock-free lookup tables. It holds a counted reference to what it
 /// stores; readers [`load`](Self::load) it under a read guard and take their
 /// own reference with [`SlabCache::try_get`].
+///
+/// Lookups need `T: Send + Sync`. A type-stable cache may hand a freed
+/// object to a new owner at once, and a reader's `try_get` on the address it
+/// found then shares that object with the owner's thread: `T` must be safe
+/// to share, as with `Arc<T>`. A `Cell` is refused:
+///
+/// ```compile_fail,E0277
+/// use std::cell::Cell;
+/// use vmtask_slab::{AtomicSlabArc, Config, SlabCache};
+///
+/// let config = Config { typesafe_by_rcu: true, ..Config::new("cells") };
+/// let cache = SlabCache::new(config, || Cell::new(0u64)).unwrap();
+/// // error: `Cell<u64>` cannot be shared between threads safely
+/// let cell = AtomicSlabArc::new(&cache).unwrap();
+/// cell.store(Some(cache.alloc_shared().unwrap()));
+/// let guard = vmtask_rcu::read_lock();
+/// let found = cell.get(&guard);
+/// ```
 pub struct AtomicSlabArc<'c, T> {
     cache: &'c SlabCache<T>,
     ptr: AtomicPtr<Slot<T>>,
@@ -182,7 +200,10 @@ impl<'c, T> AtomicSlabArc<'c, T> {
     /// [`SlabError::NotTypesafe`] unless `cache` is `typesafe_by_rcu`:
     /// without type stability a reader could find an object whose memory
     /// was already returned to the system.
-    pub fn new(cache: &'c SlabCache<T>) -> Result<Self, SlabError> {
+    pub fn new(cache: &'c SlabCache<T>) -> Result<Self, SlabError>
+    where
+        T: Send + Sync,
+    {
         if !cache.is_typesafe() {
             return Err(SlabError::NotTypesafe {
                 cache: cache.name().to_owned(),
@@ -240,7 +261,10 @@ impl<'c, T> AtomicSlabArc<'c, T> {
     /// `load` followed by `try_get`: a reference to the stored object,
     /// unless the cell was empty or the object was freed meanwhile. The
     /// object may have been reused: re-check its key.
-    pub fn get(&self, guard: &ReadGuard) -> Option<SlabArc<'c, T>> {
+    pub fn get(&self, guard: &ReadGuard) -> Option<SlabArc<'c, T>>
+    where
+        T: Send + Sync,
+    {
         let ptr = self.load(guard)?;
         self.cache.try_get(ptr, guard)
     }
@@ -272,14 +296,16 @@ impl<T> SlabCache<T> {
     /// or `None` if the object was freed since it was found. The object may
     /// have been reused for another key in between: re-check the key.
     ///
+    /// The object may meanwhile belong to a reference on another thread,
+    /// which the new one shares it with: hence `T: Send + Sync`.
+    ///
     /// # Panics
     /// If `ptr` was loaded from a cell of another cache.
     #[inline]
-    pub fn try_get<'c>(
-        &'c self,
-        ptr: SlabPtr<'_, T>,
-        _guard: &ReadGuard,
-    ) -> Option<SlabArc<'c, T>> {
+    pub fn try_get<'c>(&'c self, ptr: SlabPtr<'_, T>, _guard: &ReadGuard) -> Option<SlabArc<'c, T>>
+    where
+        T: Send + Sync,
+    {
         assert!(
             ptr::eq(ptr.cache, self),
             "SlabPtr of slab cache `{}` used with cache `{}`",
@@ -305,11 +331,10 @@ impl<T> SlabCache<T> {
     ///
     /// # Panics
     /// If the cache is not `typesafe_by_rcu`.
-    pub unsafe fn try_get_raw(
-        &self,
-        ptr: NonNull<T>,
-        _guard: &ReadGuard,
-    ) -> Option<SlabArc<'_, T>> {
+    pub unsafe fn try_get_raw(&self, ptr: NonNull<T>, _guard: &ReadGuard) -> Option<SlabArc<'_, T>>
+    where
+        T: Send + Sync,
+    {
         assert!(
             self.is_typesafe(),
             "try_get_raw on slab cache `{}`, which is not typesafe_by_rcu",
