@@ -96,7 +96,8 @@ impl<T> Deref for SlabBox<'_, T> {
     fn deref(&self) -> &T {
         // SAFETY: the box owns the constructed object alone; readers of a
         // type-stable cache that still hold its address only touch the
-        // header (`refs`, zero while boxed), never the value.
+        // header (`refs`, zero while boxed, so their `try_get` fails), never
+        // the value: that is their side of the contract (`shared.rs`).
         unsafe { value_of(self.slot).as_ref() }
     }
 }

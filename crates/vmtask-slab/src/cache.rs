@@ -122,7 +122,7 @@ impl<T: Send + 'static> SlabCache<T> {
     /// moving the free objects out of every CPU's magazine and the depot.
     /// Returns the bytes released: at once for a plain cache, after a grace
     /// period (on the RCU callback thread) for a type-stable one, since
-    /// readers may still be looking at its objects.
+    /// readers may still `try_get` its objects (touching their headers).
     ///
     /// Partly filled RCU magazines are sent on their grace period, so their
     /// objects come back for a later `shrink` (after `vmtask_rcu::barrier`).

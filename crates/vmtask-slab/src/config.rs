@@ -18,7 +18,9 @@ pub struct Config {
     pub name: String,
     /// `SLAB_TYPESAFE_BY_RCU`: a freed object may be reused at once, but its
     /// slab's memory goes back to the system only after a grace period, so
-    /// readers under `read_lock` may still look at it. Required for
+    /// readers under `read_lock` that found it may still try to take a
+    /// reference to it ([`try_get`](crate::SlabCache::try_get), which touches
+    /// only the object's reference count). Required for
     /// [`AtomicSlabArc`](crate::AtomicSlabArc) lookups. Default `false`.
     pub typesafe_by_rcu: bool,
     /// Objects in one magazine: the per-CPU cache's capacity and the unit in

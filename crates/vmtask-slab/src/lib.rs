@@ -15,9 +15,12 @@
 //! - **Type-stable memory** ([`Config::typesafe_by_rcu`], the kernel's
 //!   `SLAB_TYPESAFE_BY_RCU`): a freed object may be reused at once, but its
 //!   slab goes back to the system only after a grace period, so a reader
-//!   inside `vmtask_rcu::read_lock` that still holds its address reads a
-//!   valid `T` — possibly a different object of the same type. See
-//!   [`AtomicSlabArc`] and the pattern below.
+//!   inside `vmtask_rcu::read_lock` that still holds its address can safely
+//!   try to take a reference to it ([`SlabCache::try_get`]): its header, the
+//!   reference count, stays valid. The reader reaches the value only through
+//!   that counted reference, never before: the object may already belong to
+//!   a new owner that is writing to it — possibly as a different object of
+//!   the same type. See [`AtomicSlabArc`] and the pattern below.
 //! - **RCU frees that feed the cache.** [`SlabCache::free_rcu`] collects
 //!   deferred frees in a per-CPU RCU magazine that passes one grace period
 //!   whole and comes back as a full magazine, instead of arriving as a

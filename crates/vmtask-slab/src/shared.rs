@@ -1,9 +1,10 @@
 //! Shared objects and the type-stable lookup pattern.
 //!
 //! In a `typesafe_by_rcu` cache an object freed by its last [`SlabArc`] may
-//! be handed out again at once, but its memory stays a valid `T` (of this
-//! cache) until a grace period after its slab left the cache. That is
-//! enough for lock-free lookups, provided readers follow the pattern:
+//! be handed out again at once, but its memory stays a slot of this cache,
+//! with a valid reference count in its header, until a grace period after
+//! its slab left the cache. That is enough for lock-free lookups, provided
+//! readers follow the pattern:
 //!
 //! 1. enter `vmtask_rcu::read_lock()`;
 //! 2. find the object's address ([`AtomicSlabArc::load`]);
@@ -15,6 +16,14 @@
 //!
 //! Holding the reference keeps the object from being freed, so the key
 //! checked in step 4 stays put for as long as the reference is held.
+//!
+//! The contract between readers and owners: until its `try_get` succeeds, a
+//! reader touches only the object's header (the reference count), never the
+//! value. The object may already have been reused, and its new owner may
+//! hold it as a [`SlabBox`] and write to it through `&mut T` (plain writes,
+//! even to atomics: `get_mut`), so even an atomic load of the value would
+//! race. After `try_get` succeeds the count is non-zero, the object cannot
+//! be boxed, and every holder sees only `&T`.
 //!
 //! The safe API enforces steps 1–3: an [`AtomicSlabArc`] only stores
 //! objects of its own type-stable cache and holds a counted reference to
@@ -350,7 +359,8 @@ impl<T> SlabCache<T> {
     #[inline]
     unsafe fn try_get_slot(&self, slot: NonNull<Slot<T>>) -> Option<SlabArc<'_, T>> {
         // SAFETY: the slot's memory is a valid Slot<T> (caller's contract);
-        // only the atomic header is touched until a reference is held.
+        // only the atomic header is touched until a reference is held (the
+        // value may belong to a SlabBox writing it on another thread).
         if unsafe { slot.as_ref() }.refs.try_get() {
             // SAFETY: try_get took the reference handed over here.
             Some(unsafe { SlabArc::from_slot(self, slot) })

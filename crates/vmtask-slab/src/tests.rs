@@ -547,11 +547,18 @@ fn typesafe_shrink_keeps_memory_until_readers_leave() {
             found_tx.send(()).unwrap();
             freed_rx.recv().unwrap();
             std::thread::sleep(Duration::from_millis(50));
-            // The object was freed and its slab shrunk; its memory is
-            // still a valid Obj, and try_get refuses it.
+            // The object was freed and its slab shrunk; try_get refuses it.
             assert!(cache.try_get(found, &guard).is_none());
-            // SAFETY: the guard has been held since the object was
-            // allocated; the cache is typesafe_by_rcu.
+            // A reader may not read the value of an object it holds no
+            // reference to: in general a new owner may be writing it. Here
+            // nobody can own it: no thread allocates from this cache (the
+            // main thread only frees and shrinks it), and `shrink` took the
+            // object's slab out of the cache before `freed` was sent.
+            // SAFETY: the slab's objects are dropped and its memory
+            // released only a grace period after `shrink`, which our guard
+            // (held since the object was in the cell) holds off; until then
+            // the slot holds the unowned, constructed Obj, which nobody
+            // writes.
             let magic = unsafe { found.as_ptr().as_ref() }.magic.load(Relaxed);
             assert_eq!(magic, MAGIC, "slab memory released under a reader");
         });
