@@ -405,6 +405,10 @@ impl CpuCache {
                 backoff.snooze();
             }
         }
+        // The guard first: if the membarrier below panics, unwinding
+        // releases the area. Nothing has read or written `len` or the slots
+        // yet, so releasing it then publishes nothing.
+        let area = Exclusive { cache: self, cpu };
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if self.mode == CacheMode::Rseq {
             // The compare-exchange above is a locked instruction, so the
@@ -413,7 +417,7 @@ impl CpuCache {
             // on `cpu` and aborts the ones in flight.
             crate::rseq::fence_cpu(cpu);
         }
-        Exclusive { cache: self, cpu }
+        area
     }
 }
 
@@ -559,6 +563,33 @@ mod tests {
             rseq_cache_supported(),
             cache_mode()
         );
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn drain_whose_membarrier_fails_leaves_the_cpu_usable() {
+        if !rseq_cache_supported() {
+            eprintln!("SKIPPED drain_whose_membarrier_fails_leaves_the_cpu_usable: no rseq here");
+            return;
+        }
+        let cache = CpuCache::with_mode(4, CacheMode::Rseq);
+        std::thread::spawn(move || {
+            crate::pin_current_thread(0).unwrap();
+            cache.push(ptr(1)).unwrap();
+            crate::rseq::REFUSE_NEXT_FENCE.with(|refuse| refuse.set(true));
+            let mut out = Vec::new();
+            let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                cache.drain(0, usize::MAX, &mut out)
+            }));
+            assert!(drained.is_err(), "a refused membarrier panics");
+            assert!(out.is_empty());
+            assert_eq!(cache.push(ptr(2)), Ok(()), "CPU 0 left stopped");
+            assert_eq!(cache.pop(), Some(ptr(2)));
+            assert_eq!(cache.drain(0, usize::MAX, &mut out), 1);
+            assert_eq!(out, vec![ptr(1)]);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -55,6 +55,8 @@
 //! - Single-stepping through a section in a debugger restarts it forever;
 //!   step over the `asm!` block instead.
 
+#[cfg(test)]
+use std::cell::Cell;
 use std::mem::offset_of;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::OnceLock;
@@ -70,6 +72,13 @@ const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ: libc::c_int = 1 << 7;
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ: libc::c_int = 1 << 8;
 const MEMBARRIER_CMD_FLAG_CPU: libc::c_uint = 1 << 0;
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: this thread's next [`fence_cpu`] sees the kernel refuse
+    /// the membarrier, to exercise the panic path.
+    pub(crate) static REFUSE_NEXT_FENCE: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Whether the rseq fast path can be used in this process: glibc registered
 /// rseq (and the calling thread's `cpu_id` is valid), and the kernel offers
@@ -138,6 +147,11 @@ pub(crate) fn fence_cpu(cpu: usize) {
             cpu,
         );
     }
+    #[cfg(test)]
+    let rc = match REFUSE_NEXT_FENCE.with(Cell::take) {
+        true => -libc::c_long::from(libc::EINVAL),
+        false => rc,
+    };
     assert!(
         rc == 0,
         "membarrier(PRIVATE_EXPEDITED_RSEQ, cpu {cpu}) failed: {}",
