@@ -489,6 +489,34 @@ mod tests {
         NonNull::new((n * 16) as *mut u8).unwrap()
     }
 
+    /// Whether rseq mode works here, for tests of it; if not, says so
+    /// loudly, and fails where it should have worked: glibc registered rseq
+    /// and the kernel offers the rseq membarrier.
+    fn rseq_or_skip(test: &str) -> bool {
+        if rseq_cache_supported() {
+            return true;
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        assert!(
+            !(crate::rseq_available() && crate::rseq::kernel_offers_rseq_membarrier()),
+            "{test}: glibc registered rseq and the kernel offers the rseq membarrier, \
+             yet rseq_cache_supported() is false"
+        );
+        eprintln!("SKIPPED {test}: the rseq CpuCache is not supported on this machine");
+        false
+    }
+
+    /// Two CPUs this process may run on, if it has two.
+    fn two_cpus() -> Option<(usize, usize)> {
+        std::thread::spawn(|| {
+            let mut usable =
+                (0..crate::possible_cpus()).filter(|&c| crate::pin_current_thread(c).is_ok());
+            Some((usable.next()?, usable.next()?))
+        })
+        .join()
+        .unwrap()
+    }
+
     #[test]
     fn pop_returns_last_push_on_same_cpu() {
         for mode in MODES {
@@ -568,8 +596,7 @@ mod tests {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn drain_whose_membarrier_fails_leaves_the_cpu_usable() {
-        if !rseq_cache_supported() {
-            eprintln!("SKIPPED drain_whose_membarrier_fails_leaves_the_cpu_usable: no rseq here");
+        if !rseq_or_skip("drain_whose_membarrier_fails_leaves_the_cpu_usable") {
             return;
         }
         let cache = CpuCache::with_mode(4, CacheMode::Rseq);
@@ -762,11 +789,80 @@ mod tests {
 
     #[test]
     fn stress_push_pop_drain_keeps_every_pointer_once_rseq() {
-        if !rseq_cache_supported() {
-            eprintln!("rseq CpuCache unsupported here; skipping");
+        if !rseq_or_skip("stress_push_pop_drain_keeps_every_pointer_once_rseq") {
             return;
         }
         stress_every_pointer_accounted_once(CacheMode::Rseq);
+    }
+
+    /// One thread pushes (and now and then pops) on its CPU while another,
+    /// on a second CPU, drains the first CPU's area as fast as it can: the
+    /// drain must stop the pushes it races with (in rseq mode, the
+    /// membarrier), or a push committed over a drain loses or duplicates
+    /// pointers.
+    #[test]
+    fn remote_drain_racing_pushes_on_that_cpu_loses_nothing() {
+        const PUSHES: usize = 400_000;
+        let Some((home, remote)) = two_cpus() else {
+            eprintln!("SKIPPED remote_drain_racing_pushes_on_that_cpu_loses_nothing: one CPU");
+            return;
+        };
+        let rseq = rseq_or_skip("remote_drain_racing_pushes_on_that_cpu_loses_nothing (rseq)");
+        for mode in MODES {
+            if mode == CacheMode::Rseq && !rseq {
+                continue;
+            }
+            let cache = CpuCache::with_mode(8, mode);
+            let done = AtomicBool::new(false);
+            let (mut kept, drained) = std::thread::scope(|s| {
+                let drainer = s.spawn(|| {
+                    crate::pin_current_thread(remote).unwrap();
+                    let (mut out, mut drains) = (Vec::new(), 0usize);
+                    while !done.load(Ordering::Acquire) {
+                        cache.drain(home, 1 + drains % 8, &mut out);
+                        drains += 1;
+                    }
+                    out.into_iter()
+                        .map(|p| p.as_ptr() as usize)
+                        .collect::<Vec<_>>()
+                });
+                crate::pin_current_thread(home).unwrap();
+                let mut kept = Vec::new();
+                for i in 1..=PUSHES {
+                    let mut item = ptr(i);
+                    while let Err(back) = cache.push(item) {
+                        item = back; // full or being drained: retry
+                        std::hint::spin_loop();
+                    }
+                    if i % 5 == 0 {
+                        kept.extend(cache.pop());
+                    }
+                }
+                done.store(true, Ordering::Release);
+                (kept, drainer.join().unwrap())
+            });
+            cache.drain(home, usize::MAX, &mut kept);
+            assert_eq!(cache.total_len(), 0);
+            let drained_count = drained.len();
+            let mut all: Vec<usize> = kept
+                .iter()
+                .map(|p| p.as_ptr() as usize)
+                .chain(drained)
+                .collect();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(
+                all.len(),
+                kept.len() + drained_count,
+                "{mode}: a pointer was duplicated"
+            );
+            assert_eq!(all.len(), PUSHES, "{mode}: a pointer was lost");
+            assert!(
+                drained_count > 0,
+                "{mode}: the remote drain never found work"
+            );
+            eprintln!("{mode}: {drained_count} of {PUSHES} pushes drained from CPU {home} by CPU {remote}");
+        }
     }
 
     #[test]

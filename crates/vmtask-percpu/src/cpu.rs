@@ -238,22 +238,55 @@ mod tests {
     #[test]
     fn rseq_cpu_agrees_with_sched_getcpu_when_pinned() {
         let n = possible_cpus();
-        std::thread::spawn(move || {
+        let checked = std::thread::spawn(move || {
+            let mut checked = 0;
             for target in 0..n {
                 if pin_current_thread(target).is_err() {
                     continue; // CPU offline or outside our cpuset.
                 }
                 assert_eq!(cpu(), target);
                 assert_eq!(sched_getcpu(), target);
+                checked += 1;
             }
+            checked
         })
         .join()
         .unwrap();
+        assert!(checked > 0, "no CPU of {n} could be pinned to");
     }
 
+    /// glibc's registration, looked up here independently of
+    /// `init_cpu_read`: when glibc says it registered an rseq area, `cpu()`
+    /// must read it, and it must hold the CPU we are pinned to.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn rseq_is_used_on_this_machine_when_glibc_registers_it() {
-        // Not an assertion on the machine: report which path is in use.
-        eprintln!("rseq cpu read available: {}", rseq_available());
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only
+        // looks a symbol up.
+        let size = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) };
+        if size.is_null() {
+            eprintln!("SKIPPED: this libc exports no __rseq_size (glibc < 2.35)");
+            assert!(!rseq_available());
+            return;
+        }
+        // SAFETY: glibc's `const unsigned int __rseq_size`, set before main.
+        let size = unsafe { *(size as *const u32) };
+        if size == 0 {
+            eprintln!("SKIPPED: glibc registered no rseq area (tunable or kernel)");
+            assert!(!rseq_available());
+            return;
+        }
+        assert!(
+            rseq_available(),
+            "glibc registered a {size}-byte rseq area, but cpu() does not read it"
+        );
+        let offset = rseq_offset().expect("rseq available");
+        std::thread::spawn(move || {
+            pin_current_thread(sched_getcpu()).expect("pin to the current CPU");
+            assert_eq!(read_rseq_cpu(offset), Some(sched_getcpu()));
+            assert_eq!(cpu(), sched_getcpu());
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -110,6 +110,18 @@ pub(crate) fn supported() -> bool {
     })
 }
 
+/// Whether the kernel lists the rseq membarrier commands (Linux 5.10+,
+/// which added them together with `MEMBARRIER_CMD_FLAG_CPU`): then the rseq
+/// cache must be [`supported`] wherever glibc registered rseq.
+#[cfg(test)]
+pub(crate) fn kernel_offers_rseq_membarrier() -> bool {
+    let both = libc::c_long::from(
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ | MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ,
+    );
+    let query = membarrier(MEMBARRIER_CMD_QUERY, 0, 0);
+    query >= 0 && query & both == both
+}
+
 fn membarrier(cmd: libc::c_int, flags: libc::c_uint, cpu: libc::c_int) -> libc::c_long {
     // SAFETY: membarrier takes three integers and touches no user memory.
     let rc = unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, cpu) };
