@@ -25,6 +25,20 @@
 //! Migration makes the slot choice a hint, never a correctness problem: the
 //! lock (or the rseq abort), not the CPU number, gives exclusive access.
 //!
+//! # After `fork`
+//!
+//! The child of a `fork(2)` has only the forking thread, and this crate
+//! installs no fork handlers: a slot or area that another thread held at
+//! the moment of the fork (a [`PerCpu`] slot lock, a try-lock-mode
+//! [`CpuCache`] push or pop, a [`CpuCache::drain`] in either mode) stays
+//! held forever in the child. There, `try_current`, `try_lock`, `push` and
+//! `pop` on that CPU always fail (callers take their slow path), and
+//! [`PerCpu::lock`] and [`CpuCache::drain`] of that CPU spin forever. An
+//! rseq-mode push or pop in flight is harmless (it never commits). Safe in
+//! the child: structures created after the fork, structures no other thread
+//! was using at the fork (a single-threaded parent, or one that fences its
+//! threads around `fork`), and `exec` (always).
+//!
 //! ```
 //! use vmtask_percpu::PerCpu;
 //!

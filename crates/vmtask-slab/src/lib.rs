@@ -31,6 +31,20 @@
 //! the system so that `VmRSS` really drops, which `munmap` guarantees and
 //! `free(3)` does not (it may keep the pages in its arenas).
 //!
+//! # After `fork`
+//!
+//! This crate installs no fork handlers. In the child of a `fork(2)`, a
+//! cache that another parent thread was using at the moment of the fork
+//! may be left with a lock held by a thread that no longer exists: the
+//! depot's or the slab layer's mutex (then `alloc`, `free` and `shrink`
+//! that reach it block forever), or a CPU's magazine (see
+//! `vmtask_percpu`'s notes on `fork`: allocations on that CPU take the slow
+//! path, and `shrink` and `flush_rcu` spin forever). Objects that other
+//! threads held, and RCU magazines that the callback thread had taken but
+//! not yet returned (`vmtask_rcu` restarts it in the child), are leaked.
+//! Safe in the child: caches created after the fork, caches no other thread
+//! was using at the fork, and `exec` (always).
+//!
 //! # Example: a type-stable lookup table
 //!
 //! A reader finds an object under `read_lock`, takes a reference with
