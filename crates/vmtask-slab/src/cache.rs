@@ -55,7 +55,7 @@ use crate::stats::{Event, SlabStats};
 pub struct SlabCache<T> {
     /// Boxed so that its address outlives moves of the cache: RCU magazines
     /// in flight point at it. Freed only by `Drop`, and only once no RCU
-    /// magazine or reader can reach it (never on unwind).
+    /// magazine or reader can reach it (a panic in the waits leaks it).
     pub(crate) shared: ManuallyDrop<Box<Shared<T>>>,
 }
 
