@@ -10,9 +10,9 @@
 //! - `GpWord::futex`: -1 while an updater sleeps waiting for readers.
 //!
 //! Reader, outermost `lock`: `slot = gp.ctr` (relaxed), then a compiler
-//! barrier. Nested lock/unlock only add or subtract `GP_COUNT`. Outermost
-//! `unlock`: barrier, `slot -= GP_COUNT`, barrier, and wake the updater if
-//! `futex == -1`. No read-modify-write and no hardware fence.
+//! barrier. Nested lock/unlock only count in a thread-private word. The
+//! unlock that ends the section: barrier, `slot = 0`, barrier, and wake the
+//! updater if `futex == -1`. No read-modify-write and no hardware fence.
 //!
 //! Updater, one grace period (`grace_period`):
 //! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
@@ -40,7 +40,7 @@
 //! Without membarrier (`FenceMode::SeqCst`) readers issue the fence
 //! themselves.
 
-use crate::sync::{fence, spin, AtomicI32, AtomicUsize, Ordering};
+use crate::sync::{fence, spin, AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 /// One reader nesting level.
 pub(crate) const GP_COUNT: usize = 1;
@@ -73,9 +73,15 @@ impl GpWord {
     }
 }
 
-/// A reader's published state.
+/// A reader's state. `ctr` is published (the updater reads it); `nested`
+/// and `orphaned` are the owning thread's alone.
 pub(crate) struct ReaderCtr {
     pub(crate) ctr: AtomicUsize,
+    /// Live guards beyond the one that began the section.
+    nested: AtomicUsize,
+    /// The guard that began the section was dropped while nested guards
+    /// lived: the last of them ends the section.
+    orphaned: AtomicBool,
 }
 
 /// Which barrier readers use.
@@ -104,54 +110,85 @@ impl ReaderCtr {
     pub(crate) fn new() -> Self {
         ReaderCtr {
             ctr: AtomicUsize::new(0),
+            nested: AtomicUsize::new(0),
+            orphaned: AtomicBool::new(false),
         }
     }
 
-    /// Nesting depth (0: outside any read-side section).
+    /// Whether the owning thread is inside a read-side section.
     #[cfg_attr(all(loom, test), allow(dead_code))]
     #[inline]
-    pub(crate) fn depth(&self) -> usize {
-        self.ctr.load(Ordering::Relaxed) & NEST_MASK
+    pub(crate) fn active(&self) -> bool {
+        self.ctr.load(Ordering::Relaxed) & NEST_MASK != 0
     }
 
-    /// `rcu_read_lock`. Only the owning thread calls this.
+    /// `rcu_read_lock`. Only the owning thread calls this. Returns whether
+    /// this lock began the section (the guard must pass it to `unlock`).
+    ///
+    /// Nesting is counted apart from `ctr`, so that a section's unlock
+    /// never reads back the `ctr` its lock just stored: back-to-back
+    /// sections then carry one store-to-load dependency, not two.
     #[inline]
-    pub(crate) fn lock(&self, gp: &GpWord, mode: FenceMode) {
+    pub(crate) fn lock(&self, gp: &GpWord, mode: FenceMode) -> bool {
         // Only this thread writes `ctr`, so a relaxed read sees our own value.
-        let tmp = self.ctr.load(Ordering::Relaxed);
-        if tmp & NEST_MASK == 0 {
+        if self.ctr.load(Ordering::Relaxed) & NEST_MASK == 0 {
             self.ctr
                 .store(gp.ctr.load(Ordering::Relaxed), Ordering::Relaxed);
             // Orders the slot store before the section's data loads (with
             // the updater's membarrier; see the module header).
             reader_barrier(mode);
+            true
         } else {
+            let nested = self.nested.load(Ordering::Relaxed);
             assert!(
-                tmp & NEST_MASK != NEST_MASK,
-                "vmtask_rcu::read_lock nested more than {NEST_MASK} deep"
+                nested < usize::MAX / 2,
+                "vmtask_rcu::read_lock nested too deep"
             );
-            self.ctr.store(tmp + GP_COUNT, Ordering::Relaxed);
+            self.nested.store(nested + 1, Ordering::Relaxed);
+            false
         }
     }
 
-    /// `rcu_read_unlock`. Returns true when the outermost section ended and
-    /// an updater sleeps waiting for readers: the caller must wake it.
+    /// `rcu_read_unlock` of the guard `lock` returned `began` for. Returns
+    /// true when the section ended and an updater sleeps waiting for
+    /// readers: the caller must wake it.
     #[inline]
-    pub(crate) fn unlock(&self, gp: &GpWord, mode: FenceMode) -> bool {
-        let tmp = self.ctr.load(Ordering::Relaxed);
-        if tmp & NEST_MASK == GP_COUNT {
-            // The section's data loads complete before the slot says
-            // "quiescent".
-            reader_barrier(mode);
-            self.ctr.store(tmp - GP_COUNT, Ordering::Relaxed);
-            // The slot store is ordered before the futex load, pairing with
-            // the updater's "futex = -1; membarrier; re-check slot".
-            reader_barrier(mode);
-            gp.futex.load(Ordering::Relaxed) == -1
+    pub(crate) fn unlock(&self, gp: &GpWord, mode: FenceMode, began: bool) -> bool {
+        let nested = self.nested.load(Ordering::Relaxed);
+        if began {
+            if nested != 0 {
+                // Dropped before guards nested in it: they keep the section.
+                self.orphaned.store(true, Ordering::Relaxed);
+                return false;
+            }
         } else {
-            self.ctr.store(tmp - GP_COUNT, Ordering::Relaxed);
-            false
+            self.nested.store(nested - 1, Ordering::Relaxed);
+            if nested != 1 || !self.orphaned.load(Ordering::Relaxed) {
+                return false;
+            }
+            self.orphaned.store(false, Ordering::Relaxed);
         }
+        self.end_section(gp, mode)
+    }
+
+    #[inline]
+    fn end_section(&self, gp: &GpWord, mode: FenceMode) -> bool {
+        // The section's data loads complete before the slot says
+        // "quiescent".
+        reader_barrier(mode);
+        self.ctr.store(0, Ordering::Relaxed);
+        // The slot store is ordered before the futex load, pairing with the
+        // updater's "futex = -1; heavy barrier; re-check slot".
+        reader_barrier(mode);
+        gp.futex.load(Ordering::Relaxed) == -1
+    }
+
+    /// The owning thread is gone (or forked away): its sections are over.
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    pub(crate) fn reset(&self) {
+        self.nested.store(0, Ordering::Relaxed);
+        self.orphaned.store(false, Ordering::Relaxed);
+        self.ctr.store(0, Ordering::Release);
     }
 
     /// Whether this reader is in a section that began before the last flip
@@ -263,13 +300,13 @@ mod loom_model {
             let r = s.clone();
             let reader = loom::thread::spawn(move || {
                 for _ in 0..reader_sections {
-                    r.reader.lock(&r.gp, mode);
+                    let began = r.reader.lock(&r.gp, mode);
                     let obj = r.published.load(Ordering::Acquire);
                     assert!(
                         !r.freed[obj].load(Ordering::Relaxed),
                         "reader saw a freed object"
                     );
-                    let _ = r.reader.unlock(&r.gp, mode);
+                    let _ = r.reader.unlock(&r.gp, mode, began);
                 }
             });
             s.published.store(1, Ordering::Release);

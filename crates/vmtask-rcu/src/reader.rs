@@ -12,6 +12,8 @@ use crate::registry::{self, Slot};
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct ReadGuard {
     slot: &'static Slot,
+    /// This guard's lock began the section.
+    began: bool,
     /// The slot is a temporary one (thread-local storage already torn
     /// down) and is released with the guard.
     temporary: bool,
@@ -28,9 +30,10 @@ pub fn read_lock() -> ReadGuard {
         Ok(slot) => (slot, false),
         Err(slot) => (slot, true),
     };
-    slot.reader.lock(&GP, crate::fence::reader_mode());
+    let began = slot.reader.lock(&GP, crate::fence::reader_mode());
     ReadGuard {
         slot,
+        began,
         temporary,
         _not_send: PhantomData,
     }
@@ -39,7 +42,11 @@ pub fn read_lock() -> ReadGuard {
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        if self.slot.reader.unlock(&GP, crate::fence::reader_mode()) {
+        if self
+            .slot
+            .reader
+            .unlock(&GP, crate::fence::reader_mode(), self.began)
+        {
             crate::grace::wake_updater();
         }
         if self.temporary {
@@ -51,7 +58,7 @@ impl Drop for ReadGuard {
 impl std::fmt::Debug for ReadGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadGuard")
-            .field("depth", &self.slot.reader.depth())
+            .field("began_section", &self.began)
             .finish()
     }
 }
@@ -61,5 +68,5 @@ impl std::fmt::Debug for ReadGuard {
 /// this.
 #[inline]
 pub fn in_read_section() -> bool {
-    registry::current_if_registered().is_some_and(|slot| slot.reader.depth() != 0)
+    registry::current_if_registered().is_some_and(|slot| slot.reader.active())
 }

@@ -84,8 +84,8 @@ pub(crate) fn acquire_slot() -> &'static Slot {
 /// Gives a slot back. A thread that exits inside a section (it leaked a
 /// guard) is quiescent from now on: it can read nothing more.
 pub(crate) fn release_slot(slot: &'static Slot) {
-    let was_active = slot.reader.depth() != 0;
-    slot.reader.ctr.store(0, Ordering::Release);
+    let was_active = slot.reader.active();
+    slot.reader.reset();
     slot.in_use.store(false, Ordering::Release);
     if was_active {
         crate::grace::wake_updater();
@@ -168,7 +168,7 @@ pub(crate) fn after_fork_child() {
     let registry = REGISTRY.lock();
     for slot in registry.iter() {
         if Some(*slot as *const Slot) != mine {
-            slot.reader.ctr.store(0, Ordering::Relaxed);
+            slot.reader.reset();
             // The owner is gone: its bag's entries are dropped by whoever
             // takes the slot next (at its exit) or a flusher.
             slot.bag.reset_after_fork();

@@ -30,6 +30,25 @@ fn guards_may_be_dropped_out_of_order() {
 }
 
 #[test]
+fn a_section_outlives_its_first_guard_while_later_guards_live() {
+    let first = read_lock();
+    let second = read_lock();
+    drop(first);
+    let third = read_lock();
+    assert!(in_read_section());
+    drop(second);
+    assert!(in_read_section(), "the third guard still holds the section");
+    drop(third);
+    assert!(!in_read_section());
+    // A fresh section after the orphaned one behaves normally.
+    let again = read_lock();
+    assert!(in_read_section());
+    drop(again);
+    assert!(!in_read_section());
+    synchronize();
+}
+
+#[test]
 fn synchronize_waits_for_a_reader_that_started_before_it() {
     let entered = Arc::new(AtomicBool::new(false));
     let released = Arc::new(AtomicBool::new(false));
