@@ -517,6 +517,7 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
     ensure_thread();
     let q = &callbacks().queues[cpu()];
     q.queued.fetch_add(BAG_CAPACITY as u64, Ordering::Relaxed);
+    BACKLOG_HIGH.fetch_max(backlog(), Ordering::Relaxed);
     // Frees may not run inside a read-side section (a drop could wait for a
     // grace period) nor from a callback.
     let may_run = !crate::in_read_section() && !on_callback_thread();
