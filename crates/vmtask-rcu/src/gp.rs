@@ -93,9 +93,10 @@ pub(crate) enum FenceMode {
     SeqCst,
 }
 
-/// The reader side's `smp_mb_slave()`.
+/// The reader side's `smp_mb_slave()`: what a thread that relies on the
+/// updater's heavy barrier issues (readers, and owners in `handoff.rs`).
 #[inline(always)]
-fn reader_barrier(mode: FenceMode) {
+pub(crate) fn reader_barrier(mode: FenceMode) {
     match mode {
         FenceMode::SeqCst => fence(Ordering::SeqCst),
         #[cfg(not(all(loom, test)))]

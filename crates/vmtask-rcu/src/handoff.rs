@@ -8,25 +8,12 @@
 //!   CPU running the owner); wait while `busy` (acquire); own the data
 //!   until `steal = 0` (release).
 
-use crate::gp::FenceMode;
-use crate::sync::{fence, AtomicBool, Ordering};
+use crate::gp::{reader_barrier, FenceMode};
+use crate::sync::{AtomicBool, Ordering};
 
 pub(crate) struct Handoff {
     busy: AtomicBool,
     steal: AtomicBool,
-}
-
-/// The owner side's barrier between publishing `busy` and reading `steal`.
-#[inline(always)]
-fn owner_barrier(mode: FenceMode) {
-    match mode {
-        FenceMode::SeqCst => fence(Ordering::SeqCst),
-        #[cfg(not(all(loom, test)))]
-        FenceMode::Membarrier => crate::sync::compiler_fence(Ordering::SeqCst),
-        // Loom cannot run membarrier; model it as the fence it forces.
-        #[cfg(all(loom, test))]
-        FenceMode::Membarrier => fence(Ordering::SeqCst),
-    }
 }
 
 impl Handoff {
@@ -42,7 +29,7 @@ impl Handoff {
     #[inline(always)]
     pub(crate) fn owner_enter(&self, mode: FenceMode) -> bool {
         self.busy.store(true, Ordering::Relaxed);
-        owner_barrier(mode);
+        reader_barrier(mode);
         if self.steal.load(Ordering::Acquire) {
             self.busy.store(false, Ordering::Release);
             return false;
@@ -116,7 +103,7 @@ mod loom_model {
                 pushed
             });
             handoff.flusher_mark();
-            fence(Ordering::SeqCst); // the heavy barrier
+            crate::sync::fence(Ordering::SeqCst); // the heavy barrier
             handoff.flusher_acquire();
             // SAFETY: the protocol gives the flusher the data.
             let stolen = data.with_mut(|v| unsafe { std::mem::take(&mut *v) });
