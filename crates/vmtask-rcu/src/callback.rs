@@ -446,7 +446,8 @@ unsafe fn queue_node(node: *mut RcuHead, count: u64) {
 /// Queues `f(head)` to run after a grace period, with no allocation:
 /// the head lives inside the object, as the kernel's `call_rcu`.
 ///
-/// Callbacks queued on one CPU run in order, on the callback thread.
+/// Callbacks queued on one CPU run in order, one at a time, on the
+/// callback thread or a thread helping it (see [`call`]).
 ///
 /// # Safety
 /// - `head` points to a valid `RcuHead` that is not queued, and stays
@@ -461,7 +462,9 @@ pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
     unsafe { queue_node(head, 1) };
 }
 
-/// Runs `f` after a grace period, on the callback thread.
+/// Runs `f` after a grace period, on the callback thread (or on a thread
+/// that helps it: one throttled by the backlog limits, or waiting in
+/// `barrier`).
 pub fn call<F: FnOnce() + Send + 'static>(f: F) {
     let node = Box::into_raw(Box::new(CallNode {
         head: RcuHead::new(),
@@ -472,10 +475,14 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
     unsafe { call_intrusive(node.cast::<RcuHead>(), run_call_node::<F>) };
 }
 
-/// Drops `value` after a grace period, on the callback thread.
+/// Drops `value` after a grace period.
 ///
-/// Drops are batched per CPU (no allocation per object in the common
-/// case), so their order relative to other callbacks is unspecified;
+/// Drops are batched per thread with plain stores (no allocation and no
+/// atomic read-modify-write per object). A full batch waits for its grace
+/// period and is then dropped by the same thread, on a later `defer_drop`,
+/// so memory returns to that thread's allocator caches; batches of threads
+/// that stop deferring, exit, or meet `barrier()` run on the callback
+/// thread instead. Their order relative to other callbacks is unspecified;
 /// `barrier()` waits for them all the same.
 pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
     unsafe fn drop_box<T>(data: *mut ()) {

@@ -16,8 +16,11 @@
 //! - **Grace periods.** [`synchronize`] returns after every read-side
 //!   section that began before it has ended. Concurrent callers share grace
 //!   periods.
-//! - **Callbacks** run on one background thread, in batches, one grace
+//! - **Callbacks** are taken by one background thread in batches, one grace
 //!   period per batch; [`barrier`] waits for all queued before it.
+//!   [`defer_drop`] batches per thread and, once the grace period has
+//!   passed, drops on the thread that deferred, so memory goes back to
+//!   that thread's allocator caches.
 //! - **Bounded memory.** Past a soft backlog of queued callbacks a grace
 //!   period starts at once; past a hard limit, queuing waits for the
 //!   backlog to drain ([`set_backlog_limits`]).
