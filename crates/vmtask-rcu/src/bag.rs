@@ -115,6 +115,11 @@ pub(crate) struct LocalBag {
     has_entries: AtomicBool,
     /// Bags filled so far; a flusher treats an unchanged count as idle.
     filled: AtomicU64,
+    /// The owner is running a bag it took out of `waiting` (outside the
+    /// hand-off), and `runs` counts the bags it has finished: `barrier`
+    /// waits for a run it saw in progress.
+    running: AtomicBool,
+    runs: AtomicU64,
     owned: UnsafeCell<Owned>,
 }
 
@@ -141,6 +146,8 @@ impl LocalBag {
             handoff: Handoff::new(),
             has_entries: AtomicBool::new(false),
             filled: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+            runs: AtomicU64::new(0),
             owned: UnsafeCell::new(Owned {
                 current: None,
                 waiting: VecDeque::new(),
@@ -221,6 +228,11 @@ impl LocalBag {
                 } else {
                     None
                 };
+                if bag.is_some() {
+                    // Published by the hand-off's release: a flusher that
+                    // takes the bags after us sees this run in progress.
+                    self.running.store(true, Ordering::Relaxed);
+                }
                 (bag, owned.waiting.len(), snap)
             });
             match next {
@@ -229,6 +241,13 @@ impl LocalBag {
                     // everyone else) rather than let garbage pile up.
                     grace::wait(snap);
                     bag.run();
+                    // `running` clears before `runs` counts the run (both
+                    // released): a flusher that reads `runs` and then sees
+                    // `running` set knows the count has not moved yet.
+                    // `runs` has one writer: a plain increment.
+                    self.running.store(false, Ordering::Release);
+                    self.runs
+                        .store(self.runs.load(Ordering::Relaxed) + 1, Ordering::Release);
                     done = Some(bag);
                 }
                 Some((None, left, oldest)) => return (left, oldest),
@@ -237,12 +256,14 @@ impl LocalBag {
         }
     }
 
-    /// Owner only (thread exit): takes every bag, waiting out a flusher.
-    pub(crate) fn take_own(&self, out: &mut Vec<Box<Bag>>) {
+    /// Owner only (thread exit): hands every bag to `give` while still
+    /// holding the hand-off, so a `barrier` either finds the bags here or
+    /// after `give` has queued them (before its own callbacks).
+    pub(crate) fn hand_over_own(&self, mut give: impl FnMut(Box<Bag>)) {
         loop {
             let taken = self.with_owned(|owned| {
-                out.extend(owned.current.take());
-                out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
+                owned.current.take().into_iter().for_each(&mut give);
+                owned.waiting.drain(..).for_each(|(_, bag)| give(bag));
             });
             if taken.is_some() {
                 self.has_entries.store(false, Ordering::Relaxed);
@@ -250,6 +271,11 @@ impl LocalBag {
             }
             self.handoff.owner_wait_for_flusher();
         }
+    }
+
+    /// Bags the owner has finished running (see `running`).
+    pub(crate) fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Acquire)
     }
 
     /// In the fork child, for a slot whose owner did not survive the fork:
@@ -269,16 +295,27 @@ impl LocalBag {
 
 static FLUSH_LOCK: Mutex<()> = Mutex::new(());
 
+/// A run of a thread's own bag that a flusher saw in progress: done once
+/// `slot.bag.runs()` exceeds the count.
+pub(crate) type RunInProgress = (&'static crate::registry::Slot, u64);
+
 /// Takes the bags of every registered thread for which `choose` says yes
-/// (a flusher, see the module header).
+/// (a flusher, see the module header). With `in_progress`, also reports
+/// the chosen threads' own runs in progress, which a `barrier` must wait
+/// for.
 pub(crate) fn steal(
     out: &mut Vec<Box<Bag>>,
+    mut in_progress: Option<&mut Vec<RunInProgress>>,
     mut choose: impl FnMut(&crate::registry::Slot) -> bool,
 ) {
     let _flusher = FLUSH_LOCK.lock();
     let mut slots = Vec::new();
     crate::registry::snapshot(&mut slots);
-    slots.retain(|slot| slot.bag.has_entries() && choose(slot));
+    let want_runs = in_progress.is_some();
+    slots.retain(|slot| {
+        let bag = &slot.bag;
+        (bag.has_entries() || (want_runs && bag.running.load(Ordering::Relaxed))) && choose(slot)
+    });
     if slots.is_empty() {
         return;
     }
@@ -295,14 +332,32 @@ pub(crate) fn steal(
         out.extend(owned.current.take().filter(|b| b.len > 0));
         out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
         bag.has_entries.store(false, Ordering::Relaxed);
+        if let Some(runs) = in_progress.as_deref_mut() {
+            // `runs` first: if `running` is then still set, the run in
+            // progress has not been counted in what we read.
+            let done = bag.runs.load(Ordering::Acquire);
+            if bag.running.load(Ordering::Acquire) {
+                runs.push((*slot, done));
+            }
+        }
         bag.handoff.flusher_release();
     }
 }
 
-/// In the fork child: a flusher that held the lock is gone.
+/// Before `fork`: no flusher may be half-way through a thread's bags.
+pub(crate) fn before_fork() {
+    std::mem::forget(FLUSH_LOCK.lock());
+}
+
+/// In the parent after `fork`.
+pub(crate) fn after_fork_parent() {
+    // SAFETY: `before_fork` locked it on this thread and leaked the guard.
+    unsafe { FLUSH_LOCK.force_unlock() };
+}
+
+/// In the fork child: `before_fork` held the lock across the fork.
 pub(crate) fn after_fork_child() {
-    if FLUSH_LOCK.is_locked() {
-        // SAFETY: its holder does not exist in the child.
-        unsafe { FLUSH_LOCK.force_unlock() };
-    }
+    // SAFETY: `before_fork` locked it on the forking thread, the only
+    // thread of the child, and leaked the guard.
+    unsafe { FLUSH_LOCK.force_unlock() };
 }

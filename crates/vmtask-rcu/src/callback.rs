@@ -410,23 +410,18 @@ fn check_backlog() {
     if !URGENT.load(Ordering::Relaxed) {
         wake_thread_urgent();
     }
-    // Callbacks may not run inside a read-side section (they could wait
-    // for a grace period), nor re-enter from a callback.
-    if on_callback_thread() || crate::in_read_section() {
+    // Waiting inside a read-side section would wait for ourselves, and the
+    // callback thread cannot wait for itself.
+    if backlog <= hard as u64 || on_callback_thread() || crate::in_read_section() {
         return;
     }
-    // Past the soft limit, help: invoke a ready batch here.
-    invoke_ready();
-    if backlog <= hard as u64 {
-        return;
-    }
+    // Wait, but never run other threads' callbacks here: the caller may
+    // hold locks those callbacks take.
     THROTTLED.fetch_add(1, Ordering::Relaxed);
     DRAIN_WAITERS.fetch_add(1, Ordering::SeqCst);
     while self::backlog() > soft as u64 {
-        if !invoke_ready() {
-            let mut lock = DRAINED.0.lock();
-            DRAINED.1.wait_for(&mut lock, Duration::from_millis(1));
-        }
+        let mut lock = DRAINED.0.lock();
+        DRAINED.1.wait_for(&mut lock, Duration::from_millis(1));
     }
     DRAIN_WAITERS.fetch_sub(1, Ordering::SeqCst);
 }
@@ -463,8 +458,13 @@ pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
 }
 
 /// Runs `f` after a grace period, on the callback thread (or on a thread
-/// that helps it: one throttled by the backlog limits, or waiting in
-/// `barrier`).
+/// waiting in [`barrier`], which helps it).
+///
+/// Past the hard backlog limit ([`set_backlog_limits`]) the call waits for
+/// the backlog to drain, unless the caller is inside a read-side section or
+/// is the callback thread. A callback that needs a lock the caller holds
+/// while it queues can therefore stall at that limit: queue such callbacks
+/// outside the lock.
 pub fn call<F: FnOnce() + Send + 'static>(f: F) {
     let node = Box::into_raw(Box::new(CallNode {
         head: RcuHead::new(),
@@ -484,6 +484,12 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// that stop deferring, exit, or meet `barrier()` run on the callback
 /// thread instead. Their order relative to other callbacks is unspecified;
 /// `barrier()` waits for them all the same.
+///
+/// So, as with crossbeam-epoch's deferred functions, the drops of objects
+/// deferred earlier may run inside a later `defer_drop` on the same thread
+/// (never inside a read-side section). Do not defer objects whose `Drop`
+/// takes a lock the deferring thread may hold while it calls `defer_drop`;
+/// give those to [`call`], whose callbacks run only on the callback thread.
 pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
     unsafe fn drop_box<T>(data: *mut ()) {
         // SAFETY: `data` came from `Box::into_raw` below.
@@ -560,7 +566,15 @@ fn request_grace_period(urgent: bool) {
 
 /// Queues a bag taken from a thread on `cpu`'s queue. Its entries were
 /// counted as queued when it filled, except a partial bag's.
-pub(crate) fn queue_bag(cpu: usize, mut bag: Box<Bag>) {
+pub(crate) fn queue_bag(cpu: usize, bag: Box<Bag>) {
+    let (before, count) = push_bag(cpu, bag);
+    after_queue(before, count);
+}
+
+/// `queue_bag` without the wake-up and the backlog check, for callers
+/// that may not block or run callbacks (a thread exiting while it holds
+/// its bags); they call `wake_after_push` afterwards.
+pub(crate) fn push_bag(cpu: usize, mut bag: Box<Bag>) -> (u64, u64) {
     let count = if bag.len == BAG_CAPACITY {
         0
     } else {
@@ -572,7 +586,13 @@ pub(crate) fn queue_bag(cpu: usize, mut bag: Box<Bag>) {
     // SAFETY: a leaked bag whose first field is the head, freed by
     // `run_bag`; entries obey `defer_raw`'s contract.
     unsafe { q.push(Box::into_raw(bag).cast::<RcuHead>(), count) };
-    after_queue(before, count);
+    (before, count)
+}
+
+/// Starts or wakes the callback thread after `push_bag`.
+pub(crate) fn wake_after_push() {
+    ensure_thread();
+    wake_thread();
 }
 
 #[cold]
@@ -588,9 +608,10 @@ fn defer_one(data: *mut (), drop_fn: unsafe fn(*mut ())) {
 }
 
 /// Moves threads' bags to the shared queues: every thread's (`all`, for
-/// `barrier`), or those of threads that filled no bag for `IDLE_AFTER`
-/// (idle ones, whose bags would otherwise wait for them forever).
-fn flush_bags(all: bool) -> usize {
+/// `barrier`, which also gets the threads' own runs in progress to wait
+/// for), or those of threads that filled no bag for `IDLE_AFTER` (idle
+/// ones, whose bags would otherwise wait for them forever).
+fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
     thread_local! {
         /// Per slot: the fill count last seen and since when.
         static LAST_FILLED: std::cell::RefCell<std::collections::HashMap<usize, (u64, Instant)>> =
@@ -598,9 +619,10 @@ fn flush_bags(all: bool) -> usize {
     }
     let now = Instant::now();
     let mut bags = Vec::new();
+    let mut runs = Vec::new();
     LAST_FILLED.with(|last| {
         let mut last = last.borrow_mut();
-        crate::bag::steal(&mut bags, |slot| {
+        crate::bag::steal(&mut bags, all.then_some(&mut runs), |slot| {
             let key = slot as *const crate::registry::Slot as usize;
             let filled = slot.bag.filled();
             let seen = last.entry(key).or_insert((filled, now));
@@ -610,12 +632,11 @@ fn flush_bags(all: bool) -> usize {
             all || now.duration_since(seen.1) >= IDLE_AFTER
         });
     });
-    let flushed = bags.len();
     let cpu = cpu();
     for bag in bags {
         queue_bag(cpu, bag);
     }
-    flushed
+    runs
 }
 
 /// Whether anything waits to be processed (a hint: racy by design, made
@@ -649,10 +670,9 @@ static INVOKING: Mutex<()> = Mutex::new(());
 /// Invokes the oldest ready batch, if there is one and nobody else is
 /// invoking. Returns whether it did.
 ///
-/// The callback thread calls this after each grace period; callers
-/// throttled by the backlog and `barrier` call it too, so the frees run
-/// on the threads that made the garbage (cache-hot memory, the
-/// allocator's thread-local lists) while the callback thread starts the
+/// The callback thread calls this after each grace period; a thread
+/// waiting in `barrier` calls it too (it would wait for the same callbacks
+/// anyway), so the callbacks run while the callback thread starts the
 /// next grace period.
 fn invoke_ready() -> bool {
     let Some(_invoking) = INVOKING.try_lock() else {
@@ -758,7 +778,7 @@ pub fn barrier() {
     );
     let cb = callbacks();
     ensure_thread();
-    flush_bags(true);
+    let runs_in_progress = flush_bags(true);
     let state = Arc::new(BarrierState {
         remaining: AtomicUsize::new(cb.queues.len()),
         waiter: std::thread::current(),
@@ -780,11 +800,31 @@ pub fn barrier() {
             std::thread::park_timeout(Duration::from_millis(1));
         }
     }
+    // Bags their threads took out to run just before we took the rest.
+    for (slot, done) in runs_in_progress {
+        while slot.bag.runs() <= done {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Before `fork`: no queue is being spliced.
+pub(crate) fn before_fork() {
+    std::mem::forget(callbacks().consumer.lock());
+}
+
+/// In the parent after `fork`.
+pub(crate) fn after_fork_parent() {
+    // SAFETY: `before_fork` locked it on this thread and leaked the guard.
+    unsafe { callbacks().consumer.force_unlock() };
 }
 
 /// In the fork child: the callback thread is gone; start anew on next use.
-/// Batches it had taken but not invoked are lost (leaked) in the child.
+/// Batches it had taken but not invoked are lost (leaked) in the child,
+/// and the backlog count starts again from zero so that they cannot
+/// throttle the child forever.
 pub(crate) fn after_fork_child() {
+    INVOKED.store(queued_total(), Ordering::SeqCst);
     STARTED.store(0, Ordering::SeqCst);
     SLEEPING.store(false, Ordering::SeqCst);
     // SAFETY: the only thread in the child; if a parent thread held these
@@ -799,11 +839,8 @@ pub(crate) fn after_fork_child() {
         if READY.is_locked() {
             READY.force_unlock();
         }
-        if let Some(cb) = CALLBACKS.get() {
-            if cb.consumer.is_locked() {
-                cb.consumer.force_unlock();
-            }
-        }
+        // `before_fork` held it across the fork.
+        callbacks().consumer.force_unlock();
     }
     *THREAD.lock() = None;
 }

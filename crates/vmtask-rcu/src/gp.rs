@@ -82,6 +82,11 @@ pub(crate) struct ReaderCtr {
     /// The guard that began the section was dropped while nested guards
     /// lived: the last of them ends the section.
     orphaned: AtomicBool,
+    /// The owning thread's registration ended inside a section; the guard
+    /// that ends it releases the slot (see `registry.rs`). Kept here, on
+    /// the line the unlock already touches.
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    pub(crate) detached: AtomicBool,
 }
 
 /// Which barrier readers use.
@@ -113,6 +118,7 @@ impl ReaderCtr {
             ctr: AtomicUsize::new(0),
             nested: AtomicUsize::new(0),
             orphaned: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
         }
     }
 
@@ -189,6 +195,7 @@ impl ReaderCtr {
     pub(crate) fn reset(&self) {
         self.nested.store(0, Ordering::Relaxed);
         self.orphaned.store(false, Ordering::Relaxed);
+        self.detached.store(false, Ordering::Relaxed);
         self.ctr.store(0, Ordering::Release);
     }
 
@@ -210,6 +217,11 @@ pub(crate) trait Updater {
     fn sleep(&self, futex: &AtomicI32);
     /// How many scans of a reader before sleeping.
     fn spins(&self) -> usize;
+    /// Called once a grace period has slept `stall_after` times on one
+    /// reader.
+    fn report_stall(&self);
+    /// See `report_stall`.
+    fn stall_after(&self) -> usize;
 }
 
 /// Waits until no reader in `readers` is in a section older than the
@@ -221,6 +233,7 @@ fn wait_for_readers<'a, U: Updater>(
 ) {
     for reader in readers {
         let mut attempts = 0;
+        let mut sleeps = 0;
         while reader.is_old(gp.ctr.load(Ordering::Relaxed)) {
             attempts += 1;
             if attempts < updater.spins() {
@@ -239,6 +252,10 @@ fn wait_for_readers<'a, U: Updater>(
             updater.sleep(&gp.futex);
             gp.futex.store(0, Ordering::Relaxed);
             attempts = 0;
+            sleeps += 1;
+            if sleeps == updater.stall_after() {
+                updater.report_stall();
+            }
         }
     }
 }
@@ -278,6 +295,10 @@ mod loom_model {
             loom::thread::yield_now();
         }
         fn spins(&self) -> usize {
+            usize::MAX
+        }
+        fn report_stall(&self) {}
+        fn stall_after(&self) -> usize {
             usize::MAX
         }
     }

@@ -60,7 +60,26 @@ impl Updater for Real {
     fn spins(&self) -> usize {
         SPINS
     }
+
+    fn report_stall(&self) {
+        static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !REPORTED.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "vmtask_rcu: a grace period has waited more than {} s for a reader; a thread may \
+                 have leaked a ReadGuard (or ended inside a read-side section), which stalls \
+                 every later grace period",
+                STALL_AFTER_SLEEPS as u64 * SLEEP_TIMEOUT.as_millis() as u64 / 1000
+            );
+        }
+    }
+
+    fn stall_after(&self) -> usize {
+        STALL_AFTER_SLEEPS
+    }
 }
+
+/// Sleeps on one reader after which a grace period reports a stall (~1 s).
+const STALL_AFTER_SLEEPS: usize = 100;
 
 /// Wakes an updater sleeping in `wait_for_readers` (`wake_up_gp`).
 #[cold]
@@ -110,10 +129,15 @@ fn run_one() {
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
     let mut readers = Vec::new();
     registry::snapshot(&mut readers);
-    // Our own slot is quiescent (asserted by every caller) and our own
-    // accesses are ordered by program order.
+    // Our own slot, if quiescent, needs no waiting: our own accesses are
+    // ordered by program order. If it is inside a section (the callback
+    // thread after a callback leaked a guard; user callers are refused
+    // earlier), the grace period waits for it like any other: forever,
+    // which `report_stall` makes loud, rather than end under a reader.
     if let Some(me) = registry::current_if_registered() {
-        readers.retain(|slot| !std::ptr::eq(*slot, me));
+        if !me.reader.active() {
+            readers.retain(|slot| !std::ptr::eq(*slot, me));
+        }
     }
     // With no other registered thread there is no reader to wait for: a
     // thread that registers after the snapshot took the registry lock

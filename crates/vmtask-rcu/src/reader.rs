@@ -1,6 +1,7 @@
 //! `read_lock()` and `ReadGuard`: the read side.
 
 use std::marker::PhantomData;
+use std::sync::atomic::Ordering;
 
 use crate::grace::GP;
 use crate::registry::{self, Slot};
@@ -49,7 +50,11 @@ impl Drop for ReadGuard {
         {
             crate::grace::wake_updater();
         }
-        if self.temporary {
+        // A temporary slot, or one whose thread's registration ended while
+        // this section was open, goes back once the section is over.
+        if (self.temporary || self.slot.reader.detached.load(Ordering::Relaxed))
+            && !self.slot.reader.active()
+        {
             registry::release_slot(self.slot);
         }
     }

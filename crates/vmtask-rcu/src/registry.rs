@@ -6,6 +6,13 @@
 //! slot it scans is always valid memory. A slot released (or reused) during
 //! a scan reads as quiescent or as a section newer than the grace period,
 //! both of which the updater may treat as done.
+//!
+//! A slot is released only outside a section. A thread whose registration
+//! ends while a section is still open (a guard kept in a thread-local that
+//! is destroyed later, or a leaked guard) leaves its slot *detached*: the
+//! guard that ends the section releases it, and a leaked guard keeps it
+//! forever, stalling grace periods as liburcu does, because references
+//! read under a leaked guard are `'static` and may have left the thread.
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
@@ -49,15 +56,27 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         // Other thread-local destructors may still read; they get temporary
-        // slots from `current_or_temporary`.
+        // slots (see `current`).
         let _ = CURRENT.try_with(|c| c.set(ptr::null()));
-        // The thread's pending drops go on without it.
-        let mut bags = Vec::new();
-        self.slot.bag.take_own(&mut bags);
-        for bag in bags.into_iter().filter(|bag| bag.len > 0) {
-            crate::callback::queue_bag(vmtask_percpu::cpu(), bag);
+        // The thread's pending drops go on without it, queued while the
+        // bags are still ours so that a concurrent `barrier` cannot miss
+        // them.
+        let cpu = vmtask_percpu::cpu();
+        let mut queued = false;
+        self.slot.bag.hand_over_own(|bag| {
+            if bag.len > 0 {
+                crate::callback::push_bag(cpu, bag);
+                queued = true;
+            }
+        });
+        if queued {
+            crate::callback::wake_after_push();
         }
-        release_slot(self.slot);
+        if self.slot.reader.active() {
+            self.slot.reader.detached.store(true, Ordering::Relaxed);
+        } else {
+            release_slot(self.slot);
+        }
     }
 }
 
@@ -81,15 +100,14 @@ pub(crate) fn acquire_slot() -> &'static Slot {
     slot
 }
 
-/// Gives a slot back. A thread that exits inside a section (it leaked a
-/// guard) is quiescent from now on: it can read nothing more.
+/// Gives a slot back. Only outside a section (see the module header).
 pub(crate) fn release_slot(slot: &'static Slot) {
-    let was_active = slot.reader.active();
+    debug_assert!(
+        !slot.reader.active(),
+        "released a slot inside a read-side section"
+    );
     slot.reader.reset();
     slot.in_use.store(false, Ordering::Release);
-    if was_active {
-        crate::grace::wake_updater();
-    }
 }
 
 /// This thread's slot, registering on first use. `Err` with a fresh slot
@@ -180,12 +198,16 @@ pub(crate) fn after_fork_child() {
 /// Holds the registry lock across `fork`, so the child sees a consistent
 /// list.
 pub(crate) fn before_fork() {
+    crate::bag::before_fork();
     std::mem::forget(REGISTRY.lock());
+    crate::callback::before_fork();
 }
 
 /// In the parent after `fork`.
 pub(crate) fn after_fork_parent() {
+    crate::callback::after_fork_parent();
     // SAFETY: `before_fork` locked REGISTRY on this thread and leaked the
     // guard.
     unsafe { REGISTRY.force_unlock() };
+    crate::bag::after_fork_parent();
 }

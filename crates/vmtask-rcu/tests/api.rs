@@ -233,46 +233,140 @@ fn call_intrusive_invokes_every_head_once() {
     assert_eq!(counter.load(Ordering::SeqCst), 10_000);
 }
 
+/// Runs `child` in a forked child process and returns its exit code.
+fn in_child(child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs only `child` and then _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
 #[test]
-fn a_thread_that_exits_inside_a_section_does_not_block_grace_periods() {
+fn a_thread_that_exits_with_a_leaked_guard_stalls_grace_periods_instead_of_ending_them() {
+    // References read under a leaked guard are 'static and may outlive the
+    // thread: its section must never end. In a child, since the stall is
+    // for good.
+    let code = in_child(|| {
+        let cell: &'static RcuCell<u64> = Box::leak(Box::new(RcuCell::new(Some(Box::new(7)))));
+        let escaped: &'static u64 = std::thread::spawn(move || {
+            let guard: &'static ReadGuard = Box::leak(Box::new(read_lock()));
+            cell.load(guard).expect("published")
+        })
+        .join()
+        .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::spawn(move || {
+            cell.store(Some(Box::new(8)));
+            synchronize();
+            d.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        if done.load(Ordering::SeqCst) {
+            return 1; // the grace period ended under the escaped reference
+        }
+        if *escaped != 7 {
+            return 2;
+        }
+        0
+    });
+    assert_eq!(
+        code, 0,
+        "a grace period ended under a leaked guard (code {code})"
+    );
+}
+
+static REGISTRATION_GONE: AtomicBool = AtomicBool::new(false);
+static OTHER_INSIDE: AtomicBool = AtomicBool::new(false);
+static HELD_DROPPED: AtomicBool = AtomicBool::new(false);
+
+/// Holds a guard in a thread-local and, when destroyed, waits for another
+/// thread to enter a section before dropping it.
+struct Holder(Option<ReadGuard>);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        REGISTRATION_GONE.store(true, Ordering::SeqCst);
+        while !OTHER_INSIDE.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(self.0.take());
+        HELD_DROPPED.store(true, Ordering::SeqCst);
+    }
+}
+
+thread_local! {
+    /// Created before the thread's first `read_lock`, so destroyed after
+    /// its RCU registration.
+    static HELD: std::cell::RefCell<Holder> = const { std::cell::RefCell::new(Holder(None)) };
+}
+
+#[test]
+fn a_guard_that_outlives_its_threads_registration_ends_only_its_own_section() {
+    let first = std::thread::spawn(|| {
+        HELD.with(|_| {});
+        let guard = read_lock();
+        HELD.with(|h| h.borrow_mut().0 = Some(guard));
+        // Exit: the registration ends, then HELD's guard is dropped late.
+    });
+    while !REGISTRATION_GONE.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The first thread's slot must not have been handed out while its guard
+    // lives: a thread that took it would have its section ended by that
+    // guard's drop.
     std::thread::spawn(|| {
-        std::mem::forget(read_lock());
+        let _g = read_lock();
+        OTHER_INSIDE.store(true, Ordering::SeqCst);
+        while !HELD_DROPPED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            in_read_section(),
+            "another thread's late guard ended this section"
+        );
     })
     .join()
     .unwrap();
-    // Must return: the exited thread's slot was released.
+    first.join().unwrap();
+    // And once the late guard is gone its slot is free: this returns.
     synchronize();
 }
 
 #[test]
-fn threads_register_and_unregister() {
-    let before = stats().readers;
+fn threads_register_while_alive_and_unregister_when_they_exit() {
+    let hold = Arc::new(std::sync::Barrier::new(9));
     let threads: Vec<_> = (0..8)
         .map(|_| {
-            std::thread::spawn(|| {
+            let hold = hold.clone();
+            std::thread::spawn(move || {
                 let _g = read_lock();
+                hold.wait(); // all 8 registered
+                hold.wait(); // counted
             })
         })
         .collect();
+    hold.wait();
+    assert!(
+        stats().readers >= 8,
+        "8 live readers, {} registered",
+        stats().readers
+    );
+    hold.wait();
     for t in threads {
         t.join().unwrap();
     }
+    // Their slots were released, not left active: this returns.
     synchronize();
-    // Other tests run concurrently; at least ours are gone.
-    assert!(stats().readers <= before + 8);
-}
-
-#[test]
-fn concurrent_synchronize_callers_share_grace_periods() {
-    synchronize();
-    let before = stats().grace_periods;
-    let threads: Vec<_> = (0..8).map(|_| std::thread::spawn(synchronize)).collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let used = stats().grace_periods - before;
-    eprintln!("8 concurrent synchronize calls took {used} grace periods");
-    assert!(used >= 1);
 }
 
 #[test]
