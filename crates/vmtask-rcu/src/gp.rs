@@ -157,25 +157,26 @@ impl ReaderCtr {
     }
 
     /// `rcu_read_unlock` of the guard `lock` returned `began` for. Returns
-    /// true when the section ended and an updater sleeps waiting for
-    /// readers: the caller must wake it.
+    /// `None` while the section goes on (other guards hold it), or
+    /// `Some(wake)` when it ended, `wake` meaning an updater sleeps waiting
+    /// for readers and the caller must wake it.
     #[inline]
-    pub(crate) fn unlock(&self, gp: &GpWord, mode: FenceMode, began: bool) -> bool {
+    pub(crate) fn unlock(&self, gp: &GpWord, mode: FenceMode, began: bool) -> Option<bool> {
         let nested = self.nested.load(Ordering::Relaxed);
         if began {
             if nested != 0 {
                 // Dropped before guards nested in it: they keep the section.
                 self.orphaned.store(true, Ordering::Relaxed);
-                return false;
+                return None;
             }
         } else {
             self.nested.store(nested - 1, Ordering::Relaxed);
             if nested != 1 || !self.orphaned.load(Ordering::Relaxed) {
-                return false;
+                return None;
             }
             self.orphaned.store(false, Ordering::Relaxed);
         }
-        self.end_section(gp, mode)
+        Some(self.end_section(gp, mode))
     }
 
     #[inline]

@@ -43,19 +43,20 @@ pub fn read_lock() -> ReadGuard {
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        if self
+        let ended = self
             .slot
             .reader
-            .unlock(&GP, crate::fence::reader_mode(), self.began)
-        {
-            crate::grace::wake_updater();
-        }
-        // A temporary slot, or one whose thread's registration ended while
-        // this section was open, goes back once the section is over.
-        if (self.temporary || self.slot.reader.detached.load(Ordering::Relaxed))
-            && !self.slot.reader.active()
-        {
-            registry::release_slot(self.slot);
+            .unlock(&GP, crate::fence::reader_mode(), self.began);
+        if let Some(wake) = ended {
+            if wake {
+                crate::grace::wake_updater();
+            }
+            // A temporary slot, or one whose thread's registration ended
+            // while this section was open, goes back once the section is
+            // over.
+            if self.temporary || self.slot.reader.detached.load(Ordering::Relaxed) {
+                registry::release_slot(self.slot);
+            }
         }
     }
 }
