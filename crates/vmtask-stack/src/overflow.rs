@@ -6,26 +6,47 @@
 //!   once per process, with `SA_ONSTACK` (an overflowed stack has no room
 //!   for a handler frame). The previous actions are read first and saved;
 //!   they are never written again, so the handler reads them without
-//!   synchronisation beyond the `Once` that installed it.
+//!   synchronisation beyond the `Once` that installed it. The only state
+//!   the handler writes is one flag per signal, set when a one-shot
+//!   (`SA_RESETHAND`) previous handler has had its one call.
 //! - Every thread that allocates from a pool gets an alternate signal stack
 //!   ([`prepare_thread`]) unless it already has one (Rust's runtime gives
-//!   one to the main thread and to every `std::thread`).
+//!   one to the main thread and to every `std::thread`), and keeps one until
+//!   every thread-local destructor has run: see "Alternate stacks" below.
 //! - On a kernel-generated fault whose address lies in a guard page of a
 //!   registered arena (see [`crate::arena`]), the handler writes
 //!   `stack overflow: stack <base>..<limit> of <size> bytes`, then `: ` and
 //!   the label from the hook, if one is set, to stderr with `write(2)` and
-//!   aborts. Everything else goes to the previous handler unchanged, so
-//!   Rust's own "has overflowed its stack" report still works; a previous
-//!   `SIG_DFL` is restored and the fault retried, which kills the process
-//!   the default way.
+//!   aborts. Everything else is delivered to the previous action as the
+//!   kernel would have delivered it (see [`on_fault`]), so Rust's own "has
+//!   overflowed its stack" report still works.
 //!
-//! The handler is async-signal-safe: atomic loads, arithmetic on a buffer on
-//! its own stack, `write`, `sigaction`, `raise` and `abort`.
+//! The handler is async-signal-safe: atomic loads and swaps, arithmetic on
+//! a buffer on its own stack, `write`, `sigaction`, `pthread_sigmask`,
+//! `raise` and `abort`.
+//!
+//! Alternate stacks. A pool stack can run in a thread-local destructor (a
+//! runtime's worker state dropping its coroutines, say), so the thread's
+//! alternate stack must outlive them all; Rust's own is gone by then, as
+//! `std` removes it when the thread's main function returns. So:
+//! - [`prepare_thread`] installs one of ours if the thread has none, and
+//!   registers a thread-local ([`RearmAtExit`]) whose destructor installs
+//!   one of ours if the thread has none by then. Destructors of
+//!   thread-locals first used before the thread's first pool allocation
+//!   run after it, covered either way; those of later ones run before it,
+//!   covered only on threads whose alternate stack is ours from the start.
+//! - Ours is taken back in a pthread-key destructor ([`put_alt_stack`]),
+//!   which glibc runs after every thread-local destructor: disabled with
+//!   `SS_DISABLE` if it is still the thread's, then kept as a spare for the
+//!   next thread rather than unmapped, so memory stays bounded by the most
+//!   threads that held one at once. One that another owner has replaced,
+//!   or that the thread is running on, is leaked instead (better to leak a
+//!   64 KiB stack than to hand out one that a signal may still land on).
 
-use std::cell::{Cell, RefCell, UnsafeCell};
+use std::cell::{Cell, UnsafeCell};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::{Mutex, Once, OnceLock, PoisonError};
 
 use crate::arena::{self, Place};
 use crate::sys;
@@ -65,6 +86,8 @@ static PREVIOUS: [Previous; 2] = [
     Previous(UnsafeCell::new(MaybeUninit::uninit())),
     Previous(UnsafeCell::new(MaybeUninit::uninit())),
 ];
+/// Per signal: a one-shot (`SA_RESETHAND`) previous handler has been called.
+static FIRED: [AtomicBool; 2] = [const { AtomicBool::new(false) }; 2];
 static INSTALL: Once = Once::new();
 
 /// Installs the overflow handler for the process (idempotent).
@@ -74,12 +97,23 @@ pub(crate) fn install_handler() {
             // SAFETY: querying an action writes a whole sigaction into our
             // static; nothing reads it before the handler is installed below.
             unsafe { libc::sigaction(*sig, std::ptr::null(), (*prev.0.get()).as_mut_ptr()) };
+            // SAFETY: written just above, by the kernel.
+            let prev = unsafe { (*prev.0.get()).assume_init_ref() };
             // SAFETY: an all-zero sigaction is a valid value to fill in.
             let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
             action.sa_sigaction = on_fault
                 as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
                 as usize;
-            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            // A signal sent with kill() interrupts a blocking system call
+            // now that a handler runs for it; SA_RESTART restarts the calls
+            // that restart, as they would under an ignored action or a
+            // previous handler with SA_RESTART.
+            let restart = if prev.sa_sigaction == libc::SIG_IGN {
+                libc::SA_RESTART
+            } else {
+                prev.sa_flags & libc::SA_RESTART
+            };
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | restart;
             // SAFETY: `action.sa_mask` is a valid sigset to initialise.
             unsafe { libc::sigemptyset(&mut action.sa_mask) };
             // SAFETY: `on_fault` has the SA_SIGINFO signature and is
@@ -89,42 +123,122 @@ pub(crate) fn install_handler() {
     });
 }
 
+/// The handler for SIGSEGV and SIGBUS.
+///
+/// A fault in a guard page is reported and aborts. Anything else goes to
+/// the action that was in place before ours, as the kernel would have
+/// delivered it:
+/// - A handler runs with its `sa_mask` added to the blocked signals and,
+///   unless it has `SA_NODEFER`, the signal itself blocked; it is called
+///   with `(sig, info, context)` if it has `SA_SIGINFO`, with `(sig)`
+///   otherwise. With `SA_RESETHAND` it is called once; later deliveries
+///   take the default action, as if the kernel had reset it to `SIG_DFL`
+///   (ours stays installed, so overflows are still reported). It runs on
+///   the alternate stack even without `SA_ONSTACK`: there is no leaving it.
+/// - `SIG_DFL`: the action becomes `SIG_DFL` and the signal is delivered
+///   again, which kills the process the default way: a fault by returning,
+///   which retries the faulting access, a sent signal by raising it.
+/// - `SIG_IGN`: a sent signal is ignored. A fault is not: the kernel resets
+///   an ignored action to `SIG_DFL` for a synchronous fault and kills, and
+///   so does this handler, as for `SIG_DFL`.
+///
+/// A fault is a signal the kernel raised for the faulting instruction:
+/// `si_code > 0`, except SIGBUS with `BUS_MCEERR_AO`, a machine-check
+/// report that the kernel sends like kill() does. A sent signal has
+/// `si_code <= 0` (`SI_USER` from kill, `SI_QUEUE` from sigqueue,
+/// `SI_TKILL` from tgkill and raise).
 extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-    // A positive si_code means the kernel raised it for a fault at si_addr;
-    // a signal sent with kill() carries no address.
-    if code > 0 {
+    let fault = code > 0 && !(sig == libc::SIGBUS && code == libc::BUS_MCEERR_AO);
+    // Only a fault carries the faulting address in si_addr.
+    if fault {
         if let Some(Place::Guard(slot)) = arena::lookup(addr) {
             report(slot.base, slot.limit);
             // SAFETY: abort is async-signal-safe and never returns.
             unsafe { libc::abort() };
         }
     }
-    chain(sig, code, info, ctx);
+    chain(sig, fault, info, ctx);
 }
 
-fn chain(sig: libc::c_int, code: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+/// Hands the signal to the previous action: see [`on_fault`].
+fn chain(sig: libc::c_int, fault: bool, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let index = usize::from(sig != SIGNALS[0]);
     // SAFETY: written during installation, before this handler could run;
     // read-only since.
     let prev = unsafe { (*PREVIOUS[index].0.get()).assume_init_ref() };
-    let handler = prev.sa_sigaction;
+    let mut handler = prev.sa_sigaction;
+    let custom = handler != libc::SIG_DFL && handler != libc::SIG_IGN;
+    // Only which delivery comes first matters, not what else it sees: a
+    // relaxed swap is enough, and two threads faulting at once call a
+    // one-shot handler once between them.
+    if custom
+        && prev.sa_flags & libc::SA_RESETHAND != 0
+        && FIRED[index].swap(true, Ordering::Relaxed)
+    {
+        handler = libc::SIG_DFL;
+    }
+    if handler == libc::SIG_IGN && !fault {
+        return;
+    }
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        // SAFETY: an all-zero sigaction with SIG_DFL is the default action.
-        let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
-        default.sa_sigaction = libc::SIG_DFL;
-        // SAFETY: sigaction and raise are async-signal-safe. For a fault,
-        // returning retries the access, which now kills the process the
-        // default way; a signal from kill() is raised again (it stays
-        // pending until this handler returns).
-        unsafe {
-            libc::sigaction(sig, &default, std::ptr::null_mut());
-            if code <= 0 {
-                libc::raise(sig);
-            }
+        take_default_action(sig, fault);
+    } else {
+        deliver(sig, prev, handler, info, ctx);
+    }
+}
+
+/// Makes `sig`'s action `SIG_DFL` and delivers it again.
+fn take_default_action(sig: libc::c_int, fault: bool) {
+    // SAFETY: an all-zero sigaction with SIG_DFL is the default action.
+    let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
+    default.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: sigaction and raise are async-signal-safe. For a fault,
+    // returning retries the access, which now kills the process the
+    // default way; a sent signal is raised again (it stays pending until
+    // this handler returns and the signal is unblocked).
+    unsafe {
+        libc::sigaction(sig, &default, std::ptr::null_mut());
+        if !fault {
+            libc::raise(sig);
         }
-    } else if prev.sa_flags & libc::SA_SIGINFO != 0 {
+    }
+}
+
+/// Calls the previous handler `handler` of `sig` with the signal mask the
+/// kernel would have given it.
+fn deliver(
+    sig: libc::c_int,
+    prev: &libc::sigaction,
+    handler: libc::sighandler_t,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    // The kernel runs a handler with the interrupted code's mask, plus its
+    // sa_mask, plus the signal unless SA_NODEFER. Ours runs with the
+    // interrupted mask plus the signal (empty sa_mask, no SA_NODEFER), and
+    // the interrupted mask never holds the signal: a blocked signal is not
+    // delivered, and a fault on a blocked signal goes to SIG_DFL, not to
+    // us. So add sa_mask, and for SA_NODEFER take the signal out again
+    // unless sa_mask names it.
+    // SAFETY: an all-zero sigset is a valid value to query into.
+    let mut saved: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pthread_sigmask is async-signal-safe; both sets are valid.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &prev.sa_mask, &mut saved) };
+    // SAFETY: sigismember only reads a valid sigset.
+    let named = unsafe { libc::sigismember(&prev.sa_mask, sig) } == 1;
+    if prev.sa_flags & libc::SA_NODEFER != 0 && !named {
+        // SAFETY: building a one-signal set on our stack, then unblocking
+        // it; all async-signal-safe.
+        unsafe {
+            let mut only: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut only);
+            libc::sigaddset(&mut only, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
+        }
+    }
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
         // SAFETY: with SA_SIGINFO the previous handler has this signature;
         // we pass it the arguments the kernel gave us.
         let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
@@ -136,6 +250,10 @@ fn chain(sig: libc::c_int, code: libc::c_int, info: *mut libc::siginfo_t, ctx: *
         let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
         f(sig);
     }
+    // Back to our own handler's mask; returning restores the interrupted
+    // code's. (A handler that leaves with siglongjmp sets its own.)
+    // SAFETY: as above; `saved` was filled in by the first call.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
 }
 
 /// A fixed buffer for building the report without allocating.
@@ -218,35 +336,19 @@ fn report(base: usize, limit: usize) {
 /// Usable bytes of an alternate signal stack this crate installs.
 const ALT_STACK_SIZE: usize = 64 * 1024;
 
-/// An alternate signal stack this crate mapped for the current thread,
-/// removed when the thread exits.
-struct AltStack {
-    map: usize,
-    len: usize,
-}
-
-impl Drop for AltStack {
-    fn drop(&mut self) {
-        let disable = libc::stack_t {
-            ss_sp: std::ptr::null_mut(),
-            ss_flags: libc::SS_DISABLE,
-            ss_size: 0,
-        };
-        // SAFETY: disabling the thread's alternate stack before unmapping
-        // it; the thread is exiting and not inside a signal handler.
-        unsafe { libc::sigaltstack(&disable, std::ptr::null_mut()) };
-        // SAFETY: the mapping is ours and no longer the signal stack.
-        unsafe { sys::unmap(self.map, self.len) };
-    }
-}
-
 thread_local! {
     static PREPARED: Cell<bool> = const { Cell::new(false) };
-    static ALT_STACK: RefCell<Option<AltStack>> = const { RefCell::new(None) };
+    /// The mapping of this thread's alternate stack of ours, or 0. Like
+    /// `PREPARED`, it needs no destructor, so it stays usable to the end
+    /// of the thread, pthread-key destructors included.
+    static OURS: Cell<usize> = const { Cell::new(0) };
+    static REARM: RearmAtExit = const { RearmAtExit };
 }
 
 /// Makes sure the calling thread has an alternate signal stack, so an
-/// overflow of a pool stack running on it can be reported.
+/// overflow of a pool stack running on it can be reported, until the
+/// thread's last thread-local destructor has run (see the module docs for
+/// the one gap on `std` threads).
 /// [`StackPool::alloc`](crate::StackPool::alloc) calls it; call it yourself
 /// on threads that run pool stacks allocated elsewhere. Cheap after the
 /// first call on a thread.
@@ -260,36 +362,149 @@ pub fn prepare_thread() {
 #[cold]
 fn prepare_thread_slow() {
     PREPARED.set(true);
-    let mut current = libc::stack_t {
-        ss_sp: std::ptr::null_mut(),
-        ss_flags: 0,
-        ss_size: 0,
-    };
+    // Registers the exit-time check; fails only when the thread's locals
+    // are already being destroyed, and then `arm` below is all there is.
+    let _ = REARM.try_with(|_| ());
+    arm();
+}
+
+/// A thread-local whose destructor gives the thread an alternate stack of
+/// ours if it has none left by then: `std` removes its own when the
+/// thread's main function returns, before any thread-local destructor.
+struct RearmAtExit;
+
+impl Drop for RearmAtExit {
+    fn drop(&mut self) {
+        arm();
+    }
+}
+
+/// Installs an alternate stack of ours if the thread has none. Without
+/// memory or a pthread key for one the thread still works; only an
+/// overflow on it would die silently instead of with a report.
+fn arm() {
+    // SAFETY: an all-zero stack_t is a valid value to query into.
+    let mut current: libc::stack_t = unsafe { std::mem::zeroed() };
     // SAFETY: querying the current alternate stack writes into `current`.
     unsafe { libc::sigaltstack(std::ptr::null(), &mut current) };
     if current.ss_flags & libc::SS_DISABLE == 0 {
         return;
     }
-    let page = sys::page_size();
-    let len = page + ALT_STACK_SIZE;
-    // Without memory for a signal stack the thread still works; only an
-    // overflow on it would die silently instead of with a report.
-    let Ok(map) = sys::reserve(len) else { return };
-    let ok = sys::install_guard(map, page, false).is_ok();
+    let map = match OURS.get() {
+        // Ours, disabled by someone since: install it again.
+        map if map != 0 => map,
+        _ => {
+            let Some(key) = exit_key() else { return };
+            let Some(map) = get_alt_stack() else { return };
+            // SAFETY: setting this thread's value of a key we created.
+            if unsafe { libc::pthread_setspecific(key, map as *const libc::c_void) } != 0 {
+                // Nothing would take it back at exit.
+                put_spare(map);
+                return;
+            }
+            OURS.set(map);
+            map
+        }
+    };
     let stack = libc::stack_t {
-        ss_sp: (map + page) as *mut libc::c_void,
+        ss_sp: (map + sys::page_size()) as *mut libc::c_void,
         ss_flags: 0,
         ss_size: ALT_STACK_SIZE,
     };
-    // SAFETY: `stack` describes memory we just mapped for this thread only.
-    if !ok || unsafe { libc::sigaltstack(&stack, std::ptr::null_mut()) } != 0 {
+    // SAFETY: `stack` is this thread's alternate stack of ours, which no
+    // other thread uses. Should this fail, `put_alt_stack` finds it not
+    // installed at exit and takes it back all the same.
+    unsafe { libc::sigaltstack(&stack, std::ptr::null_mut()) };
+}
+
+/// The pthread key whose destructor, [`put_alt_stack`], takes back a
+/// thread's alternate stack of ours; its value is the stack's mapping.
+fn exit_key() -> Option<libc::pthread_key_t> {
+    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
+    *KEY.get_or_init(|| {
+        let mut key = 0;
+        // SAFETY: `put_alt_stack` has the destructor signature and accepts
+        // any value `arm` sets.
+        let rc = unsafe { libc::pthread_key_create(&mut key, Some(put_alt_stack)) };
+        (rc == 0).then_some(key)
+    })
+}
+
+/// Alternate stacks of exited threads, for the next threads to take: a
+/// list linked through the first usable word of each, 0-terminated.
+static SPARES: Mutex<usize> = Mutex::new(0);
+
+/// An alternate stack's mapping, `[guard page][ALT_STACK_SIZE]`: a spare,
+/// or a new one.
+fn get_alt_stack() -> Option<usize> {
+    let page = sys::page_size();
+    {
+        let mut head = SPARES.lock().unwrap_or_else(PoisonError::into_inner);
+        if *head != 0 {
+            let map = *head;
+            // SAFETY: a spare is no thread's signal stack, and its first
+            // usable word holds the next spare, written by `put_spare`.
+            *head = unsafe { ((map + page) as *const usize).read() };
+            return Some(map);
+        }
+    }
+    let len = page + ALT_STACK_SIZE;
+    let map = sys::reserve(len).ok()?;
+    if sys::install_guard(map, page, false).is_err() {
         // SAFETY: the mapping is ours and not in use.
         unsafe { sys::unmap(map, len) };
-        return;
+        return None;
     }
-    // If the thread's locals are already being destroyed, the stack stays
-    // installed, and mapped, until the thread is gone.
-    let _ = ALT_STACK.try_with(|slot| *slot.borrow_mut() = Some(AltStack { map, len }));
+    Some(map)
+}
+
+/// Keeps an alternate stack that is no thread's signal stack as a spare.
+/// Its pages go back to the kernel but the one holding the link, so a spare
+/// costs a page of memory and 68 KiB of address space.
+fn put_spare(map: usize) {
+    let page = sys::page_size();
+    sys::release(map + page, ALT_STACK_SIZE);
+    let mut head = SPARES.lock().unwrap_or_else(PoisonError::into_inner);
+    // SAFETY: the stack is no thread's signal stack, so its memory is ours.
+    unsafe { ((map + page) as *mut usize).write(*head) };
+    *head = map;
+}
+
+/// The exit key's destructor: takes back the exiting thread's alternate
+/// stack of ours (`value` is its mapping). glibc runs pthread-key
+/// destructors after every thread-local destructor, so no pool stack runs
+/// on this thread after this, short of another library's pthread-key
+/// destructor running one.
+extern "C" fn put_alt_stack(value: *mut libc::c_void) {
+    let map = value as usize;
+    OURS.set(0);
+    // A pool allocation after this prepares the thread again, and setting
+    // the key again gets this destructor another round.
+    PREPARED.set(false);
+    // SAFETY: an all-zero stack_t is a valid value to query into.
+    let mut current: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: querying the current alternate stack writes into `current`.
+    unsafe { libc::sigaltstack(std::ptr::null(), &mut current) };
+    if current.ss_flags & libc::SS_DISABLE == 0 {
+        let still_ours = current.ss_sp as usize == map + sys::page_size();
+        // Someone else's replaced ours and may put ours back, or the thread
+        // is exiting from a handler running on ours: leak it rather than
+        // hand out a stack a signal may still land on.
+        if !still_ours || current.ss_flags & libc::SS_ONSTACK != 0 {
+            return;
+        }
+        let disable = libc::stack_t {
+            ss_sp: std::ptr::null_mut(),
+            ss_flags: libc::SS_DISABLE,
+            ss_size: 0,
+        };
+        // SAFETY: disabling our alternate stack, which the thread is not
+        // running on; the thread runs no more thread-local destructors.
+        if unsafe { libc::sigaltstack(&disable, std::ptr::null_mut()) } != 0 {
+            return;
+        }
+    }
+    put_spare(map);
 }
 
 #[cfg(test)]

@@ -231,3 +231,331 @@ fn mprotect_mode_reports_the_map_count_limit_as_an_error() {
         .expect("child reported the limit");
     assert!(line.contains("vm.max_map_count"), "{line}");
 }
+
+/// Installs `handler` (with `flags`, blocking `masked` while it runs) as
+/// the action of `sig`, as a program does before any pool exists.
+fn set_action(sig: libc::c_int, handler: libc::sighandler_t, flags: libc::c_int, masked: &[i32]) {
+    // SAFETY: an all-zero sigaction is a valid value to fill in.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = handler;
+    action.sa_flags = flags;
+    // SAFETY: `action.sa_mask` is a valid sigset to fill in.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    for &m in masked {
+        // SAFETY: as above; `m` is a valid signal number.
+        unsafe { libc::sigaddset(&mut action.sa_mask, m) };
+    }
+    // SAFETY: the handlers the tests pass are async-signal-safe (atomic
+    // stores and sigprocmask queries only).
+    let rc = unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
+}
+
+/// Whether `sig` is blocked on the calling thread.
+fn blocked(sig: libc::c_int) -> bool {
+    // SAFETY: querying the mask writes a whole sigset into `set`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+        libc::sigismember(&set, sig) == 1
+    }
+}
+
+mod seen {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    pub static CALLS: AtomicUsize = AtomicUsize::new(0);
+    pub static SIGNO: AtomicUsize = AtomicUsize::new(0);
+    pub static USR_BLOCKED: AtomicUsize = AtomicUsize::new(0);
+    pub static OWN_BLOCKED: AtomicUsize = AtomicUsize::new(0);
+
+    pub fn record(sig: libc::c_int, usr: libc::c_int, signo: libc::c_int) {
+        CALLS.fetch_add(1, Ordering::SeqCst);
+        SIGNO.store(signo as usize, Ordering::SeqCst);
+        USR_BLOCKED.store(super::blocked(usr) as usize, Ordering::SeqCst);
+        OWN_BLOCKED.store(super::blocked(sig) as usize, Ordering::SeqCst);
+    }
+
+    pub fn take() -> String {
+        format!(
+            "calls={} signo={} usr_blocked={} own_blocked={}",
+            CALLS.swap(0, Ordering::SeqCst),
+            SIGNO.swap(0, Ordering::SeqCst),
+            USR_BLOCKED.swap(0, Ordering::SeqCst),
+            OWN_BLOCKED.swap(0, Ordering::SeqCst)
+        )
+    }
+}
+
+extern "C" fn plain_segv(sig: libc::c_int) {
+    seen::record(sig, libc::SIGUSR1, 0);
+}
+
+extern "C" fn siginfo_bus(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: an SA_SIGINFO handler gets a valid siginfo.
+    let signo = unsafe { (*info).si_signo };
+    seen::record(sig, libc::SIGUSR2, signo);
+}
+
+#[test]
+fn previous_handler_runs_with_its_own_mask_and_flags() {
+    if in_child() {
+        set_action(
+            libc::SIGSEGV,
+            plain_segv as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            libc::SA_NODEFER,
+            &[libc::SIGUSR1],
+        );
+        set_action(
+            libc::SIGBUS,
+            siginfo_bus as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as libc::sighandler_t,
+            libc::SA_SIGINFO,
+            &[libc::SIGUSR2],
+        );
+        let _pool = StackPool::new(Config::default()).unwrap();
+        // SAFETY: raising a signal whose handler returns.
+        unsafe { libc::raise(libc::SIGSEGV) };
+        println!("SEGV {}", seen::take());
+        // SAFETY: as above.
+        unsafe { libc::raise(libc::SIGBUS) };
+        println!("BUS {}", seen::take());
+        println!("AFTER usr1_blocked={}", blocked(libc::SIGUSR1) as u8);
+        return;
+    }
+    let out = run_child("previous_handler_runs_with_its_own_mask_and_flags");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    // SA_NODEFER: SIGSEGV itself is not blocked; sa_mask blocks SIGUSR1.
+    assert!(
+        stdout.contains("SEGV calls=1 signo=0 usr_blocked=1 own_blocked=0"),
+        "{stdout}"
+    );
+    // SA_SIGINFO gets the siginfo; without SA_NODEFER SIGBUS is blocked.
+    let bus = format!(
+        "BUS calls=1 signo={} usr_blocked=1 own_blocked=1",
+        libc::SIGBUS
+    );
+    assert!(stdout.contains(&bus), "{stdout}");
+    // The mask is the interrupted code's again once the handler returns.
+    assert!(stdout.contains("AFTER usr1_blocked=0"), "{stdout}");
+}
+
+extern "C" fn one_shot(sig: libc::c_int) {
+    seen::record(sig, libc::SIGUSR1, 0);
+}
+
+#[test]
+fn one_shot_previous_handler_runs_once_then_the_default_kills() {
+    if in_child() {
+        set_action(
+            libc::SIGSEGV,
+            one_shot as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            libc::SA_RESETHAND,
+            &[],
+        );
+        let _pool = StackPool::new(Config::default()).unwrap();
+        // SAFETY: raising a signal whose handler returns, the first time.
+        unsafe { libc::raise(libc::SIGSEGV) };
+        println!("FIRST {}", seen::take());
+        // SAFETY: deliberately fatal: SA_RESETHAND made the action SIG_DFL.
+        unsafe { libc::raise(libc::SIGSEGV) };
+        println!("SECOND {}", seen::take());
+        unreachable!("a second SIGSEGV after SA_RESETHAND did not kill");
+    }
+    let out = run_child("one_shot_previous_handler_runs_once_then_the_default_kills");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "stdout:\n{stdout}"
+    );
+    assert!(stdout.contains("FIRST calls=1"), "{stdout}");
+    assert!(!stdout.contains("SECOND"), "{stdout}");
+}
+
+#[test]
+fn overflow_is_still_reported_after_a_one_shot_previous_handler_ran() {
+    if in_child() {
+        set_action(
+            libc::SIGSEGV,
+            one_shot as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            libc::SA_RESETHAND,
+            &[],
+        );
+        let _pool = StackPool::new(Config::default()).unwrap();
+        // SAFETY: raising a signal whose handler returns, the first time.
+        unsafe { libc::raise(libc::SIGSEGV) };
+        touch_below_limit(GuardMode::Auto);
+    }
+    assert_overflow_report(&run_child(
+        "overflow_is_still_reported_after_a_one_shot_previous_handler_ran",
+    ));
+}
+
+#[test]
+fn ignored_sigsegv_sent_by_kill_stays_ignored() {
+    if in_child() {
+        set_action(libc::SIGSEGV, libc::SIG_IGN, 0, &[]);
+        set_action(libc::SIGBUS, libc::SIG_IGN, 0, &[]);
+        let _pool = StackPool::new(Config::default()).unwrap();
+        // SAFETY: sending ignored signals to ourselves: SI_TKILL, SI_USER
+        // and SI_QUEUE; a signal sent to the own process goes to the
+        // sending thread, which has none blocked, before kill returns.
+        unsafe {
+            libc::raise(libc::SIGSEGV);
+            libc::raise(libc::SIGBUS);
+            libc::kill(libc::getpid(), libc::SIGSEGV);
+            libc::sigqueue(libc::getpid(), libc::SIGBUS, std::mem::zeroed());
+        }
+        println!("SURVIVED");
+        return;
+    }
+    let out = run_child("ignored_sigsegv_sent_by_kill_stays_ignored");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status {:?}, stdout:\n{stdout}",
+        out.status
+    );
+    assert!(stdout.contains("SURVIVED"), "{stdout}");
+}
+
+#[test]
+fn ignored_sigsegv_from_a_real_fault_still_kills() {
+    if in_child() {
+        set_action(libc::SIGSEGV, libc::SIG_IGN, 0, &[]);
+        let _pool = StackPool::new(Config::default()).unwrap();
+        // SAFETY: deliberately not: the kernel kills for an ignored fault.
+        unsafe { std::ptr::write_volatile(16 as *mut u8, 1) };
+        unreachable!("writing address 16 did not fault");
+    }
+    let out = run_child("ignored_sigsegv_from_a_real_fault_still_kills");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
+}
+
+/// A thread-local whose destructor runs a coroutine that recurses without
+/// bound on the pool stack it holds.
+struct RecurseOnDrop(std::cell::RefCell<Option<vmtask_stack::Stack>>);
+
+impl Drop for RecurseOnDrop {
+    fn drop(&mut self) {
+        if let Some(stack) = self.0.take() {
+            let mut co =
+                Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
+            co.resume(());
+        }
+    }
+}
+
+thread_local! {
+    static LATE: RecurseOnDrop = const { RecurseOnDrop(std::cell::RefCell::new(None)) };
+}
+
+/// Thread body: `LATE` is first used before the thread's first pool
+/// allocation, so its destructor runs after this crate's own thread-exit
+/// work.
+fn overflow_in_late_destructor() {
+    LATE.with(|_| ());
+    let pool: &'static StackPool = Box::leak(Box::new(
+        StackPool::new(Config {
+            stack_size: 64 * 1024,
+            ..Config::default()
+        })
+        .unwrap(),
+    ));
+    let stack = pool.alloc().unwrap();
+    println!(
+        "BOUNDS {:p}..{:p} of {} bytes",
+        stack.base(),
+        stack.limit(),
+        stack.size()
+    );
+    LATE.with(|late| *late.0.borrow_mut() = Some(stack));
+}
+
+#[test]
+fn overflow_in_a_late_thread_local_destructor_is_reported() {
+    if in_child() {
+        std::thread::spawn(overflow_in_late_destructor)
+            .join()
+            .unwrap();
+        unreachable!("unbounded recursion returned");
+    }
+    assert_overflow_report(&run_child(
+        "overflow_in_a_late_thread_local_destructor_is_reported",
+    ));
+}
+
+extern "C" fn foreign_thread(run: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: the creator passes a `fn()` as the thread's argument.
+    let run: fn() = unsafe { std::mem::transmute::<*mut libc::c_void, fn()>(run) };
+    run();
+    std::ptr::null_mut()
+}
+
+/// Runs `run` on a raw pthread, which has no alternate signal stack of
+/// Rust's, and waits for it to exit.
+fn on_foreign_thread(run: fn()) {
+    let mut thread: libc::pthread_t = 0;
+    // SAFETY: `foreign_thread` has the start signature and takes a `fn()`.
+    let rc = unsafe {
+        libc::pthread_create(
+            &mut thread,
+            std::ptr::null(),
+            foreign_thread,
+            run as *mut libc::c_void,
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: joining the thread created above, once.
+    let rc = unsafe { libc::pthread_join(thread, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
+}
+
+#[test]
+fn overflow_in_a_late_thread_local_destructor_of_a_foreign_thread_is_reported() {
+    if in_child() {
+        on_foreign_thread(overflow_in_late_destructor);
+        unreachable!("unbounded recursion returned");
+    }
+    assert_overflow_report(&run_child(
+        "overflow_in_a_late_thread_local_destructor_of_a_foreign_thread_is_reported",
+    ));
+}
+
+fn print_alt_stack() {
+    let pool: &'static StackPool = Box::leak(Box::new(StackPool::new(Config::default()).unwrap()));
+    drop(pool.alloc().unwrap());
+    // SAFETY: an all-zero stack_t is a valid value to query into.
+    let mut current: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: querying the alternate stack writes into `current`.
+    unsafe { libc::sigaltstack(std::ptr::null(), &mut current) };
+    println!("ALTSTACK {:p} flags {}", current.ss_sp, current.ss_flags);
+}
+
+#[test]
+fn alt_stacks_are_recycled_after_thread_exit() {
+    if in_child() {
+        for _ in 0..3 {
+            on_foreign_thread(print_alt_stack);
+        }
+        return;
+    }
+    let out = run_child("alt_stacks_are_recycled_after_thread_exit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}");
+    let stacks: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("ALTSTACK ").map(|(_, s)| s))
+        .collect();
+    assert_eq!(stacks.len(), 3, "{stdout}");
+    assert!(stacks[0].ends_with("flags 0"), "{stdout}");
+    assert!(stacks.iter().all(|s| *s == stacks[0]), "{stdout}");
+}
