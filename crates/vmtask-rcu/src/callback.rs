@@ -22,8 +22,10 @@
 //! Backlog. Producers count what they queue per CPU, the thread counts
 //! what it invoked. Past `soft` queued-but-not-invoked callbacks the
 //! thread is woken at once; past `hard`, `call` and friends wait for the
-//! backlog to drain below `soft` — unless the caller is the callback
-//! thread or inside a read-side section, where waiting would deadlock.
+//! backlog to drain to half of `hard` (or `soft`, if higher) — unless the
+//! caller is the callback thread or inside a read-side section, where
+//! waiting would deadlock. They never run other threads' callbacks: they
+//! may hold locks those callbacks take.
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
@@ -164,11 +166,15 @@ fn wait_next(node: &RcuHead) -> *mut RcuHead {
 }
 
 /// Invokes a spliced list in order; returns how many callbacks it held.
+/// Counts them into `INVOKED` as it goes (every `PROGRESS_STEP`), so that
+/// callers throttled by the backlog resume while a large batch runs.
 ///
 /// # Safety
 /// `(first, last)` came from `Queue::splice` after a grace period.
 unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
+    const PROGRESS_STEP: u64 = 4096;
     let mut count = 0;
+    let mut unreported = 0;
     let mut node = first;
     loop {
         // Read the link before the callback frees the node. The last node
@@ -179,15 +185,32 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
             // SAFETY: `node` is queued and not yet invoked, so still valid.
             wait_next(unsafe { &*node })
         };
+        // Read, not take: the node's line stays shared with no write.
         // SAFETY: as above; `func` was set before the node was queued.
-        let func = unsafe { (*(*node).func.get()).take() };
+        let func = unsafe { *(*node).func.get() };
         // SAFETY: every queued node carries its function, and the grace
         // period it waited for is the contract of `call_intrusive`.
-        count += unsafe { invoke_one(node, func) };
+        let n = unsafe { invoke_one(node, func) };
+        count += n;
+        unreported += n;
+        if unreported >= PROGRESS_STEP {
+            report_progress(unreported);
+            unreported = 0;
+        }
         if node == last {
+            report_progress(unreported);
             return count;
         }
         node = next;
+    }
+}
+
+/// Counts invoked callbacks and wakes callers throttled by the backlog.
+fn report_progress(invoked: u64) {
+    INVOKED.fetch_add(invoked, Ordering::Relaxed);
+    if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
+        let _lock = DRAINED.0.lock();
+        DRAINED.1.notify_all();
     }
 }
 
@@ -275,20 +298,23 @@ fn callbacks() -> &'static Callbacks {
     })
 }
 
-// Thread state. STARTED: 0 no thread, 1 starting/running.
-static STARTED: AtomicU8 = AtomicU8::new(0);
-static SLEEPING: AtomicBool = AtomicBool::new(false);
+// Thread state. STARTED: 0 no thread, 1 starting/running. Flags that
+// producers read on every `call` and the callback thread writes each cycle
+// sit on cache lines of their own, so that neither side's writes evict
+// the other's reads.
+static STARTED: CachePadded<AtomicU8> = CachePadded::new(AtomicU8::new(0));
+static SLEEPING: CachePadded<AtomicBool> = CachePadded::new(AtomicBool::new(false));
 /// Work that must not wait for the lazy batching delay (barrier, backlog).
-static URGENT: AtomicBool = AtomicBool::new(false);
+static URGENT: CachePadded<AtomicBool> = CachePadded::new(AtomicBool::new(false));
 /// Threads have bags waiting for a grace period.
-static NEED_GP: AtomicBool = AtomicBool::new(false);
+static NEED_GP: CachePadded<AtomicBool> = CachePadded::new(AtomicBool::new(false));
 static THREAD: Mutex<Option<Thread>> = Mutex::new(None);
 
-pub(crate) static INVOKED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static INVOKED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 pub(crate) static BATCHES: AtomicU64 = AtomicU64::new(0);
 pub(crate) static LARGEST_BATCH: AtomicU64 = AtomicU64::new(0);
-pub(crate) static BACKLOG_HIGH: AtomicU64 = AtomicU64::new(0);
-pub(crate) static EXPEDITED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BACKLOG_HIGH: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+pub(crate) static EXPEDITED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 pub(crate) static THROTTLED: AtomicU64 = AtomicU64::new(0);
 static SOFT_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_SOFT_LIMIT);
 static HARD_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_HARD_LIMIT);
@@ -371,7 +397,9 @@ fn start_thread() {
 /// Makes the thread process a batch now.
 fn wake_thread_urgent() {
     URGENT.store(true, Ordering::SeqCst);
-    SLEEPING.store(false, Ordering::SeqCst);
+    if SLEEPING.load(Ordering::SeqCst) {
+        SLEEPING.store(false, Ordering::SeqCst);
+    }
     if let Some(thread) = THREAD.lock().as_ref() {
         thread.unpark();
     }
@@ -419,7 +447,10 @@ fn check_backlog() {
     // hold locks those callbacks take.
     THROTTLED.fetch_add(1, Ordering::Relaxed);
     DRAIN_WAITERS.fetch_add(1, Ordering::SeqCst);
-    while self::backlog() > soft as u64 {
+    // Resume half-way down, not at the soft limit: queuing then overlaps
+    // with the callback thread's invoking instead of taking turns.
+    let resume = (soft as u64).max(hard as u64 / 2);
+    while self::backlog() > resume {
         let mut lock = DRAINED.0.lock();
         DRAINED.1.wait_for(&mut lock, Duration::from_millis(1));
     }
@@ -689,12 +720,7 @@ fn invoke_ready() -> bool {
         invoked += unsafe { invoke(first, last) };
     }
     IS_CALLBACK_THREAD.with(|c| c.set(was_callback_thread));
-    INVOKED.fetch_add(invoked, Ordering::Relaxed);
     LARGEST_BATCH.fetch_max(invoked, Ordering::Relaxed);
-    if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
-        let _lock = DRAINED.0.lock();
-        DRAINED.1.notify_all();
-    }
     true
 }
 
