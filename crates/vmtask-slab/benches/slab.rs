@@ -1,7 +1,8 @@
 //! Slab benchmarks, each side by side with its peer in one run:
 //!
 //! - `alloc_free_64B`: `alloc` + drop of a 64-byte object against
-//!   `Box::new` + drop with the system allocator.
+//!   `Box::new` + drop with the system allocator, and against its floor,
+//!   a `CpuCache` pop + push.
 //! - `rcu_churn`: allocate and free after a grace period on both CPUs,
 //!   through `free_rcu` (RCU magazines) against one `vmtask_rcu::call` per
 //!   object into the same kind of cache; time per object, and the hit rates
@@ -12,6 +13,7 @@
 //! `CARGO_TARGET_DIR=... cargo bench -p vmtask-slab --bench slab`
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use vmtask_slab::{AtomicSlabArc, Config, SlabBox, SlabCache, SlabStats};
@@ -40,6 +42,19 @@ fn alloc_free(c: &mut Criterion) {
         b.iter(|| {
             let object = Box::new(Obj64([0; 8]));
             black_box(&*object);
+        })
+    });
+    // The floor: what the slab's fast path is built on, one pop and one
+    // push of the same pointer on the current CPU's magazine, as in
+    // alloc+drop.
+    let magazine = vmtask_percpu::CpuCache::new(32);
+    let floor = Box::leak(Box::new(Obj64([0; 8])));
+    magazine.push(NonNull::from(floor).cast()).unwrap();
+    g.bench_function("CpuCache pop+push (floor)", |b| {
+        b.iter(|| {
+            let object = magazine.pop().unwrap();
+            black_box(object);
+            magazine.push(object).unwrap();
         })
     });
     g.finish();
@@ -195,7 +210,12 @@ fn typesafe_lookup(c: &mut Criterion) {
             g.bench_function(name, |b| {
                 b.iter(|| {
                     bucket = (bucket + 7) % BUCKETS;
-                    black_box(lookup(cache, table, bucket))
+                    // The key as one word: `black_box` stores its argument
+                    // and reads it back, and an `Option<u64>` is stored as
+                    // two words and read back as one 16-byte load, which
+                    // store forwarding cannot serve (a stall of several ns
+                    // here that belongs to the benchmark, not the lookup).
+                    black_box(lookup(cache, table, bucket).unwrap_or(u64::MAX))
                 })
             });
             stop.store(true, Relaxed);

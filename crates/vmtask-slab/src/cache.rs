@@ -151,7 +151,7 @@ impl<T> SlabCache<T> {
     /// # Errors
     /// [`SlabError::Limit`] at the configured `max_bytes`;
     /// [`SlabError::Map`] if the system refuses a new slab.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&self) -> Result<SlabBox<'_, T>, SlabError> {
         let shared = &*self.shared;
         let slot = shared.magazines.alloc(&shared.slabs)?;
@@ -165,7 +165,7 @@ impl<T> SlabCache<T> {
     /// # Safety
     /// `slot` must be an allocated slot of this cache that nobody uses any
     /// more.
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn free_slot(&self, slot: NonNull<Slot<T>>) {
         let shared = &*self.shared;
         shared.magazines.free(slot.cast(), &shared.slabs);

@@ -37,7 +37,9 @@
 //! cache that another parent thread was using at the moment of the fork
 //! may be left with a lock held by a thread that no longer exists: the
 //! depot's or the slab layer's mutex (then `alloc`, `free` and `shrink`
-//! that reach it block forever), or a CPU's magazine (see
+//! that reach it block forever), the statistics' registry of per-thread
+//! counters (then `stats`, and a thread's first allocation from the cache,
+//! block forever), or a CPU's magazine (see
 //! `vmtask_percpu`'s notes on `fork`: allocations on that CPU take the slow
 //! path, and `shrink` and `flush_rcu` spin forever). Objects that other
 //! threads held, and RCU magazines that the callback thread had taken but

@@ -39,6 +39,7 @@
 
 use std::ptr::NonNull;
 
+use vmtask_percpu::CacheMode;
 use vmtask_rcu::RcuHead;
 
 use crate::error::SlabError;
@@ -108,15 +109,29 @@ pub(crate) trait CpuMagazines {
     fn is_rseq(&self) -> bool;
 }
 
+/// `CpuCache::pop` and `push` hold both modes' code. Inlined whole, the
+/// try-lock half made `SlabBox`'s drop glue too large for the compiler to
+/// inline into a caller with many drops, and the call cost about as much as
+/// the free itself. So the fast paths test the mode here, where inlining
+/// `CpuCache`'s own test of the same field folds it away, and reach the
+/// try-lock mode through a call (it costs two atomic swaps anyway).
 impl CpuMagazines for vmtask_percpu::CpuCache {
-    #[inline]
+    #[inline(always)]
     fn pop(&self) -> Option<NonNull<u8>> {
-        vmtask_percpu::CpuCache::pop(self)
+        if self.mode() == CacheMode::Rseq {
+            vmtask_percpu::CpuCache::pop(self)
+        } else {
+            pop_out_of_line(self)
+        }
     }
 
-    #[inline]
+    #[inline(always)]
     fn push(&self, object: NonNull<u8>) -> Result<(), NonNull<u8>> {
-        vmtask_percpu::CpuCache::push(self, object)
+        if self.mode() == CacheMode::Rseq {
+            vmtask_percpu::CpuCache::push(self, object)
+        } else {
+            push_out_of_line(self, object)
+        }
     }
 
     /// Pops one by one rather than calling `CpuCache::drain`: a drain stops
@@ -145,6 +160,19 @@ impl CpuMagazines for vmtask_percpu::CpuCache {
     fn is_rseq(&self) -> bool {
         self.mode() == vmtask_percpu::CacheMode::Rseq
     }
+}
+
+#[inline(never)]
+fn pop_out_of_line(cache: &vmtask_percpu::CpuCache) -> Option<NonNull<u8>> {
+    cache.pop()
+}
+
+#[inline(never)]
+fn push_out_of_line(
+    cache: &vmtask_percpu::CpuCache,
+    object: NonNull<u8>,
+) -> Result<(), NonNull<u8>> {
+    cache.push(object)
 }
 
 /// Where objects come from when the depot is empty and go when it is full:
@@ -245,7 +273,7 @@ impl<C: CpuMagazines> Magazines<C> {
     }
 
     /// An object, from the current CPU's magazine if it has one.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc(&self, backing: &impl Backing) -> Result<NonNull<u8>, SlabError> {
         if let Some(object) = self.cpu.pop() {
             self.counters.bump(Event::AllocHit);
@@ -289,7 +317,7 @@ impl<C: CpuMagazines> Magazines<C> {
     }
 
     /// Returns `object`, to the current CPU's magazine if it has room.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn free(&self, object: NonNull<u8>, backing: &impl Backing) {
         // Not counted: frees are derived from allocations and occupancy,
         // which keeps the fast path to one counter per alloc+free pair.

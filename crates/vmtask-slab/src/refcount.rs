@@ -42,7 +42,13 @@ impl RefCount {
     /// Increment-if-not-zero.
     #[inline]
     pub(crate) fn try_get(&self) -> bool {
-        let mut refs = self.0.load(Ordering::Relaxed);
+        // First guess one reference (the structure's own), rather than
+        // loading the count: when the count's line was last written on
+        // another CPU, a load fetches it shared and the compare-exchange
+        // must then fetch it again, exclusive; a compare-exchange with a
+        // guess fetches it once. A wrong guess fails with the count, as a
+        // load would have returned it, and the loop goes on from there.
+        let mut refs = 1;
         loop {
             if refs == 0 {
                 return false;

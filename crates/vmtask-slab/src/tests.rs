@@ -219,6 +219,48 @@ fn many_threads_never_share_an_object() {
     assert_eq!(cache.stats().objects_in_use, 0);
 }
 
+/// Fast-path allocations are counted per thread: exactly, on threads that
+/// have exited, and on a thread that uses more caches than its memo holds
+/// (collisions, and rows of dropped caches let go).
+#[test]
+fn allocations_are_counted_exactly_across_threads_and_caches() {
+    const PER_THREAD: u64 = 10_000;
+    let cache = SlabCache::new(Config::new("counted"), || 0u64).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..PER_THREAD {
+                    drop(cache.alloc().unwrap());
+                }
+            });
+        }
+    });
+    let stats = cache.stats();
+    assert_eq!(stats.allocs, 4 * PER_THREAD, "{stats}");
+    assert_eq!(stats.frees, 4 * PER_THREAD, "{stats}");
+    assert_eq!(stats.magazine_hits + stats.magazine_misses, stats.allocs);
+
+    // More caches than memo entries, some dropped and replaced, used in
+    // turn by one thread.
+    let mut caches: Vec<_> = (0..20)
+        .map(|n| SlabCache::new(Config::new(format!("c{n}")), || 0u64).unwrap())
+        .collect();
+    for round in 0..3u64 {
+        for cache in &caches {
+            for _ in 0..=round {
+                drop(cache.alloc().unwrap());
+            }
+        }
+        caches.truncate(10);
+        caches.extend(
+            (0..10).map(|n| SlabCache::new(Config::new(format!("d{n}")), || 0u64).unwrap()),
+        );
+    }
+    let allocs: Vec<u64> = caches.iter().map(|cache| cache.stats().allocs).collect();
+    assert_eq!(allocs[..10], [6; 10], "{allocs:?}");
+    assert_eq!(allocs[10..], [0; 10], "{allocs:?}");
+}
+
 #[test]
 fn limit_is_an_error_naming_cache_and_limit() {
     let cache = SlabCache::new(
