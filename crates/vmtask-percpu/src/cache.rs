@@ -286,7 +286,10 @@ impl CpuCache {
         self.push_locked(item)
     }
 
-    #[inline]
+    // Out of line where rseq is the expected mode, so that the inlined fast
+    // paths of callers stay small.
+    #[cfg_attr(all(target_arch = "x86_64", target_os = "linux"), inline(never))]
+    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), inline)]
     fn pop_locked(&self) -> Option<NonNull<u8>> {
         let area = self.try_lock(cpu())?;
         let len = area.head().len.load(Ordering::Relaxed);
@@ -297,7 +300,9 @@ impl CpuCache {
         NonNull::new(item)
     }
 
-    #[inline]
+    // As `pop_locked`.
+    #[cfg_attr(all(target_arch = "x86_64", target_os = "linux"), inline(never))]
+    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), inline)]
     fn push_locked(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
         let Some(area) = self.try_lock(cpu()) else {
             return Err(item);
