@@ -91,8 +91,8 @@ impl Bag {
 pub(crate) unsafe fn run_bag(head: *mut RcuHead) {
     // SAFETY: the caller's contract; `head` is the first field.
     let bag = unsafe { Box::from_raw(head.cast::<Bag>()) };
-    // The queue counted this node as one invocation already.
-    INVOKED.fetch_sub(1, Ordering::Relaxed);
+    // `run` counts the entries; the node itself is not a callback.
+    crate::callback::uncount_this_node();
     bag.run();
 }
 

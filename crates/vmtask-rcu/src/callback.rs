@@ -190,7 +190,7 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
         let func = unsafe { *(*node).func.get() };
         // SAFETY: every queued node carries its function, and the grace
         // period it waited for is the contract of `call_intrusive`.
-        let n = unsafe { invoke_one(node, func) };
+        let n = unsafe { invoke_one(node, func) } - UNCOUNTED.with(Cell::take);
         count += n;
         unreported += n;
         if unreported >= PROGRESS_STEP {
@@ -203,6 +203,17 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
         }
         node = next;
     }
+}
+
+thread_local! {
+    /// Set by a node's function when the node is not a callback of the
+    /// user's (a barrier marker) or counts its own (a bag).
+    static UNCOUNTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Called by a node's function: `invoke` does not count this node.
+pub(crate) fn uncount_this_node() {
+    UNCOUNTED.with(|c| c.set(1));
 }
 
 /// Counts invoked callbacks and wakes callers throttled by the backlog.
@@ -520,7 +531,9 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// deferred earlier may run inside a later `defer_drop` on the same thread
 /// (never inside a read-side section). Do not defer objects whose `Drop`
 /// takes a lock the deferring thread may hold while it calls `defer_drop`;
-/// give those to [`call`], whose callbacks run only on the callback thread.
+/// give those to [`call`], whose callbacks never run inside the call that
+/// queued them (they run on the callback thread or a thread waiting in
+/// [`barrier`]).
 pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
     unsafe fn drop_box<T>(data: *mut ()) {
         // SAFETY: `data` came from `Box::into_raw` below.
@@ -783,14 +796,20 @@ struct BarrierNode {
 unsafe fn run_barrier_node(head: *mut RcuHead) {
     // SAFETY: the caller's contract.
     let node = unsafe { Box::from_raw(head.cast::<BarrierNode>()) };
+    uncount_this_node();
     if node.state.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
         node.state.waiter.unpark();
     }
 }
 
 /// Waits until every callback queued (by any thread) before this call has
-/// been invoked (`rcu_barrier`). Callbacks queued by those callbacks may
-/// still be pending.
+/// been invoked (`rcu_barrier`), and every object deferred before it has
+/// been dropped. Callbacks queued by those callbacks may still be pending.
+///
+/// While it waits, the calling thread helps run callbacks whose grace
+/// period has passed (any thread's): they see this thread's thread-locals,
+/// and must not need a lock the caller holds — which they could not get
+/// from the callback thread either while the caller waits here.
 ///
 /// # Panics
 /// Inside a read-side section, or from an RCU callback: both would wait
@@ -817,7 +836,9 @@ pub fn barrier() {
         // SAFETY: a fresh, leaked node, freed by `run_barrier_node`.
         unsafe {
             *(*node).head.func.get() = Some(run_barrier_node);
-            q.push(node.cast::<RcuHead>(), 1);
+            // Not counted as queued: `run_barrier_node` uncounts its
+            // invocation, so the statistics show the user's callbacks only.
+            q.push(node.cast::<RcuHead>(), 0);
         }
     }
     wake_thread_urgent();

@@ -59,7 +59,9 @@ impl<T: Send + 'static> RcuCell<T> {
         unsafe { p.as_ref() }
     }
 
-    /// Publishes `value`; the old value is dropped after a grace period.
+    /// Publishes `value`; the old value is dropped after a grace period,
+    /// through [`defer_drop`](crate::defer_drop) (whose lock caveat applies:
+    /// drops deferred earlier by this thread may run inside this call).
     pub fn store(&self, value: Option<Box<T>>) {
         let old = self.ptr.swap(into_ptr(value), Ordering::AcqRel);
         // SAFETY: `old` is unpublished now and owned by us.
@@ -95,7 +97,8 @@ impl<T: Send + 'static> RcuCell<T> {
 
     /// Publishes `new` if the cell still holds the value `current` points
     /// to (compared by address; `None` for empty). On failure `new` is
-    /// returned. The replaced value is dropped after a grace period.
+    /// returned. The replaced value is dropped after a grace period, as in
+    /// [`store`](Self::store).
     pub fn compare_and_store(
         &self,
         current: Option<&T>,
@@ -178,7 +181,8 @@ impl<T: Send + 'static> Retired<T> {
             .expect("a Retired holds its value until consumed")
     }
 
-    /// Runs `f` with the value after a grace period, on the callback thread.
+    /// Runs `f` with the value after a grace period, on the callback thread
+    /// (or a thread waiting in [`barrier`](crate::barrier)), as [`call`](crate::call).
     pub fn defer(mut self, f: impl FnOnce(Box<T>) + Send + 'static) {
         let old = self
             .old

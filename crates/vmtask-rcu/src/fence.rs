@@ -23,7 +23,8 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 static CHOSEN: OnceLock<FenceMode> = OnceLock::new();
 
 /// Environment variable that forces the SeqCst-fence fallback when set to
-/// `1` (read once, at initialisation).
+/// anything but an empty string or `0` (read once, at initialisation), as
+/// `VMTASK_PERCPU_NO_RSEQ` does for vmtask-percpu.
 pub const FORCE_FENCE_ENV: &str = "VMTASK_RCU_FORCE_FENCE";
 
 /// [`force_fence_fallback`] came too late: the mode was already chosen.
@@ -60,7 +61,7 @@ fn membarrier(cmd: libc::c_int) -> libc::c_long {
 
 fn choose() -> FenceMode {
     let forced = FORCED.load(Ordering::SeqCst) != 0
-        || std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| v == "1");
+        || std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     if forced {
         return FenceMode::SeqCst;
     }

@@ -12,18 +12,24 @@
 //!   no hardware fence. Updaters pay instead, with
 //!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`; where the kernel lacks
 //!   it (or [`force_fence_fallback`] / `VMTASK_RCU_FORCE_FENCE=1` asks),
-//!   readers issue a SeqCst fence and [`stats`] says so.
+//!   readers issue a SeqCst fence and [`stats()`] says so.
 //! - **Grace periods.** [`synchronize`] returns after every read-side
 //!   section that began before it has ended. Concurrent callers share grace
 //!   periods.
 //! - **Callbacks** are taken by one background thread in batches, one grace
 //!   period per batch; [`barrier`] waits for all queued before it.
-//!   [`defer_drop`] batches per thread and, once the grace period has
-//!   passed, drops on the thread that deferred, so memory goes back to
-//!   that thread's allocator caches.
-//! - **Bounded memory.** Past a soft backlog of queued callbacks a grace
-//!   period starts at once; past a hard limit, queuing waits for the
-//!   backlog to drain ([`set_backlog_limits`]).
+//!   Callbacks never run inside `call` itself; a thread waiting in
+//!   `barrier` may help run them. [`defer_drop`] batches per thread, and a
+//!   full batch is usually dropped, once its grace period has passed, by
+//!   the thread that deferred it (inside a later `defer_drop`), so memory
+//!   goes back to that thread's allocator caches; see its documentation
+//!   for the exceptions and the lock caveat.
+//! - **Bounded memory.** Callbacks on the shared queues: past a soft
+//!   backlog a grace period starts at once; past a hard limit, queuing
+//!   waits for the backlog to drain ([`set_backlog_limits`]). Deferred
+//!   drops: each thread keeps at most 64 full batches (8,064 objects)
+//!   waiting and then waits for a grace period itself, except inside a
+//!   read-side section or a callback, where it cannot wait.
 //! - **Misuse is loud.** `synchronize`, `barrier` and [`RcuCell::swap`]
 //!   inside a read-side section would deadlock; they panic instead.
 //!
