@@ -72,9 +72,8 @@ impl Bag {
         })
     }
 
-    /// Runs every drop. Counts the entries as invoked.
+    /// Runs every drop (the caller counts them).
     fn run(&self) {
-        INVOKED.fetch_add(self.len as u64, Ordering::Relaxed);
         for &(data, drop_fn) in &self.entries[..self.len] {
             // SAFETY: each entry was pushed by `defer_raw`, whose contract
             // is that `drop_fn(data)` is valid after a grace period, which
@@ -91,8 +90,8 @@ impl Bag {
 pub(crate) unsafe fn run_bag(head: *mut RcuHead) {
     // SAFETY: the caller's contract; `head` is the first field.
     let bag = unsafe { Box::from_raw(head.cast::<Bag>()) };
-    // `run` counts the entries; the node itself is not a callback.
-    crate::callback::uncount_this_node();
+    // The node counts as its entries.
+    crate::callback::set_node_weight(bag.len as u64);
     bag.run();
 }
 
@@ -241,6 +240,7 @@ impl LocalBag {
                     // everyone else) rather than let garbage pile up.
                     grace::wait(snap);
                     bag.run();
+                    INVOKED.fetch_add(bag.len as u64, Ordering::Relaxed);
                     // `running` clears before `runs` counts the run (both
                     // released): a flusher that reads `runs` and then sees
                     // `running` set knows the count has not moved yet.

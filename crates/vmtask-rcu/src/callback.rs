@@ -190,7 +190,8 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
         let func = unsafe { *(*node).func.get() };
         // SAFETY: every queued node carries its function, and the grace
         // period it waited for is the contract of `call_intrusive`.
-        let n = unsafe { invoke_one(node, func) } - UNCOUNTED.with(Cell::take);
+        let ran = unsafe { invoke_one(node, func) };
+        let n = NODE_WEIGHT.with(Cell::take).unwrap_or(ran);
         count += n;
         unreported += n;
         if unreported >= PROGRESS_STEP {
@@ -206,14 +207,15 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
 }
 
 thread_local! {
-    /// Set by a node's function when the node is not a callback of the
-    /// user's (a barrier marker) or counts its own (a bag).
-    static UNCOUNTED: Cell<u64> = const { Cell::new(0) };
+    /// Set by a node's function when the node stands for other than one
+    /// user callback: a barrier marker (none), a bag (its entries).
+    static NODE_WEIGHT: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
-/// Called by a node's function: `invoke` does not count this node.
-pub(crate) fn uncount_this_node() {
-    UNCOUNTED.with(|c| c.set(1));
+/// Called by a node's function: `invoke` counts this node as `callbacks`
+/// user callbacks.
+pub(crate) fn set_node_weight(callbacks: u64) {
+    NODE_WEIGHT.with(|c| c.set(Some(callbacks)));
 }
 
 /// Counts invoked callbacks and wakes callers throttled by the backlog.
@@ -796,7 +798,7 @@ struct BarrierNode {
 unsafe fn run_barrier_node(head: *mut RcuHead) {
     // SAFETY: the caller's contract.
     let node = unsafe { Box::from_raw(head.cast::<BarrierNode>()) };
-    uncount_this_node();
+    set_node_weight(0);
     if node.state.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
         node.state.waiter.unpark();
     }
