@@ -47,61 +47,96 @@ enum Command {
 
 #[derive(Args, Debug, Default)]
 struct SpawnCostArgs {
-    /// Spawns per repetition and stack kind [default: 20000; --quick 500].
+    /// Spawns per repetition and stack kind, at least 1 [default: 20000; --quick 500].
     #[arg(long)]
     count: Option<usize>,
-    /// Repetitions per kind; the median is reported [default: 15; --quick 3].
+    /// Repetitions per kind, at least 1; the median is reported [default: 15; --quick 3].
     #[arg(long)]
     reps: Option<usize>,
-    /// Stack size in KiB (the kernel's THREAD_SIZE is 16) [default: 16].
+    /// Stack size in KiB (the kernel's THREAD_SIZE is 16).
     #[arg(long, default_value_t = 16)]
     stack_kib: usize,
 }
 
 #[derive(Args, Debug, Default)]
 struct RcuFreeArgs {
-    /// Seconds per storm [default: 2; --quick 0.2].
+    /// Seconds per storm, at least 0.01 [default: 2; --quick 0.2].
     #[arg(long)]
     secs: Option<f64>,
     /// Per-CPU cache size; repeat for several [default: 2 and 16].
     #[arg(long = "cache-size")]
     cache_sizes: Vec<usize>,
-    /// Tasks per worker waiting for a grace period before the worker waits.
+    /// Tasks per worker waiting for a grace period before the worker waits;
+    /// at least 1.
     #[arg(long, default_value_t = 4096)]
     max_deferred: usize,
 }
 
 #[derive(Args, Debug, Default)]
 struct MemoryArgs {
-    /// Tasks live at once [default: 2000; --quick 200].
+    /// Tasks live at once, at least 1 [default: 2000; --quick 200].
     #[arg(long)]
     tasks: Option<usize>,
 }
 
 #[derive(Args, Debug, Default)]
 struct BalanceArgs {
-    /// Seconds per run [default: 2; --quick 0.2].
+    /// Seconds per run, at least 0.01 [default: 2; --quick 0.2].
     #[arg(long)]
     secs: Option<f64>,
-    /// Per-CPU cache size [default: 16].
+    /// Per-CPU cache size.
     #[arg(long, default_value_t = 16)]
     cache_size: usize,
 }
 
 impl SpawnCostArgs {
-    fn params(&self, quick: bool) -> spawn_cost::Params {
-        spawn_cost::Params {
-            count: self.count.unwrap_or(if quick { 500 } else { 20_000 }),
-            reps: self.reps.unwrap_or(if quick { 3 } else { 15 }),
+    fn params(&self, quick: bool) -> Result<spawn_cost::Params, Error> {
+        Ok(spawn_cost::Params {
+            count: at_least_one(
+                "--count",
+                self.count.unwrap_or(if quick { 500 } else { 20_000 }),
+            )?,
+            reps: at_least_one("--reps", self.reps.unwrap_or(if quick { 3 } else { 15 }))?,
             stack_size: self.stack_kib * 1024,
-        }
+        })
     }
 }
 
+/// `value` of `option`, which counts something an experiment needs at least
+/// one of: zero would silently measure nothing.
+fn at_least_one(option: &str, value: usize) -> Result<usize, Error> {
+    if value == 0 {
+        return Err(Error::Usage(format!(
+            "{option} 0 is out of range: must be at least 1"
+        )));
+    }
+    Ok(value)
+}
+
+/// Shortest run the storms accept: below it the workers may be stopped
+/// before they spawn anything, and the rates would describe no spawns.
+const MIN_SECS: f64 = 0.01;
+
 fn seconds(secs: Option<f64>, quick: bool) -> Result<Duration, Error> {
     let secs = secs.unwrap_or(if quick { 0.2 } else { 2.0 });
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| Error::Usage(format!("--secs {secs} is not a duration")))
+    let out_of_range = || {
+        // Huge values in scientific notation, not hundreds of digits.
+        let shown = if secs.abs() < 1e9 {
+            secs.to_string()
+        } else {
+            format!("{secs:e}")
+        };
+        Error::Usage(format!(
+            "--secs {shown} is out of range: must be from {MIN_SECS} to {:.1e} seconds",
+            Duration::MAX.as_secs_f64()
+        ))
+    };
+    // NaN fails the range check; values too long for a Duration fail the
+    // conversion.
+    if !(MIN_SECS..=f64::INFINITY).contains(&secs) {
+        return Err(out_of_range());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| out_of_range())
 }
 
 impl RcuFreeArgs {
@@ -113,16 +148,19 @@ impl RcuFreeArgs {
             } else {
                 self.cache_sizes.clone()
             },
-            max_deferred: self.max_deferred,
+            max_deferred: at_least_one("--max-deferred", self.max_deferred)?,
         })
     }
 }
 
 impl MemoryArgs {
-    fn params(&self, quick: bool) -> memory::Params {
-        memory::Params {
-            tasks: self.tasks.unwrap_or(if quick { 200 } else { 2000 }),
-        }
+    fn params(&self, quick: bool) -> Result<memory::Params, Error> {
+        Ok(memory::Params {
+            tasks: at_least_one(
+                "--tasks",
+                self.tasks.unwrap_or(if quick { 200 } else { 2000 }),
+            )?,
+        })
     }
 }
 
@@ -144,6 +182,19 @@ struct Plan {
     balance: Option<balance::Params>,
 }
 
+impl Command {
+    /// The heading of the command's output.
+    fn heading(&self) -> &'static str {
+        match self {
+            Command::Tour => "vmtask tour",
+            Command::SpawnCost(_) => "vmtask spawn-cost",
+            Command::RcuFree(_) => "vmtask rcu-free",
+            Command::Memory(_) => "vmtask memory",
+            Command::Balance(_) => "vmtask balance",
+        }
+    }
+}
+
 impl Plan {
     fn new(command: Option<Command>, quick: bool) -> Result<Plan, Error> {
         Ok(match command {
@@ -153,7 +204,7 @@ impl Plan {
                         stack_kib: 16,
                         ..Default::default()
                     }
-                    .params(quick),
+                    .params(quick)?,
                 ),
                 rcu_free: Some(
                     RcuFreeArgs {
@@ -162,7 +213,7 @@ impl Plan {
                     }
                     .params(quick)?,
                 ),
-                memory: Some(MemoryArgs::default().params(quick)),
+                memory: Some(MemoryArgs::default().params(quick)?),
                 balance: Some(
                     BalanceArgs {
                         cache_size: 16,
@@ -172,7 +223,7 @@ impl Plan {
                 ),
             },
             Some(Command::SpawnCost(args)) => Plan {
-                spawn_cost: Some(args.params(quick)),
+                spawn_cost: Some(args.params(quick)?),
                 ..Plan::default()
             },
             Some(Command::RcuFree(args)) => Plan {
@@ -180,7 +231,7 @@ impl Plan {
                 ..Plan::default()
             },
             Some(Command::Memory(args)) => Plan {
-                memory: Some(args.params(quick)),
+                memory: Some(args.params(quick)?),
                 ..Plan::default()
             },
             Some(Command::Balance(args)) => Plan {
@@ -290,6 +341,7 @@ fn run(plan: &Plan, out: &Out<'_>) -> Result<(), Error> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let quick = cli.common.quick;
+    let heading = cli.command.as_ref().map_or("vmtask tour", Command::heading);
     let result = Plan::new(cli.command, quick).and_then(|plan| {
         let bar = ProgressBar::new(plan.steps());
         bar.set_style(
@@ -305,7 +357,7 @@ fn main() -> ExitCode {
         };
         let cpus = vmtask_cli::experiments::allowed_cpus();
         out.print(format!(
-            "# vmtask tour{}\n\n{} CPUs allowed ({:?}); per-CPU cache mode: {}; stack guards: {}",
+            "# {heading}{}\n\n{} CPUs allowed ({:?}); per-CPU cache mode: {}; stack guards: {}",
             if quick { " (--quick)" } else { "" },
             cpus.len(),
             cpus,

@@ -26,6 +26,8 @@ fn quick_memory_subcommand_prints_its_table_and_writes_a_chart() {
         "stdout:\n{stdout}\nstderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(stdout.starts_with("# vmtask memory (--quick)"), "{stdout}");
+    assert!(!stdout.contains("vmtask tour"), "{stdout}");
     assert!(stdout.contains("Resident memory per task"), "{stdout}");
     assert!(stdout.contains("demand-paged (live)"), "{stdout}");
     assert!(stdout.contains("RCU stats"), "{stdout}");
@@ -80,6 +82,7 @@ fn quick_tour_runs_every_experiment() {
     let out = vmtask(&["--quick", "--out", out_dir.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
+    assert!(stdout.starts_with("# vmtask tour (--quick)"), "{stdout}");
     for section in ["## 1.", "## 2.", "## 3.", "## 4.", "## RCU stats"] {
         assert!(stdout.contains(section), "{section} missing:\n{stdout}");
     }
@@ -90,4 +93,60 @@ fn quick_tour_runs_every_experiment() {
         );
     }
     std::fs::remove_dir_all(out_dir).unwrap();
+}
+
+/// Runs `args`, expects a usage error naming `option` and `range`, not a
+/// panic and not a run.
+fn assert_rejected(args: &[&str], option: &str, range: &str) {
+    let out = vmtask(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} was accepted");
+    assert!(
+        stderr.contains("vmtask: error:") && stderr.contains(option) && stderr.contains(range),
+        "{args:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{args:?} ran anyway");
+}
+
+#[test]
+fn zero_secs_is_rejected_with_its_range() {
+    assert_rejected(&["rcu-free", "--secs", "0"], "--secs 0", "from 0.01");
+    assert_rejected(&["balance", "--secs", "0"], "--secs 0", "from 0.01");
+}
+
+#[test]
+fn zero_tasks_is_rejected_with_its_range() {
+    assert_rejected(&["memory", "--tasks", "0"], "--tasks 0", "at least 1");
+}
+
+#[test]
+fn zero_count_is_rejected_with_its_range() {
+    assert_rejected(&["spawn-cost", "--count", "0"], "--count 0", "at least 1");
+}
+
+#[test]
+fn zero_reps_is_rejected_with_its_range() {
+    assert_rejected(&["spawn-cost", "--reps", "0"], "--reps 0", "at least 1");
+}
+
+#[test]
+fn zero_max_deferred_is_rejected_with_its_range() {
+    assert_rejected(
+        &["rcu-free", "--max-deferred", "0"],
+        "--max-deferred 0",
+        "at least 1",
+    );
+}
+
+#[test]
+fn help_shows_each_default_once() {
+    for command in ["spawn-cost", "rcu-free", "memory", "balance"] {
+        let out = vmtask(&[command, "--help"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        for line in stdout.lines() {
+            assert!(line.matches("[default:").count() <= 1, "{command}: {line}");
+        }
+    }
 }

@@ -18,7 +18,7 @@
 //! Reserved address space is free (`MAP_NORESERVE`, demand paged), but the
 //! 47-bit user address space holds 128 TiB, which bounds
 //! `max_stacks × slot`. Small slots are cheap but overflow sooner; use
-//! [`ensure`](crate::ensure) before deep recursion.
+//! [`ensure()`](crate::ensure()) before deep recursion.
 
 use crate::error::StackError;
 use crate::sys::{page_ceil, page_size};
@@ -62,7 +62,8 @@ pub struct Config {
     /// Free stacks each CPU's magazine holds. Default 16; the kernel uses 2.
     pub cache_size: usize,
     /// Free stacks the shared depot holds before it gives stacks' memory
-    /// back entirely. Default: four magazines per possible CPU.
+    /// back entirely. Default: 64 stacks per possible CPU, whatever
+    /// `cache_size` is (four magazines of the default 16).
     pub depot_size: usize,
     /// Bytes kept resident at the top of a free stack when its deeper pages
     /// are released. Default 16 KiB.

@@ -68,7 +68,10 @@ impl fmt::Display for StackError {
                 Ok(())
             }
             StackError::OutOfMemory { bytes } => {
-                write!(f, "out of memory while pre-faulting {bytes} bytes of stack")
+                write!(
+                    f,
+                    "out of memory while pre-faulting {bytes} bytes of stack (limits: the memory cgroup's memory.max, physical memory and swap)"
+                )
             }
             StackError::TooLarge { requested, available, stack_size } => write!(
                 f,
@@ -115,5 +118,13 @@ mod tests {
             e.to_string().contains("10 bytes asked, 5 bytes left"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn out_of_memory_names_the_bytes_and_the_limit() {
+        let e = StackError::OutOfMemory { bytes: 32768 };
+        let message = e.to_string();
+        assert!(message.contains("32768 bytes"), "{message}");
+        assert!(message.contains("memory.max"), "{message}");
     }
 }

@@ -21,7 +21,7 @@
 //!   stacks' memory back entirely, and [`StackPool::trim`] does it on demand.
 //! - Allocation fails with a [`StackError`], never a crash, when the pool
 //!   or the kernel runs out.
-//! - [`ensure`] turns "growth that cannot fail" into an explicit, fallible
+//! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
 //!   reservation.
 //!
 //! With the default `corosensei` feature a [`Stack`] is a

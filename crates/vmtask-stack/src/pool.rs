@@ -535,11 +535,14 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
-    /// The share of allocations served by a magazine or the depot, that is
-    /// by a stack that was already carved and still warm.
+    /// The cache+depot hit rate: the share of allocations served by a
+    /// magazine or the depot, that is by a stack that was already carved and
+    /// still warm. Not the magazine (cache) hit rate alone, which is
+    /// `cache_hits / allocs`. 0.0 before the first allocation, like the
+    /// slab's rates.
     pub fn hit_rate(&self) -> f64 {
         if self.allocs == 0 {
-            return 1.0;
+            return 0.0;
         }
         (self.cache_hits + self.depot_hits) as f64 / self.allocs as f64
     }
@@ -557,7 +560,7 @@ impl fmt::Display for PoolStats {
         )?;
         writeln!(
             f,
-            "cache: {} hits, {} misses, {} depot hits ({:.2}% hit rate), {} depot transfers",
+            "cache: {} hits, {} misses, {} depot hits ({:.2}% cache+depot hit rate), {} depot transfers",
             self.cache_hits,
             self.cache_misses,
             self.depot_hits,

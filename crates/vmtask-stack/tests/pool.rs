@@ -419,3 +419,27 @@ fn every_carved_stack_has_its_guard_across_guard_batches() {
     }
     assert_eq!(pool.stats().slots_carved, 100);
 }
+
+#[test]
+fn hit_rate_is_cache_plus_depot_and_zero_before_any_alloc() {
+    on_cpu(0, || {
+        let pool = StackPool::new(Config {
+            cache_size: 2,
+            ..Config::default()
+        })
+        .unwrap();
+        let idle = pool.stats();
+        assert_eq!(idle.hit_rate(), 0.0, "no allocations, no hits: {idle}");
+        drop(pool.alloc().unwrap());
+        drop(pool.alloc().unwrap());
+        let stats = pool.stats();
+        assert_eq!(stats.allocs, 2, "{stats}");
+        let expected = (stats.cache_hits + stats.depot_hits) as f64 / 2.0;
+        assert_eq!(stats.hit_rate(), expected, "{stats}");
+        let shown = stats.to_string();
+        assert!(
+            shown.contains(&format!("{:.2}% cache+depot hit rate", 100.0 * expected)),
+            "{shown}"
+        );
+    });
+}
