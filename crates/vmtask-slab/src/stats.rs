@@ -389,10 +389,18 @@ mod tests {
         }
         counters.bump(Event::AllocHit);
         assert_eq!(counters.sum(Event::AllocHit), 801);
+        // A scoped thread is joined when its closure returns; its
+        // thread-local destructors (which fold its row) may run a moment
+        // later, as the OS thread exits.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while counters.registry.rows().len() > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(
             counters.registry.rows().len(),
             1,
             "only the running thread keeps a row"
         );
+        assert_eq!(counters.sum(Event::AllocHit), 801);
     }
 }
