@@ -372,11 +372,12 @@ impl CpuCache {
     #[inline]
     fn head(&self, cpu: usize) -> &AreaHead {
         debug_assert!(cpu < self.table.cpus);
-        // SAFETY: area `cpu < cpus` lies inside the allocation, is aligned
+        // Why this holds: area `cpu < cpus` lies inside the allocation, is aligned
         // to 128 and starts with an `AreaHead` (all-zero is valid); it is
         // only ever accessed through atomics (or the rseq sequences' plain
         // aligned `mov`s, equally single-copy atomic), so a shared
         // reference is sound for as long as `self` lives.
+        // SAFETY: area `cpu` is live, aligned and atomics-only, as argued above.
         unsafe { &*(self.table.base.add(cpu * self.table.stride) as *const AreaHead) }
     }
 
@@ -463,10 +464,11 @@ impl Drop for Exclusive<'_> {
 impl Drop for CpuCache {
     fn drop(&mut self) {
         let layout = Self::layout(self.table.capacity, self.table.cpus);
-        // SAFETY: `base` came from `alloc_zeroed` with this same layout;
+        // Why this holds: `base` came from `alloc_zeroed` with this same layout;
         // `&mut self` proves no push, pop or drain is in progress (a thread
         // inside a sequence borrows the cache), and the sequences' rseq
         // descriptors are static, so nothing refers to the areas any more.
+        // SAFETY: allocated with this layout, and nothing refers to it (above).
         unsafe { alloc::dealloc(self.table.base, layout) };
     }
 }

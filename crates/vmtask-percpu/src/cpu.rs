@@ -87,10 +87,11 @@ pub fn rseq_available() -> bool {
 #[inline(always)]
 fn read_rseq_cpu(offset: isize) -> Option<usize> {
     let cpu: i32;
-    // SAFETY: on x86_64 Linux `%fs:0` holds the thread pointer; glibc's rseq
+    // Why this holds: on x86_64 Linux `%fs:0` holds the thread pointer; glibc's rseq
     // area lives at `tp + __rseq_offset` for every thread it created
     // (including the main thread) and `cpu_id` is the `u32` at byte 4 of
     // `struct rseq`. The read has no side effects.
+    // SAFETY: a side-effect-free read of glibc's rseq `cpu_id` (above).
     unsafe {
         std::arch::asm!(
             "mov {cpu:e}, dword ptr fs:[{off} + 4]",

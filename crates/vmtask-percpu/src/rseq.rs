@@ -185,7 +185,7 @@ pub(crate) fn fence_cpu(cpu: usize) {
 #[inline]
 pub(crate) unsafe fn push(table: &Table, rseq_offset: isize, item: *mut u8) -> bool {
     let len: usize;
-    // SAFETY: per the function contract, `cpu < table.cpus` (checked
+    // Why this holds: per the function contract, `cpu < table.cpus` (checked
     // in the sequence) indexes a live area, and `len < capacity` (checked)
     // a live item slot. The sequence follows the rseq ABI described in the
     // module header: descriptor in `__rseq_cs`, 32-byte aligned, version
@@ -194,6 +194,7 @@ pub(crate) unsafe fn push(table: &Table, rseq_offset: isize, item: *mut u8) -> b
     // signature precedes abort_ip, which lies outside the section. The item
     // store before the commit writes a slot at or past `len`, which no one
     // reads until a commit covers it, so an aborted push leaves no trace.
+    // SAFETY: the contract and the rseq ABI hold as listed above.
     unsafe {
         std::arch::asm!(
             ".pushsection __rseq_cs, \"aw\"",
@@ -260,10 +261,11 @@ pub(crate) unsafe fn push(table: &Table, rseq_offset: isize, item: *mut u8) -> b
 #[inline]
 pub(crate) unsafe fn pop(table: &Table, rseq_offset: isize) -> *mut u8 {
     let item: *mut u8;
-    // SAFETY: as in `push`, with `0 < len <= capacity` (checked, and
+    // Why this holds: as in `push`, with `0 < len <= capacity` (checked, and
     // `len <= capacity` is the invariant every commit keeps), so item slot
     // `len - 1`, at `items + (len - 1) * 8`, is live. An aborted pop has
     // only read.
+    // SAFETY: as in `push`, with the live slot `len - 1` (above).
     unsafe {
         std::arch::asm!(
             ".pushsection __rseq_cs, \"aw\"",

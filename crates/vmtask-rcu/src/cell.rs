@@ -52,10 +52,11 @@ impl<T: Send + 'static> RcuCell<T> {
     #[inline]
     pub fn load<'g>(&self, _guard: &'g ReadGuard) -> Option<&'g T> {
         let p = self.ptr.load(Ordering::Acquire);
-        // SAFETY: a published pointer came from `Box::into_raw` and is freed
+        // Why this holds: a published pointer came from `Box::into_raw` and is freed
         // only a grace period after it was unpublished; `_guard` keeps this
         // thread in a read-side section for `'g`, so that grace period
         // cannot end before `'g` does.
+        // SAFETY: `_guard` holds off the grace period that frees `p` (above).
         unsafe { p.as_ref() }
     }
 

@@ -94,10 +94,11 @@ impl<T> Deref for SlabBox<'_, T> {
     type Target = T;
     #[inline]
     fn deref(&self) -> &T {
-        // SAFETY: the box owns the constructed object alone; readers of a
+        // Why this holds: the box owns the constructed object alone; readers of a
         // type-stable cache that still hold its address only touch the
         // header (`refs`, zero while boxed, so their `try_get` fails), never
         // the value: that is their side of the contract (`shared.rs`).
+        // SAFETY: the box owns the value alone; readers touch only the header.
         unsafe { value_of(self.slot).as_ref() }
     }
 }

@@ -250,11 +250,12 @@ impl<T> Drop for SlabCache<T> {
             self.leak("where it cannot wait for RCU (in an RCU callback?)");
             return;
         }
-        // SAFETY: dropped once, here, in `drop`; the callbacks of the RCU
+        // Why this holds: dropped once, here, in `drop`; the callbacks of the RCU
         // magazines have all run (`barrier`) and every reader that could
         // have found an object has left (`synchronize`), so nothing else
         // refers to `shared` any more. The slabs drop their objects and
         // unmap.
+        // SAFETY: dropped once, after the waits above; nothing refers to it.
         unsafe { ManuallyDrop::drop(&mut self.shared) };
     }
 }

@@ -321,10 +321,11 @@ impl<T> SlabCache<T> {
             ptr.cache.name(),
             self.name()
         );
-        // SAFETY: the pointer was loaded from an AtomicSlabArc of this
+        // Why this holds: the pointer was loaded from an AtomicSlabArc of this
         // type-stable cache under a read guard that is still held; the
         // object was allocated when the cell held it, so its slab cannot
         // have left the system before the guard's grace period ends.
+        // SAFETY: the guard keeps the object's slab in place (above).
         unsafe { self.try_get_slot(ptr.slot) }
     }
 

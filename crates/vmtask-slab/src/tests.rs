@@ -596,11 +596,12 @@ fn typesafe_shrink_keeps_memory_until_readers_leave() {
             // nobody can own it: no thread allocates from this cache (the
             // main thread only frees and shrinks it), and `shrink` took the
             // object's slab out of the cache before `freed` was sent.
-            // SAFETY: the slab's objects are dropped and its memory
+            // Why this holds: the slab's objects are dropped and its memory
             // released only a grace period after `shrink`, which our guard
             // (held since the object was in the cell) holds off; until then
             // the slot holds the unowned, constructed Obj, which nobody
             // writes.
+            // SAFETY: the slab outlives our guard and nobody writes the slot (above).
             let magic = unsafe { found.as_ptr().as_ref() }.magic.load(Relaxed);
             assert_eq!(magic, MAGIC, "slab memory released under a reader");
         });

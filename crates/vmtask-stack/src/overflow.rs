@@ -194,10 +194,11 @@ fn take_default_action(sig: libc::c_int, fault: bool) {
     // SAFETY: an all-zero sigaction with SIG_DFL is the default action.
     let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
     default.sa_sigaction = libc::SIG_DFL;
-    // SAFETY: sigaction and raise are async-signal-safe. For a fault,
+    // Why this holds: sigaction and raise are async-signal-safe. For a fault,
     // returning retries the access, which now kills the process the
     // default way; a sent signal is raised again (it stays pending until
     // this handler returns and the signal is unblocked).
+    // SAFETY: async-signal-safe calls, as explained above.
     unsafe {
         libc::sigaction(sig, &default, std::ptr::null_mut());
         if !fault {

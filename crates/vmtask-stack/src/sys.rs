@@ -172,10 +172,11 @@ fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &Atomic
         })
         .collect();
     let total: usize = ranges.iter().map(|r| r.1).sum();
-    // SAFETY: `iov` holds `ranges.len()` valid iovecs describing ranges of
+    // Why this holds: `iov` holds `ranges.len()` valid iovecs describing ranges of
     // our own arenas that nobody is using; the advice values callers pass
     // (dontneed on free stacks, guard install on uncarved slots) never
     // invalidate memory Rust code holds references to.
+    // SAFETY: valid iovecs over unused ranges of our arenas (above).
     let done = unsafe {
         libc::syscall(
             libc::SYS_process_madvise,

@@ -91,10 +91,11 @@ impl Tallies {
             return false;
         }
         let tally = CURRENT_TALLY.get();
-        // SAFETY: CURRENT_TALLY is set together with CURRENT_ID to a tally
+        // Why this holds: CURRENT_TALLY is set together with CURRENT_ID to a tally
         // in this thread's OWNED list, which keeps it alive and is only
         // pruned of tallies of other (dropped) pools; both are cleared
         // before the list is destroyed.
+        // SAFETY: CURRENT_TALLY points into this thread's live OWNED list (above).
         let tally = unsafe { &*tally };
         // Only this thread writes its tally: no read-modify-write needed.
         tally.store(tally.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
