@@ -34,6 +34,16 @@ pub fn remaining() -> Option<usize> {
 /// gives [`StackError::OutOfMemory`] here instead of a SIGSEGV or an OOM kill
 /// at some later call. On any other stack it does nothing and returns
 /// `Ok(())`: thread stacks are the kernel's to grow.
+///
+/// A failed reservation gives back what it got: before returning
+/// [`StackError::OutOfMemory`], the pages of the request that it had
+/// already faulted in are released again (`MADV_DONTNEED`), so the process
+/// (or its memory cgroup) is not left at its limit, where the next ordinary
+/// page fault would fail or, with the cgroup's OOM killer disabled, wait.
+/// Only whole pages below the page holding the stack pointer are released,
+/// and not the 8 KiB just below that page either (room for the frames of
+/// the release call itself): nothing lives in them, as they are stack
+/// below the stack pointer, and they read zeros when next used.
 pub fn ensure(bytes: usize) -> Result<(), StackError> {
     let sp = stack_pointer();
     let Some(Place::Stack(slot)) = arena::lookup(sp) else {
@@ -49,7 +59,11 @@ pub fn ensure(bytes: usize) -> Result<(), StackError> {
     }
     let low = sys::page_floor(sp - bytes);
     let high = sys::page_ceil(sp).min(slot.base);
-    prefault(low, high - low)
+    let result = prefault(low, high - low);
+    if let Err(StackError::OutOfMemory { .. }) = result {
+        release_below_frames(low);
+    }
+    result
 }
 
 fn prefault(addr: usize, len: usize) -> Result<(), StackError> {
@@ -61,4 +75,98 @@ fn prefault(addr: usize, len: usize) -> Result<(), StackError> {
             errno,
         },
     })
+}
+
+/// Stack kept resident below the page holding the measured stack pointer
+/// when a failed `ensure` gives its pages back: room for the frames of the
+/// release call (`sys::release`, `madvise` and libc's wrapper, with its
+/// red zone), which lie below the measured address. In debug builds they
+/// reach past the page holding it (the unit test below crashes without
+/// this margin); optimized, they stay within it.
+const KEEP_BELOW_SP: usize = 8 * 1024;
+
+/// Releases the pages of `[low, ..)` that lie wholly below this call's
+/// frames: after a failed `MADV_POPULATE_WRITE` they are resident but
+/// unused, and keeping them would leave the memory cgroup at its limit.
+///
+/// The top of the range is measured here, not in `ensure`: `ensure`'s
+/// measurement is an address in a frame that has since returned, and the
+/// frames below it (`prefault` and the `madvise` call) went deeper. The
+/// measured address is in `stack_pointer`'s frame, below this function's;
+/// the page holding it and the `KEEP_BELOW_SP` below that stay, so the
+/// release call's own frames, which start above the measured address and
+/// use far less than `KEEP_BELOW_SP`, lie on pages it does not drop.
+#[inline(never)]
+fn release_below_frames(low: usize) {
+    let sp = stack_pointer();
+    let high = sys::page_floor(sp).saturating_sub(sys::page_ceil(KEEP_BELOW_SP));
+    if high > low {
+        sys::release(low, high - low);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, StackPool};
+    use corosensei::{Coroutine, CoroutineResult, Yielder};
+
+    /// Runs `f` `depth` small frames further down the stack.
+    #[inline(never)]
+    fn at_depth(depth: usize, f: &mut dyn FnMut()) {
+        let pad = std::hint::black_box([depth as u8; 48]);
+        if depth == 0 {
+            f();
+        } else {
+            at_depth(depth - 1, f);
+        }
+        assert!(std::hint::black_box(pad).iter().all(|&b| b == depth as u8));
+    }
+
+    /// The release after a failed `ensure` drops the request's pages below
+    /// the caller's frames and leaves the pages holding them alone, however
+    /// the stack pointer lies within its page: from a range of depths that
+    /// spans several pages, the release call must return (its own return
+    /// addresses intact) and the callers' frames keep their contents.
+    #[test]
+    fn release_keeps_the_live_frames() {
+        let page = sys::page_size();
+        let pool = StackPool::new(Config {
+            stack_size: 256 * 1024,
+            ..Config::default()
+        })
+        .unwrap();
+        let stack = pool.alloc().unwrap();
+        let mut co = Coroutine::with_stack(stack, move |_: &Yielder<(), ()>, ()| {
+            let mut bad = Vec::new();
+            for depth in 0..160 {
+                at_depth(depth, &mut || {
+                    let live = std::hint::black_box([0x5au8; 256]);
+                    let sp = stack_pointer();
+                    let low = sys::page_floor(sp - 128 * 1024);
+                    let top = sys::page_ceil(sp);
+                    sys::populate_write(low, top - low).unwrap();
+                    release_below_frames(low);
+                    // The measurement inside is less than a page deeper
+                    // than ours.
+                    let released = sys::page_floor(sp) - page - sys::page_ceil(KEEP_BELOW_SP);
+                    let frame_page = sys::page_floor(sp);
+                    let below = sys::resident_pages(low, released - low);
+                    let kept = sys::resident_pages(frame_page, top - frame_page);
+                    let intact = std::hint::black_box(live).iter().all(|&b| b == 0x5a);
+                    if below != 0 || kept != (top - frame_page) / page || !intact {
+                        bad.push((depth, sp % page, below, kept, intact));
+                    }
+                });
+            }
+            bad
+        });
+        let CoroutineResult::Return(bad) = co.resume(()) else {
+            panic!("coroutine yielded")
+        };
+        assert!(
+            bad.is_empty(),
+            "(depth, sp offset, resident below, resident frame pages, intact): {bad:?}"
+        );
+    }
 }
