@@ -81,6 +81,9 @@ fn choose() -> FenceMode {
 pub(crate) fn mode() -> FenceMode {
     *CHOSEN.get_or_init(|| {
         let mode = choose();
+        // Before any reader can lock (registration calls `mode()` first),
+        // and before any grace period flips the phase.
+        crate::grace::GP.set_mode(mode);
         MODE.store(
             match mode {
                 FenceMode::Membarrier => 1,

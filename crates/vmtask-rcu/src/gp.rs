@@ -14,6 +14,13 @@
 //! unlock that ends the section: barrier, `slot = 0`, barrier, and wake the
 //! updater if `futex == -1`. No read-modify-write and no hardware fence.
 //!
+//! The fast path is five loads (the thread's slot pointer, `slot`,
+//! `gp.ctr`, the private word, `futex`), two stores and predicted
+//! branches: the fence mode travels as a bit of `gp.ctr` (for `lock`) and
+//! of the private word (for `unlock`), and everything unusual (nesting,
+//! orphaned or detached sections, SeqCst mode) makes the private word
+//! non-zero and takes an out-of-line path.
+//!
 //! Updater, one grace period (`grace_period`):
 //! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
 //!    of the process executes a full fence, so each reader's plain stores
@@ -40,7 +47,7 @@
 //! Without membarrier (`FenceMode::SeqCst`) readers issue the fence
 //! themselves.
 
-use crate::sync::{fence, spin, AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use crate::sync::{fence, spin, AtomicI32, AtomicUsize, Ordering};
 
 /// One reader nesting level.
 pub(crate) const GP_COUNT: usize = 1;
@@ -48,6 +55,10 @@ pub(crate) const GP_COUNT: usize = 1;
 pub(crate) const GP_PHASE: usize = 1 << (usize::BITS / 2);
 /// The nesting depth of a reader slot.
 pub(crate) const NEST_MASK: usize = GP_PHASE - 1;
+/// Set in `GpWord::ctr` (never cleared) when readers must issue their own
+/// SeqCst fence ([`FenceMode::SeqCst`]): the outermost lock learns the
+/// mode from the word it loads anyway, instead of from a second global.
+pub(crate) const GP_SEQCST: usize = 1 << (usize::BITS - 2);
 
 /// The global grace-period state.
 pub(crate) struct GpWord {
@@ -71,22 +82,38 @@ impl GpWord {
             futex: AtomicI32::new(0),
         }
     }
+
+    /// Records the process's fence mode for readers (once, when it is
+    /// chosen: before any reader can lock, see `fence.rs`). An RMW, so a
+    /// concurrent phase flip (also an RMW) cannot lose it.
+    pub(crate) fn set_mode(&self, mode: FenceMode) {
+        if mode == FenceMode::SeqCst {
+            self.ctr.fetch_or(GP_SEQCST, Ordering::SeqCst);
+        }
+    }
 }
 
-/// A reader's state. `ctr` is published (the updater reads it); `nested`
-/// and `orphaned` are the owning thread's alone.
+/// `ReaderCtr::state`: guards nested in the open section (low bits).
+const NESTED_MASK: usize = usize::MAX >> 3;
+/// `ReaderCtr::state`: the guard that began the section was dropped while
+/// nested guards lived; the last of them ends the section.
+const ORPHANED: usize = 1 << (usize::BITS - 1);
+/// `ReaderCtr::state`: the slot goes back to the registry when the
+/// section ends: its thread's registration ended inside the section, or it
+/// is a temporary slot (see `registry.rs`).
+const DETACHED: usize = 1 << (usize::BITS - 2);
+/// `ReaderCtr::state`: this reader issues SeqCst fences
+/// ([`FenceMode::SeqCst`]); set when the slot is taken.
+const SEQCST: usize = 1 << (usize::BITS - 3);
+
+/// A reader's state. `ctr` is published (the updater reads it); `state`
+/// is the owning thread's alone.
 pub(crate) struct ReaderCtr {
     pub(crate) ctr: AtomicUsize,
-    /// Live guards beyond the one that began the section.
-    nested: AtomicUsize,
-    /// The guard that began the section was dropped while nested guards
-    /// lived: the last of them ends the section.
-    orphaned: AtomicBool,
-    /// The owning thread's registration ended inside a section; the guard
-    /// that ends it releases the slot (see `registry.rs`). Kept here, on
-    /// the line the unlock already touches.
-    #[cfg_attr(all(loom, test), allow(dead_code))]
-    pub(crate) detached: AtomicBool,
+    /// Nested guards and the `ORPHANED`, `DETACHED` and `SEQCST` flags, in
+    /// one word that is zero in the common case, so the unlock of an
+    /// outermost guard checks all of them with one load and one branch.
+    state: AtomicUsize,
 }
 
 /// Which barrier readers use.
@@ -112,14 +139,41 @@ pub(crate) fn reader_barrier(mode: FenceMode) {
     }
 }
 
+/// The reader's own fence in SeqCst mode, out of the fast path's way.
+#[cold]
+#[inline(never)]
+fn seqcst_reader_fence() {
+    fence(Ordering::SeqCst);
+}
+
+/// An unlock that ended the section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// An updater sleeps waiting for readers: the caller must wake it.
+    pub(crate) wake: bool,
+    /// The slot is detached (see `DETACHED`): the caller must release it.
+    pub(crate) release: bool,
+}
+
 impl ReaderCtr {
     pub(crate) fn new() -> Self {
         ReaderCtr {
             ctr: AtomicUsize::new(0),
-            nested: AtomicUsize::new(0),
-            orphaned: AtomicBool::new(false),
-            detached: AtomicBool::new(false),
+            state: AtomicUsize::new(0),
         }
+    }
+
+    /// Readies a slot for a thread: its fence mode, and whether it is a
+    /// temporary slot that goes back when its one section ends.
+    pub(crate) fn prepare(&self, mode: FenceMode, temporary: bool) {
+        let mut state = 0;
+        if mode == FenceMode::SeqCst {
+            state |= SEQCST;
+        }
+        if temporary {
+            state |= DETACHED;
+        }
+        self.state.store(state, Ordering::Relaxed);
     }
 
     /// Whether the owning thread is inside a read-side section.
@@ -130,56 +184,113 @@ impl ReaderCtr {
     }
 
     /// `rcu_read_lock`. Only the owning thread calls this. Returns whether
-    /// this lock began the section (the guard must pass it to `unlock`).
-    ///
-    /// Nesting is counted apart from `ctr`, so that a section's unlock
-    /// never reads back the `ctr` its lock just stored: back-to-back
-    /// sections then carry one store-to-load dependency, not two.
-    #[inline]
-    pub(crate) fn lock(&self, gp: &GpWord, mode: FenceMode) -> bool {
-        // Only this thread writes `ctr`, so a relaxed read sees our own value.
-        if self.ctr.load(Ordering::Relaxed) & NEST_MASK == 0 {
-            self.ctr
-                .store(gp.ctr.load(Ordering::Relaxed), Ordering::Relaxed);
-            // Orders the slot store before the section's data loads (with
-            // the updater's membarrier; see the module header).
-            reader_barrier(mode);
-            true
-        } else {
-            let nested = self.nested.load(Ordering::Relaxed);
-            assert!(
-                nested < usize::MAX / 2,
-                "vmtask_rcu::read_lock nested too deep"
-            );
-            self.nested.store(nested + 1, Ordering::Relaxed);
+    /// this lock began the section (the guard passes it to `unlock`).
+    /// `ReadGuard` inlines the same steps (`active`, `begin`,
+    /// `lock_nested`); the models and unit tests use this.
+    #[cfg(test)]
+    pub(crate) fn lock(&self, gp: &GpWord) -> bool {
+        if self.active() {
+            self.lock_nested();
             false
-        }
-    }
-
-    /// `rcu_read_unlock` of the guard `lock` returned `began` for. Returns
-    /// `None` while the section goes on (other guards hold it), or
-    /// `Some(wake)` when it ended, `wake` meaning an updater sleeps waiting
-    /// for readers and the caller must wake it.
-    #[inline]
-    pub(crate) fn unlock(&self, gp: &GpWord, mode: FenceMode, began: bool) -> Option<bool> {
-        let nested = self.nested.load(Ordering::Relaxed);
-        if began {
-            if nested != 0 {
-                // Dropped before guards nested in it: they keep the section.
-                self.orphaned.store(true, Ordering::Relaxed);
-                return None;
-            }
         } else {
-            self.nested.store(nested - 1, Ordering::Relaxed);
-            if nested != 1 || !self.orphaned.load(Ordering::Relaxed) {
-                return None;
-            }
-            self.orphaned.store(false, Ordering::Relaxed);
+            self.begin(gp);
+            true
         }
-        Some(self.end_section(gp, mode))
     }
 
-    #[inline]
+    /// The outermost `rcu_read_lock`, when `active()` is false: one load
+    /// of `gp.ctr` and one store. The `active()` load before it only
+    /// steers a predicted branch, so back-to-back sections carry no
+    /// store-to-load dependency from one to the next.
+    #[inline(always)]
+    pub(crate) fn begin(&self, gp: &GpWord) {
+        let gp_ctr = gp.ctr.load(Ordering::Relaxed);
+        self.ctr.store(gp_ctr, Ordering::Relaxed);
+        // Orders the slot store before the section's data loads (with the
+        // updater's membarrier; see the module header). The mode comes
+        // with the word just loaded.
+        if gp_ctr & GP_SEQCST != 0 {
+            seqcst_reader_fence();
+        }
+        reader_barrier(FenceMode::Membarrier);
+    }
+
+    /// A lock inside an open section: counts the nesting.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn lock_nested(&self) {
+        let state = self.state.load(Ordering::Relaxed);
+        assert!(
+            state & NESTED_MASK < NESTED_MASK,
+            "vmtask_rcu::read_lock nested too deep"
+        );
+        self.state.store(state + 1, Ordering::Relaxed);
+    }
+
+    /// `rcu_read_unlock` of the guard whose `lock` returned `began`.
+    /// Returns `None` while the section goes on (other guards hold it), or
+    /// what the caller must do now that it ended. `ReadGuard` inlines the
+    /// same steps (`state`, `end`, `unlock_slow`).
+    #[cfg(test)]
+    pub(crate) fn unlock(&self, gp: &GpWord, began: bool) -> Option<Ended> {
+        let state = self.state();
+        if !began || state != 0 {
+            return self.unlock_slow(gp, began, state);
+        }
+        Some(Ended {
+            wake: self.end(gp),
+            release: false,
+        })
+    }
+
+    /// The owner's private state word; zero means the unlock of the guard
+    /// that began the section may `end` it directly.
+    #[inline(always)]
+    pub(crate) fn state(&self) -> usize {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    /// Ends the section of the guard that began it, when `state()` is
+    /// zero. Returns whether an updater sleeps and must be woken.
+    #[inline(always)]
+    pub(crate) fn end(&self, gp: &GpWord) -> bool {
+        self.end_section(gp, FenceMode::Membarrier)
+    }
+
+    /// Unlock of a nested guard, of an orphaned or detached section, or in
+    /// SeqCst mode.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unlock_slow(&self, gp: &GpWord, began: bool, state: usize) -> Option<Ended> {
+        let state = if began {
+            if state & NESTED_MASK != 0 {
+                // Dropped before guards nested in it: they keep the section.
+                self.state.store(state | ORPHANED, Ordering::Relaxed);
+                return None;
+            }
+            state
+        } else {
+            let state = state - 1;
+            if state & NESTED_MASK != 0 || state & ORPHANED == 0 {
+                self.state.store(state, Ordering::Relaxed);
+                return None;
+            }
+            let state = state & !ORPHANED;
+            self.state.store(state, Ordering::Relaxed);
+            state
+        };
+        let mode = if state & SEQCST != 0 {
+            FenceMode::SeqCst
+        } else {
+            FenceMode::Membarrier
+        };
+        Some(Ended {
+            wake: self.end_section(gp, mode),
+            release: state & DETACHED != 0,
+        })
+    }
+
+    #[inline(always)]
     fn end_section(&self, gp: &GpWord, mode: FenceMode) -> bool {
         // The section's data loads complete before the slot says
         // "quiescent".
@@ -191,12 +302,18 @@ impl ReaderCtr {
         gp.futex.load(Ordering::Relaxed) == -1
     }
 
+    /// The owning thread's registration ends while this section is open:
+    /// the guard that ends the section releases the slot.
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    pub(crate) fn detach(&self) {
+        let state = self.state.load(Ordering::Relaxed);
+        self.state.store(state | DETACHED, Ordering::Relaxed);
+    }
+
     /// The owning thread is gone (or forked away): its sections are over.
     #[cfg_attr(all(loom, test), allow(dead_code))]
     pub(crate) fn reset(&self) {
-        self.nested.store(0, Ordering::Relaxed);
-        self.orphaned.store(false, Ordering::Relaxed);
-        self.detached.store(false, Ordering::Relaxed);
+        self.state.store(0, Ordering::Relaxed);
         self.ctr.store(0, Ordering::Release);
     }
 
@@ -271,11 +388,85 @@ where
     wait_for_readers(gp, readers.clone(), updater);
     // The first wait's slot loads complete before the flip is published.
     fence(Ordering::SeqCst);
-    let ctr = gp.ctr.load(Ordering::Relaxed);
-    gp.ctr.store(ctr ^ GP_PHASE, Ordering::Relaxed);
+    // An RMW, so that a concurrent `set_mode` is not lost.
+    gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
     fence(Ordering::SeqCst);
     wait_for_readers(gp, readers, updater);
     updater.heavy_barrier();
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    const ENDED: Option<Ended> = Some(Ended {
+        wake: false,
+        release: false,
+    });
+
+    #[test]
+    fn the_fence_mode_bit_survives_phase_flips_and_does_not_disturb_phases() {
+        let gp = GpWord::new();
+        gp.set_mode(FenceMode::SeqCst);
+        gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
+        assert_ne!(gp.ctr.load(Ordering::Relaxed) & GP_SEQCST, 0);
+        let r = ReaderCtr::new();
+        r.prepare(FenceMode::SeqCst, false);
+        assert!(r.lock(&gp));
+        assert!(r.active());
+        assert!(!r.is_old(gp.ctr.load(Ordering::Relaxed)));
+        assert!(r.is_old(gp.ctr.load(Ordering::Relaxed) ^ GP_PHASE));
+        // SeqCst mode takes the out-of-line unlock and ends the section.
+        assert_eq!(r.unlock(&gp, true), ENDED);
+        assert!(!r.active());
+    }
+
+    #[test]
+    fn nested_orphaned_and_detached_sections_end_exactly_once() {
+        for mode in [FenceMode::Membarrier, FenceMode::SeqCst] {
+            let gp = GpWord::new();
+            gp.set_mode(mode);
+            let r = ReaderCtr::new();
+            r.prepare(mode, false);
+            // Out of order: the first guard goes before the nested one.
+            assert!(r.lock(&gp));
+            assert!(!r.lock(&gp));
+            assert_eq!(r.unlock(&gp, true), None);
+            assert!(r.active());
+            assert_eq!(r.unlock(&gp, false), ENDED);
+            assert!(!r.active());
+
+            // In order, two levels deep.
+            assert!(r.lock(&gp));
+            assert!(!r.lock(&gp));
+            assert!(!r.lock(&gp));
+            assert_eq!(r.unlock(&gp, false), None);
+            assert_eq!(r.unlock(&gp, false), None);
+            assert!(r.active());
+            assert_eq!(r.unlock(&gp, true), ENDED);
+
+            // Detached inside a section: the ending unlock says to release.
+            assert!(r.lock(&gp));
+            r.detach();
+            assert!(!r.lock(&gp));
+            assert_eq!(r.unlock(&gp, true), None);
+            let ended = r.unlock(&gp, false).expect("the last guard ends it");
+            assert!(ended.release);
+            r.reset();
+
+            // A temporary slot is released by the guard that ends its
+            // section.
+            r.prepare(mode, true);
+            assert!(r.lock(&gp));
+            assert_eq!(r.unlock(&gp, true).map(|e| e.release), Some(true));
+            r.prepare(mode, false);
+
+            // A sleeping updater is reported for waking.
+            assert!(r.lock(&gp));
+            gp.futex.store(-1, Ordering::Relaxed);
+            assert_eq!(r.unlock(&gp, true).map(|e| e.wake), Some(true));
+        }
+    }
 }
 
 #[cfg(all(loom, test))]
@@ -315,21 +506,29 @@ mod loom_model {
     fn run(mode: FenceMode, reader_sections: usize) {
         loom::model(move || {
             let s = Arc::new(Shared {
-                gp: GpWord::new(),
-                reader: ReaderCtr::new(),
+                gp: {
+                    let gp = GpWord::new();
+                    gp.set_mode(mode);
+                    gp
+                },
+                reader: {
+                    let reader = ReaderCtr::new();
+                    reader.prepare(mode, false);
+                    reader
+                },
                 published: AtomicUsize::new(0),
                 freed: [AtomicBool::new(false), AtomicBool::new(false)],
             });
             let r = s.clone();
             let reader = loom::thread::spawn(move || {
                 for _ in 0..reader_sections {
-                    let began = r.reader.lock(&r.gp, mode);
+                    let began = r.reader.lock(&r.gp);
                     let obj = r.published.load(Ordering::Acquire);
                     assert!(
                         !r.freed[obj].load(Ordering::Relaxed),
                         "reader saw a freed object"
                     );
-                    let _ = r.reader.unlock(&r.gp, mode, began);
+                    let _ = r.reader.unlock(&r.gp, began);
                 }
             });
             s.published.store(1, Ordering::Release);

@@ -1,7 +1,6 @@
 //! `read_lock()` and `ReadGuard`: the read side.
 
-use std::marker::PhantomData;
-use std::sync::atomic::Ordering;
+use std::ptr::NonNull;
 
 use crate::grace::GP;
 use crate::registry::{self, Slot};
@@ -9,54 +8,92 @@ use crate::registry::{self, Slot};
 /// Proof that the current thread is in a read-side critical section;
 /// ends the section (or one nesting level) when dropped.
 ///
-/// Neither `Send` nor `Sync`: the section belongs to the thread.
+/// Neither `Send` nor `Sync`: the section belongs to the thread. One word:
+/// the slot's address, its low bit set for a nested guard.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct ReadGuard {
-    slot: &'static Slot,
-    /// This guard's lock began the section.
-    began: bool,
-    /// The slot is a temporary one (thread-local storage already torn
-    /// down) and is released with the guard.
-    temporary: bool,
-    _not_send: PhantomData<*const ()>,
+    /// The thread's `&'static Slot`, tagged with `NESTED`. A raw pointer,
+    /// so the guard is `!Send` and `!Sync`.
+    tagged: NonNull<Slot>,
 }
+
+/// The guard's lock did not begin the section.
+const NESTED: usize = 1;
+const _: () = assert!(std::mem::align_of::<Slot>() > NESTED);
 
 /// Enters a read-side critical section (`rcu_read_lock`). Nestable.
 ///
-/// Costs a handful of plain loads and stores; the first call on a thread
-/// registers it as a reader.
+/// Costs two loads and a store besides finding the thread's slot; the
+/// first call on a thread registers it as a reader.
 #[inline]
 pub fn read_lock() -> ReadGuard {
-    let (slot, temporary) = match registry::current() {
-        Ok(slot) => (slot, false),
-        Err(slot) => (slot, true),
-    };
-    let began = slot.reader.lock(&GP, crate::fence::reader_mode());
+    let slot = registry::current();
+    if slot.reader.active() {
+        return lock_nested(slot);
+    }
+    slot.reader.begin(&GP);
     ReadGuard {
-        slot,
-        began,
-        temporary,
-        _not_send: PhantomData,
+        tagged: NonNull::from(slot),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn lock_nested(slot: &'static Slot) -> ReadGuard {
+    slot.reader.lock_nested();
+    ReadGuard {
+        tagged: NonNull::from(slot).map_addr(|a| a | NESTED),
+    }
+}
+
+impl ReadGuard {
+    #[inline(always)]
+    fn slot(&self) -> &'static Slot {
+        let slot = self.tagged.as_ptr().map_addr(|a| a & !NESTED);
+        // SAFETY: `tagged` is a `&'static Slot` (slots are leaked, never
+        // freed) with the tag bit set in its alignment padding; clearing
+        // it gives the reference back.
+        unsafe { &*slot }
+    }
+
+    #[inline(always)]
+    fn began(&self) -> bool {
+        self.tagged.as_ptr().addr() & NESTED == 0
     }
 }
 
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        let ended = self
-            .slot
-            .reader
-            .unlock(&GP, crate::fence::reader_mode(), self.began);
-        if let Some(wake) = ended {
-            if wake {
-                crate::grace::wake_updater();
-            }
-            // A temporary slot, or one whose thread's registration ended
-            // while this section was open, goes back once the section is
-            // over.
-            if self.temporary || self.slot.reader.detached.load(Ordering::Relaxed) {
-                registry::release_slot(self.slot);
-            }
+        if !self.began() {
+            let slot = self.slot();
+            return unlock_slow(slot, false, slot.reader.state());
+        }
+        // SAFETY: the guard that began a section holds the untagged
+        // `&'static Slot`.
+        let slot: &'static Slot = unsafe { self.tagged.as_ref() };
+        let state = slot.reader.state();
+        if state != 0 {
+            return unlock_slow(slot, true, state);
+        }
+        if slot.reader.end(&GP) {
+            crate::grace::wake_updater();
+        }
+    }
+}
+
+/// Nested guards, orphaned or detached sections, and SeqCst mode.
+#[cold]
+#[inline(never)]
+fn unlock_slow(slot: &'static Slot, began: bool, state: usize) {
+    if let Some(ended) = slot.reader.unlock_slow(&GP, began, state) {
+        if ended.wake {
+            crate::grace::wake_updater();
+        }
+        // A temporary slot, or one whose thread's registration ended while
+        // this section was open, goes back once the section is over.
+        if ended.release {
+            registry::release_slot(slot);
         }
     }
 }
@@ -64,7 +101,7 @@ impl Drop for ReadGuard {
 impl std::fmt::Debug for ReadGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadGuard")
-            .field("began_section", &self.began)
+            .field("began_section", &self.began())
             .finish()
     }
 }

@@ -47,7 +47,7 @@ struct Registration {
 
 impl Registration {
     fn new() -> Self {
-        let slot = acquire_slot();
+        let slot = acquire_slot(false);
         CURRENT.with(|c| c.set(slot));
         Registration { slot }
     }
@@ -73,30 +73,36 @@ impl Drop for Registration {
             crate::callback::wake_after_push();
         }
         if self.slot.reader.active() {
-            self.slot.reader.detached.store(true, Ordering::Relaxed);
+            self.slot.reader.detach();
         } else {
             release_slot(self.slot);
         }
     }
 }
 
-/// Takes a free slot or creates one.
-pub(crate) fn acquire_slot() -> &'static Slot {
+/// Takes a free slot or creates one. A `temporary` slot serves one
+/// section of a thread past its thread-local destructors and is released
+/// by the guard that ends it.
+pub(crate) fn acquire_slot(temporary: bool) -> &'static Slot {
     // The fence mode must be fixed before any reader can skip its fence.
-    crate::fence::mode();
+    let mode = crate::fence::mode();
     let mut registry = REGISTRY.lock();
-    for slot in registry.iter() {
-        if !slot.in_use.load(Ordering::Relaxed) {
+    let slot = match registry.iter().find(|s| !s.in_use.load(Ordering::Relaxed)) {
+        Some(slot) => {
             slot.in_use.store(true, Ordering::Relaxed);
-            return slot;
+            *slot
         }
-    }
-    let slot: &'static Slot = Box::leak(Box::new(Slot {
-        reader: CachePadded::new(ReaderCtr::new()),
-        bag: LocalBag::new(),
-        in_use: AtomicBool::new(true),
-    }));
-    registry.push(slot);
+        None => {
+            let slot: &'static Slot = Box::leak(Box::new(Slot {
+                reader: CachePadded::new(ReaderCtr::new()),
+                bag: LocalBag::new(),
+                in_use: AtomicBool::new(true),
+            }));
+            registry.push(slot);
+            slot
+        }
+    };
+    slot.reader.prepare(mode, temporary);
     slot
 }
 
@@ -110,25 +116,25 @@ pub(crate) fn release_slot(slot: &'static Slot) {
     slot.in_use.store(false, Ordering::Release);
 }
 
-/// This thread's slot, registering on first use. `Err` with a fresh slot
-/// when the thread is past its thread-local destructors (the caller must
-/// release it).
-#[inline]
-pub(crate) fn current() -> Result<&'static Slot, &'static Slot> {
+/// This thread's slot, registering on first use; a temporary slot (one
+/// section long, see `acquire_slot`) when the thread is past its
+/// thread-local destructors.
+#[inline(always)]
+pub(crate) fn current() -> &'static Slot {
     let slot = CURRENT.with(|c| c.get());
     if !slot.is_null() {
         // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
-        return Ok(unsafe { &*slot });
+        return unsafe { &*slot };
     }
     register_slow()
 }
 
 #[cold]
-fn register_slow() -> Result<&'static Slot, &'static Slot> {
-    match REGISTRATION.try_with(|r| r.slot) {
-        Ok(slot) => Ok(slot),
-        Err(_) => Err(acquire_slot()),
-    }
+#[inline(never)]
+fn register_slow() -> &'static Slot {
+    REGISTRATION
+        .try_with(|r| r.slot)
+        .unwrap_or_else(|_| acquire_slot(true))
 }
 
 /// This thread's slot for its bag, registering on first use; `None` once
