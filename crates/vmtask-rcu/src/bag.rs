@@ -6,11 +6,15 @@
 //! (pointer, drop function) pairs and a FIFO of full bags `waiting` for
 //! their grace period, each tagged with the grace-period snapshot taken
 //! when it filled. When a bag fills, the owner asks for a grace period
-//! (the callback thread runs it, lazily) and runs the drops of every
-//! waiting bag whose grace period has completed — on its own thread, so
-//! memory goes back to its own allocator caches, as the kernel runs RCU
-//! callbacks on the CPU that queued them. At most `MAX_WAITING` bags wait;
-//! past that the owner waits for the oldest bag's grace period itself.
+//! (the callback thread runs it, lazily) and makes the oldest waiting bag
+//! whose grace period has completed its *draining* bag; each later
+//! `defer_drop` runs one entry of it. The frees run on the owner's thread,
+//! so memory goes back to its own allocator caches, as the kernel runs RCU
+//! callbacks on the CPU that queued them, and one at a time, so each
+//! allocation that follows reuses the chunk just freed instead of taking
+//! the allocator's slow path after a burst of frees. At most `MAX_WAITING`
+//! bags wait; past that the owner waits for the oldest bag's grace period
+//! itself and runs it whole.
 //!
 //! Bags of a thread that has stopped deferring are taken by *flushers*
 //! and go through the shared callback queues: the callback thread takes
@@ -58,6 +62,9 @@ pub(crate) type DropEntry = (*mut (), unsafe fn(*mut ()));
 pub(crate) struct Bag {
     pub(crate) head: RcuHead,
     pub(crate) len: usize,
+    /// Entries before `start` have run (a bag its owner drains one entry
+    /// at a time, see `LocalBag::push`).
+    start: usize,
     entries: [DropEntry; BAG_CAPACITY],
 }
 
@@ -68,13 +75,19 @@ impl Bag {
         Box::new(Bag {
             head: RcuHead::new(),
             len: 0,
+            start: 0,
             entries: [(std::ptr::null_mut(), no_drop as unsafe fn(*mut ())); BAG_CAPACITY],
         })
     }
 
-    /// Runs every drop (the caller counts them).
+    /// Entries not run yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.len - self.start
+    }
+
+    /// Runs every drop not run yet (the caller counts them).
     fn run(&self) {
-        for &(data, drop_fn) in &self.entries[..self.len] {
+        for &(data, drop_fn) in &self.entries[self.start..self.len] {
             // SAFETY: each entry was pushed by `defer_raw`, whose contract
             // is that `drop_fn(data)` is valid after a grace period, which
             // every caller of `run` has waited for.
@@ -91,7 +104,7 @@ pub(crate) unsafe fn run_bag(head: *mut RcuHead) {
     // SAFETY: the caller's contract; `head` is the first field.
     let bag = unsafe { Box::from_raw(head.cast::<Bag>()) };
     // The node counts as its entries.
-    crate::callback::set_node_weight(bag.len as u64);
+    crate::callback::set_node_weight(bag.remaining() as u64);
     bag.run();
 }
 
@@ -104,7 +117,35 @@ const MAX_SPARE: usize = 4;
 struct Owned {
     current: Option<Box<Bag>>,
     waiting: VecDeque<(u64, Box<Bag>)>,
+    /// A bag whose grace period has passed, drained one entry per push
+    /// (see `LocalBag::push`).
+    draining: Option<Box<Bag>>,
     spare: Vec<Box<Bag>>,
+}
+
+impl Owned {
+    /// Keeps an emptied bag for reuse, up to `MAX_SPARE`.
+    fn recycle(&mut self, mut bag: Box<Bag>) {
+        if self.spare.len() < MAX_SPARE {
+            bag.len = 0;
+            bag.start = 0;
+            self.spare.push(bag);
+        }
+    }
+
+    /// The draining bag, if entries remain in it. Its entries that already
+    /// ran are counted as invoked here: the bag now goes to the shared
+    /// queues, whose invocation counts only the rest.
+    fn take_draining(&mut self) -> Option<Box<Bag>> {
+        let bag = self.draining.take()?;
+        INVOKED.fetch_add(bag.start as u64, Ordering::Relaxed);
+        if bag.remaining() > 0 {
+            Some(bag)
+        } else {
+            self.recycle(bag);
+            None
+        }
+    }
 }
 
 /// A thread's bags and the flags of the protocol above.
@@ -114,9 +155,11 @@ pub(crate) struct LocalBag {
     has_entries: AtomicBool,
     /// Bags filled so far; a flusher treats an unchanged count as idle.
     filled: AtomicU64,
-    /// The owner is running a bag it took out of `waiting` (outside the
-    /// hand-off), and `runs` counts the bags it has finished: `barrier`
-    /// waits for a run it saw in progress.
+    /// The owner is running a bag it took out of `waiting`, or an entry of
+    /// its draining bag (outside the hand-off), and `runs` counts the runs
+    /// it has finished: `barrier` waits for a run it saw in progress.
+    /// Also keeps the owner from starting a run inside one (a drop that
+    /// defers more), which would nest without bound.
     running: AtomicBool,
     runs: AtomicU64,
     owned: UnsafeCell<Owned>,
@@ -150,6 +193,7 @@ impl LocalBag {
             owned: UnsafeCell::new(Owned {
                 current: None,
                 waiting: VecDeque::new(),
+                draining: None,
                 spare: Vec::new(),
             }),
         })
@@ -169,10 +213,31 @@ impl LocalBag {
         Some(result)
     }
 
-    /// Owner only: adds an entry.
+    /// Owner only: adds an entry and, with `may_run`, takes one entry of
+    /// the draining bag for the caller to run with `run_one`.
+    ///
+    /// Why one at a time: running a whole bag frees 126 objects at once,
+    /// more than the allocator's per-thread cache holds (glibc's tcache
+    /// keeps 7 per size), and the allocations that follow then take the
+    /// allocator's slow path. Freeing one object per object retired keeps
+    /// the two in step, so each allocation reuses the chunk just freed.
     #[inline]
-    pub(crate) fn push(&self, entry: DropEntry) -> Pushed {
+    pub(crate) fn push(&self, entry: DropEntry, may_run: bool) -> (Pushed, Option<DropEntry>) {
+        let mut ready = None;
         let pushed = self.with_owned(|owned| {
+            if may_run && !self.running.load(Ordering::Relaxed) {
+                if let Some(bag) = &mut owned.draining {
+                    if bag.start < bag.len {
+                        ready = Some(bag.entries[bag.start]);
+                        // Counted as invoked when the bag leaves
+                        // `draining` (`take_draining`).
+                        bag.start += 1;
+                        // Published by the hand-off's release, as in
+                        // `collect`.
+                        self.running.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
             let bag = match &mut owned.current {
                 Some(bag) => bag,
                 empty => empty.insert(owned.spare.pop().unwrap_or_else(Bag::new)),
@@ -199,58 +264,94 @@ impl LocalBag {
             }
             _ => {}
         }
-        pushed.unwrap_or(Pushed::Busy)
+        (pushed.unwrap_or(Pushed::Busy), ready)
     }
 
-    /// Owner only, after `Pushed::Filled`: runs the drops of waiting bags
-    /// whose grace period has completed, and bounds how many wait.
-    /// Returns the number of waiting bags left and the oldest's snapshot.
+    /// Owner only: runs the entry `push` took.
+    #[inline]
+    pub(crate) fn run_one(&self, (data, drop_fn): DropEntry) {
+        // SAFETY: the entry comes from the draining bag, whose grace
+        // period has passed (see `Bag::run`), and `push` handed it out
+        // once.
+        crate::callback::contain_panic(|| unsafe { drop_fn(data) });
+        self.end_run();
+    }
+
+    /// Ends a run started under the hand-off (`running` set).
+    fn end_run(&self) {
+        // `running` clears before `runs` counts the run (both released): a
+        // flusher that reads `runs` and then sees `running` set knows the
+        // count has not moved yet. `runs` has one writer: a plain
+        // increment.
+        self.running.store(false, Ordering::Release);
+        self.runs
+            .store(self.runs.load(Ordering::Relaxed) + 1, Ordering::Release);
+    }
+
+    /// Owner only, after `Pushed::Filled`: finishes the draining bag if
+    /// pushes have not drained it yet, makes the oldest waiting bag whose
+    /// grace period has completed the next draining bag, and bounds how
+    /// many wait (running the oldest at once past `MAX_WAITING`). Returns
+    /// how many waiting bags still need a grace period and the oldest of
+    /// their snapshots. Does nothing inside a run (a drop that defers
+    /// more).
     pub(crate) fn collect(&self, may_wait: bool) -> (usize, Option<u64>) {
+        enum Step {
+            /// Run this bag now, after the grace period of the snapshot.
+            Run(Option<u64>, Box<Bag>),
+            Done(usize, Option<u64>),
+        }
+        if self.running.load(Ordering::Relaxed) {
+            // The bag that filled waits; ask for its grace period.
+            return (1, None);
+        }
         let mut done: Option<Box<Bag>> = None;
         loop {
-            let next = self.with_owned(|owned| {
-                if let Some(mut bag) = done.take() {
-                    if owned.spare.len() < MAX_SPARE {
-                        bag.len = 0;
-                        owned.spare.push(bag);
-                    }
+            let step = self.with_owned(|owned| {
+                if let Some(bag) = done.take() {
+                    owned.recycle(bag);
                 }
-                let ready = match owned.waiting.front() {
-                    Some(&(snap, _)) => {
-                        grace::done(snap) || (may_wait && owned.waiting.len() > MAX_WAITING)
-                    }
-                    None => false,
-                };
-                let snap = owned.waiting.front().map(|&(snap, _)| snap);
-                let bag = if ready {
-                    owned.waiting.pop_front()
-                } else {
-                    None
-                };
-                if bag.is_some() {
+                let start_run = |bag| {
                     // Published by the hand-off's release: a flusher that
                     // takes the bags after us sees this run in progress.
                     self.running.store(true, Ordering::Relaxed);
+                    bag
+                };
+                if let Some(bag) = owned.take_draining() {
+                    // Behind: run the rest now.
+                    return Step::Run(None, start_run(bag));
                 }
-                (bag, owned.waiting.len(), snap)
+                // Past the bound, wait (sharing grace periods with
+                // everyone else) rather than let garbage pile up.
+                if may_wait && owned.waiting.len() > MAX_WAITING {
+                    let (snap, bag) = owned.waiting.pop_front().expect("non-empty");
+                    return Step::Run(Some(snap), start_run(bag));
+                }
+                if let Some(&(snap, _)) = owned.waiting.front() {
+                    if grace::done(snap) {
+                        owned.draining = owned.waiting.pop_front().map(|(_, bag)| bag);
+                    }
+                }
+                // Snapshots grow along the queue: the ready bags lead it.
+                let ready = owned
+                    .waiting
+                    .partition_point(|&(snap, _)| grace::done(snap));
+                Step::Done(
+                    owned.waiting.len() - ready,
+                    owned.waiting.get(ready).map(|&(snap, _)| snap),
+                )
             });
-            match next {
-                Some((Some((snap, bag)), _, _)) => {
-                    // Past the bound, wait (sharing grace periods with
-                    // everyone else) rather than let garbage pile up.
-                    grace::wait(snap);
+            match step {
+                Some(Step::Run(snap, bag)) => {
+                    if let Some(snap) = snap {
+                        grace::wait(snap);
+                    }
                     bag.run();
-                    INVOKED.fetch_add(bag.len as u64, Ordering::Relaxed);
-                    // `running` clears before `runs` counts the run (both
-                    // released): a flusher that reads `runs` and then sees
-                    // `running` set knows the count has not moved yet.
-                    // `runs` has one writer: a plain increment.
-                    self.running.store(false, Ordering::Release);
-                    self.runs
-                        .store(self.runs.load(Ordering::Relaxed) + 1, Ordering::Release);
+                    INVOKED.fetch_add(bag.remaining() as u64, Ordering::Relaxed);
+                    self.end_run();
                     done = Some(bag);
                 }
-                Some((None, left, oldest)) => return (left, oldest),
+                Some(Step::Done(left, oldest)) => return (left, oldest),
                 None => return (0, None),
             }
         }
@@ -262,6 +363,7 @@ impl LocalBag {
     pub(crate) fn hand_over_own(&self, mut give: impl FnMut(Box<Bag>)) {
         loop {
             let taken = self.with_owned(|owned| {
+                owned.take_draining().into_iter().for_each(&mut give);
                 owned.current.take().into_iter().for_each(&mut give);
                 owned.waiting.drain(..).for_each(|(_, bag)| give(bag));
             });
@@ -329,6 +431,7 @@ pub(crate) fn steal(
         // SAFETY: marked before the heavy barrier, and the owner has left:
         // the hand-off gives us the bags until `flusher_release`.
         let owned = unsafe { &mut *bag.owned.get() };
+        out.extend(owned.take_draining());
         out.extend(owned.current.take().filter(|b| b.len > 0));
         out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
         bag.has_entries.store(false, Ordering::Relaxed);

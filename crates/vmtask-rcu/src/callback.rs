@@ -556,7 +556,14 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     let Some(slot) = crate::registry::current_for_bag() else {
         return defer_one(data, drop_fn);
     };
-    match slot.bag.push((data, drop_fn)) {
+    // Frees may not run inside a read-side section (a drop could wait for
+    // a grace period) nor from a callback.
+    let may_run = !slot.reader.active() && !on_callback_thread();
+    let (pushed, ready) = slot.bag.push((data, drop_fn), may_run);
+    if let Some(entry) = ready {
+        slot.bag.run_one(entry);
+    }
+    match pushed {
         Pushed::Stored { first: false } => {}
         Pushed::Stored { first: true } => {
             ensure_thread();

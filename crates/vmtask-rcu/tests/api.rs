@@ -206,6 +206,60 @@ fn defer_drop_waits_for_readers_and_barrier_flushes_partial_bags() {
     );
 }
 
+/// A list node whose drop retires the next node, as tearing down an RCU
+/// list one element at a time does.
+struct Chain {
+    left: usize,
+    dropped: Arc<AtomicUsize>,
+}
+impl Drop for Chain {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.left > 0 {
+            defer_drop(Box::new(Chain {
+                left: self.left - 1,
+                dropped: self.dropped.clone(),
+            }));
+        }
+    }
+}
+
+#[test]
+fn drops_that_retire_more_do_not_nest_and_all_run_by_barrier() {
+    // On a small stack: if the owner ran drops inside drops, the chain
+    // would recurse thousands of frames deep.
+    const CHAINS: usize = 64;
+    const LENGTH: usize = 2_000;
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let d = dropped.clone();
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            for _ in 0..CHAINS {
+                defer_drop(Box::new(Chain {
+                    left: LENGTH - 1,
+                    dropped: d.clone(),
+                }));
+            }
+            // Unrelated garbage keeps this thread's bags filling, so the
+            // chains advance through its own draining as well.
+            for _ in 0..200_000 {
+                defer_drop(Box::new(0u64));
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    // Each barrier runs at least one more link of every chain.
+    for _ in 0..LENGTH + 1 {
+        if dropped.load(Ordering::SeqCst) == CHAINS * LENGTH {
+            break;
+        }
+        barrier();
+    }
+    assert_eq!(dropped.load(Ordering::SeqCst), CHAINS * LENGTH);
+}
+
 #[repr(C)]
 struct Intrusive {
     head: RcuHead,
