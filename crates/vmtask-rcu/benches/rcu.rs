@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-static FREED: AtomicU64 = AtomicU64::new(0);
+/// Padded: the count must not share a line with anything another thread
+/// writes (that would time false sharing, not reclamation).
+static FREED: crossbeam_utils::CachePadded<AtomicU64> =
+    crossbeam_utils::CachePadded::new(AtomicU64::new(0));
 
 struct Counted(#[allow(dead_code)] u64);
 impl Drop for Counted {
@@ -45,6 +48,18 @@ fn read_side(c: &mut Criterion) {
 /// Per object, one thread: allocate, retire, wait for every free.
 fn defer_one_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("defer_free_1_thread");
+    // The floor: the same allocation, drop and count with no deferral.
+    g.bench_function("baseline Box::new+drop (no deferral)", |b| {
+        b.iter_custom(|iters| {
+            let target = FREED.load(Ordering::Relaxed) + iters;
+            let start = Instant::now();
+            for i in 0..iters {
+                drop(black_box(Box::new(Counted(i))));
+            }
+            wait_freed(target, || {});
+            start.elapsed()
+        })
+    });
     g.bench_function("vmtask_rcu defer_drop", |b| {
         b.iter_custom(|iters| {
             let target = FREED.load(Ordering::Relaxed) + iters;

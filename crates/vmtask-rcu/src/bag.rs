@@ -71,6 +71,8 @@ pub(crate) struct Bag {
 unsafe fn no_drop(_: *mut ()) {}
 
 impl Bag {
+    #[cold]
+    #[inline(never)]
     fn new() -> Box<Bag> {
         Box::new(Bag {
             head: RcuHead::new(),
@@ -395,7 +397,7 @@ impl LocalBag {
     }
 }
 
-static FLUSH_LOCK: Mutex<()> = Mutex::new(());
+static FLUSH_LOCK: CachePadded<Mutex<()>> = CachePadded::new(Mutex::new(()));
 
 /// A run of a thread's own bag that a flusher saw in progress: done once
 /// `slot.bag.runs()` exceeds the count.

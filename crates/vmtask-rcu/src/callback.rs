@@ -321,17 +321,17 @@ static SLEEPING: CachePadded<AtomicBool> = CachePadded::new(AtomicBool::new(fals
 static URGENT: CachePadded<AtomicBool> = CachePadded::new(AtomicBool::new(false));
 /// Threads have bags waiting for a grace period.
 static NEED_GP: CachePadded<AtomicBool> = CachePadded::new(AtomicBool::new(false));
-static THREAD: Mutex<Option<Thread>> = Mutex::new(None);
+static THREAD: CachePadded<Mutex<Option<Thread>>> = CachePadded::new(Mutex::new(None));
 
 pub(crate) static INVOKED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
-pub(crate) static BATCHES: AtomicU64 = AtomicU64::new(0);
-pub(crate) static LARGEST_BATCH: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BATCHES: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+pub(crate) static LARGEST_BATCH: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 pub(crate) static BACKLOG_HIGH: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 pub(crate) static EXPEDITED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
-pub(crate) static THROTTLED: AtomicU64 = AtomicU64::new(0);
+pub(crate) static THROTTLED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 static SOFT_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_SOFT_LIMIT);
 static HARD_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_HARD_LIMIT);
-static DRAIN_WAITERS: AtomicUsize = AtomicUsize::new(0);
+static DRAIN_WAITERS: CachePadded<AtomicUsize> = CachePadded::new(AtomicUsize::new(0));
 static DRAINED: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
 
 /// Default soft backlog limit: past it, a grace period starts at once.
@@ -716,9 +716,10 @@ struct ReadyBatch(Vec<(*mut RcuHead, *mut RcuHead)>);
 unsafe impl Send for ReadyBatch {}
 
 /// Batches past their grace period, oldest first.
-static READY: Mutex<VecDeque<ReadyBatch>> = Mutex::new(VecDeque::new());
+static READY: CachePadded<Mutex<VecDeque<ReadyBatch>>> =
+    CachePadded::new(Mutex::new(VecDeque::new()));
 /// Held while invoking: batches run one at a time, in order.
-static INVOKING: Mutex<()> = Mutex::new(());
+static INVOKING: CachePadded<Mutex<()>> = CachePadded::new(Mutex::new(()));
 
 /// Invokes the oldest ready batch, if there is one and nobody else is
 /// invoking. Returns whether it did.

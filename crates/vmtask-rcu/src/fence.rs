@@ -5,6 +5,7 @@
 //! updater runs, and never changes: readers that skipped their fence under
 //! one mode must not meet an updater of the other.
 
+use crossbeam_utils::CachePadded;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -19,7 +20,7 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 static FORCED: AtomicU8 = AtomicU8::new(0);
 /// The chosen mode, cached for the readers' fast path.
 /// 0: not chosen yet, 1: membarrier, 2: fences.
-static MODE: AtomicU8 = AtomicU8::new(0);
+static MODE: CachePadded<AtomicU8> = CachePadded::new(AtomicU8::new(0));
 static CHOSEN: OnceLock<FenceMode> = OnceLock::new();
 
 /// Environment variable that forces the SeqCst-fence fallback when set to

@@ -32,7 +32,8 @@ pub(crate) struct Slot {
 }
 
 /// Every slot ever created, in use or free.
-pub(crate) static REGISTRY: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+pub(crate) static REGISTRY: CachePadded<Mutex<Vec<&'static Slot>>> =
+    CachePadded::new(Mutex::new(Vec::new()));
 
 thread_local! {
     /// This thread's slot, or null before registration / after exit.
