@@ -30,8 +30,51 @@ fn wait_freed(target: u64, mut poke: impl FnMut()) {
     }
 }
 
+/// The floor under any counter-based reader on this machine: liburcu's
+/// memb lock and unlock reduced to their loads and stores (a thread-local
+/// slot, no registration, no nesting, no fence mode), with a one-word guard
+/// like `ReadGuard`.
+mod floor {
+    use std::sync::atomic::{compiler_fence, AtomicI32, AtomicUsize, Ordering::*};
+
+    pub static GP: AtomicUsize = AtomicUsize::new(1);
+    pub static FUTEX: AtomicI32 = AtomicI32::new(0);
+    thread_local! {
+        static SLOT: AtomicUsize = const { AtomicUsize::new(0) };
+    }
+
+    pub struct Guard(&'static AtomicUsize);
+
+    #[inline(always)]
+    pub fn lock() -> Guard {
+        // SAFETY: the slot lives as long as the thread; the guard does not
+        // leave the benchmark loop.
+        let slot: &'static AtomicUsize = SLOT.with(|s| unsafe { &*(s as *const AtomicUsize) });
+        if slot.load(Relaxed) == 0 {
+            slot.store(GP.load(Relaxed), Relaxed);
+            compiler_fence(SeqCst);
+        }
+        Guard(slot)
+    }
+
+    impl Drop for Guard {
+        #[inline(always)]
+        fn drop(&mut self) {
+            compiler_fence(SeqCst);
+            self.0.store(0, Relaxed);
+            compiler_fence(SeqCst);
+            if FUTEX.load(Relaxed) == -1 {
+                panic!("no updater in this benchmark");
+            }
+        }
+    }
+}
+
 fn read_side(c: &mut Criterion) {
     let mut g = c.benchmark_group("read_side");
+    g.bench_function("floor: bare memb lock+unlock", |b| {
+        b.iter(|| drop(black_box(floor::lock())))
+    });
     g.bench_function("vmtask_rcu read_lock+drop", |b| {
         b.iter(|| drop(black_box(vmtask_rcu::read_lock())))
     });

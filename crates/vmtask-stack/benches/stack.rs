@@ -1,6 +1,6 @@
 //! Stack allocation cost, the pool side by side with its peers in one run.
 //!
-//! `CARGO_TARGET_DIR=/work/target-stack cargo bench -p vmtask-stack --bench stack`
+//! `cargo bench -p vmtask-stack --bench stack`
 //!
 //! Groups:
 //! - `cached alloc+free`: a stack that goes back to the CPU cache and comes
@@ -11,7 +11,8 @@
 //!   `DefaultStack::new` + touch + drop; and the floor under all of them,
 //!   the page fault of a first touch alone;
 //! - `coroutine create+run+drop`: a corosensei coroutine on a pool stack vs
-//!   on one stack reused by hand vs on `DefaultStack::new`;
+//!   on one stack reused by hand (an owned coroutine and `into_stack`, or a
+//!   `ScopedCoroutine` borrowing the stack) vs on `DefaultStack::new`;
 //! - `zero_on_reuse`: what clearing a reused stack costs.
 
 use std::hint::black_box;
@@ -185,6 +186,30 @@ fn coroutine(c: &mut Criterion) {
                 |_: &corosensei::Yielder<u64, ()>, x: u64| x + 1,
             );
             black_box(co.resume(black_box(1)));
+        })
+    });
+    g.bench_function("vmtask pool stack, scoped", |b| {
+        b.iter(|| {
+            let mut stack = pool.alloc().unwrap();
+            let co = ScopedCoroutine::with_stack(
+                &mut stack,
+                |_: &corosensei::Yielder<u64, ()>, x: u64| x + 1,
+            );
+            black_box(co.scope(|mut co| co.resume(black_box(1))));
+        })
+    });
+    // The two ways corosensei reuses one stack by hand: an owned
+    // `Coroutine` that gives its stack back with `into_stack` (the same API
+    // as the pool case), and a `ScopedCoroutine` borrowing the stack.
+    let mut spare = Some(DefaultStack::new(STACK).unwrap());
+    g.bench_function("corosensei, one stack reused via into_stack (peer)", |b| {
+        b.iter(|| {
+            let mut co = Coroutine::with_stack(
+                spare.take().unwrap(),
+                |_: &corosensei::Yielder<u64, ()>, x: u64| x + 1,
+            );
+            black_box(co.resume(black_box(1)));
+            spare = Some(co.into_stack());
         })
     });
     let mut reused = DefaultStack::new(STACK).unwrap();
