@@ -523,8 +523,10 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 ///
 /// Drops are batched per thread with plain stores (no allocation and no
 /// atomic read-modify-write per object). A full batch waits for its grace
-/// period and is then dropped by the same thread, on a later `defer_drop`,
-/// so memory returns to that thread's allocator caches; batches of threads
+/// period and is then dropped by the same thread, one object on each later
+/// `defer_drop` (so a loop that allocates and retires reuses the memory it
+/// frees, and memory returns to that thread's allocator caches); batches of
+/// threads
 /// that stop deferring, exit, or meet `barrier()` run on the callback
 /// thread instead. Their order relative to other callbacks is unspecified;
 /// `barrier()` waits for them all the same.

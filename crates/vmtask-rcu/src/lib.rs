@@ -21,9 +21,10 @@
 //!   Callbacks never run inside `call` itself; a thread waiting in
 //!   `barrier` may help run them. [`defer_drop`] batches per thread, and a
 //!   full batch is usually dropped, once its grace period has passed, by
-//!   the thread that deferred it (inside a later `defer_drop`), so memory
-//!   goes back to that thread's allocator caches; see its documentation
-//!   for the exceptions and the lock caveat.
+//!   the thread that deferred it, one object inside each later
+//!   `defer_drop`, so memory goes back to that thread's allocator caches
+//!   and each allocation can reuse the chunk just freed; see its
+//!   documentation for the exceptions and the lock caveat.
 //! - **Bounded memory.** Callbacks on the shared queues: past a soft
 //!   backlog a grace period starts at once; past a hard limit, queuing
 //!   waits for the backlog to drain ([`set_backlog_limits`]). Deferred
