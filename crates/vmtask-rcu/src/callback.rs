@@ -526,9 +526,8 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// period and is then dropped by the same thread, one object on each later
 /// `defer_drop` (so a loop that allocates and retires reuses the memory it
 /// frees, and memory returns to that thread's allocator caches); batches of
-/// threads
-/// that stop deferring, exit, or meet `barrier()` run on the callback
-/// thread instead. Their order relative to other callbacks is unspecified;
+/// threads that stop deferring, exit, or meet `barrier()` run on the
+/// callback thread instead. Their order relative to other callbacks is unspecified;
 /// `barrier()` waits for them all the same.
 ///
 /// So, as with crossbeam-epoch's deferred functions, the drops of objects
