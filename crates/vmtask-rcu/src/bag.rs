@@ -386,6 +386,18 @@ impl LocalBag {
     /// it may have been stopped inside a push.
     pub(crate) fn reset_after_fork(&self) {
         self.handoff.reset();
+        // A run the owner had in progress never ends in the child (its
+        // entry is lost, like other work in flight at a fork): end it, or a
+        // `barrier` would wait for it forever and the slot's next owner
+        // could never run its drops.
+        if self.running.load(Ordering::Relaxed) {
+            self.end_run();
+        }
+    }
+
+    /// The owner is running one of its drops (see `running`).
+    pub(crate) fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
     }
 
     pub(crate) fn has_entries(&self) -> bool {

@@ -832,6 +832,11 @@ pub fn barrier() {
         "vmtask_rcu::barrier called from an RCU callback: the callback thread would wait for \
          itself and deadlock"
     );
+    assert!(
+        !crate::registry::current_if_registered().is_some_and(|slot| slot.bag.running()),
+        "vmtask_rcu::barrier called from a deferred drop run inside defer_drop: barrier waits \
+         for every drop deferred before it, this one included, and would deadlock"
+    );
     let cb = callbacks();
     ensure_thread();
     let runs_in_progress = flush_bags(true);

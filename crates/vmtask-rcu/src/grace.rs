@@ -194,9 +194,13 @@ pub(crate) fn after_fork_child() {
         // nothing else can release it.
         unsafe { GP_LOCK.force_unlock() };
     }
+    // A grace period in progress at the fork did not finish: roll it back
+    // to "not started", so whoever needs it runs a new one in the child.
+    // (Counting it complete would be wrong if the forking thread is inside
+    // a read-side section the grace period was waiting for.)
     let seq = GP_SEQ.load(Ordering::Relaxed);
     if seq & 1 == 1 {
-        GP_SEQ.store(seq + 1, Ordering::Relaxed);
+        GP_SEQ.store(seq - 1, Ordering::Relaxed);
     }
     GP.futex.store(0, Ordering::Relaxed);
 }
