@@ -37,6 +37,13 @@
 //! Threads register as readers on first use and unregister when they exit.
 //! After `fork`, the child starts clean (its callback thread restarts).
 //!
+//! Known limits: callbacks and drops in flight in another thread at the
+//! moment of a `fork` are lost in the child (never run; the parent is
+//! unaffected); a section opened from a thread-local destructor, after the
+//! thread's registration has ended, uses a one-section temporary slot that
+//! [`in_read_section`] does not see, so the misuse panics above cannot
+//! fire there; forking from inside such a section is not supported.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use vmtask_rcu::{read_lock, RcuCell};
