@@ -73,6 +73,15 @@ fn cached(c: &mut Criterion) {
 /// at most 4096 stacks so resident memory stays small; only the carving is
 /// timed.
 fn carve_fresh(iters: u64) -> Duration {
+    carve(iters, true)
+}
+
+/// `carve_fresh` without the touch: the guard and the pool's bookkeeping.
+fn carve_untouched(iters: u64) -> Duration {
+    carve(iters, false)
+}
+
+fn carve(iters: u64, touch: bool) -> Duration {
     let mut total = Duration::ZERO;
     let mut left = iters as usize;
     while left > 0 {
@@ -87,7 +96,9 @@ fn carve_fresh(iters: u64) -> Duration {
         let start = Instant::now();
         for _ in 0..n {
             let stack = pool.alloc().unwrap();
-            touch_top(stack.base());
+            if touch {
+                touch_top(stack.base());
+            }
             held.push(stack);
         }
         total += start.elapsed();
@@ -160,6 +171,9 @@ fn fresh(c: &mut Criterion) {
     pin();
     let mut g = c.benchmark_group("fresh stack, top page touched");
     g.bench_function("vmtask pool carve", |b| b.iter_custom(carve_fresh));
+    g.bench_function("vmtask pool carve, not touched (guard + bookkeeping)", |b| {
+        b.iter_custom(carve_untouched)
+    });
     g.bench_function("first touch of a reserved page only (floor)", |b| {
         b.iter_custom(first_touch_only)
     });
