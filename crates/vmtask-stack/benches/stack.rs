@@ -171,9 +171,10 @@ fn fresh(c: &mut Criterion) {
     pin();
     let mut g = c.benchmark_group("fresh stack, top page touched");
     g.bench_function("vmtask pool carve", |b| b.iter_custom(carve_fresh));
-    g.bench_function("vmtask pool carve, not touched (guard + bookkeeping)", |b| {
-        b.iter_custom(carve_untouched)
-    });
+    g.bench_function(
+        "vmtask pool carve, not touched (guard + bookkeeping)",
+        |b| b.iter_custom(carve_untouched),
+    );
     g.bench_function("first touch of a reserved page only (floor)", |b| {
         b.iter_custom(first_touch_only)
     });
