@@ -30,16 +30,34 @@
 //! - When the thread's list is destroyed at thread exit it clears the cache
 //!   first; hits counted after that (from other thread-local destructors)
 //!   go to `retired` with an atomic add.
+//!
+//! The same per-thread record holds the thread's *parked* stack: the last
+//! stack it freed to this pool, kept for its next allocation (one pointer
+//! load and store each way, no CPU number, no rseq). Only the owning thread
+//! parks and unparks, through the thread cache, so only while it holds the
+//! record; the pool reads the pointer to count it as free and takes it back
+//! once the thread has exited ([`Tallies::reclaim_exited`]). A thread's
+//! parked stack of a dropped pool is never used again: the id no longer
+//! matches any pool.
 
 use std::cell::{Cell, RefCell};
 use std::ptr;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_utils::CachePadded;
 
-/// One thread's hits on one pool. Written by that thread only.
-type Tally = CachePadded<AtomicU64>;
+/// One thread's hits on one pool and its parked stack. Written by that
+/// thread only (the pool takes the stack back only after the thread exits).
+#[derive(Default)]
+struct Record {
+    hits: AtomicU64,
+    /// The top of a free stack of this pool, or null.
+    parked: AtomicPtr<u8>,
+}
+
+type Tally = CachePadded<Record>;
 
 /// Pool ids; 0 means "no pool" in the thread cache.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -72,6 +90,15 @@ pub(crate) struct Tallies {
     retired: AtomicU64,
 }
 
+/// Counts one hit in the calling thread's own record.
+#[inline(always)]
+fn count(tally: &Tally) {
+    // Only this thread writes its record: no read-modify-write needed.
+    tally
+        .hits
+        .store(tally.hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
 impl Tallies {
     pub(crate) fn new() -> Tallies {
         Tallies {
@@ -87,19 +114,85 @@ impl Tallies {
     /// this thread needs).
     #[inline]
     pub(crate) fn hit(&self) -> bool {
+        match self.current() {
+            Some(tally) => {
+                count(tally);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// This thread's record for this pool, if it is the cached one.
+    #[inline(always)]
+    fn current(&self) -> Option<&Tally> {
         if CURRENT_ID.get() != self.id {
+            return None;
+        }
+        // Why this holds: CURRENT_TALLY is set together with CURRENT_ID to a
+        // tally in this thread's OWNED list, which keeps it alive and is
+        // only pruned of tallies of other (dropped) pools; both are cleared
+        // before the list is destroyed.
+        // SAFETY: CURRENT_TALLY points into this thread's live OWNED list.
+        Some(unsafe { &*CURRENT_TALLY.get() })
+    }
+
+    /// Takes the calling thread's parked stack, counting a hit.
+    #[inline]
+    pub(crate) fn unpark(&self) -> Option<NonNull<u8>> {
+        let tally = self.current()?;
+        let top = NonNull::new(tally.parked.load(Ordering::Relaxed))?;
+        tally.parked.store(ptr::null_mut(), Ordering::Relaxed);
+        count(tally);
+        Some(top)
+    }
+
+    /// Takes the calling thread's parked stack without counting (for
+    /// `trim` and the pool's drop).
+    pub(crate) fn take_own_parked(&self) -> Option<NonNull<u8>> {
+        let tally = self.current()?;
+        NonNull::new(tally.parked.swap(ptr::null_mut(), Ordering::Relaxed))
+    }
+
+    /// Parks a free stack on the calling thread if its place is empty.
+    /// Returns false (nothing done) otherwise. The store is the caller's
+    /// last access to the pool's memory (the record belongs to the thread).
+    #[inline]
+    pub(crate) fn park(&self, top: NonNull<u8>) -> bool {
+        let Some(tally) = self.current() else {
+            return false;
+        };
+        if !tally.parked.load(Ordering::Relaxed).is_null() {
             return false;
         }
-        let tally = CURRENT_TALLY.get();
-        // Why this holds: CURRENT_TALLY is set together with CURRENT_ID to a tally
-        // in this thread's OWNED list, which keeps it alive and is only
-        // pruned of tallies of other (dropped) pools; both are cleared
-        // before the list is destroyed.
-        // SAFETY: CURRENT_TALLY points into this thread's live OWNED list (above).
-        let tally = unsafe { &*tally };
-        // Only this thread writes its tally: no read-modify-write needed.
-        tally.store(tally.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        // Release: the pool may count it free and unmap it once it sees it.
+        tally.parked.store(top.as_ptr(), Ordering::Release);
         true
+    }
+
+    /// Stacks parked on threads that have exited: the pool takes them back
+    /// (their records are then folded like any exited thread's).
+    pub(crate) fn reclaim_exited(&self) -> Vec<NonNull<u8>> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stacks = Vec::new();
+        for tally in live.iter() {
+            if Arc::strong_count(tally) == 1 {
+                // See `fold_exited` for the fence.
+                fence(Ordering::Acquire);
+                let top = tally.parked.swap(ptr::null_mut(), Ordering::Relaxed);
+                stacks.extend(NonNull::new(top));
+            }
+        }
+        self.fold_exited(&mut live);
+        stacks
+    }
+
+    /// Stacks parked on live threads now (a snapshot while threads run).
+    pub(crate) fn parked(&self) -> usize {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.iter()
+            .filter(|tally| !tally.parked.load(Ordering::Acquire).is_null())
+            .count()
     }
 
     /// Counts one cache hit after [`Tallies::hit`] missed the thread cache:
@@ -144,8 +237,12 @@ impl Tallies {
             // last count before dropping its `Arc` (a release decrement);
             // the fence makes that count visible to the load below.
             fence(Ordering::Acquire);
+            if !tally.parked.load(Ordering::Relaxed).is_null() {
+                // Its parked stack waits for `reclaim_exited`.
+                return true;
+            }
             self.retired
-                .fetch_add(tally.load(Ordering::Relaxed), Ordering::Relaxed);
+                .fetch_add(tally.hits.load(Ordering::Relaxed), Ordering::Relaxed);
             false
         });
     }
@@ -157,7 +254,7 @@ impl Tallies {
         self.retired.load(Ordering::Relaxed)
             + live
                 .iter()
-                .map(|tally| tally.load(Ordering::Relaxed))
+                .map(|tally| tally.hits.load(Ordering::Relaxed))
                 .sum::<u64>()
     }
 }

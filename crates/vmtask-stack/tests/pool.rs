@@ -86,7 +86,15 @@ fn cache_hits_of_exited_threads_are_counted() {
     }
     let stats = pool.stats();
     assert_eq!(stats.slots_carved, 1, "{stats}");
-    assert_eq!((stats.allocs, stats.cache_hits), (300, 299), "{stats}");
+    // Each thread exits with its stack parked; the next thread's first
+    // allocation takes it back through the slow path (a depot hit), and
+    // the other 99 reuse it from the thread's own place (cache hits).
+    assert_eq!(
+        (stats.allocs, stats.cache_hits, stats.depot_hits),
+        (300, 297, 2),
+        "{stats}"
+    );
+    assert_eq!((stats.live, stats.cached), (0, 1), "{stats}");
 }
 
 #[test]
@@ -325,6 +333,58 @@ fn pool_dropped_with_live_stack_leaks_rather_than_unmaps() {
     // SAFETY: the stack's usable memory; it must still be mapped.
     unsafe { std::ptr::write_bytes(stack.limit(), 7, stack.size()) };
     drop(stack);
+}
+
+fn is_mapped(addr: usize) -> bool {
+    let mut vec = [0u8; 1];
+    let addr = addr & !(page() - 1);
+    // SAFETY: mincore only reports on the range; it fails with ENOMEM where
+    // nothing is mapped.
+    unsafe { libc::mincore(addr as *mut libc::c_void, page(), vec.as_mut_ptr()) == 0 }
+}
+
+#[test]
+fn a_stack_parked_on_another_live_thread_does_not_keep_a_dropped_pool() {
+    let pool = std::sync::Arc::new(StackPool::new(Config::default()).unwrap());
+    let (to_main, from_thread) = mpsc::channel();
+    let (to_thread, from_main) = mpsc::channel::<()>();
+    let thread = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            let stack = pool.alloc().unwrap();
+            let limit = stack.limit() as usize;
+            drop(stack); // parked on this thread
+            drop(pool);
+            to_main.send(limit).unwrap();
+            from_main.recv().unwrap();
+            // The pool is gone; its parked stack must never be used again,
+            // and the thread goes on with another pool.
+            let other = StackPool::new(Config::default()).unwrap();
+            // (It may be mapped at the old pool's address.)
+            for _ in 0..3 {
+                let stack = other.alloc().unwrap();
+                // SAFETY: the stack's usable memory.
+                unsafe { std::ptr::write_bytes(stack.limit(), 1, stack.size()) };
+            }
+            let stats = other.stats();
+            assert_eq!(
+                (stats.slots_carved, stats.cache_hits),
+                (1, 2),
+                "the first stack is carved, not the old pool's parked one: {stats}"
+            );
+        })
+    };
+    let limit = from_thread.recv().unwrap();
+    let stats = pool.stats();
+    assert_eq!((stats.live, stats.cached), (0, 1), "{stats}");
+    assert!(is_mapped(limit));
+    drop(std::sync::Arc::into_inner(pool).expect("the thread dropped its handle"));
+    assert!(
+        !is_mapped(limit),
+        "a pool whose only free stack is parked on a live thread is unmapped, not leaked"
+    );
+    to_thread.send(()).unwrap();
+    thread.join().unwrap();
 }
 
 #[test]
