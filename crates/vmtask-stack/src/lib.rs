@@ -12,10 +12,12 @@
 //! - Every stack has a guard below it; running into it aborts the process
 //!   with `stack overflow: stack <base>..<limit> of <size> bytes`, never a
 //!   silent segfault or corruption of a neighbouring stack.
-//! - Reuse is fast: a freed [`Stack`] goes straight into the current CPU's
-//!   magazine (as the kernel frees a dead task's stack in
-//!   `finish_task_switch`, with no RCU grace period) and the next
-//!   allocation on that CPU takes it back without a system call.
+//! - Reuse is fast: a freed [`Stack`] is parked on the freeing thread for
+//!   its next allocation (one per thread) or goes straight into the current
+//!   CPU's magazine (as the kernel frees a dead task's stack in
+//!   `finish_task_switch`, with no RCU grace period), and the next
+//!   allocation takes it back without a system call or an atomic
+//!   read-modify-write.
 //! - Memory comes back: stacks leaving the per-CPU magazines for the shared
 //!   depot keep only their top `keep_resident` bytes, a full depot gives
 //!   stacks' memory back entirely, and [`StackPool::trim`] does it on demand.
@@ -44,7 +46,7 @@
 //! });
 //! assert!(matches!(coroutine.resume(1), CoroutineResult::Yield(2)));
 //! assert!(matches!(coroutine.resume(0), CoroutineResult::Return(Ok(()))));
-//! drop(coroutine); // the stack goes back to this CPU's magazine
+//! drop(coroutine); // the stack is parked for this thread's next allocation
 //!
 //! let stats = pool.stats();
 //! assert_eq!((stats.live, stats.slots_carved), (0, 1));
