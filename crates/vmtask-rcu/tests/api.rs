@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmtask_rcu::*;
 
+mod child;
+use child::in_child;
+
 #[test]
 fn nested_sections_end_with_the_outermost_guard() {
     assert!(!in_read_section());
@@ -285,23 +288,6 @@ fn call_intrusive_invokes_every_head_once() {
     }
     barrier();
     assert_eq!(counter.load(Ordering::SeqCst), 10_000);
-}
-
-/// Runs `child` in a forked child process and returns its exit code.
-fn in_child(child: impl FnOnce() -> i32) -> i32 {
-    // SAFETY: the child runs only `child` and then _exits.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
-        // SAFETY: ends the child at once.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-    libc::WEXITSTATUS(status)
 }
 
 #[test]

@@ -8,21 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmtask_rcu::*;
 
-fn in_child(child: impl FnOnce() -> i32) -> i32 {
-    // SAFETY: the child runs only `child` and then _exits.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(99);
-        // SAFETY: ends the child at once.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-    libc::WEXITSTATUS(status)
-}
+mod child;
+use child::in_child;
 
 fn wait_for(flag: &AtomicBool, timeout: Duration) -> bool {
     let start = Instant::now();
