@@ -86,9 +86,6 @@ fn main() {
         .collect();
     println!("coroutine create + run + drop, median of {rounds} interleaved rounds of {ITERS}:");
     for (name, median) in names.iter().zip(&medians) {
-        println!(
-            "  {name:52} {median:6.2} ns  {:.2}x",
-            median / medians[0]
-        );
+        println!("  {name:52} {median:6.2} ns  {:.2}x", median / medians[0]);
     }
 }
