@@ -5,9 +5,10 @@
 //! freed to this pool, see [`crate::tally`]); else pop the current CPU's
 //! magazine ([`CpuCache`]); on a miss take up to a magazine's worth of
 //! stacks from the depot, keep one and refill the local magazine with the
-//! rest; failing that reuse a slot whose memory was given back; failing
-//! that take back a stack parked on a thread that has exited; failing that
-//! carve a fresh slot; failing that, [`StackError::Exhausted`]. Free: park
+//! rest; failing that take back the stacks parked on threads that have
+//! exited (warm; the ones not handed out go to the depot); failing that
+//! reuse a slot whose memory was given back; failing that carve a fresh
+//! slot; failing that, [`StackError::Exhausted`]. Free: park
 //! the stack on the calling thread if its place is empty, else push on the
 //! current CPU's magazine; when that is full, the whole magazine goes to
 //! the depot, so stacks freed on another CPU than the one that allocated
@@ -17,8 +18,9 @@
 //! creates and ends one coroutine at a time reuses the same stack with a
 //! pointer load and store (about 1 ns), where even an rseq magazine pop
 //! and push cost 3–5 ns: more than 20% of a whole corosensei coroutine
-//! round trip. One stack per thread is the most that can sit outside the
-//! magazines; `trim` takes back the calling thread's, and an exited
+//! round trip. One stack per thread and pool is the most that can sit
+//! outside the magazines; the thread finds it whichever pool it used last,
+//! `trim` and the pool's drop take back the calling thread's, and an exited
 //! thread's is taken back before any carve.
 //!
 //! Memory: the fast paths make no system call. A magazine on its way to the
@@ -178,22 +180,22 @@ impl PoolInner {
     #[cold]
     fn alloc_slow(&self) -> Result<NonNull<u8>, StackError> {
         overflow::prepare_thread();
+        // The thread may have a stack of this pool parked while its cache
+        // pointed at another pool: make this pool the cached one, and take
+        // that stack.
+        if self.hits.select() {
+            if let Some(top) = self.hits.unpark() {
+                return Ok(top);
+            }
+        }
         // No allocation unless the depot has stacks: a carve should cost
         // its guard and nothing else.
-        let (mut batch, released) = {
+        let mut batch = {
             let mut depot = self.depot.lock();
             let n = depot.stacks.len();
-            if n == 0 {
-                (Vec::new(), depot.released.pop())
-            } else {
-                let take = n.min(self.layout.cache_size);
-                (depot.stacks.split_off(n - take), None)
-            }
+            let take = n.min(self.layout.cache_size);
+            depot.stacks.split_off(n - take)
         };
-        if let Some(top) = released {
-            bump(&self.counters.released_reuses, 1);
-            return Ok(top);
-        }
         if let Some(top) = batch.pop() {
             bump(&self.counters.depot_hits, 1);
             bump(&self.counters.depot_transfers, 1);
@@ -206,13 +208,24 @@ impl PoolInner {
             }
             return Ok(top);
         }
-        // Before carving: stacks parked on threads that have exited.
+        // Warm stacks parked on threads that have exited, before cold
+        // released slots; those not handed out go to the depot as any
+        // stack does, their pages below `keep_resident` released.
         let mut orphans = self.hits.reclaim_exited();
         if let Some(top) = orphans.pop() {
             if !orphans.is_empty() {
+                if !self.layout.zero_on_reuse {
+                    let deep: Vec<_> = orphans.iter().map(|&top| self.deep_range(top)).collect();
+                    sys::release_many(&deep);
+                }
                 self.stash(orphans, false);
             }
             bump(&self.counters.depot_hits, 1);
+            return Ok(top);
+        }
+        let released = self.depot.lock().released.pop();
+        if let Some(top) = released {
+            bump(&self.counters.released_reuses, 1);
             return Ok(top);
         }
         let carved = self
@@ -373,9 +386,11 @@ impl StackPool {
         unsafe { self.inner.as_ref() }
     }
 
-    /// Allocates a stack: from the current CPU's magazine, else the depot,
-    /// else a fresh slot. Also makes sure this thread has an alternate
-    /// signal stack, so an overflow on the new stack can be reported.
+    /// Allocates a stack: the one this thread parked (the last it freed),
+    /// else one from the current CPU's magazine, else the depot, else a
+    /// stack parked on an exited thread, else a released slot, else a fresh
+    /// slot. Also makes sure this thread has an alternate signal stack, so
+    /// an overflow on the new stack can be reported.
     #[inline]
     pub fn alloc(&self) -> Result<Stack, StackError> {
         let top = self.inner().alloc()?;
@@ -529,9 +544,10 @@ pub struct PoolStats {
     pub allocs: u64,
     /// Stacks given back.
     pub frees: u64,
-    /// Allocations served by the current CPU's magazine.
+    /// Allocations served by the thread's parked stack or the current
+    /// CPU's magazine.
     pub cache_hits: u64,
-    /// Allocations that missed the magazine.
+    /// Allocations that missed both.
     pub cache_misses: u64,
     /// Misses served by a magazine's worth of stacks from the depot, or by
     /// a stack parked on a thread that has exited.

@@ -148,10 +148,16 @@ impl Tallies {
     }
 
     /// Takes the calling thread's parked stack without counting (for
-    /// `trim` and the pool's drop).
+    /// `trim` and the pool's drop), whichever pool is the cached one.
     pub(crate) fn take_own_parked(&self) -> Option<NonNull<u8>> {
-        let tally = self.current()?;
-        NonNull::new(tally.parked.swap(ptr::null_mut(), Ordering::Relaxed))
+        OWNED
+            .try_with(|owned| {
+                let owned = owned.0.borrow();
+                let (_, tally) = owned.iter().find(|(id, _)| *id == self.id)?;
+                NonNull::new(tally.parked.swap(ptr::null_mut(), Ordering::Relaxed))
+            })
+            .ok()
+            .flatten()
     }
 
     /// Parks a free stack on the calling thread if its place is empty.
@@ -199,26 +205,37 @@ impl Tallies {
     /// finds or registers this thread's tally for the pool and caches it.
     #[cold]
     pub(crate) fn hit_slow(&self) {
-        let cached = OWNED.try_with(|owned| {
-            let mut owned = owned.0.borrow_mut();
-            // Forget tallies of dropped pools (the pool side is gone).
-            owned.retain(|(_, tally)| Arc::strong_count(tally) > 1);
-            let tally = match owned.iter().find(|(id, _)| *id == self.id) {
-                Some((_, tally)) => Arc::clone(tally),
-                None => {
-                    let tally = Arc::new(Tally::default());
-                    self.register(Arc::clone(&tally));
-                    owned.push((self.id, Arc::clone(&tally)));
-                    tally
-                }
-            };
-            CURRENT_TALLY.set(Arc::as_ptr(&tally));
-            CURRENT_ID.set(self.id);
-        });
-        if cached.is_err() || !self.hit() {
+        if !self.select() || !self.hit() {
             // The thread is exiting and its list is gone.
             self.retired.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Makes this pool the calling thread's cached one, finding or
+    /// registering its record. Returns false when the thread is past its
+    /// thread-local destructors (nothing cached).
+    pub(crate) fn select(&self) -> bool {
+        if CURRENT_ID.get() == self.id {
+            return true;
+        }
+        OWNED
+            .try_with(|owned| {
+                let mut owned = owned.0.borrow_mut();
+                // Forget tallies of dropped pools (the pool side is gone).
+                owned.retain(|(_, tally)| Arc::strong_count(tally) > 1);
+                let tally = match owned.iter().find(|(id, _)| *id == self.id) {
+                    Some((_, tally)) => Arc::clone(tally),
+                    None => {
+                        let tally = Arc::new(Tally::default());
+                        self.register(Arc::clone(&tally));
+                        owned.push((self.id, Arc::clone(&tally)));
+                        tally
+                    }
+                };
+                CURRENT_TALLY.set(Arc::as_ptr(&tally));
+                CURRENT_ID.set(self.id);
+            })
+            .is_ok()
     }
 
     fn register(&self, tally: Arc<Tally>) {
