@@ -416,11 +416,13 @@ static FLUSH_LOCK: CachePadded<Mutex<()>> = CachePadded::new(Mutex::new(()));
 pub(crate) type RunInProgress = (&'static crate::registry::Slot, u64);
 
 /// Takes the bags of every registered thread for which `choose` says yes
-/// (a flusher, see the module header). With `in_progress`, also reports
-/// the chosen threads' own runs in progress, which a `barrier` must wait
-/// for.
+/// (a flusher, see the module header) and gives each to `queue` before
+/// letting the next flusher in, so that a `barrier` that finds nothing to
+/// steal knows that whatever an earlier flusher took is already on the
+/// queues, ahead of its markers. With `in_progress`, also reports the
+/// chosen threads' own runs in progress, which a `barrier` must wait for.
 pub(crate) fn steal(
-    out: &mut Vec<Box<Bag>>,
+    mut queue: impl FnMut(Box<Bag>),
     mut in_progress: Option<&mut Vec<RunInProgress>>,
     mut choose: impl FnMut(&crate::registry::Slot) -> bool,
 ) {
@@ -445,9 +447,14 @@ pub(crate) fn steal(
         // SAFETY: marked before the heavy barrier, and the owner has left:
         // the hand-off gives us the bags until `flusher_release`.
         let owned = unsafe { &mut *bag.owned.get() };
-        out.extend(owned.take_draining());
-        out.extend(owned.current.take().filter(|b| b.len > 0));
-        out.extend(owned.waiting.drain(..).map(|(_, bag)| bag));
+        owned.take_draining().into_iter().for_each(&mut queue);
+        owned
+            .current
+            .take()
+            .filter(|b| b.len > 0)
+            .into_iter()
+            .for_each(&mut queue);
+        owned.waiting.drain(..).for_each(|(_, bag)| queue(bag));
         bag.has_entries.store(false, Ordering::Relaxed);
         if let Some(runs) = in_progress.as_deref_mut() {
             // `runs` first: if `running` is then still set, the run in

@@ -599,7 +599,7 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
 }
 
 /// Bags waiting past which the grace period is asked for at once.
-const MAX_WAITING_URGENT: usize = 16;
+const MAX_WAITING_URGENT: usize = 32;
 
 /// Asks the callback thread for a grace period; `urgent` skips its lazy
 /// batching delay.
@@ -618,16 +618,11 @@ fn request_grace_period(urgent: bool) {
     }
 }
 
-/// Queues a bag taken from a thread on `cpu`'s queue. Its entries were
-/// counted as queued when it filled, except a partial bag's.
-pub(crate) fn queue_bag(cpu: usize, bag: Box<Bag>) {
-    let (before, count) = push_bag(cpu, bag);
-    after_queue(before, count);
-}
-
-/// `queue_bag` without the wake-up and the backlog check, for callers
-/// that may not block or run callbacks (a thread exiting while it holds
-/// its bags); they call `wake_after_push` afterwards.
+/// Queues a bag taken from a thread on `cpu`'s queue, without the wake-up
+/// and the backlog check, for callers that may not block or run callbacks
+/// (a flusher holding the flush lock, a thread exiting while it holds its
+/// bags); they call `after_queue` or `wake_after_push` afterwards. Its
+/// entries were counted as queued when it filled, except a partial bag's.
 pub(crate) fn push_bag(cpu: usize, mut bag: Box<Bag>) -> (u64, u64) {
     let count = if bag.len == BAG_CAPACITY {
         0
@@ -672,11 +667,15 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
             std::cell::RefCell::new(std::collections::HashMap::new());
     }
     let now = Instant::now();
-    let mut bags = Vec::new();
+    let cpu = cpu();
+    let mut queued = Vec::new();
     let mut runs = Vec::new();
     LAST_FILLED.with(|last| {
         let mut last = last.borrow_mut();
-        crate::bag::steal(&mut bags, all.then_some(&mut runs), |slot| {
+        // Queued inside the steal (see `steal`); the wake-up and the
+        // backlog check, which may block, come after it.
+        let queue = |bag| queued.push(push_bag(cpu, bag));
+        crate::bag::steal(queue, all.then_some(&mut runs), |slot| {
             let key = slot as *const crate::registry::Slot as usize;
             let filled = slot.bag.filled();
             let seen = last.entry(key).or_insert((filled, now));
@@ -686,9 +685,8 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
             all || now.duration_since(seen.1) >= IDLE_AFTER
         });
     });
-    let cpu = cpu();
-    for bag in bags {
-        queue_bag(cpu, bag);
+    for (before, count) in queued {
+        after_queue(before, count);
     }
     runs
 }

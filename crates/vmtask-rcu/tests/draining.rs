@@ -153,3 +153,40 @@ fn barrier_called_from_a_drop_run_inside_defer_drop_panics() {
         "exit code {code}: 3 = barrier() inside a deferred drop hung"
     );
 }
+
+static COUNTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct Counted;
+impl Drop for Counted {
+    fn drop(&mut self) {
+        COUNTED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The callback thread takes the bags of a thread that has stopped
+/// deferring; a `barrier` racing with it must still wait for them (the
+/// flusher queues what it took before the barrier can look).
+#[test]
+fn barrier_waits_for_bags_the_idle_flush_took() {
+    let code = in_child(|| {
+        for round in 1..=1500usize {
+            // The first entry of an empty bag wakes the callback thread,
+            // which takes the bags of a thread that has filled none for a
+            // while (this one, after the first rounds) just as the barrier
+            // below looks for them.
+            for _ in 0..10 {
+                defer_drop(Box::new(Counted));
+            }
+            barrier();
+            let counted = COUNTED.load(Ordering::SeqCst);
+            if counted != round * 10 {
+                eprintln!("round {round}: {counted} of {} drops ran", round * 10);
+                return 4;
+            }
+            // Meet the callback thread's 1 ms cycle at varying phases.
+            std::thread::sleep(Duration::from_micros(round as u64 % 7 * 150));
+        }
+        0
+    });
+    assert_eq!(code, 0, "barrier returned before every earlier drop ran");
+}
