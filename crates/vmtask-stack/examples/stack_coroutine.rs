@@ -38,6 +38,7 @@ fn main() {
     let mut by_hand = DefaultStack::new(128 * 1024).expect("a corosensei stack");
     let mut held = pool.alloc().expect("a pool stack");
     let mut by_hand2 = DefaultStack::new(128 * 1024).expect("a corosensei stack");
+    let mut by_hand3 = DefaultStack::new(128 * 1024).expect("a corosensei stack");
 
     let mut hand = || {
         let co = ScopedCoroutine::with_stack(&mut by_hand, add_one);
@@ -53,6 +54,17 @@ fn main() {
         black_box(co.scope(|mut co| co.resume(black_box(1))));
         drop(stack);
     };
+    // The least any per-thread stack cache could cost: one thread-local
+    // word taken and put back around the coroutine.
+    thread_local! {
+        static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+    }
+    let mut tls_beside = || {
+        let p = SLOT.with(|c| c.replace(0));
+        let co = ScopedCoroutine::with_stack(&mut by_hand3, add_one);
+        black_box(co.scope(|mut co| co.resume(black_box(p as u64))));
+        SLOT.with(|c| c.set(black_box(p)));
+    };
     let mut pool_scoped = || {
         let mut stack = pool.alloc().expect("a pool stack");
         let co = ScopedCoroutine::with_stack(&mut stack, add_one);
@@ -66,6 +78,7 @@ fn main() {
         "one DefaultStack reused by hand (ScopedCoroutine)",
         "one pool stack held and reused (ScopedCoroutine)",
         "by hand, plus a pool alloc+free beside it",
+        "by hand, plus a thread-local swap beside it",
         "pool.alloc() per coroutine (ScopedCoroutine)",
         "pool.alloc() per coroutine (Coroutine)",
     ];
@@ -74,8 +87,9 @@ fn main() {
         times[0].push(round(&mut hand));
         times[1].push(round(&mut pool_held));
         times[2].push(round(&mut alloc_beside));
-        times[3].push(round(&mut pool_scoped));
-        times[4].push(round(&mut pool_owned));
+        times[3].push(round(&mut tls_beside));
+        times[4].push(round(&mut pool_scoped));
+        times[5].push(round(&mut pool_owned));
     }
     let medians: Vec<f64> = times
         .iter_mut()
