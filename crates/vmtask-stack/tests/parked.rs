@@ -4,29 +4,8 @@
 
 use vmtask_stack::{Config, StackPool};
 
-fn page() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
-
-fn resident_pages(addr: usize, len: usize) -> usize {
-    let mut vec = vec![0u8; len / page()];
-    // SAFETY: one byte per page of a page-aligned range.
-    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
-    assert_eq!(rc, 0);
-    vec.iter().filter(|&&b| b & 1 != 0).count()
-}
-
-fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            vmtask_percpu::pin_current_thread(cpu).expect("pin to CPU");
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
+mod common;
+use common::{on_cpu, page, resident_pages};
 
 /// Pool P's only stack is parked on this thread while the thread's cached
 /// pool is Q: `P.alloc()` must still find it (not report `Exhausted`).

@@ -7,31 +7,8 @@ use std::sync::mpsc;
 use corosensei::{Coroutine, CoroutineResult};
 use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
-fn page() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
-
-/// Runs `f` on a thread pinned to `cpu`, so per-CPU caches behave
-/// deterministically.
-fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            vmtask_percpu::pin_current_thread(cpu).expect("pin to CPU");
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
-fn resident_pages(addr: usize, len: usize) -> usize {
-    let mut vec = vec![0u8; len / page()];
-    // SAFETY: one byte per page of a page-aligned range.
-    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
-    assert_eq!(rc, 0);
-    vec.iter().filter(|&&b| b & 1 != 0).count()
-}
+mod common;
+use common::{on_cpu, page, resident_pages};
 
 #[test]
 fn stack_geometry_matches_config() {
