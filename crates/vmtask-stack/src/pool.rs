@@ -214,11 +214,7 @@ impl PoolInner {
         let mut orphans = self.hits.reclaim_exited();
         if let Some(top) = orphans.pop() {
             if !orphans.is_empty() {
-                if !self.layout.zero_on_reuse {
-                    let deep: Vec<_> = orphans.iter().map(|&top| self.deep_range(top)).collect();
-                    sys::release_many(&deep);
-                }
-                self.stash(orphans, false);
+                self.to_depot(orphans);
             }
             bump(&self.counters.depot_hits, 1);
             return Ok(top);
@@ -271,12 +267,19 @@ impl PoolInner {
         self.cache
             .drain(vmtask_percpu::cpu(), self.layout.cache_size, &mut magazine);
         magazine.push(top);
+        bump(&self.counters.depot_transfers, 1);
+        self.to_depot(magazine);
+    }
+
+    /// Sends free stacks to the depot: their pages below `keep_resident`
+    /// released in one batch (already gone with `zero_on_reuse`), then
+    /// `stash`.
+    fn to_depot(&self, stacks: Vec<NonNull<u8>>) {
         if !self.layout.zero_on_reuse {
-            let deep: Vec<_> = magazine.iter().map(|&top| self.deep_range(top)).collect();
+            let deep: Vec<_> = stacks.iter().map(|&top| self.deep_range(top)).collect();
             sys::release_many(&deep);
         }
-        bump(&self.counters.depot_transfers, 1);
-        self.stash(magazine, false);
+        self.stash(stacks, false);
     }
 
     /// The pages of a free stack below `keep_resident`, as `(addr, len)`.
