@@ -40,8 +40,8 @@
 // intrusive callback node whose address must not change.
 #![allow(clippy::vec_box)]
 
+use crate::sync::Mutex;
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -27,8 +27,8 @@
 //! waiting would deadlock. They never run other threads' callbacks: they
 //! may hold locks those callbacks take.
 
+use crate::sync::Mutex;
 use crossbeam_utils::CachePadded;
-use parking_lot::{Condvar, Mutex};
 use std::cell::{Cell, UnsafeCell};
 use std::collections::VecDeque;
 use std::ptr;
@@ -222,7 +222,7 @@ pub(crate) fn set_node_weight(callbacks: u64) {
 fn report_progress(invoked: u64) {
     INVOKED.fetch_add(invoked, Ordering::Relaxed);
     if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
-        let _lock = DRAINED.0.lock();
+        let _lock = DRAINED.0.lock().unwrap_or_else(|e| e.into_inner());
         DRAINED.1.notify_all();
     }
 }
@@ -332,7 +332,11 @@ pub(crate) static THROTTLED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64
 static SOFT_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_SOFT_LIMIT);
 static HARD_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_HARD_LIMIT);
 static DRAIN_WAITERS: CachePadded<AtomicUsize> = CachePadded::new(AtomicUsize::new(0));
-static DRAINED: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
+/// std's futex-based pair (not parking_lot's), for the same reason as
+/// `sync::RawFutexMutex`: a thread throttled here at a `fork` must leave
+/// nothing behind in the child.
+static DRAINED: (std::sync::Mutex<()>, std::sync::Condvar) =
+    (std::sync::Mutex::new(()), std::sync::Condvar::new());
 
 /// Default soft backlog limit: past it, a grace period starts at once.
 pub const DEFAULT_SOFT_LIMIT: usize = 32 * 1024;
@@ -464,8 +468,11 @@ fn check_backlog() {
     // with the callback thread's invoking instead of taking turns.
     let resume = (soft as u64).max(hard as u64 / 2);
     while self::backlog() > resume {
-        let mut lock = DRAINED.0.lock();
-        DRAINED.1.wait_for(&mut lock, Duration::from_millis(1));
+        let lock = DRAINED.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = DRAINED
+            .1
+            .wait_timeout(lock, Duration::from_millis(1))
+            .unwrap_or_else(|e| e.into_inner());
     }
     DRAIN_WAITERS.fetch_sub(1, Ordering::SeqCst);
 }
@@ -559,7 +566,7 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     };
     // Frees may not run inside a read-side section (a drop could wait for
     // a grace period) nor from a callback.
-    let may_run = !slot.reader.active() && !on_callback_thread();
+    let may_run = !crate::in_read_section() && !on_callback_thread();
     let (pushed, ready) = slot.bag.push((data, drop_fn), may_run);
     if let Some(entry) = ready {
         slot.bag.run_one(entry);

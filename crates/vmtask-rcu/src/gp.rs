@@ -14,12 +14,17 @@
 //! unlock that ends the section: barrier, `slot = 0`, barrier, and wake the
 //! updater if `futex == -1`. No read-modify-write and no hardware fence.
 //!
-//! The fast path is five loads (the thread's slot pointer, `slot`,
-//! `gp.ctr`, the private word, `futex`), two stores and predicted
-//! branches: the fence mode travels as a bit of `gp.ctr` (for `lock`) and
-//! of the private word (for `unlock`), and everything unusual (nesting,
-//! orphaned or detached sections, SeqCst mode) makes the private word
-//! non-zero and takes an out-of-line path.
+//! A registered thread's `ReaderCtr` lives in its thread-local storage
+//! (`registry::LOCAL`), so the fast path addresses it directly: four loads
+//! (`slot`, `gp.ctr`, the private word, `futex`), two stores and predicted
+//! branches. The fence mode travels as a bit of `gp.ctr` (for `lock`) and
+//! of the private word (for `unlock`); everything unusual (nesting, a
+//! thread that is not registered, SeqCst mode) makes `slot` look nested or
+//! the private word non-zero and takes an out-of-line path.
+//!
+//! Updaters read other threads' `ctr` only while holding the registry
+//! lock, which a thread takes to unregister: a thread-local `ctr` is never
+//! read after its thread has gone (see `registry.rs`).
 //!
 //! Updater, one grace period (`grace_period`):
 //! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
@@ -93,26 +98,32 @@ impl GpWord {
     }
 }
 
-/// `ReaderCtr::state`: guards nested in the open section (low bits).
+/// `ReaderCtr::state`: guards nested in the open section besides the
+/// first (low bits). Guards count; whichever is dropped last ends the
+/// section.
 const NESTED_MASK: usize = usize::MAX >> 3;
-/// `ReaderCtr::state`: the guard that began the section was dropped while
-/// nested guards lived; the last of them ends the section.
-const ORPHANED: usize = 1 << (usize::BITS - 1);
+/// `ReaderCtr::state`: the thread's `registry::LOCAL` is not registered
+/// (before the first `read_lock`, or after the thread's registration
+/// ended): its sections go through `registry::lock_offline`.
+pub(crate) const OFFLINE: usize = 1 << (usize::BITS - 1);
 /// `ReaderCtr::state`: the slot goes back to the registry when the
-/// section ends: its thread's registration ended inside the section, or it
-/// is a temporary slot (see `registry.rs`).
+/// section ends: a temporary slot, or the section of a thread whose
+/// registration ended while it was open (see `registry.rs`).
 const DETACHED: usize = 1 << (usize::BITS - 2);
 /// `ReaderCtr::state`: this reader issues SeqCst fences
 /// ([`FenceMode::SeqCst`]); set when the slot is taken.
 const SEQCST: usize = 1 << (usize::BITS - 3);
+/// `ReaderCtr::ctr` of an unregistered thread-local reader: looks nested,
+/// so that `lock` leaves the fast path. Never published.
+const OFFLINE_CTR: usize = NEST_MASK;
 
 /// A reader's state. `ctr` is published (the updater reads it); `state`
 /// is the owning thread's alone.
 pub(crate) struct ReaderCtr {
     pub(crate) ctr: AtomicUsize,
-    /// Nested guards and the `ORPHANED`, `DETACHED` and `SEQCST` flags, in
-    /// one word that is zero in the common case, so the unlock of an
-    /// outermost guard checks all of them with one load and one branch.
+    /// Nested guards and the `OFFLINE`, `DETACHED` and `SEQCST` flags, in
+    /// one word that is zero in the common case, so an unlock checks all
+    /// of them with one load and one branch.
     state: AtomicUsize,
 }
 
@@ -148,6 +159,7 @@ fn seqcst_reader_fence() {
 
 /// An unlock that ended the section.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(all(loom, test), allow(dead_code))]
 pub(crate) struct Ended {
     /// An updater sleeps waiting for readers: the caller must wake it.
     pub(crate) wake: bool,
@@ -156,6 +168,7 @@ pub(crate) struct Ended {
 }
 
 impl ReaderCtr {
+    #[cfg_attr(all(loom, test), allow(dead_code))]
     pub(crate) fn new() -> Self {
         ReaderCtr {
             ctr: AtomicUsize::new(0),
@@ -163,38 +176,54 @@ impl ReaderCtr {
         }
     }
 
-    /// Readies a slot for a thread: its fence mode, and whether it is a
-    /// temporary slot that goes back when its one section ends.
-    pub(crate) fn prepare(&self, mode: FenceMode, temporary: bool) {
+    /// A thread-local reader before registration (see `OFFLINE`).
+    #[cfg(not(all(loom, test)))]
+    pub(crate) const fn offline() -> Self {
+        ReaderCtr {
+            ctr: AtomicUsize::new(OFFLINE_CTR),
+            state: AtomicUsize::new(OFFLINE),
+        }
+    }
+
+    /// Readies a reader for a thread: its fence mode, and whether it is
+    /// `detached` (a temporary slot, released when its one section ends).
+    /// Only outside a section, before the reader is published.
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    pub(crate) fn prepare(&self, mode: FenceMode, detached: bool) {
         let mut state = 0;
         if mode == FenceMode::SeqCst {
             state |= SEQCST;
         }
-        if temporary {
+        if detached {
             state |= DETACHED;
         }
         self.state.store(state, Ordering::Relaxed);
+        self.ctr.store(0, Ordering::Relaxed);
     }
 
-    /// Whether the owning thread is inside a read-side section.
+    /// Whether the owning thread is inside a read-side section (for a
+    /// thread-local reader: and registered).
     #[cfg_attr(all(loom, test), allow(dead_code))]
-    #[inline]
+    #[inline(always)]
     pub(crate) fn active(&self) -> bool {
         self.ctr.load(Ordering::Relaxed) & NEST_MASK != 0
     }
 
-    /// `rcu_read_lock`. Only the owning thread calls this. Returns whether
-    /// this lock began the section (the guard passes it to `unlock`).
-    /// `ReadGuard` inlines the same steps (`active`, `begin`,
-    /// `lock_nested`); the models and unit tests use this.
-    #[cfg(test)]
-    pub(crate) fn lock(&self, gp: &GpWord) -> bool {
+    /// Whether this is an unregistered thread-local reader.
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    #[inline(always)]
+    pub(crate) fn offline_state(state: usize) -> bool {
+        state & OFFLINE != 0
+    }
+
+    /// `rcu_read_lock` of a registered reader. Only the owning thread
+    /// calls this. `read_lock` inlines the same steps (`active`, `begin`,
+    /// `lock_nested`).
+    pub(crate) fn lock(&self, gp: &GpWord) {
         if self.active() {
             self.lock_nested();
-            false
         } else {
             self.begin(gp);
-            true
         }
     }
 
@@ -227,15 +256,15 @@ impl ReaderCtr {
         self.state.store(state + 1, Ordering::Relaxed);
     }
 
-    /// `rcu_read_unlock` of the guard whose `lock` returned `began`.
-    /// Returns `None` while the section goes on (other guards hold it), or
-    /// what the caller must do now that it ended. `ReadGuard` inlines the
-    /// same steps (`state`, `end`, `unlock_slow`).
+    /// `rcu_read_unlock` of a registered reader. Returns `None` while the
+    /// section goes on (other guards hold it), or what the caller must do
+    /// now that it ended. `ReadGuard` inlines the same steps (`state`,
+    /// `end`, `unlock_slow`); the models and unit tests use this.
     #[cfg(test)]
-    pub(crate) fn unlock(&self, gp: &GpWord, began: bool) -> Option<Ended> {
+    pub(crate) fn unlock(&self, gp: &GpWord) -> Option<Ended> {
         let state = self.state();
-        if !began || state != 0 {
-            return self.unlock_slow(gp, began, state);
+        if state != 0 {
+            return self.unlock_slow(gp, state);
         }
         Some(Ended {
             wake: self.end(gp),
@@ -243,42 +272,30 @@ impl ReaderCtr {
         })
     }
 
-    /// The owner's private state word; zero means the unlock of the guard
-    /// that began the section may `end` it directly.
+    /// The owner's private state word; zero means an unlock may `end` the
+    /// section directly.
     #[inline(always)]
     pub(crate) fn state(&self) -> usize {
         self.state.load(Ordering::Relaxed)
     }
 
-    /// Ends the section of the guard that began it, when `state()` is
-    /// zero. Returns whether an updater sleeps and must be woken.
+    /// Ends the section, when `state()` is zero. Returns whether an
+    /// updater sleeps and must be woken.
     #[inline(always)]
     pub(crate) fn end(&self, gp: &GpWord) -> bool {
         self.end_section(gp, FenceMode::Membarrier)
     }
 
-    /// Unlock of a nested guard, of an orphaned or detached section, or in
-    /// SeqCst mode.
+    /// Unlock with nested guards, of a detached section, or in SeqCst
+    /// mode (not of an offline thread-local reader: see `registry.rs`).
     #[cold]
     #[inline(never)]
-    pub(crate) fn unlock_slow(&self, gp: &GpWord, began: bool, state: usize) -> Option<Ended> {
-        let state = if began {
-            if state & NESTED_MASK != 0 {
-                // Dropped before guards nested in it: they keep the section.
-                self.state.store(state | ORPHANED, Ordering::Relaxed);
-                return None;
-            }
-            state
-        } else {
-            let state = state - 1;
-            if state & NESTED_MASK != 0 || state & ORPHANED == 0 {
-                self.state.store(state, Ordering::Relaxed);
-                return None;
-            }
-            let state = state & !ORPHANED;
-            self.state.store(state, Ordering::Relaxed);
-            state
-        };
+    pub(crate) fn unlock_slow(&self, gp: &GpWord, state: usize) -> Option<Ended> {
+        debug_assert_eq!(state & OFFLINE, 0, "unlock of an offline reader");
+        if state & NESTED_MASK != 0 {
+            self.state.store(state - 1, Ordering::Relaxed);
+            return None;
+        }
         let mode = if state & SEQCST != 0 {
             FenceMode::SeqCst
         } else {
@@ -302,12 +319,26 @@ impl ReaderCtr {
         gp.futex.load(Ordering::Relaxed) == -1
     }
 
-    /// The owning thread's registration ends while this section is open:
-    /// the guard that ends the section releases the slot.
+    /// Takes over the open section of the owning thread's `local` reader,
+    /// whose registration ends: same phase, same nesting, and released
+    /// when the section ends. The caller publishes `self` in place of
+    /// `local` under the registry lock, so an updater sees one or the
+    /// other, with the same value.
     #[cfg_attr(all(loom, test), allow(dead_code))]
-    pub(crate) fn detach(&self) {
-        let state = self.state.load(Ordering::Relaxed);
+    pub(crate) fn adopt(&self, local: &ReaderCtr) {
+        let state = local.state.load(Ordering::Relaxed);
+        debug_assert_eq!(state & (OFFLINE | DETACHED), 0);
         self.state.store(state | DETACHED, Ordering::Relaxed);
+        self.ctr
+            .store(local.ctr.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The owning thread-local reader is unregistered: its next `lock`
+    /// goes through `registry::lock_offline`.
+    #[cfg_attr(all(loom, test), allow(dead_code))]
+    pub(crate) fn go_offline(&self) {
+        self.state.store(OFFLINE, Ordering::Relaxed);
+        self.ctr.store(OFFLINE_CTR, Ordering::Relaxed);
     }
 
     /// The owning thread is gone (or forked away): its sections are over.
@@ -320,72 +351,76 @@ impl ReaderCtr {
     /// Whether this reader is in a section that began before the last flip
     /// (its phase differs from `gp_ctr`'s).
     #[inline]
-    fn is_old(&self, gp_ctr: usize) -> bool {
+    pub(crate) fn is_old(&self, gp_ctr: usize) -> bool {
         let v = self.ctr.load(Ordering::Relaxed);
         v & NEST_MASK != 0 && (v ^ gp_ctr) & GP_PHASE != 0
     }
 }
 
-/// What the updater needs from its environment: the heavy barrier and a
-/// way to sleep until a reader wakes it.
+/// What the updater needs from its environment: the heavy barrier, a way
+/// to sleep until a reader wakes it, and access to the readers.
 pub(crate) trait Updater {
+    /// A handle on one reader of the grace period's snapshot.
+    type Reader: Copy;
     /// `smp_mb_master()`: a full fence on every thread that may read.
     fn heavy_barrier(&self);
+    /// Keeps in `pending` the readers in a section that began before the
+    /// last flip of `gp_ctr` (`ReaderCtr::is_old`); a reader that has left
+    /// (its thread unregistered) is done.
+    fn retain_old(&self, pending: &mut Vec<Self::Reader>, gp_ctr: usize);
     /// Sleep while `futex` is -1 (a reader or a timeout wakes us).
     fn sleep(&self, futex: &AtomicI32);
-    /// How many scans of a reader before sleeping.
+    /// How many scans before sleeping.
     fn spins(&self) -> usize;
-    /// Called once a grace period has slept `stall_after` times on one
-    /// reader.
+    /// Called once a grace period has slept `stall_after` times in one
+    /// wait.
     fn report_stall(&self);
     /// See `report_stall`.
     fn stall_after(&self) -> usize;
 }
 
 /// Waits until no reader in `readers` is in a section older than the
-/// current phase.
-fn wait_for_readers<'a, U: Updater>(
-    gp: &GpWord,
-    readers: impl Iterator<Item = &'a ReaderCtr>,
-    updater: &U,
-) {
-    for reader in readers {
-        let mut attempts = 0;
-        let mut sleeps = 0;
-        while reader.is_old(gp.ctr.load(Ordering::Relaxed)) {
-            attempts += 1;
-            if attempts < updater.spins() {
-                spin();
-                continue;
-            }
-            // Announce that we sleep, then re-check: a reader that unlocked
-            // before seeing -1 is visible to the re-check thanks to the
-            // heavy barrier; one that unlocks after will see -1 and wake us.
-            gp.futex.store(-1, Ordering::Relaxed);
-            updater.heavy_barrier();
-            if !reader.is_old(gp.ctr.load(Ordering::Relaxed)) {
-                gp.futex.store(0, Ordering::Relaxed);
-                break;
-            }
-            updater.sleep(&gp.futex);
+/// current phase. Scans every pending reader per pass, as liburcu does,
+/// dropping those found done.
+fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
+    let mut pending = readers.to_vec();
+    let mut attempts = 0;
+    let mut sleeps = 0;
+    loop {
+        updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+        if pending.is_empty() {
+            return;
+        }
+        attempts += 1;
+        if attempts < updater.spins() {
+            spin();
+            continue;
+        }
+        // Announce that we sleep, then re-check: a reader that unlocked
+        // before seeing -1 is visible to the re-check thanks to the heavy
+        // barrier; one that unlocks after will see -1 and wake us.
+        gp.futex.store(-1, Ordering::Relaxed);
+        updater.heavy_barrier();
+        updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+        if pending.is_empty() {
             gp.futex.store(0, Ordering::Relaxed);
-            attempts = 0;
-            sleeps += 1;
-            if sleeps == updater.stall_after() {
-                updater.report_stall();
-            }
+            return;
+        }
+        updater.sleep(&gp.futex);
+        gp.futex.store(0, Ordering::Relaxed);
+        attempts = 0;
+        sleeps += 1;
+        if sleeps == updater.stall_after() {
+            updater.report_stall();
         }
     }
 }
 
 /// One full grace period over `readers` (a snapshot of the registry).
 /// The caller holds the grace-period lock, so `gp.ctr` has one writer.
-pub(crate) fn grace_period<'a, U: Updater, I>(gp: &GpWord, readers: I, updater: &U)
-where
-    I: Iterator<Item = &'a ReaderCtr> + Clone,
-{
+pub(crate) fn grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
     updater.heavy_barrier();
-    wait_for_readers(gp, readers.clone(), updater);
+    wait_for_readers(gp, readers, updater);
     // The first wait's slot loads complete before the flip is published.
     fence(Ordering::SeqCst);
     // An RMW, so that a concurrent `set_mode` is not lost.
@@ -412,60 +447,78 @@ mod tests {
         assert_ne!(gp.ctr.load(Ordering::Relaxed) & GP_SEQCST, 0);
         let r = ReaderCtr::new();
         r.prepare(FenceMode::SeqCst, false);
-        assert!(r.lock(&gp));
+        r.lock(&gp);
         assert!(r.active());
         assert!(!r.is_old(gp.ctr.load(Ordering::Relaxed)));
         assert!(r.is_old(gp.ctr.load(Ordering::Relaxed) ^ GP_PHASE));
         // SeqCst mode takes the out-of-line unlock and ends the section.
-        assert_eq!(r.unlock(&gp, true), ENDED);
+        assert_ne!(r.state(), 0);
+        assert_eq!(r.unlock(&gp), ENDED);
         assert!(!r.active());
     }
 
     #[test]
-    fn nested_orphaned_and_detached_sections_end_exactly_once() {
+    fn nested_and_detached_sections_end_exactly_once() {
         for mode in [FenceMode::Membarrier, FenceMode::SeqCst] {
             let gp = GpWord::new();
             gp.set_mode(mode);
             let r = ReaderCtr::new();
             r.prepare(mode, false);
-            // Out of order: the first guard goes before the nested one.
-            assert!(r.lock(&gp));
-            assert!(!r.lock(&gp));
-            assert_eq!(r.unlock(&gp, true), None);
+            // Three levels: the last unlock ends the section.
+            r.lock(&gp);
+            r.lock(&gp);
+            r.lock(&gp);
+            assert_eq!(r.unlock(&gp), None);
+            assert_eq!(r.unlock(&gp), None);
             assert!(r.active());
-            assert_eq!(r.unlock(&gp, false), ENDED);
+            assert_eq!(r.unlock(&gp), ENDED);
             assert!(!r.active());
 
-            // In order, two levels deep.
-            assert!(r.lock(&gp));
-            assert!(!r.lock(&gp));
-            assert!(!r.lock(&gp));
-            assert_eq!(r.unlock(&gp, false), None);
-            assert_eq!(r.unlock(&gp, false), None);
-            assert!(r.active());
-            assert_eq!(r.unlock(&gp, true), ENDED);
-
-            // Detached inside a section: the ending unlock says to release.
-            assert!(r.lock(&gp));
-            r.detach();
-            assert!(!r.lock(&gp));
-            assert_eq!(r.unlock(&gp, true), None);
-            let ended = r.unlock(&gp, false).expect("the last guard ends it");
+            // A section taken over from a thread-local reader whose
+            // registration ends: same phase and nesting, released at the
+            // end.
+            let local = ReaderCtr::new();
+            local.prepare(mode, false);
+            local.lock(&gp);
+            local.lock(&gp);
+            let own = ReaderCtr::new();
+            own.adopt(&local);
+            local.go_offline();
+            assert!(ReaderCtr::offline_state(local.state()));
+            assert_eq!(
+                own.ctr.load(Ordering::Relaxed),
+                gp.ctr.load(Ordering::Relaxed)
+            );
+            assert_eq!(own.unlock(&gp), None);
+            let ended = own.unlock(&gp).expect("the last guard ends it");
             assert!(ended.release);
-            r.reset();
+            assert!(!own.active());
 
-            // A temporary slot is released by the guard that ends its
+            // A temporary slot is released by the unlock that ends its
             // section.
             r.prepare(mode, true);
-            assert!(r.lock(&gp));
-            assert_eq!(r.unlock(&gp, true).map(|e| e.release), Some(true));
+            r.lock(&gp);
+            assert_eq!(r.unlock(&gp).map(|e| e.release), Some(true));
             r.prepare(mode, false);
 
             // A sleeping updater is reported for waking.
-            assert!(r.lock(&gp));
+            r.lock(&gp);
             gp.futex.store(-1, Ordering::Relaxed);
-            assert_eq!(r.unlock(&gp, true).map(|e| e.wake), Some(true));
+            assert_eq!(r.unlock(&gp).map(|e| e.wake), Some(true));
         }
+    }
+
+    #[test]
+    fn an_offline_reader_looks_nested_to_lock_and_flagged_to_unlock() {
+        let r = ReaderCtr::offline();
+        assert!(r.active(), "lock must leave the fast path");
+        assert!(ReaderCtr::offline_state(r.state()));
+        r.prepare(FenceMode::Membarrier, false);
+        assert!(!r.active());
+        assert_eq!(r.state(), 0);
+        r.go_offline();
+        assert!(r.active());
+        assert!(ReaderCtr::offline_state(r.state()));
     }
 }
 
@@ -478,10 +531,15 @@ mod loom_model {
     use loom::sync::atomic::AtomicBool;
     use loom::sync::Arc;
 
-    struct Model;
-    impl Updater for Model {
+    /// The model's updater, scanning its one reader.
+    struct Scan<'a>(&'a ReaderCtr);
+    impl Updater for Scan<'_> {
+        type Reader = ();
         fn heavy_barrier(&self) {
             fence(Ordering::SeqCst);
+        }
+        fn retain_old(&self, pending: &mut Vec<()>, gp_ctr: usize) {
+            pending.retain(|()| self.0.is_old(gp_ctr));
         }
         fn sleep(&self, _futex: &AtomicI32) {
             loom::thread::yield_now();
@@ -522,17 +580,17 @@ mod loom_model {
             let r = s.clone();
             let reader = loom::thread::spawn(move || {
                 for _ in 0..reader_sections {
-                    let began = r.reader.lock(&r.gp);
+                    r.reader.lock(&r.gp);
                     let obj = r.published.load(Ordering::Acquire);
                     assert!(
                         !r.freed[obj].load(Ordering::Relaxed),
                         "reader saw a freed object"
                     );
-                    let _ = r.reader.unlock(&r.gp, began);
+                    let _ = r.reader.unlock(&r.gp);
                 }
             });
             s.published.store(1, Ordering::Release);
-            grace_period(&s.gp, std::iter::once(&s.reader), &Model);
+            grace_period(&s.gp, &[()], &Scan(&s.reader));
             s.freed[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();
         });

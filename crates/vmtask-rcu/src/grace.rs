@@ -8,8 +8,8 @@
 //! Callers queued on the lock while one grace period runs are all served
 //! by the next one: N concurrent callers cost at most two grace periods.
 
+use crate::sync::Mutex;
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,14 @@ const SLEEP_TIMEOUT: Duration = Duration::from_millis(10);
 struct Real;
 
 impl Updater for Real {
+    type Reader = &'static registry::Slot;
+
     fn heavy_barrier(&self) {
         crate::fence::heavy_barrier();
+    }
+
+    fn retain_old(&self, pending: &mut Vec<Self::Reader>, gp_ctr: usize) {
+        registry::retain_old(pending, gp_ctr);
     }
 
     fn sleep(&self, futex: &AtomicI32) {
@@ -83,7 +89,7 @@ impl Updater for Real {
     }
 }
 
-/// Sleeps on one reader after which a grace period reports a stall (~1 s).
+/// Sleeps in one wait after which a grace period reports a stall (~1 s).
 const STALL_AFTER_SLEEPS: usize = 100;
 
 /// Wakes an updater sleeping in `wait_for_readers` (`wake_up_gp`).
@@ -140,7 +146,7 @@ fn run_one() {
     // earlier), the grace period waits for it like any other: forever,
     // which `report_stall` makes loud, rather than end under a reader.
     if let Some(me) = registry::current_if_registered() {
-        if !me.reader.active() {
+        if !crate::in_read_section() {
             readers.retain(|slot| !std::ptr::eq(*slot, me));
         }
     }
@@ -150,7 +156,7 @@ fn run_one() {
     // lock's release/acquire). Otherwise the full protocol, barriers and
     // all, even for readers that look quiescent now.
     if !readers.is_empty() {
-        gp::grace_period(&GP, readers.iter().map(|slot| &*slot.reader), &Real);
+        gp::grace_period(&GP, &readers, &Real);
     }
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
     let nanos = start.elapsed().as_nanos() as u64;

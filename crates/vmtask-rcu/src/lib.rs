@@ -7,9 +7,10 @@
 //! and [`call_intrusive`] queue work for after it — and only then free it.
 //!
 //! Guarantees:
-//! - **Cheap readers.** `read_lock` and dropping the guard are a few plain
-//!   loads and stores on the thread's own cache line: no read-modify-write,
-//!   no hardware fence. Updaters pay instead, with
+//! - **Cheap readers.** `read_lock` and dropping the guard are four plain
+//!   loads and two stores, on the thread's own thread-local reader and the
+//!   global grace-period word: no read-modify-write, no hardware fence, and
+//!   an empty guard. Updaters pay instead, with
 //!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`; where the kernel lacks
 //!   it (or [`force_fence_fallback`] / `VMTASK_RCU_FORCE_FENCE=1` asks),
 //!   readers issue a SeqCst fence and [`stats()`] says so.
@@ -37,12 +38,17 @@
 //! Threads register as readers on first use and unregister when they exit.
 //! After `fork`, the child starts clean (its callback thread restarts).
 //!
+//! Each thread's reader lives in its own thread-local storage, so the read
+//! side addresses it directly. A section that outlives the thread's
+//! registration (a guard dropped by a later thread-local destructor) is
+//! handed to a leaked slot, and a section opened after it (from such a
+//! destructor) takes a temporary one: both still hold grace periods, and
+//! [`in_read_section`] and the misuse panics see them.
+//!
 //! Known limits: callbacks and drops in flight in another thread at the
 //! moment of a `fork` are lost in the child (never run; the parent is
-//! unaffected); a section opened from a thread-local destructor, after the
-//! thread's registration has ended, uses a one-section temporary slot that
-//! [`in_read_section`] does not see, so the misuse panics above cannot
-//! fire there; forking from inside such a section is not supported.
+//! unaffected); forking from inside a section opened after the thread's
+//! registration ended is not supported.
 //!
 //! ```
 //! use std::sync::Arc;

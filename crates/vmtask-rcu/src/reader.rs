@@ -1,108 +1,87 @@
 //! `read_lock()` and `ReadGuard`: the read side.
 
-use std::ptr::NonNull;
+use std::marker::PhantomData;
 
+use crate::gp::ReaderCtr;
 use crate::grace::GP;
-use crate::registry::{self, Slot};
+use crate::registry::{self, LOCAL};
 
 /// Proof that the current thread is in a read-side critical section;
 /// ends the section (or one nesting level) when dropped.
 ///
-/// Neither `Send` nor `Sync`: the section belongs to the thread. One word:
-/// the slot's address, its low bit set for a nested guard.
+/// Neither `Send` nor `Sync`: the section belongs to the thread. Guards
+/// count: the section ends when the last guard of the thread is dropped,
+/// in whatever order they go. The guard itself is empty; the section's
+/// state is in the thread's reader.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct ReadGuard {
-    /// The thread's `&'static Slot`, tagged with `NESTED`. A raw pointer,
-    /// so the guard is `!Send` and `!Sync`.
-    tagged: NonNull<Slot>,
+    /// A raw pointer, so the guard is `!Send` and `!Sync`.
+    _thread_bound: PhantomData<*const ()>,
 }
-
-/// The guard's lock did not begin the section.
-const NESTED: usize = 1;
-const _: () = assert!(std::mem::align_of::<Slot>() > NESTED);
 
 /// Enters a read-side critical section (`rcu_read_lock`). Nestable.
 ///
-/// Costs two loads and a store besides finding the thread's slot; the
+/// Two loads and a store on the thread's own thread-local reader; the
 /// first call on a thread registers it as a reader.
 #[inline]
 pub fn read_lock() -> ReadGuard {
-    let slot = registry::current();
-    if slot.reader.active() {
-        return lock_nested(slot);
-    }
-    slot.reader.begin(&GP);
+    LOCAL.with(|local| {
+        if local.active() {
+            lock_slow(local);
+        } else {
+            local.begin(&GP);
+        }
+    });
     ReadGuard {
-        tagged: NonNull::from(slot),
+        _thread_bound: PhantomData,
     }
 }
 
+/// A nested lock, or a thread whose reader is not registered.
 #[cold]
 #[inline(never)]
-fn lock_nested(slot: &'static Slot) -> ReadGuard {
-    slot.reader.lock_nested();
-    ReadGuard {
-        tagged: NonNull::from(slot).map_addr(|a| a | NESTED),
-    }
-}
-
-impl ReadGuard {
-    #[inline(always)]
-    fn slot(&self) -> &'static Slot {
-        let slot = self.tagged.as_ptr().map_addr(|a| a & !NESTED);
-        // SAFETY: `tagged` is a `&'static Slot` (slots are leaked, never
-        // freed) with the tag bit set in its alignment padding; clearing
-        // it gives the reference back.
-        unsafe { &*slot }
-    }
-
-    #[inline(always)]
-    fn began(&self) -> bool {
-        self.tagged.as_ptr().addr() & NESTED == 0
+fn lock_slow(local: &ReaderCtr) {
+    if ReaderCtr::offline_state(local.state()) {
+        registry::lock_offline();
+    } else {
+        local.lock_nested();
     }
 }
 
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        if !self.began() {
-            let slot = self.slot();
-            return unlock_slow(slot, false, slot.reader.state());
-        }
-        // SAFETY: the guard that began a section holds the untagged
-        // `&'static Slot`.
-        let slot: &'static Slot = unsafe { self.tagged.as_ref() };
-        let state = slot.reader.state();
-        if state != 0 {
-            return unlock_slow(slot, true, state);
-        }
-        if slot.reader.end(&GP) {
-            crate::grace::wake_updater();
-        }
+        LOCAL.with(|local| {
+            let state = local.state();
+            if state != 0 {
+                return unlock_slow(local, state);
+            }
+            if local.end(&GP) {
+                crate::grace::wake_updater();
+            }
+        })
     }
 }
 
-/// Nested guards, orphaned or detached sections, and SeqCst mode.
+/// Nested guards, SeqCst mode, and threads whose reader is not
+/// registered.
 #[cold]
 #[inline(never)]
-fn unlock_slow(slot: &'static Slot, began: bool, state: usize) {
-    if let Some(ended) = slot.reader.unlock_slow(&GP, began, state) {
+fn unlock_slow(local: &ReaderCtr, state: usize) {
+    if ReaderCtr::offline_state(state) {
+        return registry::unlock_offline();
+    }
+    if let Some(ended) = local.unlock_slow(&GP, state) {
         if ended.wake {
             crate::grace::wake_updater();
         }
-        // A temporary slot, or one whose thread's registration ended while
-        // this section was open, goes back once the section is over.
-        if ended.release {
-            registry::release_slot(slot);
-        }
+        debug_assert!(!ended.release, "a registered reader is never detached");
     }
 }
 
 impl std::fmt::Debug for ReadGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadGuard")
-            .field("began_section", &self.began())
-            .finish()
+        f.debug_struct("ReadGuard").finish_non_exhaustive()
     }
 }
 
@@ -111,5 +90,5 @@ impl std::fmt::Debug for ReadGuard {
 /// this.
 #[inline]
 pub fn in_read_section() -> bool {
-    registry::current_if_registered().is_some_and(|slot| slot.reader.active())
+    registry::in_read_section()
 }

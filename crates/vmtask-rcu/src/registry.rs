@@ -1,34 +1,65 @@
-//! Reader registration: one `ReaderCtr` per thread, registered on first use
-//! and released when the thread exits.
+//! Reader registration: each thread's `ReaderCtr` lives in its own
+//! thread-local storage (`LOCAL`), so `read_lock` reaches it with no
+//! pointer chase, and is published in a `Slot` on the thread's first use.
 //!
-//! Slots are leaked, never freed, and reused by later threads: an updater
-//! may scan a snapshot of the registry without holding its lock, because a
-//! slot it scans is always valid memory. A slot released (or reused) during
-//! a scan reads as quiescent or as a section newer than the grace period,
-//! both of which the updater may treat as done.
+//! Slots are leaked, never freed, and reused by later threads; they hold
+//! the thread's deferred-drop bag and the pointer to the reader updaters
+//! scan (`Slot::reader`). That pointer is written, and read by updaters,
+//! only under the registry lock, and a thread takes the lock to
+//! unregister: no updater reads a thread-local reader once its thread has
+//! gone. A slot released (or reused) during a grace period reads as
+//! quiescent or as a section newer than the grace period, both of which
+//! the updater may treat as done.
 //!
-//! A slot is released only outside a section. A thread whose registration
-//! ends while a section is still open (a guard kept in a thread-local that
-//! is destroyed later, or a leaked guard) leaves its slot *detached*: the
-//! guard that ends the section releases it, and a leaked guard keeps it
-//! forever, stalling grace periods as liburcu does, because references
-//! read under a leaked guard are `'static` and may have left the thread.
+//! Sections with no registered `LOCAL` use a slot's own `ReaderCtr`,
+//! which outlives any thread:
+//! - a thread whose registration ends while a section is still open (a
+//!   guard kept in a thread-local that is destroyed later, or a leaked
+//!   guard) hands the section to its slot (`ReaderCtr::adopt`), and the
+//!   guard that ends it releases the slot; a leaked guard keeps it forever,
+//!   stalling grace periods as liburcu does, because references read under
+//!   a leaked guard are `'static` and may have left the thread;
+//! - a section opened after the registration ended (from a later
+//!   thread-local destructor) takes a temporary slot for that section.
+//!
+//! `OFFLINE_SLOT` names that slot while its section is open.
 
+use crate::sync::Mutex;
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 use std::cell::Cell;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use crate::bag::LocalBag;
 use crate::gp::ReaderCtr;
+use crate::grace::GP;
 
-/// A registered reader.
+/// A registered reader and its bag.
 pub(crate) struct Slot {
-    pub(crate) reader: CachePadded<ReaderCtr>,
+    /// The reader updaters scan: its thread's `LOCAL`, or `own`; null
+    /// when the slot is free. Only accessed under the registry lock.
+    reader: AtomicPtr<ReaderCtr>,
+    /// The reader of a section with no registered `LOCAL` (see the module
+    /// header).
+    own: CachePadded<ReaderCtr>,
     /// The thread's deferred-drop bag.
     pub(crate) bag: CachePadded<LocalBag>,
     in_use: AtomicBool,
+}
+
+impl Slot {
+    /// Whether the slot's reader is in a section that began before the
+    /// last flip of `gp_ctr`.
+    ///
+    /// # Safety
+    /// The caller holds the registry lock (see the module header).
+    unsafe fn is_old(&self, gp_ctr: usize) -> bool {
+        let reader = self.reader.load(Ordering::Relaxed);
+        // SAFETY: a published reader is a thread's `LOCAL`, valid until
+        // that thread unpublishes it under the registry lock, which the
+        // caller holds; or a slot's `own`, which is leaked.
+        !reader.is_null() && unsafe { &*reader }.is_old(gp_ctr)
+    }
 }
 
 /// Every slot ever created, in use or free.
@@ -36,8 +67,15 @@ pub(crate) static REGISTRY: CachePadded<Mutex<Vec<&'static Slot>>> =
     CachePadded::new(Mutex::new(Vec::new()));
 
 thread_local! {
+    /// This thread's reader. Constant-initialised with no destructor, so
+    /// it is addressed directly and usable at any point of the thread's
+    /// life, thread-local destructors included.
+    pub(crate) static LOCAL: ReaderCtr = const { ReaderCtr::offline() };
     /// This thread's slot, or null before registration / after exit.
     static CURRENT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+    /// The slot holding this thread's open section while `LOCAL` is
+    /// offline; null otherwise.
+    static OFFLINE_SLOT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
     /// Owns the registration; releases the slot when the thread exits.
     static REGISTRATION: Registration = Registration::new();
 }
@@ -48,7 +86,7 @@ struct Registration {
 
 impl Registration {
     fn new() -> Self {
-        let slot = acquire_slot(false);
+        let slot = acquire_slot(Reader::Local);
         CURRENT.with(|c| c.set(slot));
         Registration { slot }
     }
@@ -56,9 +94,9 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // Other thread-local destructors may still read; they get temporary
-        // slots (see `current`).
-        let _ = CURRENT.try_with(|c| c.set(ptr::null()));
+        // Other thread-local destructors may still read; they get
+        // temporary slots (see `lock_offline`).
+        CURRENT.with(|c| c.set(ptr::null()));
         // The thread's pending drops go on without it, queued while the
         // bags are still ours so that a concurrent `barrier` cannot miss
         // them.
@@ -73,18 +111,35 @@ impl Drop for Registration {
         if queued {
             crate::callback::wake_after_push();
         }
-        if self.slot.reader.active() {
-            self.slot.reader.detach();
-        } else {
-            release_slot(self.slot);
-        }
+        let slot = self.slot;
+        LOCAL.with(|local| {
+            let _registry = REGISTRY.lock();
+            if local.active() {
+                // A guard outlives the registration: the slot's own reader
+                // carries the section on, published in `LOCAL`'s place.
+                slot.own.adopt(local);
+                slot.reader
+                    .store(ptr::from_ref(&*slot.own).cast_mut(), Ordering::Relaxed);
+                OFFLINE_SLOT.with(|o| o.set(slot));
+            } else {
+                slot.reader.store(ptr::null_mut(), Ordering::Relaxed);
+                slot.in_use.store(false, Ordering::Release);
+            }
+            local.go_offline();
+        });
     }
 }
 
-/// Takes a free slot or creates one. A `temporary` slot serves one
-/// section of a thread past its thread-local destructors and is released
-/// by the guard that ends it.
-pub(crate) fn acquire_slot(temporary: bool) -> &'static Slot {
+/// Which reader a slot publishes.
+enum Reader {
+    /// The calling thread's `LOCAL`, for as long as it stays registered.
+    Local,
+    /// The slot's own, for one section (see `lock_offline`).
+    Temporary,
+}
+
+/// Takes a free slot or creates one, and publishes its reader.
+fn acquire_slot(reader: Reader) -> &'static Slot {
     // The fence mode must be fixed before any reader can skip its fence.
     let mode = crate::fence::mode();
     let mut registry = REGISTRY.lock();
@@ -95,7 +150,8 @@ pub(crate) fn acquire_slot(temporary: bool) -> &'static Slot {
         }
         None => {
             let slot: &'static Slot = Box::leak(Box::new(Slot {
-                reader: CachePadded::new(ReaderCtr::new()),
+                reader: AtomicPtr::new(ptr::null_mut()),
+                own: CachePadded::new(ReaderCtr::new()),
                 bag: LocalBag::new(),
                 in_use: AtomicBool::new(true),
             }));
@@ -103,46 +159,96 @@ pub(crate) fn acquire_slot(temporary: bool) -> &'static Slot {
             slot
         }
     };
-    slot.reader.prepare(mode, temporary);
+    // Readied before it is published: an updater (under the lock) sees a
+    // quiescent reader.
+    let published = match reader {
+        Reader::Local => LOCAL.with(|local| {
+            local.prepare(mode, false);
+            ptr::from_ref(local).cast_mut()
+        }),
+        Reader::Temporary => {
+            slot.own.prepare(mode, true);
+            ptr::from_ref(&*slot.own).cast_mut()
+        }
+    };
+    slot.reader.store(published, Ordering::Relaxed);
     slot
 }
 
-/// Gives a slot back. Only outside a section (see the module header).
-pub(crate) fn release_slot(slot: &'static Slot) {
+/// Gives back a slot whose own reader's section has ended.
+fn release_slot(slot: &'static Slot) {
     debug_assert!(
-        !slot.reader.active(),
+        !slot.own.active(),
         "released a slot inside a read-side section"
     );
-    slot.reader.reset();
+    let _registry = REGISTRY.lock();
+    slot.reader.store(ptr::null_mut(), Ordering::Relaxed);
+    slot.own.reset();
     slot.in_use.store(false, Ordering::Release);
 }
 
-/// This thread's slot, registering on first use; a temporary slot (one
-/// section long, see `acquire_slot`) when the thread is past its
-/// thread-local destructors.
-#[inline(always)]
-pub(crate) fn current() -> &'static Slot {
-    let slot = CURRENT.with(|c| c.get());
-    if !slot.is_null() {
-        // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
-        return unsafe { &*slot };
-    }
-    register_slow()
-}
-
+/// `read_lock` when `LOCAL` is offline: registers the thread on its first
+/// section; past its thread-local destructors, counts a nested lock in the
+/// open section's slot or opens a section in a temporary slot.
 #[cold]
 #[inline(never)]
-fn register_slow() -> &'static Slot {
-    REGISTRATION
-        .try_with(|r| r.slot)
-        .unwrap_or_else(|_| acquire_slot(true))
+pub(crate) fn lock_offline() {
+    let open = OFFLINE_SLOT.with(Cell::get);
+    if !open.is_null() {
+        // SAFETY: OFFLINE_SLOT only holds null or a leaked `&'static Slot`.
+        unsafe { &*open }.own.lock_nested();
+        return;
+    }
+    if REGISTRATION.try_with(|_| ()).is_ok() {
+        // Registered now (or already, if this runs from inside the
+        // registration): `LOCAL` is online.
+        return LOCAL.with(|local| local.lock(&GP));
+    }
+    let slot = acquire_slot(Reader::Temporary);
+    slot.own.begin(&GP);
+    OFFLINE_SLOT.with(|o| o.set(slot));
+}
+
+/// A guard's drop when `LOCAL` is offline: the section is in
+/// `OFFLINE_SLOT`'s slot.
+#[cold]
+#[inline(never)]
+pub(crate) fn unlock_offline() {
+    let open = OFFLINE_SLOT.with(Cell::get);
+    assert!(
+        !open.is_null(),
+        "vmtask_rcu: a ReadGuard was dropped with no read-side section open on this thread"
+    );
+    // SAFETY: OFFLINE_SLOT only holds null or a leaked `&'static Slot`.
+    let slot: &'static Slot = unsafe { &*open };
+    let state = slot.own.state();
+    if let Some(ended) = slot.own.unlock_slow(&GP, state) {
+        if ended.wake {
+            crate::grace::wake_updater();
+        }
+        debug_assert!(ended.release, "an offline section's slot is detached");
+        OFFLINE_SLOT.with(|o| o.set(ptr::null()));
+        release_slot(slot);
+    }
+}
+
+/// Whether the calling thread is inside a read-side section.
+#[inline]
+pub(crate) fn in_read_section() -> bool {
+    LOCAL.with(|local| {
+        if ReaderCtr::offline_state(local.state()) {
+            !OFFLINE_SLOT.with(Cell::get).is_null()
+        } else {
+            local.active()
+        }
+    })
 }
 
 /// This thread's slot for its bag, registering on first use; `None` once
 /// the thread is past its thread-local destructors.
 #[inline]
 pub(crate) fn current_for_bag() -> Option<&'static Slot> {
-    let slot = CURRENT.try_with(|c| c.get()).ok()?;
+    let slot = CURRENT.with(Cell::get);
     if !slot.is_null() {
         // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
         return Some(unsafe { &*slot });
@@ -161,7 +267,7 @@ pub(crate) fn any_bag_has_entries() -> bool {
 /// This thread's slot if it has registered, without registering.
 #[inline]
 pub(crate) fn current_if_registered() -> Option<&'static Slot> {
-    let slot = CURRENT.try_with(|c| c.get()).ok()?;
+    let slot = CURRENT.with(Cell::get);
     // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
     (!slot.is_null()).then(|| unsafe { &*slot })
 }
@@ -171,6 +277,15 @@ pub(crate) fn snapshot(out: &mut Vec<&'static Slot>) {
     out.clear();
     let registry = REGISTRY.lock();
     out.extend(registry.iter().filter(|s| s.in_use.load(Ordering::Acquire)));
+}
+
+/// Keeps in `pending` the slots whose reader is in a section older than
+/// `gp_ctr`'s phase. Holds the registry lock for the scan, so that no
+/// thread-local reader in it can go away meanwhile.
+pub(crate) fn retain_old(pending: &mut Vec<&'static Slot>, gp_ctr: usize) {
+    let _registry = REGISTRY.lock();
+    // SAFETY: we hold the registry lock.
+    pending.retain(|slot| unsafe { slot.is_old(gp_ctr) });
 }
 
 /// Number of registered readers now.
@@ -183,17 +298,21 @@ pub(crate) fn registered() -> usize {
 }
 
 /// In a child after `fork`: only the forking thread exists, so every other
-/// slot is released (their readers are gone with their threads).
+/// slot is released (their readers are gone with their threads, and so is
+/// the thread-local memory their `reader` pointed to).
 pub(crate) fn after_fork_child() {
-    let mine = current_if_registered().map(|s| s as *const Slot);
+    let mine = CURRENT.with(Cell::get);
+    let open = OFFLINE_SLOT.with(Cell::get);
     // The prepare handler held this lock across fork; the child owns it now.
     // SAFETY: `before_fork` locked REGISTRY and leaked the guard; in the
     // child, this thread (the only one) is the owner.
     unsafe { REGISTRY.force_unlock() };
     let registry = REGISTRY.lock();
     for slot in registry.iter() {
-        if Some(*slot as *const Slot) != mine {
-            slot.reader.reset();
+        let slot_ptr: *const Slot = *slot;
+        if slot_ptr != mine && slot_ptr != open {
+            slot.reader.store(ptr::null_mut(), Ordering::Relaxed);
+            slot.own.reset();
             // The owner is gone: its bag's entries are dropped by whoever
             // takes the slot next (at its exit) or a flusher.
             slot.bag.reset_after_fork();

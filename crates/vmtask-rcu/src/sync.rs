@@ -21,3 +21,157 @@ pub(crate) fn spin() {
     #[cfg(not(all(loom, test)))]
     std::hint::spin_loop();
 }
+
+/// The crate's mutex: [`lock_api::Mutex`] over [`RawFutexMutex`].
+#[cfg(not(all(loom, test)))]
+pub(crate) type Mutex<T> = lock_api::Mutex<RawFutexMutex, T>;
+
+/// A mutex on one futex word (Drepper's "mutex 2" from "Futexes Are
+/// Tricky": 0 free, 1 locked, 2 locked with possible waiters).
+///
+/// Every lock of this crate is one of these, because the `fork` handlers
+/// hold some across `fork` and release the others in the child: the
+/// waiters of a futex live in the kernel, so a thread that was waiting in
+/// the parent leaves nothing behind in the child, and unlocking there only
+/// resets the word. parking_lot keeps its waiters in a process-wide table
+/// instead; in a child, the table still lists the parent's waiting
+/// threads, and an unlock may hand the lock to one of them, which does not
+/// exist: the child then deadlocks on its next `lock` (seen in
+/// `the_child_of_a_fork_can_use_rcu` once grace periods took the registry
+/// lock on every scan).
+#[cfg(not(all(loom, test)))]
+pub(crate) struct RawFutexMutex {
+    state: std::sync::atomic::AtomicU32,
+}
+
+#[cfg(not(all(loom, test)))]
+const UNLOCKED: u32 = 0;
+#[cfg(not(all(loom, test)))]
+const LOCKED: u32 = 1;
+#[cfg(not(all(loom, test)))]
+const CONTENDED: u32 = 2;
+
+#[cfg(not(all(loom, test)))]
+impl RawFutexMutex {
+    #[cold]
+    #[inline(never)]
+    fn lock_contended(&self) {
+        // A short spin first: the crate's critical sections are short.
+        for _ in 0..100 {
+            if self.state.load(Ordering::Relaxed) == UNLOCKED && self.try_lock_once() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        // Mark the lock contended; whoever unlocks it then wakes a waiter.
+        while self.state.swap(CONTENDED, Ordering::Acquire) != UNLOCKED {
+            // SAFETY: FUTEX_WAIT on a live, aligned u32 with no timeout;
+            // the kernel only reads it and returns at once (EAGAIN) if it
+            // no longer holds CONTENDED. EINTR and spurious wake-ups loop.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.state.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    CONTENDED,
+                    std::ptr::null::<libc::timespec>(),
+                );
+            }
+        }
+    }
+
+    #[inline]
+    fn try_lock_once(&self) -> bool {
+        self.state
+            .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+// SAFETY: `lock` and `try_lock` succeed only by moving `state` from
+// UNLOCKED with Acquire ordering, and `unlock` stores UNLOCKED with Release
+// ordering, so at most one holder exists and each sees the previous
+// holder's writes. Guards are `!Send` (`GuardNoSend`): unlock happens on
+// the locking thread, as futexes do not require but the guard contract
+// states.
+#[cfg(not(all(loom, test)))]
+unsafe impl lock_api::RawMutex for RawFutexMutex {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: Self = RawFutexMutex {
+        state: std::sync::atomic::AtomicU32::new(UNLOCKED),
+    };
+
+    type GuardMarker = lock_api::GuardNoSend;
+
+    #[inline]
+    fn lock(&self) {
+        if !self.try_lock_once() {
+            self.lock_contended();
+        }
+    }
+
+    #[inline]
+    fn try_lock(&self) -> bool {
+        self.try_lock_once()
+    }
+
+    #[inline]
+    unsafe fn unlock(&self) {
+        if self.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
+            // SAFETY: FUTEX_WAKE on a live, aligned u32; no memory is
+            // written. Waking a waiter that no longer exists (in a fork
+            // child) wakes nobody.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.state.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                );
+            }
+        }
+    }
+
+    #[inline]
+    fn is_locked(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != UNLOCKED
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::Mutex;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_futex_mutex_excludes_and_wakes_waiters() {
+        let counter = Arc::new(Mutex::new(0u64));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        let mut c = counter.lock();
+                        // A non-atomic read-modify-write, with a pause in
+                        // the middle now and then to force sleepers.
+                        let v = *c;
+                        if i % 1000 == 0 {
+                            std::thread::sleep(std::time::Duration::from_micros(50));
+                        }
+                        *c = v + 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*counter.lock(), 80_000);
+        assert!(!counter.is_locked());
+        let g = counter.lock();
+        assert!(counter.is_locked());
+        assert!(counter.try_lock().is_none());
+        drop(g);
+        assert!(counter.try_lock().is_some());
+    }
+}
