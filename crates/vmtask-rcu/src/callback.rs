@@ -222,8 +222,16 @@ pub(crate) fn set_node_weight(callbacks: u64) {
 fn report_progress(invoked: u64) {
     INVOKED.fetch_add(invoked, Ordering::Relaxed);
     if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
-        let _lock = DRAINED.0.lock().unwrap_or_else(|e| e.into_inner());
-        DRAINED.1.notify_all();
+        DRAINED.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: FUTEX_WAKE on a live, aligned u32; no memory is written.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                DRAINED.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                i32::MAX,
+            );
+        }
     }
 }
 
@@ -332,11 +340,11 @@ pub(crate) static THROTTLED: CachePadded<AtomicU64> = CachePadded::new(AtomicU64
 static SOFT_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_SOFT_LIMIT);
 static HARD_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_HARD_LIMIT);
 static DRAIN_WAITERS: CachePadded<AtomicUsize> = CachePadded::new(AtomicUsize::new(0));
-/// std's futex-based pair (not parking_lot's), for the same reason as
-/// `sync::RawFutexMutex`: a thread throttled here at a `fork` must leave
-/// nothing behind in the child.
-static DRAINED: (std::sync::Mutex<()>, std::sync::Condvar) =
-    (std::sync::Mutex::new(()), std::sync::Condvar::new());
+/// Bumped when the callback thread makes progress while callers wait in
+/// `check_backlog`, who sleep on it as a futex. No lock: a thread waiting
+/// here at a `fork` leaves nothing behind in the child.
+static DRAINED: CachePadded<std::sync::atomic::AtomicU32> =
+    CachePadded::new(std::sync::atomic::AtomicU32::new(0));
 
 /// Default soft backlog limit: past it, a grace period starts at once.
 pub const DEFAULT_SOFT_LIMIT: usize = 32 * 1024;
@@ -467,12 +475,29 @@ fn check_backlog() {
     // Resume half-way down, not at the soft limit: queuing then overlaps
     // with the callback thread's invoking instead of taking turns.
     let resume = (soft as u64).max(hard as u64 / 2);
-    while self::backlog() > resume {
-        let lock = DRAINED.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = DRAINED
-            .1
-            .wait_timeout(lock, Duration::from_millis(1))
-            .unwrap_or_else(|e| e.into_inner());
+    loop {
+        // Read before the backlog: progress after this read changes the
+        // word, and the wait below returns at once.
+        let seen = DRAINED.load(Ordering::SeqCst);
+        if self::backlog() <= resume {
+            break;
+        }
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: FUTEX_WAIT on a live, aligned u32 with a valid timespec;
+        // the kernel only reads both, and returns at once if the word is
+        // no longer `seen`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                DRAINED.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                &timeout as *const libc::timespec,
+            );
+        }
     }
     DRAIN_WAITERS.fetch_sub(1, Ordering::SeqCst);
 }
@@ -893,6 +918,8 @@ pub(crate) fn after_fork_parent() {
 /// throttle the child forever.
 pub(crate) fn after_fork_child() {
     INVOKED.store(queued_total(), Ordering::SeqCst);
+    // Throttled threads of the parent are not in the child.
+    DRAIN_WAITERS.store(0, Ordering::SeqCst);
     STARTED.store(0, Ordering::SeqCst);
     SLEEPING.store(false, Ordering::SeqCst);
     // SAFETY: the only thread in the child; if a parent thread held these

@@ -114,8 +114,10 @@ const DETACHED: usize = 1 << (usize::BITS - 2);
 /// ([`FenceMode::SeqCst`]); set when the slot is taken.
 const SEQCST: usize = 1 << (usize::BITS - 3);
 /// `ReaderCtr::ctr` of an unregistered thread-local reader: looks nested,
-/// so that `lock` leaves the fast path. Never published.
-const OFFLINE_CTR: usize = NEST_MASK;
+/// so that `lock` leaves the fast path. Never published; and if it were
+/// (a bug), its top bit, which `gp.ctr` never has, makes updaters read it
+/// as quiescent instead of waiting forever.
+const OFFLINE_CTR: usize = NEST_MASK | OFFLINE;
 
 /// A reader's state. `ctr` is published (the updater reads it); `state`
 /// is the owning thread's alone.
@@ -353,7 +355,7 @@ impl ReaderCtr {
     #[inline]
     pub(crate) fn is_old(&self, gp_ctr: usize) -> bool {
         let v = self.ctr.load(Ordering::Relaxed);
-        v & NEST_MASK != 0 && (v ^ gp_ctr) & GP_PHASE != 0
+        v & NEST_MASK != 0 && v & OFFLINE == 0 && (v ^ gp_ctr) & GP_PHASE != 0
     }
 }
 
@@ -519,6 +521,9 @@ mod tests {
         r.go_offline();
         assert!(r.active());
         assert!(ReaderCtr::offline_state(r.state()));
+        // Never old to an updater, whatever the phase.
+        assert!(!r.is_old(GP_COUNT));
+        assert!(!r.is_old(GP_COUNT | GP_PHASE));
     }
 }
 

@@ -29,7 +29,7 @@ pub(crate) static GP_COUNT: CachePadded<AtomicU64> = CachePadded::new(AtomicU64:
 pub(crate) static GP_NANOS_TOTAL: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 pub(crate) static GP_NANOS_MAX: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 
-/// Scans of one reader before the updater sleeps on the futex.
+/// Scans of the pending readers before the updater sleeps on the futex.
 const SPINS: usize = 1000;
 /// A sleeping updater re-checks at least this often (a reader that
 /// leaked its slot by other means than thread exit cannot stall us

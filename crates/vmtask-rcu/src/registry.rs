@@ -76,6 +76,9 @@ thread_local! {
     /// The slot holding this thread's open section while `LOCAL` is
     /// offline; null otherwise.
     static OFFLINE_SLOT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+    /// Set once this thread's registration has ended: it never registers
+    /// again (`REGISTRATION` may still be alive, see `backstop`).
+    static UNREGISTERED: Cell<bool> = const { Cell::new(false) };
     /// Owns the registration; releases the slot when the thread exits.
     static REGISTRATION: Registration = Registration::new();
 }
@@ -88,45 +91,94 @@ impl Registration {
     fn new() -> Self {
         let slot = acquire_slot(Reader::Local);
         CURRENT.with(|c| c.set(slot));
+        backstop::arm(slot);
         Registration { slot }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // Other thread-local destructors may still read; they get
-        // temporary slots (see `lock_offline`).
-        CURRENT.with(|c| c.set(ptr::null()));
-        // The thread's pending drops go on without it, queued while the
-        // bags are still ours so that a concurrent `barrier` cannot miss
-        // them.
-        let cpu = vmtask_percpu::cpu();
-        let mut queued = false;
-        self.slot.bag.hand_over_own(|bag| {
-            if bag.len > 0 {
-                crate::callback::push_bag(cpu, bag);
-                queued = true;
-            }
-        });
-        if queued {
-            crate::callback::wake_after_push();
+        unregister(self.slot);
+    }
+}
+
+/// Ends the calling thread's registration in `slot`: called by
+/// `Registration`'s destructor, or by the backstop if that destructor
+/// never runs. Once only; later sections take temporary slots.
+fn unregister(slot: &'static Slot) {
+    if UNREGISTERED.with(|u| u.replace(true)) {
+        return;
+    }
+    // Other thread-local destructors may still read; they get temporary
+    // slots (see `lock_offline`).
+    CURRENT.with(|c| c.set(ptr::null()));
+    // The thread's pending drops go on without it, queued while the bags
+    // are still ours so that a concurrent `barrier` cannot miss them.
+    let cpu = vmtask_percpu::cpu();
+    let mut queued = false;
+    slot.bag.hand_over_own(|bag| {
+        if bag.len > 0 {
+            crate::callback::push_bag(cpu, bag);
+            queued = true;
         }
-        let slot = self.slot;
-        LOCAL.with(|local| {
-            let _registry = REGISTRY.lock();
-            if local.active() {
-                // A guard outlives the registration: the slot's own reader
-                // carries the section on, published in `LOCAL`'s place.
-                slot.own.adopt(local);
-                slot.reader
-                    .store(ptr::from_ref(&*slot.own).cast_mut(), Ordering::Relaxed);
-                OFFLINE_SLOT.with(|o| o.set(slot));
-            } else {
-                slot.reader.store(ptr::null_mut(), Ordering::Relaxed);
-                slot.in_use.store(false, Ordering::Release);
-            }
-            local.go_offline();
+    });
+    if queued {
+        crate::callback::wake_after_push();
+    }
+    LOCAL.with(|local| {
+        let _registry = REGISTRY.lock();
+        if local.active() {
+            // A guard outlives the registration: the slot's own reader
+            // carries the section on, published in `LOCAL`'s place.
+            slot.own.adopt(local);
+            slot.reader
+                .store(ptr::from_ref(&*slot.own).cast_mut(), Ordering::Relaxed);
+            OFFLINE_SLOT.with(|o| o.set(slot));
+        } else {
+            slot.reader.store(ptr::null_mut(), Ordering::Relaxed);
+            slot.in_use.store(false, Ordering::Release);
+        }
+        local.go_offline();
+    });
+}
+
+/// A thread that registers from a pthread-key destructor (C libraries do
+/// this) is past its Rust thread-local destructors, which glibc runs
+/// first: `Registration`'s destructor would never run, and the thread
+/// would exit with its `LOCAL` still published, for updaters to read
+/// after its memory is gone. So every registration also sets a pthread
+/// key, whose destructor runs after the Rust ones (and, if set from a key
+/// destructor, in the next round) and unregisters if nothing else did.
+mod backstop {
+    use super::{unregister, Slot};
+    use std::sync::OnceLock;
+
+    static KEY: OnceLock<libc::pthread_key_t> = OnceLock::new();
+
+    extern "C" fn run(slot: *mut libc::c_void) {
+        // SAFETY: the key's value is only ever a leaked `&'static Slot`
+        // (see `arm`); glibc passes it back once, non-null.
+        let slot: &'static Slot = unsafe { &*slot.cast::<Slot>() };
+        unregister(slot);
+    }
+
+    /// Arms the backstop for this thread's registration in `slot`.
+    pub(super) fn arm(slot: &'static Slot) {
+        let key = *KEY.get_or_init(|| {
+            let mut key: libc::pthread_key_t = 0;
+            // SAFETY: `key` is a valid out-pointer and `run` an
+            // `extern "C"` function that lives for the whole program.
+            let rc = unsafe { libc::pthread_key_create(&mut key, Some(run)) };
+            assert_eq!(
+                rc, 0,
+                "vmtask_rcu: pthread_key_create failed ({rc}): too many pthread keys in this process"
+            );
+            key
         });
+        // SAFETY: a key created above; the value is a leaked slot, which
+        // outlives the thread.
+        let rc = unsafe { libc::pthread_setspecific(key, std::ptr::from_ref(slot).cast()) };
+        assert_eq!(rc, 0, "vmtask_rcu: pthread_setspecific failed ({rc})");
     }
 }
 
@@ -140,6 +192,9 @@ enum Reader {
 
 /// Takes a free slot or creates one, and publishes its reader.
 fn acquire_slot(reader: Reader) -> &'static Slot {
+    // A published thread-local reader must be unpublished in a fork child
+    // whose copy of its thread is gone: the handlers come first.
+    crate::fork::register_handlers();
     // The fence mode must be fixed before any reader can skip its fence.
     let mode = crate::fence::mode();
     let mut registry = REGISTRY.lock();
@@ -199,9 +254,8 @@ pub(crate) fn lock_offline() {
         unsafe { &*open }.own.lock_nested();
         return;
     }
-    if REGISTRATION.try_with(|_| ()).is_ok() {
-        // Registered now (or already, if this runs from inside the
-        // registration): `LOCAL` is online.
+    if !UNREGISTERED.with(Cell::get) && REGISTRATION.try_with(|_| ()).is_ok() {
+        // Registered now: `LOCAL` is online.
         return LOCAL.with(|local| local.lock(&GP));
     }
     let slot = acquire_slot(Reader::Temporary);
@@ -252,6 +306,9 @@ pub(crate) fn current_for_bag() -> Option<&'static Slot> {
     if !slot.is_null() {
         // SAFETY: CURRENT only ever holds null or a leaked `&'static Slot`.
         return Some(unsafe { &*slot });
+    }
+    if UNREGISTERED.with(Cell::get) {
+        return None;
     }
     REGISTRATION.try_with(|r| r.slot).ok()
 }
