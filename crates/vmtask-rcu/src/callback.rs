@@ -223,15 +223,7 @@ fn report_progress(invoked: u64) {
     INVOKED.fetch_add(invoked, Ordering::Relaxed);
     if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
         DRAINED.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: FUTEX_WAKE on a live, aligned u32; no memory is written.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                DRAINED.as_ptr(),
-                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                i32::MAX,
-            );
-        }
+        crate::sync::futex_wake(&DRAINED, i32::MAX);
     }
 }
 
@@ -482,22 +474,7 @@ fn check_backlog() {
         if self::backlog() <= resume {
             break;
         }
-        let timeout = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 1_000_000,
-        };
-        // SAFETY: FUTEX_WAIT on a live, aligned u32 with a valid timespec;
-        // the kernel only reads both, and returns at once if the word is
-        // no longer `seen`.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                DRAINED.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                seen,
-                &timeout as *const libc::timespec,
-            );
-        }
+        crate::sync::futex_wait(&DRAINED, seen, Some(Duration::from_millis(1)));
     }
     DRAIN_WAITERS.fetch_sub(1, Ordering::SeqCst);
 }

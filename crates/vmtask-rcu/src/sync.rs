@@ -22,6 +22,48 @@ pub(crate) fn spin() {
     std::hint::spin_loop();
 }
 
+/// Sleeps while `word` holds `expected`, for at most `timeout`; returns at
+/// once if it holds something else, and may return spuriously.
+#[cfg(not(all(loom, test)))]
+pub(crate) fn futex_wait(
+    word: &std::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: Option<std::time::Duration>,
+) {
+    let timeout = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let timeout_ptr = timeout
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: FUTEX_WAIT on a live, aligned u32, with a valid timespec or
+    // none; the kernel only reads both.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            timeout_ptr,
+        );
+    }
+}
+
+/// Wakes up to `n` threads sleeping in `futex_wait` on `word`.
+#[cfg(not(all(loom, test)))]
+pub(crate) fn futex_wake(word: &std::sync::atomic::AtomicU32, n: i32) {
+    // SAFETY: FUTEX_WAKE on a live, aligned u32; no memory is written.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            n,
+        );
+    }
+}
+
 /// The crate's mutex: [`lock_api::Mutex`] over [`RawFutexMutex`].
 #[cfg(not(all(loom, test)))]
 pub(crate) type Mutex<T> = lock_api::Mutex<RawFutexMutex, T>;
@@ -64,19 +106,9 @@ impl RawFutexMutex {
             std::hint::spin_loop();
         }
         // Mark the lock contended; whoever unlocks it then wakes a waiter.
+        // EINTR and spurious wake-ups loop.
         while self.state.swap(CONTENDED, Ordering::Acquire) != UNLOCKED {
-            // SAFETY: FUTEX_WAIT on a live, aligned u32 with no timeout;
-            // the kernel only reads it and returns at once (EAGAIN) if it
-            // no longer holds CONTENDED. EINTR and spurious wake-ups loop.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    self.state.as_ptr(),
-                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                    CONTENDED,
-                    std::ptr::null::<libc::timespec>(),
-                );
-            }
+            futex_wait(&self.state, CONTENDED, None);
         }
     }
 
@@ -118,17 +150,9 @@ unsafe impl lock_api::RawMutex for RawFutexMutex {
     #[inline]
     unsafe fn unlock(&self) {
         if self.state.swap(UNLOCKED, Ordering::Release) == CONTENDED {
-            // SAFETY: FUTEX_WAKE on a live, aligned u32; no memory is
-            // written. Waking a waiter that no longer exists (in a fork
-            // child) wakes nobody.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    self.state.as_ptr(),
-                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                    1,
-                );
-            }
+            // In a fork child, the parent's waiters are not there: this
+            // wakes nobody.
+            futex_wake(&self.state, 1);
         }
     }
 
