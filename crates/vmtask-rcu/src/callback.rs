@@ -221,6 +221,10 @@ pub(crate) fn set_node_weight(callbacks: u64) {
 /// Counts invoked callbacks and wakes callers throttled by the backlog.
 fn report_progress(invoked: u64) {
     INVOKED.fetch_add(invoked, Ordering::Relaxed);
+    // Store-buffering with `check_backlog` ("waiters += 1; read INVOKED"
+    // against "INVOKED += n; read waiters"): with a fence on both sides,
+    // one of them sees the other.
+    fence(Ordering::SeqCst);
     if DRAIN_WAITERS.load(Ordering::SeqCst) > 0 {
         DRAINED.fetch_add(1, Ordering::SeqCst);
         crate::sync::futex_wake(&DRAINED, i32::MAX);
@@ -385,28 +389,47 @@ pub(crate) fn backlog() -> u64 {
     queued_total().saturating_sub(INVOKED.load(Ordering::Relaxed))
 }
 
+/// Starts the callback thread if it is not running.
+///
+/// # Panics
+/// If the thread cannot be spawned: without it no memory would ever be
+/// reclaimed.
 fn ensure_thread() {
-    if STARTED.load(Ordering::Acquire) == 0 {
-        start_thread();
+    if let Err(err) = try_ensure_thread() {
+        panic!("vmtask_rcu: cannot start the callback thread: {err}");
     }
 }
 
+/// `ensure_thread` for a thread that is exiting, where a panic would abort
+/// the process: on failure the work stays queued for the next caller, who
+/// tries again.
+fn try_ensure_thread() -> std::io::Result<()> {
+    if STARTED.load(Ordering::Acquire) == 0 {
+        start_thread()?;
+    }
+    Ok(())
+}
+
 #[cold]
-fn start_thread() {
+fn start_thread() -> std::io::Result<()> {
     if STARTED
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        return;
+        return Ok(());
     }
     let spawned = std::thread::Builder::new()
         .name("vmtask-rcu-callbacks".into())
         .spawn(callback_thread);
     match spawned {
-        Ok(handle) => *THREAD.lock() = Some(handle.thread().clone()),
+        Ok(handle) => {
+            *THREAD.lock() = Some(handle.thread().clone());
+            Ok(())
+        }
         Err(err) => {
-            // Without the thread no memory would ever be reclaimed.
-            panic!("vmtask_rcu: cannot start the callback thread: {err}");
+            // Not started: the next caller tries again.
+            STARTED.store(0, Ordering::Release);
+            Err(err)
         }
     }
 }
@@ -471,6 +494,8 @@ fn check_backlog() {
         // Read before the backlog: progress after this read changes the
         // word, and the wait below returns at once.
         let seen = DRAINED.load(Ordering::SeqCst);
+        // See `report_progress`.
+        fence(Ordering::SeqCst);
         if self::backlog() <= resume {
             break;
         }
@@ -647,10 +672,12 @@ pub(crate) fn push_bag(cpu: usize, mut bag: Box<Bag>) -> (u64, u64) {
     (before, count)
 }
 
-/// Starts or wakes the callback thread after `push_bag`.
+/// Starts or wakes the callback thread after `push_bag`, from an exiting
+/// thread: never panics (see `try_ensure_thread`).
 pub(crate) fn wake_after_push() {
-    ensure_thread();
-    wake_thread();
+    if try_ensure_thread().is_ok() {
+        wake_thread();
+    }
 }
 
 #[cold]
@@ -679,8 +706,7 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
     let cpu = cpu();
     let mut queued = Vec::new();
     let mut runs = Vec::new();
-    LAST_FILLED.with(|last| {
-        let mut last = last.borrow_mut();
+    let mut flush = |last: &mut std::collections::HashMap<usize, (u64, Instant)>| {
         // Queued inside the steal (see `steal`); the wake-up and the
         // backlog check, which may block, come after it.
         let queue = |bag| queued.push(push_bag(cpu, bag));
@@ -693,7 +719,15 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
             }
             all || now.duration_since(seen.1) >= IDLE_AFTER
         });
-    });
+    };
+    if LAST_FILLED
+        .try_with(|last| flush(&mut last.borrow_mut()))
+        .is_err()
+    {
+        // `barrier` from a thread-local destructor after the map's: a
+        // fresh map sees no thread idle yet, which only `all` overrides.
+        flush(&mut std::collections::HashMap::new());
+    }
     for (before, count) in queued {
         after_queue(before, count);
     }

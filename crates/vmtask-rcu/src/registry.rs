@@ -84,21 +84,30 @@ thread_local! {
 }
 
 struct Registration {
-    slot: &'static Slot,
+    /// `None` if the backstop could not be armed: the thread then reads
+    /// through temporary slots.
+    slot: Option<&'static Slot>,
 }
 
 impl Registration {
     fn new() -> Self {
+        // Armed first: a `LOCAL` is never published without a way to
+        // unpublish it.
+        if !backstop::arm() {
+            UNREGISTERED.with(|u| u.set(true));
+            return Registration { slot: None };
+        }
         let slot = acquire_slot(Reader::Local);
         CURRENT.with(|c| c.set(slot));
-        backstop::arm(slot);
-        Registration { slot }
+        Registration { slot: Some(slot) }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        unregister(self.slot);
+        if let Some(slot) = self.slot {
+            unregister(slot);
+        }
     }
 }
 
@@ -149,36 +158,45 @@ fn unregister(slot: &'static Slot) {
 /// after its memory is gone. So every registration also sets a pthread
 /// key, whose destructor runs after the Rust ones (and, if set from a key
 /// destructor, in the next round) and unregisters if nothing else did.
+///
+/// The one case it cannot cover: a thread whose first use of RCU comes in
+/// the last round of pthread-key destructors (`PTHREAD_DESTRUCTOR_ITERATIONS`,
+/// 4 on glibc: a key destructor that sets its own key again three times
+/// and reads on the fourth) exits still registered. liburcu's
+/// signal-based flavor has the same limit.
 mod backstop {
-    use super::{unregister, Slot};
+    use super::{unregister, CURRENT};
+    use std::cell::Cell;
     use std::sync::OnceLock;
 
-    static KEY: OnceLock<libc::pthread_key_t> = OnceLock::new();
+    /// The key, or `None` if the process has run out of pthread keys.
+    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
 
-    extern "C" fn run(slot: *mut libc::c_void) {
-        // SAFETY: the key's value is only ever a leaked `&'static Slot`
-        // (see `arm`); glibc passes it back once, non-null.
-        let slot: &'static Slot = unsafe { &*slot.cast::<Slot>() };
-        unregister(slot);
+    extern "C" fn run(_armed: *mut libc::c_void) {
+        let slot = CURRENT.with(Cell::get);
+        if !slot.is_null() {
+            // SAFETY: CURRENT only ever holds null or a leaked
+            // `&'static Slot`.
+            unregister(unsafe { &*slot });
+        }
     }
 
-    /// Arms the backstop for this thread's registration in `slot`.
-    pub(super) fn arm(slot: &'static Slot) {
+    /// Arms the backstop for the calling thread; false if pthreads refuse
+    /// (no key left, or no memory for the value).
+    pub(super) fn arm() -> bool {
         let key = *KEY.get_or_init(|| {
             let mut key: libc::pthread_key_t = 0;
             // SAFETY: `key` is a valid out-pointer and `run` an
             // `extern "C"` function that lives for the whole program.
             let rc = unsafe { libc::pthread_key_create(&mut key, Some(run)) };
-            assert_eq!(
-                rc, 0,
-                "vmtask_rcu: pthread_key_create failed ({rc}): too many pthread keys in this process"
-            );
-            key
+            (rc == 0).then_some(key)
         });
-        // SAFETY: a key created above; the value is a leaked slot, which
-        // outlives the thread.
-        let rc = unsafe { libc::pthread_setspecific(key, std::ptr::from_ref(slot).cast()) };
-        assert_eq!(rc, 0, "vmtask_rcu: pthread_setspecific failed ({rc})");
+        let Some(key) = key else {
+            return false;
+        };
+        // Any non-null value: glibc calls `run` only for those.
+        // SAFETY: a key created above; the value is never dereferenced.
+        unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<u8>().cast()) == 0 }
     }
 }
 
@@ -255,8 +273,17 @@ pub(crate) fn lock_offline() {
         return;
     }
     if !UNREGISTERED.with(Cell::get) && REGISTRATION.try_with(|_| ()).is_ok() {
-        // Registered now: `LOCAL` is online.
-        return LOCAL.with(|local| local.lock(&GP));
+        // Registered now, unless the backstop could not be armed.
+        let online = LOCAL.with(|local| {
+            let online = !ReaderCtr::offline_state(local.state());
+            if online {
+                local.lock(&GP);
+            }
+            online
+        });
+        if online {
+            return;
+        }
     }
     let slot = acquire_slot(Reader::Temporary);
     slot.own.begin(&GP);
@@ -310,7 +337,7 @@ pub(crate) fn current_for_bag() -> Option<&'static Slot> {
     if UNREGISTERED.with(Cell::get) {
         return None;
     }
-    REGISTRATION.try_with(|r| r.slot).ok()
+    REGISTRATION.try_with(|r| r.slot).ok().flatten()
 }
 
 /// Whether any registered thread's bag holds entries (a hint).

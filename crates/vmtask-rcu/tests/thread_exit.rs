@@ -33,6 +33,8 @@ fn from_late_destructor<R: Send + 'static>(f: fn() -> R) -> R {
             *l.borrow_mut() = Some(Box::new(Late { f: Some(f), out: o }));
         });
         drop(read_lock());
+        // And after the thread-locals `barrier` keeps.
+        barrier();
     })
     .join()
     .unwrap();
@@ -183,4 +185,17 @@ fn grace_periods_racing_thread_exits() {
         "{} reader threads came and went over {grace_periods} grace periods",
         threads.load(Ordering::Relaxed)
     );
+}
+
+#[test]
+fn barrier_and_deferral_work_from_a_late_destructor_of_a_thread_that_used_them() {
+    let ok = from_late_destructor(|| {
+        // The map `barrier` keeps per thread is gone by now.
+        defer_drop(Box::new(5u64));
+        call(|| {});
+        barrier();
+        synchronize();
+        true
+    });
+    assert!(ok);
 }
