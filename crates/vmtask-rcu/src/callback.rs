@@ -315,7 +315,7 @@ fn callbacks() -> &'static Callbacks {
     })
 }
 
-// Thread state. STARTED: 0 no thread, 1 starting/running. Flags that
+// Thread state. STARTED: NOT_STARTED, STARTING or RUNNING. Flags that
 // producers read on every `call` and the callback thread writes each cycle
 // sit on cache lines of their own, so that neither side's writes evict
 // the other's reads.
@@ -389,46 +389,63 @@ pub(crate) fn backlog() -> u64 {
     queued_total().saturating_sub(INVOKED.load(Ordering::Relaxed))
 }
 
+/// `STARTED`: no callback thread.
+const NOT_STARTED: u8 = 0;
+/// `STARTED`: a caller is spawning it.
+const STARTING: u8 = 1;
+/// `STARTED`: it runs.
+const RUNNING: u8 = 2;
+
 /// Starts the callback thread if it is not running.
 ///
 /// # Panics
-/// If the thread cannot be spawned: without it no memory would ever be
-/// reclaimed.
+/// If the thread cannot be spawned (without it no memory would ever be
+/// reclaimed), except on a thread that is exiting, where a panic would
+/// abort the process: there the work stays queued for the next caller,
+/// who tries again.
 fn ensure_thread() {
     if let Err(err) = try_ensure_thread() {
-        panic!("vmtask_rcu: cannot start the callback thread: {err}");
+        if !crate::registry::exiting() {
+            panic!("vmtask_rcu: cannot start the callback thread: {err}");
+        }
     }
 }
 
-/// `ensure_thread` for a thread that is exiting, where a panic would abort
-/// the process: on failure the work stays queued for the next caller, who
-/// tries again.
+/// Starts the callback thread if it is not running; `Ok` once it runs.
+/// Callers that find another caller starting it wait for the outcome, and
+/// try themselves if that caller failed.
 fn try_ensure_thread() -> std::io::Result<()> {
-    if STARTED.load(Ordering::Acquire) == 0 {
-        start_thread()?;
+    loop {
+        match STARTED.load(Ordering::Acquire) {
+            RUNNING => return Ok(()),
+            NOT_STARTED => {
+                if STARTED
+                    .compare_exchange(NOT_STARTED, STARTING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return start_thread();
+                }
+            }
+            _ => std::thread::yield_now(),
+        }
     }
-    Ok(())
 }
 
+/// Spawns the callback thread; the caller moved `STARTED` to `STARTING`.
 #[cold]
 fn start_thread() -> std::io::Result<()> {
-    if STARTED
-        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        return Ok(());
-    }
     let spawned = std::thread::Builder::new()
         .name("vmtask-rcu-callbacks".into())
         .spawn(callback_thread);
     match spawned {
         Ok(handle) => {
             *THREAD.lock() = Some(handle.thread().clone());
+            STARTED.store(RUNNING, Ordering::Release);
             Ok(())
         }
         Err(err) => {
             // Not started: the next caller tries again.
-            STARTED.store(0, Ordering::Release);
+            STARTED.store(NOT_STARTED, Ordering::Release);
             Err(err)
         }
     }
@@ -879,7 +896,10 @@ pub fn barrier() {
          for every drop deferred before it, this one included, and would deadlock"
     );
     let cb = callbacks();
-    ensure_thread();
+    // Waiting below needs the thread, exiting caller or not.
+    if let Err(err) = try_ensure_thread() {
+        panic!("vmtask_rcu::barrier: cannot start the callback thread: {err}");
+    }
     let runs_in_progress = flush_bags(true);
     let state = Arc::new(BarrierState {
         remaining: AtomicUsize::new(cb.queues.len()),
@@ -931,7 +951,7 @@ pub(crate) fn after_fork_child() {
     INVOKED.store(queued_total(), Ordering::SeqCst);
     // Throttled threads of the parent are not in the child.
     DRAIN_WAITERS.store(0, Ordering::SeqCst);
-    STARTED.store(0, Ordering::SeqCst);
+    STARTED.store(NOT_STARTED, Ordering::SeqCst);
     SLEEPING.store(false, Ordering::SeqCst);
     // SAFETY: the only thread in the child; if a parent thread held these
     // locks across fork, nobody will release them.

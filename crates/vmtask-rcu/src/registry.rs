@@ -169,8 +169,11 @@ mod backstop {
     use std::cell::Cell;
     use std::sync::OnceLock;
 
-    /// The key, or `None` if the process has run out of pthread keys.
-    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
+    /// The key, once made. A failure (the process is out of pthread keys)
+    /// is not remembered: the next registration tries again.
+    static KEY: OnceLock<libc::pthread_key_t> = OnceLock::new();
+    /// Serialises making the key, so that racing threads make one.
+    static MAKING: crate::sync::Mutex<()> = crate::sync::Mutex::new(());
 
     extern "C" fn run(_armed: *mut libc::c_void) {
         let slot = CURRENT.with(Cell::get);
@@ -181,17 +184,27 @@ mod backstop {
         }
     }
 
+    #[cold]
+    fn make_key() -> Option<libc::pthread_key_t> {
+        let _making = MAKING.lock();
+        if let Some(&key) = KEY.get() {
+            return Some(key);
+        }
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-pointer and `run` an `extern "C"`
+        // function that lives for the whole program.
+        let rc = unsafe { libc::pthread_key_create(&mut key, Some(run)) };
+        if rc != 0 {
+            return None;
+        }
+        let _ = KEY.set(key);
+        Some(key)
+    }
+
     /// Arms the backstop for the calling thread; false if pthreads refuse
     /// (no key left, or no memory for the value).
     pub(super) fn arm() -> bool {
-        let key = *KEY.get_or_init(|| {
-            let mut key: libc::pthread_key_t = 0;
-            // SAFETY: `key` is a valid out-pointer and `run` an
-            // `extern "C"` function that lives for the whole program.
-            let rc = unsafe { libc::pthread_key_create(&mut key, Some(run)) };
-            (rc == 0).then_some(key)
-        });
-        let Some(key) = key else {
+        let Some(key) = KEY.get().copied().or_else(make_key) else {
             return false;
         };
         // Any non-null value: glibc calls `run` only for those.
@@ -311,6 +324,12 @@ pub(crate) fn unlock_offline() {
         OFFLINE_SLOT.with(|o| o.set(ptr::null()));
         release_slot(slot);
     }
+}
+
+/// Whether the calling thread's registration has ended (it is running its
+/// thread-local or pthread-key destructors), or could never be made.
+pub(crate) fn exiting() -> bool {
+    UNREGISTERED.with(Cell::get)
 }
 
 /// Whether the calling thread is inside a read-side section.

@@ -10,6 +10,12 @@ mod child;
 use child::in_child;
 
 #[test]
+fn the_guard_is_empty() {
+    // The section's state is in the thread's reader; nothing to carry.
+    assert_eq!(std::mem::size_of::<ReadGuard>(), 0);
+}
+
+#[test]
 fn nested_sections_end_with_the_outermost_guard() {
     assert!(!in_read_section());
     let outer = read_lock();
