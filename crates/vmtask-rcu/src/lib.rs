@@ -47,8 +47,7 @@
 //!
 //! Known limits: callbacks and drops in flight in another thread at the
 //! moment of a `fork` are lost in the child (never run; the parent is
-//! unaffected); forking from inside a section opened after the thread's
-//! registration ended is not supported; a thread whose *first* use of RCU
+//! unaffected); a thread whose *first* use of RCU
 //! comes from the last round of its pthread-key destructors (after a key
 //! destructor has re-armed its key three times) exits still registered,
 //! and a later grace period may then read its freed thread-local memory

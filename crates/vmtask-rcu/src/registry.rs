@@ -7,7 +7,9 @@
 //! scan (`Slot::reader`). That pointer is written, and read by updaters,
 //! only under the registry lock, and a thread takes the lock to
 //! unregister: no updater reads a thread-local reader once its thread has
-//! gone. A slot released (or reused) during a grace period reads as
+//! gone. The thread unregisters in `Registration`'s destructor, or, if that
+//! never runs, in a pthread-key destructor armed before the reader is
+//! published (`backstop`). A slot released (or reused) during a grace period reads as
 //! quiescent or as a section newer than the grace period, both of which
 //! the updater may treat as done.
 //!

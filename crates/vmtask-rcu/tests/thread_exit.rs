@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmtask_rcu::*;
 
+mod child;
+use child::in_child;
+
 /// Runs `f` from a thread-local destructor of a fresh thread that is
 /// destroyed after the thread's RCU registration (it is created first), and
 /// returns what `f` returned.
@@ -198,4 +201,26 @@ fn barrier_and_deferral_work_from_a_late_destructor_of_a_thread_that_used_them()
         true
     });
     assert!(ok);
+}
+
+#[test]
+fn a_fork_from_inside_a_late_section_leaves_a_child_that_can_synchronize() {
+    let code = from_late_destructor(|| {
+        let guard = read_lock();
+        in_child(move || {
+            // SAFETY: alarm only arms a timer; a hang kills the child.
+            unsafe { libc::alarm(20) };
+            if !in_read_section() {
+                return 1;
+            }
+            drop(guard);
+            if in_read_section() {
+                return 2;
+            }
+            synchronize();
+            barrier();
+            0
+        })
+    });
+    assert_eq!(code, 0, "the child failed at step {code}");
 }
