@@ -47,12 +47,12 @@
 //!
 //! Known limits: callbacks and drops in flight in another thread at the
 //! moment of a `fork` are lost in the child (never run; the parent is
-//! unaffected); a thread whose *first* use of RCU
-//! comes from the last round of its pthread-key destructors (after a key
-//! destructor has re-armed its key three times) exits still registered,
-//! and a later grace period may then read its freed thread-local memory
-//! (the registration backstop, a pthread key, has no round left to run
-//! in; liburcu's signal flavor has the same limit).
+//! unaffected); a thread whose *first* use of RCU comes from the last
+//! round of its pthread-key destructors (after a key destructor has
+//! re-armed its key three times) exits still registered, and a later grace
+//! period may then read its freed thread-local memory (the registration
+//! backstop, a pthread key, has no round left to run in; liburcu's signal
+//! flavor has the same limit).
 //!
 //! ```
 //! use std::sync::Arc;
