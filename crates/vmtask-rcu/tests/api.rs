@@ -49,7 +49,7 @@ fn a_section_outlives_its_first_guard_while_later_guards_live() {
     assert!(in_read_section(), "the third guard still holds the section");
     drop(third);
     assert!(!in_read_section());
-    // A fresh section after the orphaned one behaves normally.
+    // A fresh section after it behaves normally.
     let again = read_lock();
     assert!(in_read_section());
     drop(again);
