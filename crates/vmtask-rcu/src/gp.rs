@@ -610,4 +610,92 @@ mod loom_model {
     fn loom_reader_never_sees_freed_object_two_sections() {
         run(FenceMode::SeqCst, 2);
     }
+
+    /// Which reader the slot publishes (`registry::Slot::reader`).
+    const LOCAL: usize = 0;
+    const OWN: usize = 1;
+    const NONE: usize = 2;
+
+    /// A registry: the published reader, read and written under the lock.
+    struct Registry {
+        lock: loom::sync::Mutex<()>,
+        published: AtomicUsize,
+        local: ReaderCtr,
+        own: ReaderCtr,
+    }
+
+    /// The real updater's scan: under the registry lock, through the
+    /// published reader.
+    struct Locked<'a>(&'a Registry);
+    impl Updater for Locked<'_> {
+        type Reader = ();
+        fn heavy_barrier(&self) {
+            fence(Ordering::SeqCst);
+        }
+        fn retain_old(&self, pending: &mut Vec<()>, gp_ctr: usize) {
+            let _registry = self.0.lock.lock().unwrap();
+            let old = match self.0.published.load(Ordering::Relaxed) {
+                LOCAL => self.0.local.is_old(gp_ctr),
+                OWN => self.0.own.is_old(gp_ctr),
+                _ => false,
+            };
+            pending.retain(|()| old);
+        }
+        fn sleep(&self, _futex: &AtomicI32) {
+            loom::thread::yield_now();
+        }
+        fn spins(&self) -> usize {
+            usize::MAX
+        }
+        fn report_stall(&self) {}
+        fn stall_after(&self) -> usize {
+            usize::MAX
+        }
+    }
+
+    /// A thread's registration ends inside a section: the section moves
+    /// from its thread-local reader to the slot's own (`adopt`, under the
+    /// registry lock), and reads after the move are still protected from a
+    /// grace period that runs across it.
+    #[test]
+    fn loom_a_section_handed_to_the_slot_still_holds_the_grace_period() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let gp = Arc::new(GpWord::new());
+            let reg = Arc::new(Registry {
+                lock: loom::sync::Mutex::new(()),
+                published: AtomicUsize::new(LOCAL),
+                local: ReaderCtr::new(),
+                own: ReaderCtr::new(),
+            });
+            reg.local.prepare(FenceMode::Membarrier, false);
+            let obj = Arc::new((
+                AtomicUsize::new(0),
+                [AtomicBool::new(false), AtomicBool::new(false)],
+            ));
+            let (g, r, o) = (gp.clone(), reg.clone(), obj.clone());
+            let reader = loom::thread::spawn(move || {
+                r.local.lock(&g);
+                let first = o.0.load(Ordering::Acquire);
+                assert!(!o.1[first].load(Ordering::Relaxed), "freed before the move");
+                {
+                    let _registry = r.lock.lock().unwrap();
+                    r.own.adopt(&r.local);
+                    r.published.store(OWN, Ordering::Relaxed);
+                    r.local.go_offline();
+                }
+                let second = o.0.load(Ordering::Acquire);
+                assert!(!o.1[second].load(Ordering::Relaxed), "freed after the move");
+                let ended = r.own.unlock(&g).expect("one guard");
+                assert!(ended.release);
+                let _registry = r.lock.lock().unwrap();
+                r.published.store(NONE, Ordering::Relaxed);
+            });
+            obj.0.store(1, Ordering::Release);
+            grace_period(&gp, &[()], &Locked(&reg));
+            obj.1[0].store(true, Ordering::Relaxed);
+            reader.join().unwrap();
+        });
+    }
 }
