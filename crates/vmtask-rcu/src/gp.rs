@@ -536,15 +536,17 @@ mod loom_model {
     use loom::sync::atomic::AtomicBool;
     use loom::sync::Arc;
 
-    /// The model's updater, scanning its one reader.
-    struct Scan<'a>(&'a ReaderCtr);
-    impl Updater for Scan<'_> {
+    /// The models' updater: `is_old` says whether the one reader is in a
+    /// section older than the phase it is given.
+    struct Scan<F>(F);
+    impl<F: Fn(usize) -> bool> Updater for Scan<F> {
         type Reader = ();
         fn heavy_barrier(&self) {
             fence(Ordering::SeqCst);
         }
         fn retain_old(&self, pending: &mut Vec<()>, gp_ctr: usize) {
-            pending.retain(|()| self.0.is_old(gp_ctr));
+            let old = (self.0)(gp_ctr);
+            pending.retain(|()| old);
         }
         fn sleep(&self, _futex: &AtomicI32) {
             loom::thread::yield_now();
@@ -595,7 +597,7 @@ mod loom_model {
                 }
             });
             s.published.store(1, Ordering::Release);
-            grace_period(&s.gp, &[()], &Scan(&s.reader));
+            grace_period(&s.gp, &[()], &Scan(|g| s.reader.is_old(g)));
             s.freed[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();
         });
@@ -626,30 +628,12 @@ mod loom_model {
 
     /// The real updater's scan: under the registry lock, through the
     /// published reader.
-    struct Locked<'a>(&'a Registry);
-    impl Updater for Locked<'_> {
-        type Reader = ();
-        fn heavy_barrier(&self) {
-            fence(Ordering::SeqCst);
-        }
-        fn retain_old(&self, pending: &mut Vec<()>, gp_ctr: usize) {
-            let _registry = self.0.lock.lock().unwrap();
-            let old = match self.0.published.load(Ordering::Relaxed) {
-                LOCAL => self.0.local.is_old(gp_ctr),
-                OWN => self.0.own.is_old(gp_ctr),
-                _ => false,
-            };
-            pending.retain(|()| old);
-        }
-        fn sleep(&self, _futex: &AtomicI32) {
-            loom::thread::yield_now();
-        }
-        fn spins(&self) -> usize {
-            usize::MAX
-        }
-        fn report_stall(&self) {}
-        fn stall_after(&self) -> usize {
-            usize::MAX
+    fn locked_is_old(reg: &Registry, gp_ctr: usize) -> bool {
+        let _registry = reg.lock.lock().unwrap();
+        match reg.published.load(Ordering::Relaxed) {
+            LOCAL => reg.local.is_old(gp_ctr),
+            OWN => reg.own.is_old(gp_ctr),
+            _ => false,
         }
     }
 
@@ -693,7 +677,7 @@ mod loom_model {
                 r.published.store(NONE, Ordering::Relaxed);
             });
             obj.0.store(1, Ordering::Release);
-            grace_period(&gp, &[()], &Locked(&reg));
+            grace_period(&gp, &[()], &Scan(|g| locked_is_old(&reg, g)));
             obj.1[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();
         });

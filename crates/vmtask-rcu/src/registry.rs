@@ -169,13 +169,11 @@ fn unregister(slot: &'static Slot) {
 mod backstop {
     use super::{unregister, CURRENT};
     use std::cell::Cell;
-    use std::sync::OnceLock;
 
     /// The key, once made. A failure (the process is out of pthread keys)
-    /// is not remembered: the next registration tries again.
-    static KEY: OnceLock<libc::pthread_key_t> = OnceLock::new();
-    /// Serialises making the key, so that racing threads make one.
-    static MAKING: crate::sync::Mutex<()> = crate::sync::Mutex::new(());
+    /// is not remembered: the next registration tries again. Registrations
+    /// are rare, so one lock serves both.
+    static KEY: crate::sync::Mutex<Option<libc::pthread_key_t>> = crate::sync::Mutex::new(None);
 
     extern "C" fn run(_armed: *mut libc::c_void) {
         let slot = CURRENT.with(Cell::get);
@@ -186,28 +184,25 @@ mod backstop {
         }
     }
 
-    #[cold]
-    fn make_key() -> Option<libc::pthread_key_t> {
-        let _making = MAKING.lock();
-        if let Some(&key) = KEY.get() {
-            return Some(key);
-        }
-        let mut key: libc::pthread_key_t = 0;
-        // SAFETY: `key` is a valid out-pointer and `run` an `extern "C"`
-        // function that lives for the whole program.
-        let rc = unsafe { libc::pthread_key_create(&mut key, Some(run)) };
-        if rc != 0 {
-            return None;
-        }
-        let _ = KEY.set(key);
-        Some(key)
-    }
-
     /// Arms the backstop for the calling thread; false if pthreads refuse
     /// (no key left, or no memory for the value).
     pub(super) fn arm() -> bool {
-        let Some(key) = KEY.get().copied().or_else(make_key) else {
-            return false;
+        let key = {
+            let mut made = KEY.lock();
+            match *made {
+                Some(key) => key,
+                None => {
+                    let mut key: libc::pthread_key_t = 0;
+                    // SAFETY: `key` is a valid out-pointer and `run` an
+                    // `extern "C"` function that lives for the whole
+                    // program.
+                    if unsafe { libc::pthread_key_create(&mut key, Some(run)) } != 0 {
+                        return false;
+                    }
+                    *made = Some(key);
+                    key
+                }
+            }
         };
         // Any non-null value: glibc calls `run` only for those.
         // SAFETY: a key created above; the value is never dereferenced.
