@@ -6,7 +6,8 @@
 //! - `cached alloc+free`: a stack that goes back to the CPU cache and comes
 //!   out again, vs a plain free-list `Vec` pop/push and corosensei's reuse
 //!   of one stack (`Coroutine::with_stack` + `resume` + `into_stack`);
-//! - `fresh stack, top page touched`: a newly carved slot vs a fresh
+//! - `fresh stack, top page touched`: a newly carved slot (its top page
+//!   populated by the pool, and with `populate_top` off) vs a fresh
 //!   `mmap` + `mprotect` guard + touch + `munmap`, and corosensei's
 //!   `DefaultStack::new` + touch + drop; and the floor under all of them,
 //!   the page fault of a first touch alone;
@@ -73,15 +74,21 @@ fn cached(c: &mut Criterion) {
 /// at most 4096 stacks so resident memory stays small; only the carving is
 /// timed.
 fn carve_fresh(iters: u64) -> Duration {
-    carve(iters, true)
+    carve(iters, true, true)
 }
 
-/// `carve_fresh` without the touch: the guard and the pool's bookkeeping.
+/// `carve_fresh` with `populate_top` off: the touch takes the page fault.
+fn carve_fresh_faulting(iters: u64) -> Duration {
+    carve(iters, true, false)
+}
+
+/// `carve_fresh` without the touch or the populate: the guard and the
+/// pool's bookkeeping.
 fn carve_untouched(iters: u64) -> Duration {
-    carve(iters, false)
+    carve(iters, false, false)
 }
 
-fn carve(iters: u64, touch: bool) -> Duration {
+fn carve(iters: u64, touch: bool, populate_top: bool) -> Duration {
     let mut total = Duration::ZERO;
     let mut left = iters as usize;
     while left > 0 {
@@ -89,6 +96,7 @@ fn carve(iters: u64, touch: bool) -> Duration {
         left -= n;
         let pool = StackPool::new(Config {
             max_stacks: n,
+            populate_top,
             ..Config::default()
         })
         .unwrap();
@@ -171,8 +179,11 @@ fn fresh(c: &mut Criterion) {
     pin();
     let mut g = c.benchmark_group("fresh stack, top page touched");
     g.bench_function("vmtask pool carve", |b| b.iter_custom(carve_fresh));
+    g.bench_function("vmtask pool carve, populate_top off", |b| {
+        b.iter_custom(carve_fresh_faulting)
+    });
     g.bench_function(
-        "vmtask pool carve, not touched (guard + bookkeeping)",
+        "vmtask pool carve, not touched, populate_top off (guard + bookkeeping)",
         |b| b.iter_custom(carve_untouched),
     );
     g.bench_function("first touch of a reserved page only (floor)", |b| {

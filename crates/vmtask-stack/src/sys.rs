@@ -201,6 +201,21 @@ pub(crate) fn populate_write(addr: usize, len: usize) -> Result<(), i32> {
     madvise(addr, len, libc::MADV_POPULATE_WRITE)
 }
 
+/// Faults in `[addr, addr + len)` for writing if the kernel can, as an
+/// optimisation only: a kernel without `MADV_POPULATE_WRITE` (EINVAL,
+/// before Linux 5.14; remembered) or a failure (ENOMEM at a memory
+/// cgroup's limit, a pending fatal signal) leaves the pages to be faulted
+/// in by their first write, as they would be without this call.
+pub(crate) fn populate_hint(addr: usize, len: usize) {
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return;
+    }
+    if populate_write(addr, len) == Err(libc::EINVAL) {
+        UNSUPPORTED.store(true, Ordering::Relaxed);
+    }
+}
+
 /// How many pages of `[addr, addr + len)` (page-aligned) are resident.
 pub(crate) fn resident_pages(addr: usize, len: usize) -> usize {
     let pages = len / page_size();

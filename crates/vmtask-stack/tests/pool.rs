@@ -284,11 +284,51 @@ fn full_depot_gives_stack_memory_back() {
         assert_eq!(stats.stacks_released, 2);
         let resident: usize = slots[1..3].iter().map(|&(a, l)| resident_pages(a, l)).sum();
         assert_eq!(resident, 0, "released stacks keep no memory");
-        // Released slots are reused before new ones are carved.
+        // Released slots are reused before new ones are carved, and come
+        // back with only their top page (`populate_top`).
         let again: Vec<_> = (0..4).map(|_| pool.alloc().unwrap()).collect();
         assert_eq!(pool.stats().slots_carved, 4);
+        for &(limit, size) in &slots[1..3] {
+            let top_page = limit + size - page();
+            assert_eq!(
+                (
+                    resident_pages(top_page, page()),
+                    resident_pages(limit, size)
+                ),
+                (1, 1),
+                "a released slot handed out again has its top page and no other"
+            );
+        }
         drop(again);
     });
+}
+
+#[test]
+fn a_fresh_stack_comes_with_its_top_page_and_no_other() {
+    for (guard_mode, populate_top) in [
+        (GuardMode::Auto, true),
+        (GuardMode::Auto, false),
+        (GuardMode::Mprotect, true),
+    ] {
+        let pool = StackPool::new(Config {
+            guard_mode,
+            populate_top,
+            ..Config::default()
+        })
+        .unwrap();
+        let stacks: Vec<_> = (0..40).map(|_| pool.alloc().unwrap()).collect();
+        for stack in &stacks {
+            let (base, limit) = (stack.base() as usize, stack.limit() as usize);
+            let top_page = resident_pages(base - page(), page());
+            let whole = resident_pages(limit, base - limit);
+            assert_eq!(
+                (top_page, whole),
+                (usize::from(populate_top), usize::from(populate_top)),
+                "{guard_mode:?}, populate_top {populate_top}: a fresh stack's resident pages"
+            );
+        }
+        assert_eq!(pool.stats().slots_carved, 40);
+    }
 }
 
 #[test]
