@@ -174,7 +174,8 @@ impl Arenas {
     }
 
     /// Carves a fresh slot whose guard is installed; returns the stack's
-    /// top. Touches nothing but guards: with guard markers, those of the
+    /// top. Touches nothing but guards (the pool may then populate the top
+    /// page of the slot it hands out): with guard markers, those of the
     /// next [`GUARD_BATCH`] slots at once.
     pub(crate) fn carve(&mut self, layout: &Layout, markers: bool) -> Result<usize, StackError> {
         if self.list.last().is_none_or(|a| a.carved == a.slots) {

@@ -23,7 +23,11 @@
 //! `trim` and the pool's drop take back the calling thread's, and an exited
 //! thread's is taken back before any carve.
 //!
-//! Memory: the fast paths make no system call. A magazine on its way to the
+//! Memory: the fast paths make no system call. A stack handed out with no
+//! memory at all (freshly carved, or released) gets its top page, which
+//! its user writes first, with one `MADV_POPULATE_WRITE` (`populate_top`,
+//! as the dynamic kernel stacks map a new thread's top page only): cheaper
+//! than the page fault it replaces. A magazine on its way to the
 //! depot has each stack's pages below `keep_resident` released
 //! (`MADV_DONTNEED`), one batch per magazine; when the depot is full
 //! (`depot_size`), further stacks lose all their pages and wait on the
