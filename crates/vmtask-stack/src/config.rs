@@ -73,9 +73,10 @@ pub struct Config {
     /// neither Go nor glibc clears reused stacks. Costs a system call per
     /// free and a page fault per reuse.
     pub zero_on_reuse: bool,
-    /// Fault in the top page of a stack handed out with no memory (a
-    /// freshly carved slot, or one whose pages were all given back) with
-    /// one `madvise(MADV_POPULATE_WRITE)` before `alloc` returns it.
+    /// Fault in the top page of a freshly carved stack, and of one reused
+    /// from the slots whose memory a full depot gave back, with one
+    /// `madvise(MADV_POPULATE_WRITE)` before `alloc` returns it (on the
+    /// slow path only: stacks from the caches are taken as they are).
     /// Default true.
     ///
     /// Every user of a stack writes its top page first (corosensei puts
