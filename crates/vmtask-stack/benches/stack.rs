@@ -6,8 +6,8 @@
 //! - `cached alloc+free`: a stack that goes back to the CPU cache and comes
 //!   out again, vs a plain free-list `Vec` pop/push and corosensei's reuse
 //!   of one stack (`Coroutine::with_stack` + `resume` + `into_stack`);
-//! - `fresh stack, top page touched`: a newly carved slot (its top page
-//!   populated by the pool, and with `populate_top` off) vs a fresh
+//! - `fresh stack, top page touched`: a newly carved slot (by default, and
+//!   with `populate_top`, the pool populating its top page) vs a fresh
 //!   `mmap` + `mprotect` guard + touch + `munmap`, and corosensei's
 //!   `DefaultStack::new` + touch + drop; and the floor under all of them,
 //!   the page fault of a first touch alone;
@@ -70,20 +70,20 @@ fn cached(c: &mut Criterion) {
     g.finish();
 }
 
-/// Carves `iters` fresh stacks, touching each one's top page, in pools of
-/// at most 4096 stacks so resident memory stays small; only the carving is
-/// timed.
+/// Carves `iters` fresh stacks, touching each one's top page (a page
+/// fault), in pools of at most 4096 stacks so resident memory stays small;
+/// only the carving is timed.
 fn carve_fresh(iters: u64) -> Duration {
-    carve(iters, true, true)
-}
-
-/// `carve_fresh` with `populate_top` off: the touch takes the page fault.
-fn carve_fresh_faulting(iters: u64) -> Duration {
     carve(iters, true, false)
 }
 
-/// `carve_fresh` without the touch or the populate: the guard and the
-/// pool's bookkeeping.
+/// `carve_fresh` with `populate_top`: the pool populates the top page
+/// before the touch.
+fn carve_fresh_populated(iters: u64) -> Duration {
+    carve(iters, true, true)
+}
+
+/// `carve_fresh` without the touch: the guard and the pool's bookkeeping.
 fn carve_untouched(iters: u64) -> Duration {
     carve(iters, false, false)
 }
@@ -179,11 +179,11 @@ fn fresh(c: &mut Criterion) {
     pin();
     let mut g = c.benchmark_group("fresh stack, top page touched");
     g.bench_function("vmtask pool carve", |b| b.iter_custom(carve_fresh));
-    g.bench_function("vmtask pool carve, populate_top off", |b| {
-        b.iter_custom(carve_fresh_faulting)
+    g.bench_function("vmtask pool carve, populate_top on", |b| {
+        b.iter_custom(carve_fresh_populated)
     });
     g.bench_function(
-        "vmtask pool carve, not touched, populate_top off (guard + bookkeeping)",
+        "vmtask pool carve, not touched (guard + bookkeeping)",
         |b| b.iter_custom(carve_untouched),
     );
     g.bench_function("first touch of a reserved page only (floor)", |b| {

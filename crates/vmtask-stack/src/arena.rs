@@ -32,7 +32,8 @@ const FIRST_ARENA_SLOTS: usize = 256;
 /// call. A system call costs about as much as the first touch of the new
 /// stack here, so doing one per carve doubled the cost of a fresh stack; 32
 /// slots ahead costs at most two page-table pages (4 MiB of 128 KiB slots)
-/// before they are used. `mprotect` guards are still made one per carve:
+/// before they are used. (`populate_top` adds a system call per carve, but
+/// it replaces the page fault of the first touch, which costs more.) `mprotect` guards are still made one per carve:
 /// each splits the mapping, and `vm.max_map_count` must not be spent on
 /// slots nobody asked for.
 const GUARD_BATCH: usize = 32;

@@ -77,17 +77,19 @@ pub struct Config {
     /// from the slots whose memory a full depot gave back, with one
     /// `madvise(MADV_POPULATE_WRITE)` before `alloc` returns it (on the
     /// slow path only: stacks from the caches are taken as they are).
-    /// Default true.
+    /// Default false: a fresh stack then costs nothing until touched.
     ///
-    /// Every user of a stack writes its top page first (corosensei puts
-    /// the coroutine's initial frame there), so this changes no stack's
-    /// resident memory once it runs; it only replaces that first write's
-    /// page fault by a cheaper system call (1.0–1.4 µs against 1.4–2.1 µs
-    /// on the project's machine, BENCHMARKS.md). Set it to false if stacks
-    /// are allocated long before they run and their top page should stay
-    /// untouched until then. Best effort: a kernel without the advice
-    /// (before Linux 5.14) or a failure (such as a memory cgroup at its
-    /// limit) leaves the page to the first write, as without it.
+    /// Turn it on where every stack runs soon after it is allocated, as in
+    /// a task runtime: the first write of a stack lands on its top page
+    /// (corosensei puts the coroutine's initial frame there), so such
+    /// stacks end up with the same resident memory either way, and the
+    /// system call costs less than the page fault it replaces (a fresh
+    /// stack, top page touched, 1.21–1.28 µs against 1.39–1.47 µs on the
+    /// project's machine; BENCHMARKS.md). Stacks allocated long before
+    /// they run would each hold a page early. Best effort: where the
+    /// kernel lacks the advice (before Linux 5.14) it is skipped, and a
+    /// failure (such as a memory cgroup at its limit) leaves the page to
+    /// the first write, as without it.
     pub populate_top: bool,
     /// How guard pages are made. Default [`GuardMode::Auto`].
     pub guard_mode: GuardMode,
@@ -103,7 +105,7 @@ impl Default for Config {
             depot_size: 4 * 16 * vmtask_percpu::possible_cpus(),
             keep_resident: 16 * 1024,
             zero_on_reuse: false,
-            populate_top: true,
+            populate_top: false,
             guard_mode: GuardMode::Auto,
         }
     }
@@ -216,6 +218,9 @@ mod tests {
         assert_eq!(config.stack_size, 128 * 1024);
         assert_eq!(config.cache_size, 16);
         assert!(!config.zero_on_reuse);
-        assert!(config.populate_top);
+        assert!(
+            !config.populate_top,
+            "a fresh stack costs nothing until touched"
+        );
     }
 }

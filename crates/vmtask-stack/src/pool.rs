@@ -23,11 +23,12 @@
 //! `trim` and the pool's drop take back the calling thread's, and an exited
 //! thread's is taken back before any carve.
 //!
-//! Memory: the fast paths make no system call. A stack handed out with no
-//! memory at all (freshly carved, or released) gets its top page, which
-//! its user writes first, with one `MADV_POPULATE_WRITE` (`populate_top`,
-//! as the dynamic kernel stacks map a new thread's top page only): cheaper
-//! than the page fault it replaces. A magazine on its way to the
+//! Memory: the fast paths make no system call, and a fresh slot costs
+//! nothing until touched. With `populate_top` (off by default), a freshly
+//! carved or released slot gets its top page, which its user writes first,
+//! with one `MADV_POPULATE_WRITE` before `alloc` returns it: cheaper than
+//! the page fault it replaces (the dynamic kernel stacks RFC, seed 003,
+//! proposed mapping a new thread's top page only). A magazine on its way to the
 //! depot has each stack's pages below `keep_resident` released
 //! (`MADV_DONTNEED`), one batch per magazine; when the depot is full
 //! (`depot_size`), further stacks lose all their pages and wait on the
@@ -247,9 +248,9 @@ impl PoolInner {
         }
     }
 
-    /// `populate_top`: faults in the top page of a stack that has no memory
-    /// (fresh or released), which its user is about to write, with one
-    /// system call instead of a page fault. Outside every lock.
+    /// `populate_top`: faults in the top page of a freshly carved or
+    /// released slot, which its user is about to write, with one system
+    /// call instead of a page fault. Outside every lock.
     fn populate_top(&self, top: NonNull<u8>) {
         if self.layout.populate_top {
             let page = sys::page_size();

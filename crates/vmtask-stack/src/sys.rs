@@ -60,10 +60,14 @@ pub(crate) fn reserve(len: usize) -> Result<usize, i32> {
         )
     };
     if p == libc::MAP_FAILED {
-        Err(errno())
-    } else {
-        Ok(p as usize)
+        return Err(errno());
     }
+    // MAP_STACK keeps transparent huge pages out of the arena from Linux
+    // 6.7 on; older kernels need the advice, or a deep stack (or, in
+    // mprotect mode, neighbouring small ones) could fault in 2 MiB at
+    // once. A kernel without THP refuses it (EINVAL): nothing to keep out.
+    let _ = madvise(p as usize, len, libc::MADV_NOHUGEPAGE);
+    Ok(p as usize)
 }
 
 /// Unmaps a range obtained from [`reserve`].
@@ -202,18 +206,31 @@ pub(crate) fn populate_write(addr: usize, len: usize) -> Result<(), i32> {
 }
 
 /// Faults in `[addr, addr + len)` for writing if the kernel can, as an
-/// optimisation only: a kernel without `MADV_POPULATE_WRITE` (EINVAL,
-/// before Linux 5.14; remembered) or a failure (ENOMEM at a memory
-/// cgroup's limit, a pending fatal signal) leaves the pages to be faulted
-/// in by their first write, as they would be without this call.
+/// optimisation only: on a kernel without `MADV_POPULATE_WRITE` (before
+/// Linux 5.14, or refused by a seccomp filter; probed once) it does
+/// nothing, and a failure (ENOMEM at a memory cgroup's limit, a pending
+/// fatal signal) leaves the pages to be faulted in by their first write,
+/// as they would be without this call.
 pub(crate) fn populate_hint(addr: usize, len: usize) {
-    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
-    if UNSUPPORTED.load(Ordering::Relaxed) {
-        return;
+    if populate_supported() {
+        let _ = populate_write(addr, len);
     }
-    if populate_write(addr, len) == Err(libc::EINVAL) {
-        UNSUPPORTED.store(true, Ordering::Relaxed);
-    }
+}
+
+/// Whether this kernel lets us use `MADV_POPULATE_WRITE`, probed once on a
+/// scratch mapping (an error on a real stack could have other causes).
+pub(crate) fn populate_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let page = page_size();
+        let Ok(probe) = reserve(page) else {
+            return false;
+        };
+        let ok = populate_write(probe, page).is_ok();
+        // SAFETY: the probe mapping is ours and nothing else uses it.
+        unsafe { unmap(probe, page) };
+        ok
+    })
 }
 
 /// How many pages of `[addr, addr + len)` (page-aligned) are resident.
@@ -276,6 +293,57 @@ mod tests {
         }
         // SAFETY: nothing uses the mapping any more.
         unsafe { unmap(p, 8 * page) };
+    }
+
+    /// On Linux 6.7+ `MAP_STACK` alone sets the flag; the advice in
+    /// `reserve` is for older kernels.
+    #[test]
+    fn arenas_take_no_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return;
+        }
+        let len = 8 << 20;
+        let p = reserve(len).unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        // SAFETY: nothing uses the mapping.
+        unsafe { unmap(p, len) };
+        // The entry whose range holds the arena (it may have merged with a
+        // neighbour reserved by another test), then its VmFlags line.
+        let mut lines = smaps.lines();
+        let holds_arena = |line: &str| {
+            let Some((range, _)) = line.split_once(' ') else {
+                return false;
+            };
+            let Some((start, end)) = range.split_once('-') else {
+                return false;
+            };
+            match (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) {
+                (Ok(start), Ok(end)) => start <= p && p < end,
+                _ => false,
+            }
+        };
+        lines
+            .find(|l| holds_arena(l))
+            .expect("the arena in /proc/self/smaps");
+        let flags = lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .expect("the arena's VmFlags");
+        assert!(
+            flags.split_whitespace().any(|f| f == "nh"),
+            "arena flags: {flags}"
+        );
+    }
+
+    #[test]
+    fn populate_probe_matches_a_real_populate() {
+        let page = page_size();
+        let p = reserve(page).unwrap();
+        assert_eq!(populate_write(p, page).is_ok(), populate_supported());
+        // SAFETY: nothing uses the mapping.
+        unsafe { unmap(p, page) };
     }
 
     #[test]

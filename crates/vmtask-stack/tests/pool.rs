@@ -8,7 +8,7 @@ use corosensei::{Coroutine, CoroutineResult};
 use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
-use common::{on_cpu, page, resident_pages};
+use common::{on_cpu, page, populate_supported, resident_pages};
 
 #[test]
 fn stack_geometry_matches_config() {
@@ -257,6 +257,7 @@ fn full_depot_gives_stack_memory_back() {
         cache_size: 1,
         depot_size: 0,
         stack_size: 32 * 1024,
+        populate_top: true,
         ..Config::default()
     })
     .unwrap();
@@ -288,6 +289,7 @@ fn full_depot_gives_stack_memory_back() {
         // back with only their top page (`populate_top`).
         let again: Vec<_> = (0..4).map(|_| pool.alloc().unwrap()).collect();
         assert_eq!(pool.stats().slots_carved, 4);
+        let top = usize::from(populate_supported());
         for &(limit, size) in &slots[1..3] {
             let top_page = limit + size - page();
             assert_eq!(
@@ -295,7 +297,7 @@ fn full_depot_gives_stack_memory_back() {
                     resident_pages(top_page, page()),
                     resident_pages(limit, size)
                 ),
-                (1, 1),
+                (top, top),
                 "a released slot handed out again has its top page and no other"
             );
         }
@@ -304,7 +306,8 @@ fn full_depot_gives_stack_memory_back() {
 }
 
 #[test]
-fn a_fresh_stack_comes_with_its_top_page_and_no_other() {
+fn a_fresh_stack_has_no_memory_or_with_populate_top_its_top_page() {
+    assert!(!Config::default().populate_top);
     for (guard_mode, populate_top) in [
         (GuardMode::Auto, true),
         (GuardMode::Auto, false),
@@ -317,13 +320,14 @@ fn a_fresh_stack_comes_with_its_top_page_and_no_other() {
         })
         .unwrap();
         let stacks: Vec<_> = (0..40).map(|_| pool.alloc().unwrap()).collect();
+        let top = usize::from(populate_top && populate_supported());
         for stack in &stacks {
             let (base, limit) = (stack.base() as usize, stack.limit() as usize);
             let top_page = resident_pages(base - page(), page());
             let whole = resident_pages(limit, base - limit);
             assert_eq!(
                 (top_page, whole),
-                (usize::from(populate_top), usize::from(populate_top)),
+                (top, top),
                 "{guard_mode:?}, populate_top {populate_top}: a fresh stack's resident pages"
             );
         }

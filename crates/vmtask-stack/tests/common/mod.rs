@@ -27,3 +27,23 @@ pub fn resident_pages(addr: usize, len: usize) -> usize {
     assert_eq!(rc, 0);
     vec.iter().filter(|&&b| b & 1 != 0).count()
 }
+
+/// Whether this kernel lets the process use `MADV_POPULATE_WRITE`
+/// (Linux 5.14+), probed on a scratch page.
+pub fn populate_supported() -> bool {
+    // SAFETY: a fresh anonymous page, ours until the munmap below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            page(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        let ok = libc::madvise(p, page(), libc::MADV_POPULATE_WRITE) == 0;
+        libc::munmap(p, page());
+        ok
+    }
+}
