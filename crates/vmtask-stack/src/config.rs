@@ -84,8 +84,9 @@ pub struct Config {
     /// (corosensei puts the coroutine's initial frame there), so such
     /// stacks end up with the same resident memory either way, and the
     /// system call costs less than the page fault it replaces (a fresh
-    /// stack, top page touched, 1.21–1.28 µs against 1.39–1.47 µs on the
-    /// project's machine; BENCHMARKS.md). Stacks allocated long before
+    /// stack, top page touched: 1.21–1.38 µs against 1.39–1.47 µs on the
+    /// project's machine, 1.51–2.62 µs against 1.95–2.88 µs when it ran
+    /// slower; BENCHMARKS.md). Stacks allocated long before
     /// they run would each hold a page early. Best effort: where the
     /// kernel lacks the advice (before Linux 5.14) it is skipped, and a
     /// failure (such as a memory cgroup at its limit) leaves the page to
