@@ -86,8 +86,9 @@ use crate::cpu::{cpu, possible_cpus};
 /// x86_64, because the adjacent-line prefetcher pairs lines.
 const AREA_ALIGN: usize = 128;
 
-/// Environment variable that, set to anything but `0`, makes
-/// [`CpuCache::new`] use [`CacheMode::TryLock`] even where rseq works.
+/// Environment variable that, set to a non-empty value other than `0`,
+/// makes [`CpuCache::new`] use [`CacheMode::TryLock`] even where rseq
+/// works.
 pub const NO_RSEQ_ENV: &str = "VMTASK_PERCPU_NO_RSEQ";
 
 /// How a [`CpuCache`] makes a push or pop exclusive on its CPU's area.
@@ -112,11 +113,19 @@ impl fmt::Display for CacheMode {
 /// rseq registration, rseq membarrier with the CPU flag). The first call
 /// registers the process for that membarrier.
 pub fn rseq_cache_supported() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_pointer_width = "64",
+        target_os = "linux"
+    ))]
     {
         crate::rseq::supported()
     }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_pointer_width = "64",
+        target_os = "linux"
+    )))]
     {
         false
     }
@@ -124,7 +133,7 @@ pub fn rseq_cache_supported() -> bool {
 
 /// The mode [`CpuCache::new`] uses: [`CacheMode::Rseq`] where
 /// [`rseq_cache_supported`] and the environment variable
-/// `VMTASK_PERCPU_NO_RSEQ` is unset (or `0`), otherwise
+/// `VMTASK_PERCPU_NO_RSEQ` is unset, empty or `0`, otherwise
 /// [`CacheMode::TryLock`]. Decided once per process.
 pub fn cache_mode() -> CacheMode {
     static MODE: OnceLock<CacheMode> = OnceLock::new();
@@ -261,7 +270,11 @@ impl CpuCache {
     /// used by another thread) right now.
     #[inline]
     pub fn pop(&self) -> Option<NonNull<u8>> {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        ))]
         if self.mode == CacheMode::Rseq {
             // SAFETY: `table` describes this cache's live areas and
             // `rseq_offset` is glibc's, checked when the mode was chosen.
@@ -274,7 +287,11 @@ impl CpuCache {
     /// full or busy right now.
     #[inline]
     pub fn push(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        ))]
         if self.mode == CacheMode::Rseq {
             // SAFETY: as in `pop`.
             return match unsafe { crate::rseq::push(&self.table, self.rseq_offset, item.as_ptr()) }
@@ -288,8 +305,22 @@ impl CpuCache {
 
     // Out of line where rseq is the expected mode, so that the inlined fast
     // paths of callers stay small.
-    #[cfg_attr(all(target_arch = "x86_64", target_os = "linux"), inline(never))]
-    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), inline)]
+    #[cfg_attr(
+        all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        ),
+        inline(never)
+    )]
+    #[cfg_attr(
+        not(all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        )),
+        inline
+    )]
     fn pop_locked(&self) -> Option<NonNull<u8>> {
         let area = self.try_lock(cpu())?;
         let len = area.head().len.load(Ordering::Relaxed);
@@ -301,8 +332,22 @@ impl CpuCache {
     }
 
     // As `pop_locked`.
-    #[cfg_attr(all(target_arch = "x86_64", target_os = "linux"), inline(never))]
-    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), inline)]
+    #[cfg_attr(
+        all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        ),
+        inline(never)
+    )]
+    #[cfg_attr(
+        not(all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        )),
+        inline
+    )]
     fn push_locked(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
         let Some(area) = self.try_lock(cpu()) else {
             return Err(item);
@@ -322,7 +367,11 @@ impl CpuCache {
     ///
     /// In rseq mode a drain that finds work costs a `membarrier` system
     /// call (an IPI to `cpu` if a thread of this process runs there), so
-    /// drain in batches, off the hot path.
+    /// drain in batches, off the hot path. If the kernel refuses that
+    /// membarrier (a seccomp filter installed after the cache was made
+    /// forbids it), the drain moves nothing and returns 0: the pointers
+    /// stay in the area, where pops on `cpu` still find them, and a warning
+    /// goes to stderr once per process. Keep `membarrier` allowed.
     ///
     /// # Panics
     /// If `cpu >= self.cpus()`.
@@ -333,7 +382,9 @@ impl CpuCache {
         if max == 0 || self.head(cpu).len.load(Ordering::Relaxed) == 0 {
             return 0;
         }
-        let area = self.stop(cpu);
+        let Some(area) = self.stop(cpu) else {
+            return 0;
+        };
         let len = area.head().len.load(Ordering::Relaxed);
         let take = max.min(len);
         out.reserve(take);
@@ -396,8 +447,9 @@ impl CpuCache {
 
     /// Makes `cpu`'s area exclusive to the caller, waiting for other
     /// holders; in rseq mode, also stops `cpu`'s critical sections (steps
-    /// 1 and 2 of the protocol).
-    fn stop(&self, cpu: usize) -> Exclusive<'_> {
+    /// 1 and 2 of the protocol). `None`, the area released untouched, if
+    /// the kernel refuses the membarrier that stops them.
+    fn stop(&self, cpu: usize) -> Option<Exclusive<'_>> {
         let stopped = &self.head(cpu).stopped;
         let backoff = Backoff::new();
         while stopped.load(Ordering::Relaxed) != 0
@@ -411,19 +463,32 @@ impl CpuCache {
                 backoff.snooze();
             }
         }
-        // The guard first: if the membarrier below panics, unwinding
+        // The guard first: if the membarrier below fails, dropping it
         // releases the area. Nothing has read or written `len` or the slots
         // yet, so releasing it then publishes nothing.
         let area = Exclusive { cache: self, cpu };
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        ))]
         if self.mode == CacheMode::Rseq {
             // The compare-exchange above is a locked instruction, so the
             // store of `stopped` is globally visible before the membarrier
             // begins; the membarrier orders it before every later sequence
             // on `cpu` and aborts the ones in flight.
-            crate::rseq::fence_cpu(cpu);
+            if let Err(error) = crate::rseq::fence_cpu(cpu) {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "vmtask_percpu: membarrier(PRIVATE_EXPEDITED_RSEQ, cpu {cpu}) failed ({error}); \
+                         drains of rseq CpuCaches now leave their pointers in place"
+                    )
+                });
+                return None;
+            }
         }
-        area
+        Some(area)
     }
 }
 
@@ -503,7 +568,11 @@ mod tests {
         if rseq_cache_supported() {
             return true;
         }
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_pointer_width = "64",
+            target_os = "linux"
+        ))]
         assert!(
             !(crate::rseq_available() && crate::rseq::kernel_offers_rseq_membarrier()),
             "{test}: glibc registered rseq and the kernel offers the rseq membarrier, \
@@ -600,7 +669,11 @@ mod tests {
         );
     }
 
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_pointer_width = "64",
+        target_os = "linux"
+    ))]
     #[test]
     fn drain_whose_membarrier_fails_leaves_the_cpu_usable() {
         if !rseq_or_skip("drain_whose_membarrier_fails_leaves_the_cpu_usable") {
@@ -612,10 +685,11 @@ mod tests {
             cache.push(ptr(1)).unwrap();
             crate::rseq::REFUSE_NEXT_FENCE.with(|refuse| refuse.set(true));
             let mut out = Vec::new();
-            let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                cache.drain(0, usize::MAX, &mut out)
-            }));
-            assert!(drained.is_err(), "a refused membarrier panics");
+            assert_eq!(
+                cache.drain(0, usize::MAX, &mut out),
+                0,
+                "a refused membarrier moves nothing"
+            );
             assert!(out.is_empty());
             assert_eq!(cache.push(ptr(2)), Ok(()), "CPU 0 left stopped");
             assert_eq!(cache.pop(), Some(ptr(2)));

@@ -83,7 +83,7 @@ pub fn rseq_available() -> bool {
 
 /// The calling thread's `cpu_id` from the rseq area at `offset`, or `None`
 /// if the kernel has not initialised it for this thread.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
 #[inline(always)]
 fn read_rseq_cpu(offset: isize) -> Option<usize> {
     let cpu: i32;
@@ -104,7 +104,7 @@ fn read_rseq_cpu(offset: isize) -> Option<usize> {
     (cpu >= 0).then_some(cpu as usize)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64")))]
 #[inline(always)]
 fn read_rseq_cpu(_offset: isize) -> Option<usize> {
     None
@@ -117,7 +117,7 @@ fn read_rseq_cpu(_offset: isize) -> Option<usize> {
 /// Always less than [`possible_cpus()`].
 #[inline]
 pub fn cpu() -> usize {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
     {
         let offset = RSEQ.offset.load(Ordering::Relaxed);
         let possible = RSEQ.possible.load(Ordering::Relaxed);
@@ -259,7 +259,11 @@ mod tests {
     /// glibc's registration, looked up here independently of
     /// `init_cpu_read`: when glibc says it registered an rseq area, `cpu()`
     /// must read it, and it must hold the CPU we are pinned to.
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_pointer_width = "64",
+        target_os = "linux"
+    ))]
     #[test]
     fn rseq_is_used_on_this_machine_when_glibc_registers_it() {
         // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only

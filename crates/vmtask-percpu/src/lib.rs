@@ -67,7 +67,11 @@
 
 mod cache;
 mod cpu;
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_pointer_width = "64",
+    target_os = "linux"
+))]
 mod rseq;
 mod slots;
 

@@ -139,10 +139,11 @@ fn membarrier(cmd: libc::c_int, flags: libc::c_uint, cpu: libc::c_int) -> libc::
 /// loads after, every access made on `cpu` by this process (see the
 /// protocol in `cache.rs`). Costs a system call and at most one IPI.
 ///
-/// # Panics
-/// If the kernel refuses a membarrier it accepted in [`supported`] (only
-/// conceivable after re-registration fails): continuing would be unsound.
-pub(crate) fn fence_cpu(cpu: usize) {
+/// Returns the error if the kernel refuses a membarrier it accepted in
+/// [`supported`] (a seccomp filter installed since, or a failed
+/// re-registration): then nothing is ordered, and the caller must not
+/// touch the area.
+pub(crate) fn fence_cpu(cpu: usize) -> Result<(), std::io::Error> {
     let cpu = cpu as libc::c_int;
     let mut rc = membarrier(
         MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ,
@@ -164,14 +165,13 @@ pub(crate) fn fence_cpu(cpu: usize) {
         true => -libc::c_long::from(libc::EINVAL),
         false => rc,
     };
-    assert!(
-        rc == 0,
-        "membarrier(PRIVATE_EXPEDITED_RSEQ, cpu {cpu}) failed: {}",
-        std::io::Error::from_raw_os_error(-rc as i32)
-    );
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(-rc as i32));
+    }
     // The kernel ordered the accesses; this keeps the compiler (and the
     // Rust memory model) from hoisting the caller's later loads above it.
     fence(Ordering::SeqCst);
+    Ok(())
 }
 
 /// Pushes `item` on the current CPU's area of `table`. Returns false if the
