@@ -9,17 +9,32 @@
 //!
 //! Registry protocol: the overflow handler runs in a signal handler and
 //! `ensure` runs on any stack, so neither may lock. Every arena of every
-//! pool is published in a lock-free, append-only list of leaked nodes. A
-//! node is claimed with a CAS on `claimed`, then its geometry is written and
-//! `end` is stored last with `Release`; readers load `end` with `Acquire`
-//! before the rest, so a reader that sees a non-zero `end` sees the whole
-//! geometry. A pool clears `end` (then `claimed`) only when it unmaps the
-//! arena, which it does only when none of its stacks is live, so no fault
-//! or `ensure` can be looking at that arena then. Nodes are reused, never
-//! freed: the list is bounded by the most arenas ever live at once.
+//! pool is published in a lock-free, append-only list of leaked nodes.
+//! Nodes are reused, never freed: the list is bounded by the most arenas
+//! ever live at once. A node's geometry is guarded by a sequence count (a
+//! seqlock):
+//! - A pool claims a free node with a CAS on `claimed`; only the claimer
+//!   writes the node. To write, it makes `seq` odd, writes the geometry,
+//!   and makes `seq` even again with `Release`. It writes when it
+//!   registers an arena and again, with `end = 0`, when it unmaps it
+//!   (only when none of its stacks is live), then clears `claimed`.
+//! - A reader (`lookup`) loads `seq` with `Acquire`, skips the node if it
+//!   is odd, loads the geometry, and loads `seq` again after an `Acquire`
+//!   fence: a changed count means a writer got in between, and the reader
+//!   reads the node again. Skipping an odd node loses nothing: an arena
+//!   being registered or unregistered holds no live stack. Never waiting
+//!   for an odd count is what makes the lookup safe in a signal handler
+//!   that interrupted the writer.
+//!
+//! Why the count: every lookup walks every node, not just its own arena's,
+//! and a node can be unregistered by one pool and claimed by another while
+//! a reader is between two loads. Without the count, such a reader could
+//! combine the old `end` with the new `start` and slot size, and slice an
+//! address on a live stack of a third pool with the wrong geometry (an
+//! audit reproduced that through `remaining()`).
 
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 use crate::config::Layout;
 use crate::error::StackError;
@@ -40,6 +55,9 @@ const GUARD_BATCH: usize = 32;
 
 struct Node {
     claimed: AtomicBool,
+    /// Odd while the claimer writes the geometry below (see the module
+    /// docs).
+    seq: AtomicUsize,
     start: AtomicUsize,
     end: AtomicUsize,
     slot_size: AtomicUsize,
@@ -70,6 +88,7 @@ fn register(start: usize, len: usize, layout: &Layout) -> &'static Node {
         .unwrap_or_else(|| {
             let node: &'static Node = Box::leak(Box::new(Node {
                 claimed: AtomicBool::new(true),
+                seq: AtomicUsize::new(0),
                 start: AtomicUsize::new(0),
                 end: AtomicUsize::new(0),
                 slot_size: AtomicUsize::new(0),
@@ -91,16 +110,52 @@ fn register(start: usize, len: usize, layout: &Layout) -> &'static Node {
                 }
             }
         });
-    node.start.store(start, Ordering::Relaxed);
-    node.slot_size.store(layout.slot_size, Ordering::Relaxed);
-    node.guard_size.store(layout.guard_size, Ordering::Relaxed);
-    node.end.store(start + len, Ordering::Release);
+    node.write(start, start + len, layout.slot_size, layout.guard_size);
     node
 }
 
 fn unregister(node: &Node) {
-    node.end.store(0, Ordering::Release);
+    node.write(0, 0, 0, 0);
     node.claimed.store(false, Ordering::Release);
+}
+
+impl Node {
+    /// The claimer's write of the geometry, under the sequence count.
+    fn write(&self, start: usize, end: usize, slot_size: usize, guard_size: usize) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        debug_assert!(seq % 2 == 0, "one writer per node");
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        // Orders the odd count before the geometry stores, for a reader
+        // that sees any of them (it then sees an odd or a changed count).
+        fence(Ordering::Release);
+        self.start.store(start, Ordering::Relaxed);
+        self.end.store(end, Ordering::Relaxed);
+        self.slot_size.store(slot_size, Ordering::Relaxed);
+        self.guard_size.store(guard_size, Ordering::Relaxed);
+        self.seq.store(seq + 2, Ordering::Release);
+    }
+
+    /// A consistent `(start, end, slot_size, guard_size)`, or `None` while
+    /// the claimer writes. Async-signal-safe, never waits.
+    fn read(&self) -> Option<(usize, usize, usize, usize)> {
+        loop {
+            let seq = self.seq.load(Ordering::Acquire);
+            if seq % 2 == 1 {
+                return None;
+            }
+            let geometry = (
+                self.start.load(Ordering::Relaxed),
+                self.end.load(Ordering::Relaxed),
+                self.slot_size.load(Ordering::Relaxed),
+                self.guard_size.load(Ordering::Relaxed),
+            );
+            // Orders the loads above before the second load of the count.
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == seq {
+                return Some(geometry);
+            }
+        }
+    }
 }
 
 /// The geometry of one slot.
@@ -127,13 +182,12 @@ pub(crate) enum Place {
 /// loads and arithmetic only.
 pub(crate) fn lookup(addr: usize) -> Option<Place> {
     for node in nodes() {
-        let end = node.end.load(Ordering::Acquire);
-        let start = node.start.load(Ordering::Relaxed);
+        let Some((start, end, slot_size, guard_size)) = node.read() else {
+            continue;
+        };
         if addr < start || addr >= end {
             continue;
         }
-        let slot_size = node.slot_size.load(Ordering::Relaxed);
-        let guard_size = node.guard_size.load(Ordering::Relaxed);
         let guard = start + (addr - start) / slot_size * slot_size;
         let slot = Slot {
             guard,
@@ -278,5 +332,76 @@ impl Arenas {
             unsafe { sys::unmap(arena.start, arena.slots * layout.slot_size) };
         }
         self.reserved_slots = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    /// A node re-registered over and over with two geometries that share
+    /// their end, as a dropped pool's arena and the next pool's often do:
+    /// a reader must always see one of the two, whole. Without the
+    /// sequence count this fails within milliseconds (the reader mixes one
+    /// geometry's start with the other's slot size).
+    #[test]
+    fn lookup_never_mixes_two_geometries_of_a_reused_node() {
+        let page = sys::page_size();
+        let layout = |stack_size| {
+            Layout::new(&Config {
+                stack_size,
+                ..Config::default()
+            })
+            .unwrap()
+        };
+        let (a, b) = (layout(16 * page), layout(7 * page));
+        // Fake address ranges far from anything mapped: lookup is pure
+        // arithmetic. Same end, different starts and slot sizes.
+        let end = 1usize << 46;
+        let (start_a, start_b) = (end - 64 * a.slot_size, end - 64 * b.slot_size);
+        let probe = end - 10 * page - 123;
+        let expect = |start: usize, layout: &Layout| {
+            let guard = start + (probe - start) / layout.slot_size * layout.slot_size;
+            let slot = Slot {
+                guard,
+                limit: guard + layout.guard_size,
+                base: guard + layout.slot_size,
+            };
+            Some(if probe < slot.limit {
+                Place::Guard(slot)
+            } else {
+                Place::Stack(slot)
+            })
+        };
+        let allowed = [expect(start_a, &a), expect(start_b, &b), None];
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    unregister(register(start_a, end - start_a, &a));
+                    unregister(register(start_b, end - start_b, &b));
+                }
+            });
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let mut seen = [0u64; 3];
+            while Instant::now() < deadline {
+                for _ in 0..1000 {
+                    let place = lookup(probe);
+                    let Some(i) = allowed.iter().position(|p| *p == place) else {
+                        stop.store(true, Ordering::Relaxed);
+                        panic!("lookup saw a mixed geometry: {place:?}, allowed {allowed:?}");
+                    };
+                    seen[i] += 1;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                seen[0] + seen[1] > 0,
+                "the reader never saw a registered node: {seen:?}"
+            );
+        });
     }
 }
