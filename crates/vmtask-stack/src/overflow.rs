@@ -66,6 +66,8 @@ static HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
 /// arbitrary point of the faulting thread: it must be async-signal-safe (no
 /// allocation, no locks, no panics), use little stack, and only read memory
 /// that stays valid, such as data the runtime keeps for the stack at `base`.
+/// The report's first part is written before the hook runs, so a hook that
+/// faults anyway loses only the label.
 pub unsafe fn set_overflow_label_hook(hook: Option<LabelHook>) {
     HOOK.store(
         hook.map_or(std::ptr::null_mut(), |h| h as *mut ()),
@@ -313,17 +315,33 @@ fn report(base: usize, limit: usize) {
     msg.push_decimal(base - limit);
     msg.push(b" bytes");
     let hook = HOOK.load(Ordering::Acquire);
-    if !hook.is_null() {
-        // SAFETY: HOOK only ever holds null or a `LabelHook` stored by
-        // `set_overflow_label_hook`.
-        let hook: LabelHook = unsafe { std::mem::transmute::<*mut (), LabelHook>(hook) };
-        let mut label = [0u8; 256];
-        let n = hook(base as *mut u8, &mut label).min(label.len());
-        msg.push(b": ");
-        msg.push(&label[..n]);
+    if hook.is_null() {
+        msg.push(b"\n");
+        write_stderr(&msg.buf[..msg.len]);
+        return;
     }
-    msg.push(b"\n");
-    let mut out = &msg.buf[..msg.len];
+    // Written before the hook runs: if the hook itself faults, SIGSEGV is
+    // blocked in this handler and the kernel kills the process at once,
+    // and the report must already be out.
+    write_stderr(&msg.buf[..msg.len]);
+    // SAFETY: HOOK only ever holds null or a `LabelHook` stored by
+    // `set_overflow_label_hook`.
+    let hook: LabelHook = unsafe { std::mem::transmute::<*mut (), LabelHook>(hook) };
+    let mut label = [0u8; 256];
+    let n = hook(base as *mut u8, &mut label).min(label.len());
+    let mut tail = Message {
+        buf: [0; 384],
+        len: 0,
+    };
+    tail.push(b": ");
+    tail.push(&label[..n]);
+    tail.push(b"\n");
+    write_stderr(&tail.buf[..tail.len]);
+}
+
+/// Writes all of `out` to stderr, as far as `write(2)` lets it.
+/// Async-signal-safe.
+fn write_stderr(mut out: &[u8]) {
     while !out.is_empty() {
         // SAFETY: write(2) is async-signal-safe; `out` is a valid buffer.
         let n = unsafe { libc::write(libc::STDERR_FILENO, out.as_ptr().cast(), out.len()) };

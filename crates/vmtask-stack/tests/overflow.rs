@@ -136,6 +136,36 @@ fn recursion_in_a_coroutine_reports_overflow_with_label() {
     );
 }
 
+fn faulting_label(_base: *mut u8, _out: &mut [u8]) -> usize {
+    // SAFETY: deliberately not: a label hook that faults.
+    unsafe { std::ptr::read_volatile(std::ptr::null::<usize>()) }
+}
+
+#[test]
+fn a_label_hook_that_faults_loses_only_the_label() {
+    if in_child() {
+        // SAFETY: deliberately not async-signal-safe in the usual sense: the
+        // hook faults, which is what this test is about.
+        unsafe { vmtask_stack::set_overflow_label_hook(Some(faulting_label)) };
+        touch_below_limit(GuardMode::Auto);
+    }
+    let out = run_child("a_label_hook_that_faults_loses_only_the_label");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // SIGSEGV is blocked inside the handler, so the hook's fault kills the
+    // child with it at once.
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "status {:?}, stderr:\n{stderr}",
+        out.status
+    );
+    let expected = format!("stack overflow: stack {}", bounds(&out));
+    assert!(
+        stderr.contains(&expected),
+        "expected {expected:?} in stderr:\n{stderr}"
+    );
+}
+
 #[test]
 fn other_faults_go_to_the_previous_handler() {
     if in_child() {
