@@ -32,8 +32,12 @@ pub fn remaining() -> Option<usize> {
 /// `bytes` left below the stack pointer; otherwise the pages are faulted in
 /// with `MADV_POPULATE_WRITE`, and a kernel that cannot find the memory
 /// gives [`StackError::OutOfMemory`] here instead of a SIGSEGV or an OOM kill
-/// at some later call. On any other stack it does nothing and returns
-/// `Ok(())`: thread stacks are the kernel's to grow.
+/// at some later call. Where the kernel lacks `MADV_POPULATE_WRITE`
+/// (before Linux 5.14, or a seccomp filter refuses it), the pages are
+/// touched instead, one write fault each, and running out of memory there
+/// is the kernel's to handle as for any page fault. On any other stack it
+/// does nothing and returns `Ok(())`: thread stacks are the kernel's to
+/// grow.
 ///
 /// A failed reservation gives back what it got: before returning
 /// [`StackError::OutOfMemory`], the pages of the request that it had
@@ -67,6 +71,10 @@ pub fn ensure(bytes: usize) -> Result<(), StackError> {
 }
 
 fn prefault(addr: usize, len: usize) -> Result<(), StackError> {
+    if !populate_available() {
+        touch_pages(addr, len);
+        return Ok(());
+    }
     sys::populate_write(addr, len).map_err(|errno| match errno {
         libc::ENOMEM | libc::EAGAIN => StackError::OutOfMemory { bytes: len },
         errno => StackError::MapFailed {
@@ -75,6 +83,40 @@ fn prefault(addr: usize, len: usize) -> Result<(), StackError> {
             errno,
         },
     })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: this thread's `ensure` behaves as on a kernel without
+    /// `MADV_POPULATE_WRITE`.
+    static NO_POPULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn populate_available() -> bool {
+    #[cfg(test)]
+    if NO_POPULATE.with(std::cell::Cell::get) {
+        return false;
+    }
+    sys::populate_supported()
+}
+
+/// The fallback where the kernel lacks `MADV_POPULATE_WRITE` (before
+/// Linux 5.14, or a seccomp filter refuses it): write-faults each page of
+/// `[addr, addr + len)` by reading one byte and writing the same value
+/// back. Out of memory then is the kernel's to handle (a SIGSEGV or the OOM
+/// killer), as for any page fault: only the advice can report it.
+fn touch_pages(addr: usize, len: usize) {
+    let page = sys::page_size();
+    for at in (addr..addr + len).step_by(page) {
+        let byte = at as *mut u8;
+        // Why this holds: the range is this thread's own pool stack
+        // (checked against the slot by `ensure`), mapped read-write; bytes
+        // above the stack pointer belong to this thread's frames, which
+        // nothing else writes while it runs here, and the write puts back
+        // the value just read; bytes below it are dead.
+        // SAFETY: `byte` is mapped, writable, and rewritten unchanged.
+        unsafe { byte.write_volatile(byte.read_volatile()) };
+    }
 }
 
 /// Stack kept resident below the page holding the measured stack pointer
@@ -168,5 +210,48 @@ mod tests {
             bad.is_empty(),
             "(depth, sp offset, resident below, resident frame pages, intact): {bad:?}"
         );
+    }
+
+    /// Without `MADV_POPULATE_WRITE`, `ensure` faults the pages in by
+    /// touching them: the request's pages become resident, and the frames
+    /// above the stack pointer keep their contents.
+    #[test]
+    fn ensure_touches_the_pages_where_the_kernel_cannot_populate() {
+        let page = sys::page_size();
+        let pool = StackPool::new(Config {
+            stack_size: 256 * 1024,
+            ..Config::default()
+        })
+        .unwrap();
+        let stack = pool.alloc().unwrap();
+        let mut co = Coroutine::with_stack(stack, move |_: &Yielder<(), ()>, ()| {
+            NO_POPULATE.with(|no| no.set(true));
+            let live = std::hint::black_box([0x5au8; 512]);
+            let sp = stack_pointer();
+            let want = 128 * 1024;
+            let low = sys::page_floor(sp - want);
+            let before = sys::resident_pages(low, sys::page_floor(sp) - low);
+            let result = ensure(want);
+            let after = sys::resident_pages(low, sys::page_floor(sp) - low);
+            let intact = std::hint::black_box(live).iter().all(|&b| b == 0x5a);
+            NO_POPULATE.with(|no| no.set(false));
+            (
+                before,
+                result,
+                after,
+                (sys::page_floor(sp) - low) / page,
+                intact,
+            )
+        });
+        let CoroutineResult::Return((before, result, after, pages, intact)) = co.resume(()) else {
+            panic!("coroutine yielded")
+        };
+        assert_eq!(result, Ok(()));
+        assert!(
+            before < pages,
+            "the pages were resident before: {before} of {pages}"
+        );
+        assert_eq!(after, pages, "resident after ensure: {after} of {pages}");
+        assert!(intact, "the caller's frame was changed");
     }
 }
