@@ -56,6 +56,8 @@ pub struct Config {
     /// Usable bytes per stack, without the guard. Default 128 KiB.
     pub stack_size: usize,
     /// Guard bytes below each stack. Default one page; at least one page.
+    /// Raise it for foreign code whose frames can exceed it without
+    /// probing each page (C without `-fstack-clash-protection`).
     pub guard_size: usize,
     /// Most stacks the pool will ever hold at once. Default 1,048,576.
     pub max_stacks: usize,

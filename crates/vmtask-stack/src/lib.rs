@@ -11,7 +11,11 @@
 //! Guarantees:
 //! - Every stack has a guard below it; running into it aborts the process
 //!   with `stack overflow: stack <base>..<limit> of <size> bytes`, never a
-//!   silent segfault or corruption of a neighbouring stack.
+//!   silent segfault or corruption of a neighbouring stack. This needs the
+//!   overflowing code to touch the guard, not jump past it: Rust probes
+//!   every page of a large frame, but C frames bigger than the guard
+//!   (large arrays or `alloca` without `-fstack-clash-protection`) can
+//!   land in the stack below; give such code a larger `guard_size`.
 //! - Reuse is fast: a freed [`Stack`] is parked on the freeing thread for
 //!   its next allocation (one per thread) or goes straight into the current
 //!   CPU's magazine (as the kernel frees a dead task's stack in
