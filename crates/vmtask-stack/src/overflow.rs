@@ -13,7 +13,8 @@
 //!   ([`prepare_thread`]) unless it already has one (Rust's runtime gives
 //!   one to the main thread and to every `std::thread`), and keeps one until
 //!   every thread-local destructor has run: see "Alternate stacks" below.
-//! - On a kernel-generated fault whose address lies in a guard page of a
+//! - On a kernel-generated fault whose address, or else the interrupted
+//!   stack pointer (x86_64 and aarch64), lies in a guard page of a
 //!   registered arena (see [`crate::arena`]), the handler writes
 //!   `stack overflow: stack <base>..<limit> of <size> bytes`, then `: ` and
 //!   the label from the hook, if one is set, to stderr with `write(2)` and
@@ -153,15 +154,51 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     let fault = code > 0 && !(sig == libc::SIGBUS && code == libc::BUS_MCEERR_AO);
-    // Only a fault carries the faulting address in si_addr.
+    // Only a fault carries the faulting address in si_addr. The
+    // interrupted stack pointer catches the rest: a fault whose address
+    // says nothing (the kernel's own SIGSEGV, address 0, when it could not
+    // push a signal frame below a stack pointer already in the guard) or
+    // that is elsewhere while the stack pointer is in a guard.
     if fault {
-        if let Some(Place::Guard(slot)) = arena::lookup(addr) {
+        let hit = |at: usize| match arena::lookup(at) {
+            Some(Place::Guard(slot)) => Some(slot),
+            _ => None,
+        };
+        if let Some(slot) = hit(addr).or_else(|| interrupted_sp(ctx).and_then(hit)) {
             report(slot.base, slot.limit);
             // SAFETY: abort is async-signal-safe and never returns.
             unsafe { libc::abort() };
         }
     }
     chain(sig, fault, info, ctx);
+}
+
+/// The stack pointer of the interrupted code, from the handler's context.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn interrupted_sp(ctx: *mut libc::c_void) -> Option<usize> {
+    let ctx = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: the kernel passes a valid ucontext to an SA_SIGINFO handler
+    // (null is checked for callers that chain to us by hand).
+    let sp = unsafe { ctx.as_ref()?.uc_mcontext.gregs[libc::REG_RSP as usize] };
+    Some(sp as usize)
+}
+
+/// The stack pointer of the interrupted code, from the handler's context.
+#[cfg(all(target_arch = "aarch64", target_os = "linux"))]
+fn interrupted_sp(ctx: *mut libc::c_void) -> Option<usize> {
+    let ctx = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as on x86_64.
+    let sp = unsafe { ctx.as_ref()?.uc_mcontext.sp };
+    Some(sp as usize)
+}
+
+/// Elsewhere only the fault address is used.
+#[cfg(not(any(
+    all(target_arch = "x86_64", target_os = "linux"),
+    all(target_arch = "aarch64", target_os = "linux")
+)))]
+fn interrupted_sp(_ctx: *mut libc::c_void) -> Option<usize> {
+    None
 }
 
 /// Hands the signal to the previous action: see [`on_fault`].

@@ -136,6 +136,40 @@ fn recursion_in_a_coroutine_reports_overflow_with_label() {
     );
 }
 
+/// A fault whose address is not in the guard (a null read here, or the
+/// kernel's address-0 SIGSEGV when it cannot push a signal frame) while the
+/// stack pointer is in it is an overflow too: the handler reads the
+/// interrupted stack pointer.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn a_fault_with_the_stack_pointer_in_the_guard_is_reported() {
+    if in_child() {
+        let pool = StackPool::new(Config::default()).unwrap();
+        let stack = pool.alloc().unwrap();
+        println!(
+            "BOUNDS {:p}..{:p} of {} bytes",
+            stack.base(),
+            stack.limit(),
+            stack.size()
+        );
+        let sp_in_guard = stack.limit() as usize - 64;
+        // SAFETY: deliberately not: the stack pointer moves into the guard
+        // and a null read faults; nothing returns from here.
+        unsafe {
+            std::arch::asm!(
+                "mov rsp, {sp}",
+                "mov rax, qword ptr [0]",
+                "ud2",
+                sp = in(reg) sp_in_guard,
+                options(noreturn)
+            )
+        }
+    }
+    assert_overflow_report(&run_child(
+        "a_fault_with_the_stack_pointer_in_the_guard_is_reported",
+    ));
+}
+
 fn faulting_label(_base: *mut u8, _out: &mut [u8]) -> usize {
     // SAFETY: deliberately not: a label hook that faults.
     unsafe { std::ptr::read_volatile(std::ptr::null::<usize>()) }
