@@ -35,7 +35,7 @@ use crossbeam_utils::CachePadded;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::Bytes;
@@ -87,6 +87,8 @@ struct Registry {
     rows: Mutex<Vec<Arc<Row>>>,
     /// What exited threads counted.
     exited: Row,
+    /// Set when the cache is dropped: threads then let go of their rows.
+    dropped: AtomicBool,
 }
 
 impl Registry {
@@ -105,10 +107,11 @@ struct ThreadRow {
 }
 
 impl ThreadRow {
-    /// Whether the cache is gone (this list holds the last reference to its
-    /// registry).
+    /// Whether the cache is gone. Not "this list holds the last reference
+    /// to its registry": every thread that counted for the cache holds one,
+    /// so with two long-lived threads that count never drops to one.
     fn is_orphaned(&self) -> bool {
-        Arc::strong_count(&self.registry) == 1
+        self.registry.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -146,6 +149,12 @@ pub(crate) struct Counters {
     registry: Arc<Registry>,
 }
 
+impl Drop for Counters {
+    fn drop(&mut self) {
+        self.registry.dropped.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Counters {
     pub(crate) fn new() -> Self {
         Counters {
@@ -156,6 +165,7 @@ impl Counters {
             registry: Arc::new(Registry {
                 rows: Mutex::new(Vec::new()),
                 exited: new_row(),
+                dropped: AtomicBool::new(false),
             }),
         }
     }
@@ -377,7 +387,51 @@ impl fmt::Display for SlabStats {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use super::{Counters, Event};
+    use super::{Counters, Event, THREAD_ROWS};
+    use std::sync::{Arc, Barrier};
+
+    /// Two long-lived threads count for caches that come and go: each
+    /// thread lets go of a dropped cache's row (and its registry) at its
+    /// next new cache, however many threads shared it. An audit found the
+    /// rows kept for as long as a second thread that used the cache lived.
+    #[test]
+    fn rows_of_dropped_caches_are_released_by_every_thread() {
+        const THREADS: usize = 2;
+        let barrier = Barrier::new(THREADS + 1);
+        let current: std::sync::Mutex<Option<Arc<Counters>>> = std::sync::Mutex::new(None);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut most = 0;
+                        for _ in 0..50 {
+                            barrier.wait();
+                            let counters = current.lock().unwrap().clone().unwrap();
+                            counters.bump(Event::AllocHit);
+                            drop(counters);
+                            most = most.max(THREAD_ROWS.with(|rows| rows.borrow().0.len()));
+                            barrier.wait();
+                        }
+                        most
+                    })
+                })
+                .collect();
+            for _ in 0..50 {
+                *current.lock().unwrap() = Some(Arc::new(Counters::new()));
+                barrier.wait();
+                barrier.wait();
+                // The last reference: the cache is dropped.
+                *current.lock().unwrap() = None;
+            }
+            for worker in workers {
+                let most = worker.join().unwrap();
+                assert!(
+                    most <= 2,
+                    "a thread kept {most} rows for 50 caches, one live at a time"
+                );
+            }
+        });
+    }
 
     #[test]
     fn exited_threads_rows_are_folded_into_the_total_and_released() {
