@@ -24,7 +24,8 @@ pub struct Config {
     /// [`AtomicSlabArc`](crate::AtomicSlabArc) lookups. Default `false`.
     pub typesafe_by_rcu: bool,
     /// Objects in one magazine: the per-CPU cache's capacity and the unit in
-    /// which objects move to and from the depot. Default 32.
+    /// which objects move to and from the depot. Default 32; at most
+    /// [`MAX_MAGAZINE_SIZE`].
     pub magazine_size: usize,
     /// Bytes in one slab: a multiple of the page size. Default 64 KiB.
     pub slab_bytes: usize,
@@ -38,6 +39,12 @@ pub struct Config {
     /// [`SlabError::Limit`] past it. Default unlimited.
     pub max_bytes: usize,
 }
+
+/// The largest [`Config::magazine_size`]: 65,536 objects, 512 KiB of
+/// pointers per CPU and per magazine. Far past any useful size (the
+/// kernel's largest per-CPU arrays hold a few hundred), and low enough that
+/// the per-CPU arrays are always allocatable.
+pub const MAX_MAGAZINE_SIZE: usize = 1 << 16;
 
 impl Config {
     /// The defaults, with `name`.
@@ -63,8 +70,12 @@ impl Config {
                 requirement,
             };
         let page = page_size();
-        if self.magazine_size == 0 {
-            return Err(invalid("magazine_size", 0, "at least 1".into()));
+        if self.magazine_size == 0 || self.magazine_size > MAX_MAGAZINE_SIZE {
+            return Err(invalid(
+                "magazine_size",
+                self.magazine_size,
+                format!("from 1 to {MAX_MAGAZINE_SIZE}"),
+            ));
         }
         if self.slab_bytes == 0 || self.slab_bytes % page != 0 {
             return Err(invalid(

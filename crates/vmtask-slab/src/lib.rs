@@ -114,7 +114,7 @@ mod tests;
 
 pub use boxed::SlabBox;
 pub use cache::SlabCache;
-pub use config::Config;
+pub use config::{Config, MAX_MAGAZINE_SIZE};
 pub use error::SlabError;
 pub use shared::{AtomicSlabArc, SlabArc, SlabPtr};
 pub use stats::SlabStats;

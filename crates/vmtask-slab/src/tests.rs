@@ -318,6 +318,20 @@ fn invalid_configs_are_refused_with_the_field_named() {
         ),
         (
             Config {
+                magazine_size: 1 << 36,
+                ..Config::new("c")
+            },
+            "magazine_size",
+        ),
+        (
+            Config {
+                magazine_size: usize::MAX / 2,
+                ..Config::new("c")
+            },
+            "magazine_size",
+        ),
+        (
+            Config {
                 slab_bytes: 5000,
                 ..Config::new("c")
             },

@@ -62,6 +62,7 @@ pub struct Config {
     /// Most stacks the pool will ever hold at once. Default 1,048,576.
     pub max_stacks: usize,
     /// Free stacks each CPU's magazine holds. Default 16; the kernel uses 2.
+    /// At most 65,536.
     pub cache_size: usize,
     /// Free stacks the shared depot holds before it gives stacks' memory
     /// back entirely. Default: 64 stacks per possible CPU, whatever
@@ -114,6 +115,10 @@ impl Default for Config {
     }
 }
 
+/// The largest `cache_size`: far past any useful magazine, and low enough
+/// that the per-CPU arrays are always allocatable.
+const MAX_CACHE_SIZE: usize = 1 << 16;
+
 /// A validated configuration with page-rounded sizes.
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
@@ -145,6 +150,9 @@ impl Layout {
         }
         if config.cache_size == 0 {
             return invalid("cache_size", "must be at least 1");
+        }
+        if config.cache_size > MAX_CACHE_SIZE {
+            return invalid("cache_size", "must be at most 65,536 stacks per CPU");
         }
         let stack_size = page_ceil(config.stack_size);
         let guard_size = page_ceil(config.guard_size);
@@ -212,6 +220,19 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("max_stacks"), "{err}");
+        for cache_size in [0, MAX_CACHE_SIZE + 1, usize::MAX / 2] {
+            let err = Layout::new(&Config {
+                cache_size,
+                ..Config::default()
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("cache_size"), "{err}");
+        }
+        assert!(Layout::new(&Config {
+            cache_size: MAX_CACHE_SIZE,
+            ..Config::default()
+        })
+        .is_ok());
     }
 
     #[test]
