@@ -5,6 +5,7 @@ use std::fmt;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmtask_percpu::CpuCache;
 
@@ -65,6 +66,10 @@ pub(crate) struct Shared<T> {
     pub(crate) magazines: Magazines<CpuCache>,
     pub(crate) slabs: SlabLayer<T>,
     pub(crate) rcu: RcuMagazines,
+    /// A type-stable `shrink` has queued slabs for release after a grace
+    /// period: the cache's drop waits for them (`barrier`), so every `T`
+    /// is dropped by the time the cache is.
+    pub(crate) releasing: AtomicBool,
 }
 
 impl<T> Backing for SlabLayer<T> {
@@ -113,6 +118,7 @@ impl<T: Send + 'static> SlabCache<T> {
                     Box::new(ctor),
                 ),
                 rcu: RcuMagazines::new(config.magazine_size),
+                releasing: AtomicBool::new(false),
                 name: config.name,
             })),
         })
@@ -123,6 +129,8 @@ impl<T: Send + 'static> SlabCache<T> {
     /// Returns the bytes released: at once for a plain cache, after a grace
     /// period (on the RCU callback thread) for a type-stable one, since
     /// readers may still `try_get` its objects (touching their headers).
+    /// Dropping the cache waits for that release, so every `T` has been
+    /// dropped once the cache has.
     ///
     /// Partly filled RCU magazines are sent on their grace period, so their
     /// objects come back for a later `shrink` (after `vmtask_rcu::barrier`).
@@ -136,6 +144,9 @@ impl<T: Send + 'static> SlabCache<T> {
             // Readers that found an object of these slabs before they left
             // the cache are inside read-side sections that this grace
             // period waits for; later readers cannot find them.
+            if !empty.is_empty() {
+                shared.releasing.store(true, Ordering::Relaxed);
+            }
             vmtask_rcu::call(move || drop(empty));
         } else {
             drop(empty);
@@ -228,7 +239,7 @@ impl<T> Drop for SlabCache<T> {
         // RCU magazines in flight point at `shared` (free_rcu), and readers
         // may still reach objects freed by free_rcu or, in a type-stable
         // cache, any freed object.
-        let in_flight = shared.rcu.used();
+        let in_flight = shared.rcu.used() || shared.releasing.load(Ordering::Relaxed);
         let readers = shared.typesafe || in_flight;
         if readers && vmtask_rcu::in_read_section() {
             // Waiting here would wait for our own read-side section.

@@ -805,3 +805,21 @@ fn cache_dropped_by_an_rcu_callback_is_leaked_not_freed() {
     );
     assert_eq!(drops.load(Relaxed), 0, "objects freed with no barrier");
 }
+
+/// Every object is dropped by the time its cache is, also when a
+/// type-stable cache's `shrink` queued slabs for release after a grace
+/// period just before the drop (an audit found them dropped later, on the
+/// RCU callback thread, or never if the process exited first).
+#[test]
+fn a_dropped_type_stable_cache_has_dropped_the_objects_it_shrank() {
+    let (cache, built, drops) = tracked_cache(Config {
+        typesafe_by_rcu: true,
+        slab_bytes: 4096,
+        ..Config::new("shrunk-then-dropped")
+    });
+    let objects: Vec<_> = (0..200).map(|_| cache.alloc().unwrap()).collect();
+    drop(objects);
+    assert!(cache.shrink() > 0, "whole slabs were free");
+    drop(cache);
+    assert_eq!(drops.load(Relaxed), built.load(Relaxed));
+}
