@@ -27,6 +27,16 @@ use crate::ReadGuard;
 /// let old = config.swap(None); // waits for a grace period
 /// assert_eq!(old.as_deref().map(String::as_str), Some("v2"));
 /// ```
+///
+/// A `&T` from [`load`](Self::load) lives as long as the guard, not the
+/// borrow of the cell, so the cell is `Send` (and `Sync`) only for
+/// `T: Send + Sync`: moving it to another thread would otherwise share a
+/// `!Sync` value between threads.
+///
+/// ```compile_fail
+/// fn send<T: Send>(_: T) {}
+/// send(vmtask_rcu::RcuCell::new(Some(Box::new(std::cell::Cell::new(0u64)))));
+/// ```
 pub struct RcuCell<T: Send + 'static> {
     ptr: AtomicPtr<T>,
     _owns: PhantomData<Option<Box<T>>>,
@@ -36,8 +46,12 @@ pub struct RcuCell<T: Send + 'static> {
 // boxes in and out and old values are dropped on the callback thread
 // (needs `T: Send`).
 unsafe impl<T: Send + Sync + 'static> Sync for RcuCell<T> {}
-// SAFETY: the cell owns a `Box<T>`.
-unsafe impl<T: Send + 'static> Send for RcuCell<T> {}
+// SAFETY: the cell owns a `Box<T>` (needs `T: Send`), and a `&T` from
+// `load` is bound to the reader's guard, not to its borrow of the cell: the
+// cell can move to another thread, whose loads then share the same `T`
+// with the first thread's references (needs `T: Sync`; an audit shared a
+// `Cell<u64>` that way in safe code).
+unsafe impl<T: Send + Sync + 'static> Send for RcuCell<T> {}
 
 impl<T: Send + 'static> RcuCell<T> {
     /// A cell holding `value`.
