@@ -250,7 +250,9 @@ unsafe fn invoke_one(node: *mut RcuHead, func: Option<unsafe fn(*mut RcuHead)>) 
 /// Runs `f`, reporting instead of propagating a panic.
 pub(crate) fn contain_panic(f: impl FnOnce()) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-        eprintln!("vmtask_rcu: an RCU callback panicked; its object may have leaked");
+        crate::sync::warn(format_args!(
+            "vmtask_rcu: an RCU callback panicked; its object may have leaked"
+        ));
     }
 }
 

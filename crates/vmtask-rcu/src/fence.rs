@@ -115,9 +115,9 @@ pub(crate) fn heavy_barrier() {
                 // Readers skip their fences because of this call; continuing
                 // without it could free memory under a reader.
                 let err = std::io::Error::last_os_error();
-                eprintln!(
+                crate::sync::warn(format_args!(
                     "vmtask_rcu: membarrier(PRIVATE_EXPEDITED) failed after registration: {err}"
-                );
+                ));
                 std::process::abort();
             }
         }

@@ -75,12 +75,12 @@ impl Updater for Real {
     fn report_stall(&self) {
         static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !REPORTED.swap(true, Ordering::Relaxed) {
-            eprintln!(
+            crate::sync::warn(format_args!(
                 "vmtask_rcu: a grace period has waited more than {} s for a reader; a thread may \
                  have leaked a ReadGuard (or ended inside a read-side section), which stalls \
                  every later grace period",
                 STALL_AFTER_SLEEPS as u64 * SLEEP_TIMEOUT.as_millis() as u64 / 1000
-            );
+            ));
         }
     }
 
@@ -135,9 +135,22 @@ pub(crate) fn wait(snap: u64) {
     }
 }
 
+/// Rolls a grace period that unwinds back to "not started" (as the fork
+/// child does), so the sequence count stays even when none runs: counting
+/// it complete would end it under its readers, and leaving the count odd
+/// would invert every later snapshot's parity.
+struct Unfinished;
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        GP_SEQ.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn run_one() {
     let start = Instant::now();
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
+    let unfinished = Unfinished;
     let mut readers = Vec::new();
     registry::snapshot(&mut readers);
     // Our own slot, if quiescent, needs no waiting: our own accesses are
@@ -158,6 +171,7 @@ fn run_one() {
     if !readers.is_empty() {
         gp::grace_period(&GP, &readers, &Real);
     }
+    std::mem::forget(unfinished);
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
     let nanos = start.elapsed().as_nanos() as u64;
     GP_COUNT.fetch_add(1, Ordering::Relaxed);

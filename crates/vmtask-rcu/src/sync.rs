@@ -199,3 +199,12 @@ mod tests {
         assert!(counter.try_lock().is_some());
     }
 }
+
+/// Writes a diagnostic to stderr, ignoring failure. `eprintln!` panics
+/// when stderr is gone (a closed pipe), and a panic in the grace-period or
+/// callback machinery would take it down with it.
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) fn warn(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_fmt(format_args!("{message}\n"));
+}
