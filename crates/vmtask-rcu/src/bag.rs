@@ -126,6 +126,15 @@ struct Owned {
 }
 
 impl Owned {
+    fn empty() -> Owned {
+        Owned {
+            current: None,
+            waiting: VecDeque::new(),
+            draining: None,
+            spare: Vec::new(),
+        }
+    }
+
     /// Keeps an emptied bag for reuse, up to `MAX_SPARE`.
     fn recycle(&mut self, mut bag: Box<Bag>) {
         if self.spare.len() < MAX_SPARE {
@@ -192,12 +201,7 @@ impl LocalBag {
             filled: AtomicU64::new(0),
             running: AtomicBool::new(false),
             runs: AtomicU64::new(0),
-            owned: UnsafeCell::new(Owned {
-                current: None,
-                waiting: VecDeque::new(),
-                draining: None,
-                spare: Vec::new(),
-            }),
+            owned: UnsafeCell::new(Owned::empty()),
         })
     }
 
@@ -383,8 +387,35 @@ impl LocalBag {
     }
 
     /// In the fork child, for a slot whose owner did not survive the fork:
+    /// hands its bags to `give` (the callback queues), so the child's
+    /// `barrier` finds them and the slot's next owner starts empty. If the
+    /// owner was inside the hand-off at the fork, it may have been stopped
+    /// half-way through changing them: they are leaked instead, and their
+    /// drops lost in the child, like other work in flight at a fork. Then
+    /// resets the protocol (`reset_after_fork`).
+    pub(crate) fn salvage_after_fork(&self, mut give: impl FnMut(Box<Bag>)) {
+        // SAFETY: the only thread in the child, and the owner is gone: no
+        // one else can touch the bags.
+        let owned = unsafe { &mut *self.owned.get() };
+        if self.handoff.owner_was_inside() {
+            std::mem::forget(std::mem::replace(owned, Owned::empty()));
+        } else {
+            owned.take_draining().into_iter().for_each(&mut give);
+            owned
+                .current
+                .take()
+                .filter(|bag| bag.len > 0)
+                .into_iter()
+                .for_each(&mut give);
+            owned.waiting.drain(..).for_each(|(_, bag)| give(bag));
+        }
+        self.has_entries.store(false, Ordering::Relaxed);
+        self.reset_after_fork();
+    }
+
+    /// In the fork child, for a slot whose owner did not survive the fork:
     /// it may have been stopped inside a push.
-    pub(crate) fn reset_after_fork(&self) {
+    fn reset_after_fork(&self) {
         self.handoff.reset();
         // A run the owner had in progress never ends in the child (its
         // entry is lost, like other work in flight at a fork): end it, or a

@@ -131,6 +131,25 @@ impl Queue {
         self.queued.fetch_add(count, Ordering::Relaxed);
     }
 
+    /// In the fork child: a producer that was between its tail swap and
+    /// its link store at the fork never links its node, and a consumer
+    /// would wait for that link forever. Cuts the queue after the last
+    /// node reachable from the stub; the unlinked rest is lost in the
+    /// child, like other work in flight at the fork.
+    fn cut_after_fork(&self) {
+        let mut node = self.stub();
+        loop {
+            // SAFETY: the stub, or a queued node reached through links,
+            // valid until invoked (nothing runs in the child yet).
+            let next = unsafe { (*node).next.load(Ordering::Relaxed) };
+            if next.is_null() {
+                break;
+            }
+            node = next;
+        }
+        self.tail.store(node, Ordering::Relaxed);
+    }
+
     fn is_empty(&self) -> bool {
         self.head.next.load(Ordering::SeqCst).is_null()
             && self.tail.load(Ordering::SeqCst) == self.stub()
@@ -949,7 +968,37 @@ pub(crate) fn after_fork_parent() {
 /// Batches it had taken but not invoked are lost (leaked) in the child,
 /// and the backlog count starts again from zero so that they cannot
 /// throttle the child forever.
+/// The last node of a spliced list `(first, last)` reachable through its
+/// links: `last`, unless a producer was stopped by a fork before it linked
+/// a node (see `Queue::cut_after_fork`).
+fn reachable_end(first: *mut RcuHead, last: *mut RcuHead) -> *mut RcuHead {
+    let mut node = first;
+    while node != last {
+        // SAFETY: a spliced, not yet invoked node, reached through links.
+        let next = unsafe { (*node).next.load(Ordering::Relaxed) };
+        if next.is_null() {
+            return node;
+        }
+        node = next;
+    }
+    last
+}
+
 pub(crate) fn after_fork_child() {
+    // Before anything can push or invoke: no link may be missing for good.
+    for queue in callbacks().queues.iter() {
+        queue.cut_after_fork();
+    }
+    if READY.is_locked() {
+        // SAFETY: the only thread in the child; a parent thread that held
+        // the lock at the fork will never release it.
+        unsafe { READY.force_unlock() };
+    }
+    for batch in READY.lock().iter_mut() {
+        for (first, last) in batch.0.iter_mut() {
+            *last = reachable_end(*first, *last);
+        }
+    }
     INVOKED.store(queued_total(), Ordering::SeqCst);
     // Throttled threads of the parent are not in the child.
     DRAIN_WAITERS.store(0, Ordering::SeqCst);
@@ -963,9 +1012,6 @@ pub(crate) fn after_fork_child() {
         }
         if INVOKING.is_locked() {
             INVOKING.force_unlock();
-        }
-        if READY.is_locked() {
-            READY.force_unlock();
         }
         // `before_fork` held it across the fork.
         callbacks().consumer.force_unlock();

@@ -14,10 +14,12 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
-    crate::registry::after_fork_child();
     crate::grace::after_fork_child();
+    // Repairs the callback queues before the registry's handler pushes the
+    // bags of the threads that did not survive the fork onto them.
     crate::callback::after_fork_child();
     crate::bag::after_fork_child();
+    crate::registry::after_fork_child();
 }
 
 /// Installs the handlers once per process.

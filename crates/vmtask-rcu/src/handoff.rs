@@ -71,6 +71,16 @@ impl Handoff {
 
     /// In a fork child whose owner thread is gone.
     #[cfg_attr(all(loom, test), allow(dead_code))]
+    /// In the fork child: whether the owner, now gone, was inside (between
+    /// `owner_enter` and `owner_exit`) at the fork. The child's memory is a
+    /// cut of the owner's program order at the fork, so if not, the data is
+    /// whole.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn owner_was_inside(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn reset(&self) {
         self.busy.store(false, Ordering::Relaxed);
         self.steal.store(false, Ordering::Relaxed);

@@ -36,7 +36,10 @@
 //!   inside a read-side section would deadlock; they panic instead.
 //!
 //! Threads register as readers on first use and unregister when they exit.
-//! After `fork`, the child starts clean (its callback thread restarts).
+//! After `fork`, the child starts clean (its callback thread restarts):
+//! callbacks queued before the fork still run in the child, and so do the
+//! deferred drops other threads had in their batches, which go on the
+//! child's callback queues.
 //!
 //! Each thread's reader lives in its own thread-local storage, so the read
 //! side addresses it directly. A section that outlives the thread's
@@ -46,8 +49,8 @@
 //! [`in_read_section`] and the misuse panics see them.
 //!
 //! Known limits: callbacks and drops in flight in another thread at the
-//! moment of a `fork` are lost in the child (never run; the parent is
-//! unaffected); a thread whose *first* use of RCU comes from the last
+//! moment of a `fork` (being queued, run, or added to its batch) are lost
+//! in the child (never run; the parent is unaffected); a thread whose *first* use of RCU comes from the last
 //! round of its pthread-key destructors (after a key destructor has
 //! re-armed its key three times) exits still registered, and a later grace
 //! period may then read its freed thread-local memory (the registration

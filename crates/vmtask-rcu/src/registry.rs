@@ -408,14 +408,18 @@ pub(crate) fn after_fork_child() {
     // child, this thread (the only one) is the owner.
     unsafe { REGISTRY.force_unlock() };
     let registry = REGISTRY.lock();
+    let cpu = vmtask_percpu::cpu();
     for slot in registry.iter() {
         let slot_ptr: *const Slot = *slot;
         if slot_ptr != mine && slot_ptr != open {
             slot.reader.store(ptr::null_mut(), Ordering::Relaxed);
             slot.own.reset();
-            // The owner is gone: its bag's entries are dropped by whoever
-            // takes the slot next (at its exit) or a flusher.
-            slot.bag.reset_after_fork();
+            // The owner is gone: its pending drops go on the callback
+            // queues (repaired already, see `fork.rs`), where the child's
+            // callback thread or `barrier` runs them.
+            slot.bag.salvage_after_fork(|bag| {
+                crate::callback::push_bag(cpu, bag);
+            });
             slot.in_use.store(false, Ordering::Relaxed);
         }
     }
