@@ -144,6 +144,18 @@ impl Owned {
         }
     }
 
+    /// Hands every bag holding entries to `give`: the draining one (see
+    /// `take_draining`), the current one, and those waiting.
+    fn take_all(&mut self, give: &mut impl FnMut(Box<Bag>)) {
+        self.take_draining().into_iter().for_each(&mut *give);
+        self.current
+            .take()
+            .filter(|bag| bag.len > 0)
+            .into_iter()
+            .for_each(&mut *give);
+        self.waiting.drain(..).for_each(|(_, bag)| give(bag));
+    }
+
     /// The draining bag, if entries remain in it. Its entries that already
     /// ran are counted as invoked here: the bag now goes to the shared
     /// queues, whose invocation counts only the rest.
@@ -368,11 +380,7 @@ impl LocalBag {
     /// after `give` has queued them (before its own callbacks).
     pub(crate) fn hand_over_own(&self, mut give: impl FnMut(Box<Bag>)) {
         loop {
-            let taken = self.with_owned(|owned| {
-                owned.take_draining().into_iter().for_each(&mut give);
-                owned.current.take().into_iter().for_each(&mut give);
-                owned.waiting.drain(..).for_each(|(_, bag)| give(bag));
-            });
+            let taken = self.with_owned(|owned| owned.take_all(&mut give));
             if taken.is_some() {
                 self.has_entries.store(false, Ordering::Relaxed);
                 return;
@@ -400,14 +408,7 @@ impl LocalBag {
         if self.handoff.owner_was_inside() {
             std::mem::forget(std::mem::replace(owned, Owned::empty()));
         } else {
-            owned.take_draining().into_iter().for_each(&mut give);
-            owned
-                .current
-                .take()
-                .filter(|bag| bag.len > 0)
-                .into_iter()
-                .for_each(&mut give);
-            owned.waiting.drain(..).for_each(|(_, bag)| give(bag));
+            owned.take_all(&mut give);
         }
         self.has_entries.store(false, Ordering::Relaxed);
         self.reset_after_fork();
@@ -478,14 +479,7 @@ pub(crate) fn steal(
         // SAFETY: marked before the heavy barrier, and the owner has left:
         // the hand-off gives us the bags until `flusher_release`.
         let owned = unsafe { &mut *bag.owned.get() };
-        owned.take_draining().into_iter().for_each(&mut queue);
-        owned
-            .current
-            .take()
-            .filter(|b| b.len > 0)
-            .into_iter()
-            .for_each(&mut queue);
-        owned.waiting.drain(..).for_each(|(_, bag)| queue(bag));
+        owned.take_all(&mut queue);
         bag.has_entries.store(false, Ordering::Relaxed);
         if let Some(runs) = in_progress.as_deref_mut() {
             // `runs` first: if `running` is then still set, the run in

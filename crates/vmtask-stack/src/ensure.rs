@@ -165,6 +165,21 @@ mod tests {
         assert!(std::hint::black_box(pad).iter().all(|&b| b == depth as u8));
     }
 
+    /// Runs `f` on a fresh 256 KiB pool stack and returns its result.
+    fn on_pool_stack<R: 'static>(f: impl FnOnce() -> R + 'static) -> R {
+        let pool = StackPool::new(Config {
+            stack_size: 256 * 1024,
+            ..Config::default()
+        })
+        .unwrap();
+        let mut co =
+            Coroutine::with_stack(pool.alloc().unwrap(), move |_: &Yielder<(), ()>, ()| f());
+        let CoroutineResult::Return(result) = co.resume(()) else {
+            panic!("coroutine yielded")
+        };
+        result
+    }
+
     /// The release after a failed `ensure` drops the request's pages below
     /// the caller's frames and leaves the pages holding them alone, however
     /// the stack pointer lies within its page: from a range of depths that
@@ -173,13 +188,7 @@ mod tests {
     #[test]
     fn release_keeps_the_live_frames() {
         let page = sys::page_size();
-        let pool = StackPool::new(Config {
-            stack_size: 256 * 1024,
-            ..Config::default()
-        })
-        .unwrap();
-        let stack = pool.alloc().unwrap();
-        let mut co = Coroutine::with_stack(stack, move |_: &Yielder<(), ()>, ()| {
+        let bad = on_pool_stack(move || {
             let mut bad = Vec::new();
             for depth in 0..160 {
                 at_depth(depth, &mut || {
@@ -203,9 +212,6 @@ mod tests {
             }
             bad
         });
-        let CoroutineResult::Return(bad) = co.resume(()) else {
-            panic!("coroutine yielded")
-        };
         assert!(
             bad.is_empty(),
             "(depth, sp offset, resident below, resident frame pages, intact): {bad:?}"
@@ -218,13 +224,7 @@ mod tests {
     #[test]
     fn ensure_touches_the_pages_where_the_kernel_cannot_populate() {
         let page = sys::page_size();
-        let pool = StackPool::new(Config {
-            stack_size: 256 * 1024,
-            ..Config::default()
-        })
-        .unwrap();
-        let stack = pool.alloc().unwrap();
-        let mut co = Coroutine::with_stack(stack, move |_: &Yielder<(), ()>, ()| {
+        let (before, result, after, pages, intact) = on_pool_stack(move || {
             NO_POPULATE.with(|no| no.set(true));
             let live = std::hint::black_box([0x5au8; 512]);
             let sp = stack_pointer();
@@ -243,9 +243,6 @@ mod tests {
                 intact,
             )
         });
-        let CoroutineResult::Return((before, result, after, pages, intact)) = co.resume(()) else {
-            panic!("coroutine yielded")
-        };
         assert_eq!(result, Ok(()));
         assert!(
             before < pages,

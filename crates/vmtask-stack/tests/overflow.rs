@@ -33,6 +33,16 @@ fn bounds(out: &Output) -> String {
     line.1.to_string()
 }
 
+/// Prints the line `bounds` reads back in the parent.
+fn print_bounds(stack: &vmtask_stack::Stack) {
+    println!(
+        "BOUNDS {:p}..{:p} of {} bytes",
+        stack.base(),
+        stack.limit(),
+        stack.size()
+    );
+}
+
 fn touch_below_limit(mode: GuardMode) {
     let pool = StackPool::new(Config {
         guard_mode: mode,
@@ -40,12 +50,7 @@ fn touch_below_limit(mode: GuardMode) {
     })
     .unwrap();
     let stack = pool.alloc().unwrap();
-    println!(
-        "BOUNDS {:p}..{:p} of {} bytes",
-        stack.base(),
-        stack.limit(),
-        stack.size()
-    );
+    print_bounds(&stack);
     // SAFETY: deliberately not: this writes the guard page to prove it faults.
     unsafe { std::ptr::write_volatile(stack.limit().sub(1), 1) };
     unreachable!("the guard page did not fault");
@@ -113,12 +118,7 @@ fn recursion_in_a_coroutine_reports_overflow_with_label() {
         })
         .unwrap();
         let stack = pool.alloc().unwrap();
-        println!(
-            "BOUNDS {:p}..{:p} of {} bytes",
-            stack.base(),
-            stack.limit(),
-            stack.size()
-        );
+        print_bounds(&stack);
         let mut co = Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
         co.resume(());
         unreachable!("unbounded recursion returned");
@@ -146,12 +146,7 @@ fn a_fault_with_the_stack_pointer_in_the_guard_is_reported() {
     if in_child() {
         let pool = StackPool::new(Config::default()).unwrap();
         let stack = pool.alloc().unwrap();
-        println!(
-            "BOUNDS {:p}..{:p} of {} bytes",
-            stack.base(),
-            stack.limit(),
-            stack.size()
-        );
+        print_bounds(&stack);
         let sp_in_guard = stack.limit() as usize - 64;
         // SAFETY: deliberately not: the stack pointer moves into the guard
         // and a null read faults; nothing returns from here.
@@ -535,12 +530,7 @@ fn overflow_in_late_destructor() {
         .unwrap(),
     ));
     let stack = pool.alloc().unwrap();
-    println!(
-        "BOUNDS {:p}..{:p} of {} bytes",
-        stack.base(),
-        stack.limit(),
-        stack.size()
-    );
+    print_bounds(&stack);
     LATE.with(|late| *late.0.borrow_mut() = Some(stack));
 }
 
