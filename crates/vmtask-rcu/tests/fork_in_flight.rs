@@ -30,25 +30,36 @@ fn the_child_finishes_what_other_threads_left_in_flight() {
     // Forks while another thread queues callbacks without pause: some
     // forks catch it half-way through a push.
     const FORKS: usize = 400;
-    std::thread::scope(|s| {
+    let failed = std::thread::scope(|s| {
         s.spawn(|| {
             while !STOP.load(Ordering::Relaxed) {
                 vmtask_rcu::call(|| {});
             }
         });
-        for fork in 0..FORKS {
-            let code = in_child(|| {
-                // SAFETY: alarm only arms a timer; a hang kills the child.
-                unsafe { libc::alarm(10) };
-                vmtask_rcu::barrier();
-                vmtask_rcu::call(|| {});
-                vmtask_rcu::barrier();
-                0
-            });
-            assert_eq!(code, 0, "fork {fork}");
-        }
+        // The caller stops whatever happens, so a failure cannot leave
+        // the scope waiting for it.
+        let failed = std::panic::catch_unwind(|| {
+            (0..FORKS).find(|_| {
+                let code = in_child(|| {
+                    // SAFETY: alarm only arms a timer; a hang kills the
+                    // child (in_child then panics: it did not exit).
+                    unsafe { libc::alarm(10) };
+                    vmtask_rcu::barrier();
+                    vmtask_rcu::call(|| {});
+                    vmtask_rcu::barrier();
+                    0
+                });
+                code != 0
+            })
+        });
         STOP.store(true, Ordering::Relaxed);
+        failed
     });
+    match failed {
+        Ok(None) => {}
+        Ok(Some(fork)) => panic!("the child of fork {fork} failed"),
+        Err(_) => panic!("a child hung in barrier (killed by its alarm) or crashed"),
+    }
     vmtask_rcu::barrier();
 
     // A thread with deferred drops in its own bag, alive (and idle) at
