@@ -221,16 +221,20 @@ pub(crate) fn populate_hint(addr: usize, len: usize) {
 /// scratch mapping (an error on a real stack could have other causes).
 pub(crate) fn populate_supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let page = page_size();
-        let Ok(probe) = reserve(page) else {
-            return false;
-        };
-        let ok = populate_write(probe, page).is_ok();
-        // SAFETY: the probe mapping is ours and nothing else uses it.
-        unsafe { unmap(probe, page) };
-        ok
-    })
+    *SUPPORTED.get_or_init(|| probe(1, |p| populate_write(p, page_size()).is_ok()))
+}
+
+/// Runs `test` on a scratch mapping of `pages` pages, then unmaps it; false
+/// if no mapping can be made.
+fn probe(pages: usize, test: impl FnOnce(usize) -> bool) -> bool {
+    let len = pages * page_size();
+    let Ok(scratch) = reserve(len) else {
+        return false;
+    };
+    let ok = test(scratch);
+    // SAFETY: the scratch mapping is ours and nothing else uses it.
+    unsafe { unmap(scratch, len) };
+    ok
 }
 
 /// How many pages of `[addr, addr + len)` (page-aligned) are resident.
@@ -252,16 +256,7 @@ pub(crate) fn resident_pages(addr: usize, len: usize) -> usize {
 /// scratch mapping.
 pub(crate) fn guard_markers_supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let page = page_size();
-        let Ok(probe) = reserve(2 * page) else {
-            return false;
-        };
-        let ok = madvise(probe, page, MADV_GUARD_INSTALL).is_ok();
-        // SAFETY: the probe mapping is ours and nothing else uses it.
-        unsafe { unmap(probe, 2 * page) };
-        ok
-    })
+    *SUPPORTED.get_or_init(|| probe(2, |p| madvise(p, page_size(), MADV_GUARD_INSTALL).is_ok()))
 }
 
 #[cfg(test)]
