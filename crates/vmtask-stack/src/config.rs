@@ -21,7 +21,7 @@
 //! [`ensure()`](crate::ensure()) before deep recursion.
 
 use crate::error::StackError;
-use crate::sys::{page_ceil, page_size};
+use crate::sys::{self, page_ceil, page_size};
 
 /// How guard pages are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +115,11 @@ impl Default for Config {
     }
 }
 
+/// The user address space the arenas must fit in (x86-64 and arm64
+/// with 4-level page tables; `mmap` stays below it unless asked).
+const USER_ADDRESS_SPACE: usize = 1 << 47;
+const USER_SPACE_TIB: usize = USER_ADDRESS_SPACE >> 40;
+
 /// The largest `cache_size`: far past any useful magazine, and low enough
 /// that the per-CPU arrays are always allocatable.
 const MAX_CACHE_SIZE: usize = 1 << 16;
@@ -135,37 +140,70 @@ pub(crate) struct Layout {
 
 impl Layout {
     pub(crate) fn new(config: &Config) -> Result<Layout, StackError> {
-        let invalid = |field, reason| Err(StackError::InvalidConfig { field, reason });
+        let invalid = |field, reason: String| Err(StackError::InvalidConfig { field, reason });
         if config.stack_size == 0 {
-            return invalid("stack_size", "must be at least one byte");
+            return invalid("stack_size", "is 0; it must be at least one byte".into());
         }
         if config.guard_size == 0 {
             return invalid(
                 "guard_size",
-                "must be at least one page: a stack without a guard overflows silently",
+                "is 0; it must be at least one page: a stack without a guard overflows silently"
+                    .into(),
             );
         }
         if config.max_stacks == 0 {
-            return invalid("max_stacks", "must be at least 1");
+            return invalid("max_stacks", "is 0; it must be at least 1".into());
         }
         if config.cache_size == 0 {
-            return invalid("cache_size", "must be at least 1");
+            return invalid("cache_size", "is 0; it must be at least 1".into());
         }
         if config.cache_size > MAX_CACHE_SIZE {
-            return invalid("cache_size", "must be at most 65,536 stacks per CPU");
+            return invalid(
+                "cache_size",
+                format!(
+                    "is {}; it must be at most {MAX_CACHE_SIZE} stacks per CPU",
+                    config.cache_size
+                ),
+            );
         }
-        let stack_size = page_ceil(config.stack_size);
-        let guard_size = page_ceil(config.guard_size);
-        let Some(slot_size) = stack_size.checked_add(guard_size) else {
-            return invalid("stack_size", "stack plus guard overflows the address space");
+        // Each size alone, rounded up to pages, must fit in the address
+        // space (checked: a rounding that wrapped would give 0, a stack
+        // without memory or without a guard).
+        let fits = |n: usize| sys::checked_page_ceil(n).filter(|&n| n <= USER_ADDRESS_SPACE);
+        let too_big = |field, n: usize| {
+            invalid(
+                field,
+                format!("is {n} bytes, more than the {USER_SPACE_TIB} TiB user address space"),
+            )
         };
+        let Some(stack_size) = fits(config.stack_size) else {
+            return too_big("stack_size", config.stack_size);
+        };
+        let Some(guard_size) = fits(config.guard_size) else {
+            return too_big("guard_size", config.guard_size);
+        };
+        // Both at most 2^47: no overflow.
+        let slot_size = stack_size + guard_size;
+        if slot_size > USER_ADDRESS_SPACE {
+            return invalid(
+                "stack_size",
+                format!(
+                    "is {stack_size} bytes, and with the {guard_size}-byte guard exceeds the {USER_SPACE_TIB} TiB user address space"
+                ),
+            );
+        }
         if slot_size
             .checked_mul(config.max_stacks)
-            .is_none_or(|total| total > 1 << 47)
+            .is_none_or(|total| total > USER_ADDRESS_SPACE)
         {
             return invalid(
                 "max_stacks",
-                "max_stacks slots do not fit in the 128 TiB user address space",
+                format!(
+                    "is {}: that many slots of {} KiB (stack_size + guard_size) do not fit in the {USER_SPACE_TIB} TiB user address space (at most {})",
+                    config.max_stacks,
+                    slot_size / 1024,
+                    USER_ADDRESS_SPACE / slot_size
+                ),
             );
         }
         Ok(Layout {
@@ -175,7 +213,7 @@ impl Layout {
             max_stacks: config.max_stacks,
             cache_size: config.cache_size,
             depot_size: config.depot_size,
-            keep_resident: page_ceil(config.keep_resident).min(stack_size),
+            keep_resident: page_ceil(config.keep_resident.min(stack_size)),
             zero_on_reuse: config.zero_on_reuse,
             populate_top: config.populate_top,
         })
@@ -233,6 +271,77 @@ mod tests {
             ..Config::default()
         })
         .is_ok());
+    }
+
+    /// Sizes near `usize::MAX` must not wrap when rounded to pages: a
+    /// wrapped guard would be 0 bytes, a stack that overflows silently.
+    #[test]
+    fn huge_sizes_are_errors_not_wrapped() {
+        for (field, config) in [
+            (
+                "stack_size",
+                Config {
+                    stack_size: usize::MAX,
+                    ..Config::default()
+                },
+            ),
+            (
+                "guard_size",
+                Config {
+                    guard_size: usize::MAX,
+                    ..Config::default()
+                },
+            ),
+            (
+                "stack_size",
+                Config {
+                    stack_size: 1 << 60,
+                    ..Config::default()
+                },
+            ),
+            (
+                "guard_size",
+                Config {
+                    guard_size: (1 << 47) + 1,
+                    ..Config::default()
+                },
+            ),
+            (
+                "stack_size",
+                Config {
+                    stack_size: 1 << 47,
+                    guard_size: 1,
+                    max_stacks: 1,
+                    ..Config::default()
+                },
+            ),
+        ] {
+            match Layout::new(&config) {
+                Err(StackError::InvalidConfig { field: f, reason }) => {
+                    assert_eq!(f, field, "{reason}");
+                    assert!(reason.contains("user address space"), "{reason}");
+                }
+                other => panic!("{field}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+        let err = Layout::new(&Config {
+            stack_size: 1 << 40,
+            ..Config::default()
+        })
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with("invalid stack pool config: max_stacks is 1048576:"),
+            "{message}"
+        );
+        assert!(message.contains("(at most 127)"), "{message}");
+        // keep_resident is capped at the stack size, whatever its value.
+        let layout = Layout::new(&Config {
+            keep_resident: usize::MAX,
+            ..Config::default()
+        })
+        .unwrap();
+        assert_eq!(layout.keep_resident, layout.stack_size);
     }
 
     #[test]

@@ -5,7 +5,11 @@ use std::fmt;
 /// Why a stack operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StackError {
-    /// Every slot the pool may hold (`max_stacks`) is in use.
+    /// Every slot the pool may hold (`max_stacks`) is carved and none is
+    /// free. Free stacks on any CPU's magazine count as free; a stack a
+    /// *live* thread parked (each thread keeps the last stack it freed to
+    /// a pool, for its next `alloc`) does not, so with `max_stacks` close
+    /// to the stacks in use, allow one more per thread that frees stacks.
     Exhausted {
         /// The pool's `max_stacks`.
         max_stacks: usize,
@@ -43,8 +47,8 @@ pub enum StackError {
     InvalidConfig {
         /// The field.
         field: &'static str,
-        /// What is wrong with it.
-        reason: &'static str,
+        /// Its value and what is wrong with it.
+        reason: String,
     },
 }
 
@@ -53,7 +57,7 @@ impl fmt::Display for StackError {
         match self {
             StackError::Exhausted { max_stacks, stack_size } => write!(
                 f,
-                "stack arena exhausted: {max_stacks} slots of {} KiB in use (max_stacks)",
+                "stack arena exhausted: all {max_stacks} slots of {} KiB are in use or parked on threads (max_stacks)",
                 stack_size / 1024
             ),
             StackError::MapFailed { what, bytes, errno } => {
@@ -101,7 +105,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "stack arena exhausted: 8 slots of 128 KiB in use (max_stacks)"
+            "stack arena exhausted: all 8 slots of 128 KiB are in use or parked on threads (max_stacks)"
         );
         let e = StackError::MapFailed {
             what: "protect a guard page",

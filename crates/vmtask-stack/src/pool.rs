@@ -8,7 +8,8 @@
 //! rest; failing that take back the stacks parked on threads that have
 //! exited (warm; the ones not handed out go to the depot); failing that
 //! reuse a slot whose memory was given back; failing that carve a fresh
-//! slot; failing that, [`StackError::Exhausted`]. Free: park
+//! slot; failing that (every slot carved) take a free stack from any
+//! CPU's magazine; failing that, [`StackError::Exhausted`]. Free: park
 //! the stack on the calling thread if its place is empty, else push on the
 //! current CPU's magazine; when that is full, the whole magazine goes to
 //! the depot, so stacks freed on another CPU than the one that allocated
@@ -241,11 +242,54 @@ impl PoolInner {
                 self.populate_top(top);
                 Ok(top)
             }
+            Err(e @ StackError::Exhausted { .. }) => match self.take_any_free() {
+                Some(top) => Ok(top),
+                None => {
+                    bump(&self.counters.failures, 1);
+                    Err(e)
+                }
+            },
             Err(e) => {
                 bump(&self.counters.failures, 1);
                 Err(e)
             }
         }
+    }
+
+    /// Every slot is carved: before reporting the pool exhausted, takes a
+    /// free stack wherever one is, in the other CPUs' magazines (stacks
+    /// freed on another CPU wait there), or in the depot and the released
+    /// list, which other threads may have filled since this one looked.
+    /// The magazines' other stacks go to the depot. Only the stacks parked
+    /// on live threads (one per thread at most) stay out of reach.
+    #[cold]
+    fn take_any_free(&self) -> Option<NonNull<u8>> {
+        let mut free = Vec::new();
+        for cpu in 0..self.cache.cpus() {
+            self.cache.drain(cpu, usize::MAX, &mut free);
+        }
+        if let Some(top) = free.pop() {
+            if !free.is_empty() {
+                self.to_depot(free);
+            }
+            bump(&self.counters.depot_hits, 1);
+            return Some(top);
+        }
+        let (stack, released) = {
+            let mut depot = self.depot.lock();
+            match depot.stacks.pop() {
+                Some(top) => (Some(top), None),
+                None => (None, depot.released.pop()),
+            }
+        };
+        if let Some(top) = stack {
+            bump(&self.counters.depot_hits, 1);
+            return Some(top);
+        }
+        let top = released?;
+        bump(&self.counters.released_reuses, 1);
+        self.populate_top(top);
+        Some(top)
     }
 
     /// `populate_top`: faults in the top page of a freshly carved or

@@ -27,10 +27,17 @@ pub(crate) fn page_size() -> usize {
     })
 }
 
-/// `n` rounded up to a whole number of pages.
+/// `n` rounded up to a whole number of pages. For addresses and sizes
+/// already known to fit (user-supplied sizes go through
+/// [`checked_page_ceil`]).
 pub(crate) fn page_ceil(n: usize) -> usize {
+    checked_page_ceil(n).expect("page_ceil of an address or size that fits")
+}
+
+/// `n` rounded up to a whole number of pages, or `None` if that overflows.
+pub(crate) fn checked_page_ceil(n: usize) -> Option<usize> {
     let page = page_size();
-    n.div_ceil(page) * page
+    n.div_ceil(page).checked_mul(page)
 }
 
 /// `n` rounded down to a page boundary.
@@ -269,6 +276,15 @@ mod tests {
         assert_eq!(page_ceil(1), page);
         assert_eq!(page_ceil(page), page);
         assert_eq!(page_ceil(page + 1), 2 * page);
+        assert_eq!(checked_page_ceil(usize::MAX), None);
+        assert_eq!(checked_page_ceil(usize::MAX - page + 2), None);
+        let last = usize::MAX - page + 1;
+        assert_eq!(
+            checked_page_ceil(last),
+            Some(last),
+            "the last page-aligned size"
+        );
+        assert_eq!(checked_page_ceil(0), Some(0));
         assert_eq!(page_floor(page + 1), page);
     }
 

@@ -176,6 +176,51 @@ fn exhausted_pool_errs_then_recovers_after_free() {
     assert_eq!(distinct.len(), 8);
 }
 
+/// Stacks allocated on one CPU and freed on another sit in the other CPU's
+/// magazine: a full pool must take them from there, not report itself
+/// exhausted while every stack is free.
+#[test]
+fn full_pool_takes_stacks_freed_on_another_cpu() {
+    if vmtask_percpu::possible_cpus() < 2 {
+        return;
+    }
+    for max_stacks in [1, 8] {
+        let pool = StackPool::new(Config {
+            max_stacks,
+            ..Config::default()
+        })
+        .unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                vmtask_percpu::pin_current_thread(0).unwrap();
+                let stacks: Vec<_> = (0..max_stacks).map(|_| pool.alloc().unwrap()).collect();
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        vmtask_percpu::pin_current_thread(1).unwrap();
+                        drop(stacks);
+                    });
+                });
+                assert_eq!(pool.stats().live, 0);
+                let again: Vec<_> = (0..max_stacks)
+                    .map(|i| {
+                        pool.alloc().unwrap_or_else(|e| {
+                            panic!("max_stacks {max_stacks}: stack {i} of the free ones: {e}")
+                        })
+                    })
+                    .collect();
+                let err = pool.alloc().unwrap_err();
+                assert!(matches!(err, StackError::Exhausted { .. }), "{err}");
+                let stats = pool.stats();
+                assert_eq!(
+                    (stats.live, stats.slots_carved),
+                    (max_stacks as u64, max_stacks as u64)
+                );
+                drop(again);
+            });
+        });
+    }
+}
+
 #[test]
 fn cross_cpu_frees_keep_every_stack_accounted() {
     let cpus = vmtask_percpu::possible_cpus().min(2);
