@@ -186,14 +186,15 @@ fn wait_next(node: &RcuHead) -> *mut RcuHead {
 
 /// Invokes a spliced list in order; returns how many callbacks it held.
 /// Counts them into `INVOKED` as it goes (every `PROGRESS_STEP`), so that
-/// callers throttled by the backlog resume while a large batch runs.
+/// callers throttled by the backlog resume while a large batch runs, and
+/// before each barrier node (`run_barrier_node` reports `UNREPORTED`), so
+/// that the statistics read after `barrier` include what it waited for.
 ///
 /// # Safety
 /// `(first, last)` came from `Queue::splice` after a grace period.
 unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
     const PROGRESS_STEP: u64 = 4096;
     let mut count = 0;
-    let mut unreported = 0;
     let mut node = first;
     loop {
         // Read the link before the callback frees the node. The last node
@@ -212,13 +213,14 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
         let ran = unsafe { invoke_one(node, func) };
         let n = NODE_WEIGHT.with(Cell::take).unwrap_or(ran);
         count += n;
-        unreported += n;
-        if unreported >= PROGRESS_STEP {
+        let unreported = UNREPORTED.get() + n;
+        if unreported >= PROGRESS_STEP || node == last {
+            UNREPORTED.set(0);
             report_progress(unreported);
-            unreported = 0;
+        } else {
+            UNREPORTED.set(unreported);
         }
         if node == last {
-            report_progress(unreported);
             return count;
         }
         node = next;
@@ -229,6 +231,9 @@ thread_local! {
     /// Set by a node's function when the node stands for other than one
     /// user callback: a barrier marker (none), a bag (its entries).
     static NODE_WEIGHT: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Callbacks `invoke` has run on this thread and not yet counted into
+    /// `INVOKED`.
+    static UNREPORTED: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Called by a node's function: `invoke` counts this node as `callbacks`
@@ -887,6 +892,11 @@ unsafe fn run_barrier_node(head: *mut RcuHead) {
     // SAFETY: the caller's contract.
     let node = unsafe { Box::from_raw(head.cast::<BarrierNode>()) };
     set_node_weight(0);
+    // The callbacks before this node are counted before `barrier` returns.
+    let unreported = UNREPORTED.replace(0);
+    if unreported > 0 {
+        report_progress(unreported);
+    }
     if node.state.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
         node.state.waiter.unpark();
     }

@@ -69,8 +69,6 @@ impl Handoff {
         self.steal.store(false, Ordering::Release);
     }
 
-    /// In a fork child whose owner thread is gone.
-    #[cfg_attr(all(loom, test), allow(dead_code))]
     /// In the fork child: whether the owner, now gone, was inside (between
     /// `owner_enter` and `owner_exit`) at the fork. The child's memory is a
     /// cut of the owner's program order at the fork, so if not, the data is

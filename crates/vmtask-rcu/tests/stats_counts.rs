@@ -1,14 +1,20 @@
 //! `stats()` counts the user's callbacks: not barrier markers, and a batch
-//! of deferred drops as its entries. Alone in its binary, in one test: the
-//! counters are process-wide.
+//! of deferred drops as its entries. Alone in its binary; the tests share
+//! the process-wide counters, so each compares counts it alone moves, or
+//! queued against invoked after a barrier.
+
+/// The counters are process-wide: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn stats_count_user_callbacks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     vmtask_rcu::barrier();
     let before = vmtask_rcu::stats();
     vmtask_rcu::call(|| {});
     vmtask_rcu::defer_drop(Box::new(7u64));
-    vmtask_rcu::barrier();
+    // One barrier: the counts it waited for are in the statistics when it
+    // returns.
     vmtask_rcu::barrier();
     let after = vmtask_rcu::stats();
     assert_eq!(
@@ -37,4 +43,39 @@ fn stats_count_user_callbacks() {
         last.largest_batch >= 10,
         "a batch of 10 drops counts as 10: {last}"
     );
+    assert_eq!(last.callbacks_queued, last.callbacks_invoked, "{last}");
+}
+
+/// Every way of queueing, each followed by one `barrier`: the statistics
+/// read right after it show nothing pending. (The callback thread used to
+/// count a batch after running it whole, barrier marker included, so a
+/// read right after `barrier` raced with the count; rounds repeat it.)
+#[test]
+fn stats_after_barrier_show_nothing_pending() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pending = |round: usize, what: &str| {
+        vmtask_rcu::barrier();
+        let s = vmtask_rcu::stats();
+        assert_eq!(
+            s.callbacks_queued, s.callbacks_invoked,
+            "round {round}, after {what}: {s}"
+        );
+    };
+    for round in 0..100 {
+        let cell = vmtask_rcu::RcuCell::new(Some(Box::new(1u64)));
+        cell.store(Some(Box::new(2)));
+        pending(round, "RcuCell::store");
+        vmtask_rcu::call(|| {});
+        pending(round, "call");
+        for i in 0..100u64 {
+            vmtask_rcu::defer_drop(Box::new(i));
+        }
+        pending(round, "100 defer_drop");
+        drop(cell.replace(None));
+        pending(round, "RcuCell::replace");
+    }
+    for i in 0..10_000u64 {
+        vmtask_rcu::defer_drop(Box::new(i));
+    }
+    pending(100, "10,000 defer_drop");
 }
