@@ -40,6 +40,18 @@ const COLOURS: [RGBColor; 4] = [
     RGBColor(0xc4, 0x4e, 0x52),
 ];
 
+/// Creates `dir` if needed and checks that files can be written in it.
+pub fn check_dir(dir: &Path) -> Result<(), Error> {
+    let probe = dir.join(".vmtask-write-check");
+    let fail = |e: std::io::Error| Error::Chart {
+        path: dir.to_path_buf(),
+        reason: format!("the chart directory is not writable: {e}"),
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
+}
+
 impl BarChart {
     /// Writes the chart as `dir/name.svg`, creating `dir`; returns the path.
     pub fn write_svg(&self, dir: &Path, name: &str) -> Result<PathBuf, Error> {

@@ -52,15 +52,9 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Stack(e) => Some(e),
-            Error::MapStack(e) | Error::Pin { source: e, .. } => Some(e),
-            _ => None,
-        }
-    }
-}
+/// `Display` already includes each cause, so `source` returns none: an
+/// error-chain reporter would print it twice.
+impl std::error::Error for Error {}
 
 impl From<StackError> for Error {
     fn from(e: StackError) -> Self {

@@ -10,10 +10,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vmtask_cli::experiments::{balance, memory, rcu_free, spawn_cost};
 use vmtask_cli::{report, Error};
 
-/// Reproduces the vmtask seeds' findings on virtually mapped, cached,
-/// synchronously freed stacks.
+/// Reproduces, on this machine, the measurements behind vmtask: the kernel
+/// mailing-list threads on virtually mapped, per-CPU cached, synchronously
+/// freed task stacks (the project's "seeds"), with vmtask's stack pool and
+/// RCU in place of the kernel's.
+///
+/// With no subcommand it runs the tour: every experiment in turn, about 15
+/// seconds with threads pinned to CPUs, a table and an SVG chart each.
 #[derive(Parser, Debug)]
-#[command(name = "vmtask", version, about)]
+#[command(name = "vmtask", version)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -26,7 +31,7 @@ struct Common {
     /// Small parameters for a fast run (defaults only: explicit options win).
     #[arg(long, global = true)]
     quick: bool,
-    /// Where chart files (SVG) go.
+    /// Where chart files (SVG) go, relative to the current directory.
     #[arg(long, global = true, default_value = "target/vmtask-charts")]
     out: PathBuf,
 }
@@ -53,7 +58,7 @@ struct SpawnCostArgs {
     /// Repetitions per kind, at least 1; the median is reported [default: 15; --quick 3].
     #[arg(long)]
     reps: Option<usize>,
-    /// Stack size in KiB (the kernel's THREAD_SIZE is 16).
+    /// Stack size in KiB, 16 to 65536 (the kernel's THREAD_SIZE is 16).
     #[arg(long, default_value_t = 16)]
     stack_kib: usize,
 }
@@ -63,7 +68,7 @@ struct RcuFreeArgs {
     /// Seconds per storm, at least 0.01 [default: 2; --quick 0.2].
     #[arg(long)]
     secs: Option<f64>,
-    /// Per-CPU cache size; repeat for several [default: 2 and 16].
+    /// Per-CPU cache size, 1 to 65536; repeat for several [default: 2 and 16].
     #[arg(long = "cache-size")]
     cache_sizes: Vec<usize>,
     /// Tasks per worker waiting for a grace period before the worker waits;
@@ -84,7 +89,7 @@ struct BalanceArgs {
     /// Seconds per run, at least 0.01 [default: 2; --quick 0.2].
     #[arg(long)]
     secs: Option<f64>,
-    /// Per-CPU cache size.
+    /// Per-CPU cache size, 1 to 65536.
     #[arg(long, default_value_t = 16)]
     cache_size: usize,
 }
@@ -97,9 +102,31 @@ impl SpawnCostArgs {
                 self.count.unwrap_or(if quick { 500 } else { 20_000 }),
             )?,
             reps: at_least_one("--reps", self.reps.unwrap_or(if quick { 3 } else { 15 }))?,
-            stack_size: self.stack_kib * 1024,
+            stack_size: in_range("--stack-kib", self.stack_kib, STACK_KIB)? * 1024,
         })
     }
+}
+
+/// `--stack-kib`: from the kernel's 16 KiB stacks up to 64 MiB, whose
+/// default pool of a million slots still fits in the address space.
+const STACK_KIB: std::ops::RangeInclusive<usize> = 16..=65536;
+/// `--cache-size`: `vmtask_stack::Config::cache_size`'s range.
+const CACHE_SIZE: std::ops::RangeInclusive<usize> = 1..=65536;
+
+/// `value` of `option`, checked against `range` before anything runs.
+fn in_range(
+    option: &str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, Error> {
+    if !range.contains(&value) {
+        return Err(Error::Usage(format!(
+            "{option} {value} is out of range: must be {} to {}",
+            range.start(),
+            range.end()
+        )));
+    }
+    Ok(value)
 }
 
 /// `value` of `option`, which counts something an experiment needs at least
@@ -146,7 +173,10 @@ impl RcuFreeArgs {
             cache_sizes: if self.cache_sizes.is_empty() {
                 vec![2, 16]
             } else {
-                self.cache_sizes.clone()
+                self.cache_sizes
+                    .iter()
+                    .map(|&n| in_range("--cache-size", n, CACHE_SIZE))
+                    .collect::<Result<_, _>>()?
             },
             max_deferred: at_least_one("--max-deferred", self.max_deferred)?,
         })
@@ -168,7 +198,7 @@ impl BalanceArgs {
     fn params(&self, quick: bool) -> Result<balance::Params, Error> {
         Ok(balance::Params {
             duration: seconds(self.secs, quick)?,
-            cache_size: self.cache_size,
+            cache_size: in_range("--cache-size", self.cache_size, CACHE_SIZE)?,
         })
     }
 }
@@ -343,6 +373,9 @@ fn main() -> ExitCode {
     let quick = cli.common.quick;
     let heading = cli.command.as_ref().map_or("vmtask tour", Command::heading);
     let result = Plan::new(cli.command, quick).and_then(|plan| {
+        // A chart directory that cannot be written fails now, not after
+        // the first experiment has run.
+        vmtask_cli::chart::check_dir(&cli.common.out)?;
         let bar = ProgressBar::new(plan.steps());
         bar.set_style(
             ProgressStyle::with_template(
@@ -376,7 +409,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmtask: error: {e}");
-            ExitCode::FAILURE
+            // As clap does for the arguments it rejects itself.
+            if matches!(e, Error::Usage(_)) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -59,14 +59,53 @@ fn quick_balance_subcommand_reports_both_exits() {
 
 #[test]
 fn invalid_configuration_is_an_error_not_a_panic() {
-    let out = vmtask(&["balance", "--secs", "0.1", "--cache-size", "0"]);
+    // Checked before anything runs, named by the flag, exit code 2 as for
+    // what clap rejects itself.
+    for (args, message) in [
+        (
+            &["balance", "--secs", "0.1", "--cache-size", "0"][..],
+            "--cache-size 0 is out of range: must be 1 to 65536",
+        ),
+        (
+            &["rcu-free", "--cache-size", "2", "--cache-size", "70000"][..],
+            "--cache-size 70000 is out of range",
+        ),
+        (
+            &["spawn-cost", "--stack-kib", "0"][..],
+            "--stack-kib 0 is out of range: must be 16 to 65536",
+        ),
+        (
+            &["spawn-cost", "--stack-kib", "18446744073709551615"][..],
+            "--stack-kib 18446744073709551615 is out of range",
+        ),
+    ] {
+        let out = vmtask(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("vmtask: error:") && stderr.contains(message),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?} ran before failing: {stdout}");
+    }
+}
+
+#[test]
+fn unwritable_chart_directory_fails_before_running() {
+    let out = vmtask(&["memory", "--quick", "--out", "/proc/vmtask-no-such-dir"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("vmtask: error:") && stderr.contains("cache_size"),
+        stderr.contains("the chart directory is not writable"),
         "{stderr}"
     );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
