@@ -17,6 +17,18 @@ fn stack_pointer() -> usize {
 /// Bytes of stack left below the current stack pointer, if the caller runs
 /// on a pool stack; `None` on any other stack (a thread's own stack, say),
 /// which this crate does not manage.
+///
+/// ```
+/// use corosensei::{Coroutine, Yielder};
+/// use vmtask_stack::{remaining, StackPool};
+///
+/// assert_eq!(remaining(), None, "a thread's own stack is not the pool's");
+/// let stack = StackPool::global().alloc().unwrap();
+/// let size = stack.size();
+/// let mut co = Coroutine::with_stack(stack, |_: &Yielder<(), ()>, ()| remaining());
+/// let left = co.resume(()).as_return().flatten().unwrap();
+/// assert!(left > 0 && left < size);
+/// ```
 pub fn remaining() -> Option<usize> {
     let sp = stack_pointer();
     match arena::lookup(sp)? {
@@ -48,6 +60,25 @@ pub fn remaining() -> Option<usize> {
 /// and not the 8 KiB just below that page either (room for the frames of
 /// the release call itself): nothing lives in them, as they are stack
 /// below the stack pointer, and they read zeros when next used.
+///
+/// **`Ok` off a pool stack is no guarantee:** check
+/// [`remaining`]`().is_some()` first where the answer matters.
+///
+/// ```
+/// use corosensei::{Coroutine, Yielder};
+/// use vmtask_stack::{ensure, StackError, StackPool};
+///
+/// let mut co = Coroutine::with_stack(
+///     StackPool::global().alloc().unwrap(),
+///     |_: &Yielder<(), ()>, ()| {
+///         // 64 KiB of the 128 KiB stack, resident before a deep call.
+///         ensure(64 * 1024).expect("room and memory for 64 KiB");
+///         // More than the slot holds: an error now, not an overflow later.
+///         matches!(ensure(1 << 20), Err(StackError::TooLarge { .. }))
+///     },
+/// );
+/// assert_eq!(co.resume(()).as_return(), Some(true));
+/// ```
 pub fn ensure(bytes: usize) -> Result<(), StackError> {
     let sp = stack_pointer();
     let Some(Place::Stack(slot)) = arena::lookup(sp) else {
@@ -71,18 +102,26 @@ pub fn ensure(bytes: usize) -> Result<(), StackError> {
 }
 
 fn prefault(addr: usize, len: usize) -> Result<(), StackError> {
-    if !populate_available() {
+    let available = populate_available();
+    if available == Ok(false) {
         touch_pages(addr, len);
         return Ok(());
     }
-    sys::populate_write(addr, len).map_err(|errno| match errno {
-        libc::ENOMEM | libc::EAGAIN => StackError::OutOfMemory { bytes: len },
-        errno => StackError::MapFailed {
+    match sys::populate_write(addr, len) {
+        Ok(()) => Ok(()),
+        Err(libc::ENOMEM | libc::EAGAIN) => Err(StackError::OutOfMemory { bytes: len }),
+        // The probe could not tell (no memory for its scratch mapping),
+        // and the kernel turns out to lack the advice.
+        Err(libc::EINVAL | libc::ENOSYS | libc::EPERM) if available.is_err() => {
+            touch_pages(addr, len);
+            Ok(())
+        }
+        Err(errno) => Err(StackError::MapFailed {
             what: "pre-fault stack pages (MADV_POPULATE_WRITE)",
             bytes: len,
             errno,
-        },
-    })
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -92,10 +131,12 @@ thread_local! {
     static NO_POPULATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn populate_available() -> bool {
+/// Whether the kernel has `MADV_POPULATE_WRITE`; `Err` when the probe
+/// could not tell (see `sys::Probe`).
+fn populate_available() -> Result<bool, i32> {
     #[cfg(test)]
     if NO_POPULATE.with(std::cell::Cell::get) {
-        return false;
+        return Ok(false);
     }
     sys::populate_supported()
 }

@@ -408,12 +408,23 @@ impl StackPool {
     ///
     /// Fails on an invalid `config`, or with
     /// [`StackError::GuardMarkersUnsupported`] when
-    /// [`GuardMode::GuardMarker`] is asked of a kernel without it.
+    /// [`GuardMode::GuardMarker`] is asked of a kernel without it. The
+    /// first pool with `Auto` or `GuardMarker` probes the kernel on a
+    /// two-page scratch mapping; if even that cannot be had (no memory or
+    /// address space left), `new` fails with [`StackError::MapFailed`]
+    /// rather than guess, and the next call probes again.
     pub fn new(config: Config) -> Result<StackPool, StackError> {
         let layout = Layout::new(&config)?;
+        let probe = || {
+            sys::guard_markers_supported().map_err(|errno| StackError::MapFailed {
+                what: "probe for MADV_GUARD_INSTALL on a scratch mapping",
+                bytes: 2 * sys::page_size(),
+                errno,
+            })
+        };
         let markers = match config.guard_mode {
-            GuardMode::Auto => sys::guard_markers_supported(),
-            GuardMode::GuardMarker if sys::guard_markers_supported() => true,
+            GuardMode::Auto => probe()?,
+            GuardMode::GuardMarker if probe()? => true,
             GuardMode::GuardMarker => return Err(StackError::GuardMarkersUnsupported),
             GuardMode::Mprotect => false,
         };
@@ -458,6 +469,20 @@ impl StackPool {
     /// stack parked on an exited thread, else a released slot, else a fresh
     /// slot. Also makes sure this thread has an alternate signal stack, so
     /// an overflow on the new stack can be reported.
+    ///
+    /// ```
+    /// use vmtask_stack::{Config, StackError, StackPool};
+    ///
+    /// let pool = StackPool::new(Config { max_stacks: 2, ..Config::default() })?;
+    /// let a = pool.alloc()?;
+    /// let b = pool.alloc()?;
+    /// assert!(matches!(pool.alloc(), Err(StackError::Exhausted { max_stacks: 2, .. })));
+    /// drop(a); // freed at once, into this thread's place or CPU's magazine
+    /// let c = pool.alloc()?; // the same slot, warm
+    /// assert_eq!(pool.stats().live, 2);
+    /// # drop((b, c));
+    /// # Ok::<(), StackError>(())
+    /// ```
     #[inline]
     pub fn alloc(&self) -> Result<Stack, StackError> {
         let top = self.inner().alloc()?;
@@ -469,6 +494,10 @@ impl StackPool {
     /// Gives back memory held by free stacks: every per-CPU magazine is
     /// emptied into the depot with its stacks' pages below `keep_resident`
     /// released; stacks that do not fit in the depot give back everything.
+    /// The stacks parked on the calling thread and on threads that have
+    /// exited are trimmed too; the one stack each *other live* thread keeps
+    /// parked is not (it is that thread's to take without a lock), so call
+    /// `trim` from each thread that frees stacks where that matters.
     /// Returns the bytes that were resident and are now released.
     pub fn trim(&self) -> usize {
         let inner = self.inner();
@@ -572,8 +601,17 @@ impl Drop for StackPool {
         };
         if !all_free {
             // Some Stack still points here: leak the pool. Its free path
-            // keeps working on the leaked magazines and depot.
-            inner.depot.lock().stacks.extend(free);
+            // keeps working on the leaked magazines and depot. Nothing
+            // will allocate from it again, so the free stacks it holds now
+            // give back all their memory and wait on the released list.
+            free.append(&mut inner.depot.lock().stacks);
+            let size = inner.layout.stack_size;
+            let whole: Vec<_> = free
+                .iter()
+                .map(|&top| (top.as_ptr() as usize - size, size))
+                .collect();
+            sys::release_many(&whole);
+            inner.depot.lock().released.extend(free);
             return;
         }
         // SAFETY: every carved stack is free and no `Stack` refers to the

@@ -6,7 +6,7 @@
 //! failure; callers turn that into a [`StackError`](crate::StackError) that
 //! names what was being done.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// `MADV_GUARD_INSTALL` (Linux 6.13+): turn a range into guard markers that
@@ -214,34 +214,71 @@ pub(crate) fn populate_write(addr: usize, len: usize) -> Result<(), i32> {
 
 /// Faults in `[addr, addr + len)` for writing if the kernel can, as an
 /// optimisation only: on a kernel without `MADV_POPULATE_WRITE` (before
-/// Linux 5.14, or refused by a seccomp filter; probed once) it does
-/// nothing, and a failure (ENOMEM at a memory cgroup's limit, a pending
-/// fatal signal) leaves the pages to be faulted in by their first write,
-/// as they would be without this call.
+/// Linux 5.14, or refused by a seccomp filter) it does nothing, and a
+/// failure (ENOMEM at a memory cgroup's limit, a pending fatal signal)
+/// leaves the pages to be faulted in by their first write, as they would
+/// be without this call.
 pub(crate) fn populate_hint(addr: usize, len: usize) {
-    if populate_supported() {
+    if populate_supported() == Ok(true) {
         let _ = populate_write(addr, len);
     }
 }
 
-/// Whether this kernel lets us use `MADV_POPULATE_WRITE`, probed once on a
-/// scratch mapping (an error on a real stack could have other causes).
-pub(crate) fn populate_supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| probe(1, |p| populate_write(p, page_size()).is_ok()))
+/// Whether this kernel lets us use `MADV_POPULATE_WRITE`, probed on a
+/// scratch mapping (an error on a real stack could have other causes);
+/// see [`Probe`] for what is remembered.
+pub(crate) fn populate_supported() -> Result<bool, i32> {
+    static PROBE: Probe = Probe::new();
+    PROBE.get(1, |p| populate_write(p, page_size()))
 }
 
-/// Runs `test` on a scratch mapping of `pages` pages, then unmaps it; false
-/// if no mapping can be made.
-fn probe(pages: usize, test: impl FnOnce(usize) -> bool) -> bool {
-    let len = pages * page_size();
-    let Ok(scratch) = reserve(len) else {
-        return false;
-    };
-    let ok = test(scratch);
-    // SAFETY: the scratch mapping is ours and nothing else uses it.
-    unsafe { unmap(scratch, len) };
-    ok
+/// A kernel feature probed on a scratch mapping, remembered once the
+/// kernel has answered for certain: yes (the call worked) or no (`EINVAL`,
+/// an advice it does not know; `ENOSYS` or `EPERM`, a seccomp filter). A
+/// probe that fails for want of memory or address space (no scratch
+/// mapping, or the call's `ENOMEM`, `EAGAIN`, `EINTR`) says nothing about
+/// the kernel: it gives that errno for this call and is tried again next
+/// time, so a moment of memory pressure at the first use does not turn a
+/// feature off for the life of the process.
+pub(crate) struct Probe(AtomicU8);
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+
+impl Probe {
+    pub(crate) const fn new() -> Probe {
+        Probe(AtomicU8::new(UNKNOWN))
+    }
+
+    /// The remembered answer, or runs `test` on a scratch mapping of
+    /// `pages` pages (unmapped afterwards); `Err(errno)` when the probe
+    /// could not tell.
+    pub(crate) fn get(
+        &self,
+        pages: usize,
+        test: impl FnOnce(usize) -> Result<(), i32>,
+    ) -> Result<bool, i32> {
+        match self.0.load(Ordering::Relaxed) {
+            YES => return Ok(true),
+            NO => return Ok(false),
+            _ => {}
+        }
+        let len = pages * page_size();
+        let scratch = reserve(len)?;
+        let result = test(scratch);
+        // SAFETY: the scratch mapping is ours and nothing else uses it.
+        unsafe { unmap(scratch, len) };
+        let answer = match result {
+            Ok(()) => true,
+            Err(libc::EINVAL | libc::ENOSYS | libc::EPERM) => false,
+            Err(errno) => return Err(errno),
+        };
+        // Racing probes reach the same answer.
+        self.0
+            .store(if answer { YES } else { NO }, Ordering::Relaxed);
+        Ok(answer)
+    }
 }
 
 /// How many pages of `[addr, addr + len)` (page-aligned) are resident.
@@ -259,11 +296,11 @@ pub(crate) fn resident_pages(addr: usize, len: usize) -> usize {
     vec.iter().filter(|&&b| b & 1 != 0).count()
 }
 
-/// Whether this kernel supports `MADV_GUARD_INSTALL`, probed once on a
-/// scratch mapping.
-pub(crate) fn guard_markers_supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| probe(2, |p| madvise(p, page_size(), MADV_GUARD_INSTALL).is_ok()))
+/// Whether this kernel supports `MADV_GUARD_INSTALL`, probed on a scratch
+/// mapping (see [`Probe`]).
+pub(crate) fn guard_markers_supported() -> Result<bool, i32> {
+    static PROBE: Probe = Probe::new();
+    PROBE.get(2, |p| madvise(p, page_size(), MADV_GUARD_INSTALL))
 }
 
 #[cfg(test)]
@@ -290,7 +327,7 @@ mod tests {
 
     #[test]
     fn guard_markers_install_in_one_batch() {
-        if !guard_markers_supported() {
+        if !guard_markers_supported().unwrap() {
             return;
         }
         let page = page_size();
@@ -348,11 +385,48 @@ mod tests {
         );
     }
 
+    /// Only a definite answer is remembered: a probe that cannot get its
+    /// scratch mapping, or whose call fails for want of memory, answers
+    /// `Err` and runs again next time.
+    #[test]
+    fn probe_remembers_only_definite_answers() {
+        let runs = std::cell::Cell::new(0);
+        let probe = Probe::new();
+        let test = |errno| {
+            let runs = &runs;
+            move |_| {
+                runs.set(runs.get() + 1);
+                if errno == 0 {
+                    Ok(())
+                } else {
+                    Err(errno)
+                }
+            }
+        };
+        assert_eq!(probe.get(1, test(libc::ENOMEM)), Err(libc::ENOMEM));
+        assert_eq!(probe.get(1, test(libc::EAGAIN)), Err(libc::EAGAIN));
+        assert_eq!(probe.get(1, test(0)), Ok(true));
+        assert_eq!(probe.get(1, test(libc::EINVAL)), Ok(true), "remembered");
+        assert_eq!(runs.get(), 3);
+        let probe = Probe::new();
+        assert_eq!(probe.get(1, test(libc::EINVAL)), Ok(false));
+        assert_eq!(probe.get(1, test(0)), Ok(false), "remembered");
+        assert_eq!(runs.get(), 4);
+        // No scratch mapping: `reserve`'s errno, nothing remembered.
+        let probe = Probe::new();
+        assert!(probe.get(usize::MAX / page_size(), test(0)).is_err());
+        assert_eq!(runs.get(), 4);
+        assert_eq!(probe.get(1, test(0)), Ok(true));
+    }
+
     #[test]
     fn populate_probe_matches_a_real_populate() {
         let page = page_size();
         let p = reserve(page).unwrap();
-        assert_eq!(populate_write(p, page).is_ok(), populate_supported());
+        assert_eq!(
+            populate_write(p, page).is_ok(),
+            populate_supported().unwrap()
+        );
         // SAFETY: nothing uses the mapping.
         unsafe { unmap(p, page) };
     }

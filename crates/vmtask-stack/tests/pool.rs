@@ -400,12 +400,38 @@ fn mprotect_mode_allocates_guarded_stacks() {
 
 #[test]
 fn pool_dropped_with_live_stack_leaks_rather_than_unmaps() {
-    let pool = StackPool::new(Config::default()).unwrap();
-    let stack = pool.alloc().unwrap();
-    drop(pool);
-    // SAFETY: the stack's usable memory; it must still be mapped.
-    unsafe { std::ptr::write_bytes(stack.limit(), 7, stack.size()) };
-    drop(stack);
+    on_cpu(0, || {
+        let pool = StackPool::new(Config::default()).unwrap();
+        let stack = pool.alloc().unwrap();
+        // Free stacks with every page touched: the parked one, one in the
+        // magazine, one in the depot (`trim` moves it there).
+        let free: Vec<_> = (0..3).map(|_| pool.alloc().unwrap()).collect();
+        let ranges: Vec<_> = free
+            .iter()
+            .map(|s| (s.limit() as usize, s.size()))
+            .collect();
+        for s in &free {
+            // SAFETY: the stack's usable memory, ours until dropped.
+            unsafe { std::ptr::write_bytes(s.limit(), 1, s.size()) };
+        }
+        let mut free = free.into_iter();
+        drop(free.next());
+        pool.trim();
+        drop(free);
+        drop(pool);
+        // The leaked pool keeps no memory for stacks it will never hand
+        // out again.
+        for &(addr, len) in &ranges {
+            assert_eq!(
+                resident_pages(addr, len),
+                0,
+                "a free stack of the leaked pool"
+            );
+        }
+        // SAFETY: the stack's usable memory; it must still be mapped.
+        unsafe { std::ptr::write_bytes(stack.limit(), 7, stack.size()) };
+        drop(stack);
+    });
 }
 
 /// The `/proc/self/maps` range holding `addr`, if any.
