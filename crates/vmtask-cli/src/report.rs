@@ -108,7 +108,11 @@ pub fn memory_table(r: &Memory) -> String {
             row.phase, row.rss_kib, row.pte_kib, row.kib_per_task
         );
     }
-    let _ = writeln!(out, "\nfinal trim released {} KiB", r.trimmed_bytes / 1024);
+    let _ = writeln!(
+        out,
+        "\nfinal trim released {} KiB (the pool stats below count the pages of every trim)",
+        r.trimmed_bytes / 1024
+    );
     out
 }
 

@@ -88,7 +88,9 @@ impl<T> PerCpu<T> {
     /// If `cpu >= self.len()`.
     #[inline]
     pub fn try_lock(&self, cpu: usize) -> Option<SlotGuard<'_, T>> {
-        let slot = &self.slots[cpu];
+        let Some(slot) = self.slots.get(cpu) else {
+            out_of_range(cpu, self.slots.len())
+        };
         // Test before the read-modify-write: a busy slot costs a shared load,
         // not a cache-line steal.
         if slot.locked.load(Ordering::Relaxed) || slot.locked.swap(true, Ordering::Acquire) {
@@ -169,10 +171,25 @@ impl<T> Drop for SlotGuard<'_, T> {
     }
 }
 
+/// The panic of an index past the slots, naming the misuse.
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn out_of_range(cpu: usize, len: usize) -> ! {
+    panic!("PerCpu: CPU {cpu} out of range: there are {len} slots, one per possible CPU")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    #[should_panic(expected = "PerCpu: CPU 999 out of range")]
+    fn a_cpu_past_the_slots_panics_naming_it() {
+        let slots = PerCpu::new(|cpu| cpu);
+        let _ = slots.lock(999);
+    }
 
     #[test]
     fn current_slot_is_exclusive() {

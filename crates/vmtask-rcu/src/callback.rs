@@ -586,6 +586,22 @@ pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
 /// is the callback thread. A callback that needs a lock the caller holds
 /// while it queues can therefore stall at that limit: queue such callbacks
 /// outside the lock.
+///
+/// A callback that panics is caught where it runs: the panic's message and
+/// `vmtask_rcu: an RCU callback panicked; its object may have leaked` go to
+/// stderr, whatever it had not freed yet stays leaked, and the callbacks
+/// after it run as usual. The same holds for the drops of [`defer_drop`].
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+///
+/// let done = Arc::new(AtomicBool::new(false));
+/// let flag = done.clone();
+/// vmtask_rcu::call(move || flag.store(true, Ordering::Relaxed));
+/// vmtask_rcu::barrier(); // waits for the callback
+/// assert!(done.load(Ordering::Relaxed));
+/// ```
 pub fn call<F: FnOnce() + Send + 'static>(f: F) {
     let node = Box::into_raw(Box::new(CallNode {
         head: RcuHead::new(),
@@ -614,6 +630,25 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// give those to [`call`], whose callbacks never run inside the call that
 /// queued them (they run on the callback thread or a thread waiting in
 /// [`barrier`]).
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+///
+/// static DROPPED: AtomicUsize = AtomicUsize::new(0);
+/// struct Node(u64);
+/// impl Drop for Node {
+///     fn drop(&mut self) {
+///         DROPPED.fetch_add(1, Ordering::Relaxed);
+///     }
+/// }
+///
+/// for i in 0..1000 {
+///     // An object unlinked from a structure that readers may still see.
+///     vmtask_rcu::defer_drop(Box::new(Node(i)));
+/// }
+/// vmtask_rcu::barrier(); // every deferred drop has run
+/// assert_eq!(DROPPED.load(Ordering::Relaxed), 1000);
+/// ```
 pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
     unsafe fn drop_box<T>(data: *mut ()) {
         // SAFETY: `data` came from `Box::into_raw` below.
@@ -910,6 +945,14 @@ unsafe fn run_barrier_node(head: *mut RcuHead) {
 /// period has passed (any thread's): they see this thread's thread-locals,
 /// and must not need a lock the caller holds — which they could not get
 /// from the callback thread either while the caller waits here.
+///
+/// ```
+/// let cell = vmtask_rcu::RcuCell::new(Some(Box::new(1u32)));
+/// cell.store(None); // the 1 is dropped after a grace period
+/// vmtask_rcu::barrier(); // ... which has now passed, and the drop run
+/// let stats = vmtask_rcu::stats();
+/// assert_eq!(stats.callbacks_queued, stats.callbacks_invoked);
+/// ```
 ///
 /// # Panics
 /// Inside a read-side section, or from an RCU callback: both would wait

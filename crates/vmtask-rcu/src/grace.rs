@@ -199,6 +199,28 @@ pub(crate) fn assert_not_reading(what: &str) {
 /// `membarrier` calls (a few µs on a 2-CPU machine) plus the wait for
 /// readers.
 ///
+/// ```
+/// use std::sync::atomic::{AtomicPtr, Ordering};
+///
+/// static CONFIG: AtomicPtr<u32> = AtomicPtr::new(std::ptr::null_mut());
+/// CONFIG.store(Box::into_raw(Box::new(1)), Ordering::Release);
+///
+/// let reader = std::thread::spawn(|| {
+///     let _guard = vmtask_rcu::read_lock();
+///     let p = CONFIG.load(Ordering::Acquire);
+///     // SAFETY: published by a Box and freed only after a grace period,
+///     // which cannot end while `_guard` lives.
+///     assert!(unsafe { *p } >= 1);
+/// });
+/// // Unpublish, wait for every reader that might still see the old
+/// // value, then free it at once.
+/// let old = CONFIG.swap(Box::into_raw(Box::new(2)), Ordering::AcqRel);
+/// vmtask_rcu::synchronize();
+/// // SAFETY: unpublished, and no reader that saw it is left.
+/// drop(unsafe { Box::from_raw(old) });
+/// reader.join().unwrap();
+/// ```
+///
 /// # Panics
 /// If called inside a read-side section (it would deadlock).
 pub fn synchronize() {

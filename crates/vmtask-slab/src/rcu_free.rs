@@ -78,6 +78,20 @@ impl<T> SlabCache<T> {
     /// Until its magazine fills, an object waits; [`flush_rcu`](Self::flush_rcu)
     /// sends partly filled magazines on their way.
     ///
+    /// ```
+    /// use vmtask_slab::{Config, SlabCache};
+    ///
+    /// let cache = SlabCache::new(Config::new("nodes"), || [0u64; 8])?;
+    /// let node = cache.alloc()?;
+    /// // ... unlink `node` from a structure readers walk under read_lock ...
+    /// cache.free_rcu(node);
+    /// assert_eq!(cache.stats().rcu_objects_waiting, 1);
+    /// cache.flush_rcu(); // send the partly filled magazine on its way
+    /// vmtask_rcu::barrier(); // its grace period has passed
+    /// assert_eq!(cache.stats().rcu_objects_waiting, 0);
+    /// # Ok::<(), vmtask_slab::SlabError>(())
+    /// ```
+    ///
     /// # Panics
     /// If `object` belongs to another cache.
     pub fn free_rcu(&self, object: SlabBox<'_, T>) {

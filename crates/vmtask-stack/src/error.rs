@@ -2,8 +2,9 @@
 
 use std::fmt;
 
-/// Why a stack operation failed.
+/// Why a stack operation failed. More kinds may be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StackError {
     /// Every slot the pool may hold (`max_stacks`) is carved and none is
     /// free. Free stacks on any CPU's magazine count as free; a stack a
