@@ -8,7 +8,6 @@
 use crossbeam_utils::CachePadded;
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
 
 use crate::gp::FenceMode;
 
@@ -21,7 +20,8 @@ static FORCED: AtomicU8 = AtomicU8::new(0);
 /// The chosen mode, cached for the readers' fast path.
 /// 0: not chosen yet, 1: membarrier, 2: fences.
 static MODE: CachePadded<AtomicU8> = CachePadded::new(AtomicU8::new(0));
-static CHOSEN: OnceLock<FenceMode> = OnceLock::new();
+/// Held while the mode is chosen, and across `fork`.
+static CHOOSE: crate::sync::Mutex<()> = crate::sync::Mutex::new(());
 
 /// Environment variable that forces the SeqCst-fence fallback when set to
 /// anything but an empty string or `0` (read once, at initialisation), as
@@ -80,20 +80,50 @@ fn choose() -> FenceMode {
 
 /// The process-wide mode, choosing it on first call.
 pub(crate) fn mode() -> FenceMode {
-    *CHOSEN.get_or_init(|| {
-        let mode = choose();
-        // Before any reader can lock (registration calls `mode()` first),
-        // and before any grace period flips the phase.
-        crate::grace::GP.set_mode(mode);
-        MODE.store(
-            match mode {
-                FenceMode::Membarrier => 1,
-                FenceMode::SeqCst => 2,
-            },
-            Ordering::Release,
-        );
-        mode
-    })
+    fn cached() -> Option<FenceMode> {
+        match MODE.load(Ordering::Acquire) {
+            1 => Some(FenceMode::Membarrier),
+            2 => Some(FenceMode::SeqCst),
+            _ => None,
+        }
+    }
+    if let Some(m) = cached() {
+        return m;
+    }
+    // First, so that a fork while the mode is being chosen finds the
+    // handlers that hold `CHOOSE` across it: otherwise the child would find
+    // it held by a thread it does not have.
+    crate::fork::register_handlers();
+    // Never taken with another of the crate's locks held: callers under a
+    // lock (grace periods, flushes) have registered readers, so the mode
+    // was chosen before and they return above.
+    let _choosing = CHOOSE.lock();
+    if let Some(m) = cached() {
+        return m;
+    }
+    let mode = choose();
+    crate::grace::GP.set_mode(mode);
+    MODE.store(
+        match mode {
+            FenceMode::Membarrier => 1,
+            FenceMode::SeqCst => 2,
+        },
+        Ordering::Release,
+    );
+    mode
+}
+
+/// Before `fork`: waits out a choice in progress and holds the lock across
+/// the fork, so the child never finds it held by a thread it lacks.
+pub(crate) fn before_fork() {
+    std::mem::forget(CHOOSE.lock());
+}
+
+/// After `fork`, in the parent and in the child.
+pub(crate) fn after_fork() {
+    // SAFETY: `before_fork` locked it on this thread and leaked the guard;
+    // in the child this thread is the only one.
+    unsafe { CHOOSE.force_unlock() };
 }
 
 /// The mode for a reader that has registered (so `mode()` has run).

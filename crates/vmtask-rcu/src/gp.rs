@@ -53,6 +53,7 @@
 //! themselves.
 
 use crate::sync::{fence, spin, AtomicI32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// One reader nesting level.
 pub(crate) const GP_COUNT: usize = 1;
@@ -374,11 +375,13 @@ pub(crate) trait Updater {
     fn sleep(&self, futex: &AtomicI32);
     /// How many scans before sleeping.
     fn spins(&self) -> usize;
-    /// Called once a grace period has slept `stall_after` times in one
-    /// wait.
+    /// Called once per wait that has lasted `stall_after` since its first
+    /// sleep.
     fn report_stall(&self);
-    /// See `report_stall`.
-    fn stall_after(&self) -> usize;
+    /// See `report_stall`. Time, not a count of sleeps: readers that end
+    /// their sections wake a sleeping updater early, so sleeps say nothing
+    /// of how long it has waited.
+    fn stall_after(&self) -> Duration;
 }
 
 /// Waits until no reader in `readers` is in a section older than the
@@ -387,7 +390,8 @@ pub(crate) trait Updater {
 fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
     let mut pending = readers.to_vec();
     let mut attempts = 0;
-    let mut sleeps = 0;
+    let mut first_sleep: Option<Instant> = None;
+    let mut reported = false;
     loop {
         updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
         if pending.is_empty() {
@@ -408,11 +412,12 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             gp.futex.store(0, Ordering::Relaxed);
             return;
         }
+        let since = *first_sleep.get_or_insert_with(Instant::now);
         updater.sleep(&gp.futex);
         gp.futex.store(0, Ordering::Relaxed);
         attempts = 0;
-        sleeps += 1;
-        if sleeps == updater.stall_after() {
+        if !reported && since.elapsed() >= updater.stall_after() {
+            reported = true;
             updater.report_stall();
         }
     }
@@ -555,8 +560,8 @@ mod loom_model {
             usize::MAX
         }
         fn report_stall(&self) {}
-        fn stall_after(&self) -> usize {
-            usize::MAX
+        fn stall_after(&self) -> Duration {
+            Duration::MAX
         }
     }
 

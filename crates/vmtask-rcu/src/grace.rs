@@ -79,18 +79,19 @@ impl Updater for Real {
                 "vmtask_rcu: a grace period has waited more than {} s for a reader; a thread may \
                  have leaked a ReadGuard (or ended inside a read-side section), which stalls \
                  every later grace period",
-                STALL_AFTER_SLEEPS as u64 * SLEEP_TIMEOUT.as_millis() as u64 / 1000
+                STALL_AFTER.as_secs()
             ));
         }
     }
 
-    fn stall_after(&self) -> usize {
-        STALL_AFTER_SLEEPS
+    fn stall_after(&self) -> Duration {
+        STALL_AFTER
     }
 }
 
-/// Sleeps in one wait after which a grace period reports a stall (~1 s).
-const STALL_AFTER_SLEEPS: usize = 100;
+/// How long one wait for readers lasts before a grace period reports a
+/// stall (once per process).
+const STALL_AFTER: Duration = Duration::from_secs(1);
 
 /// Wakes an updater sleeping in `wait_for_readers` (`wake_up_gp`).
 #[cold]

@@ -173,7 +173,8 @@ mod backstop {
     /// The key, once made. A failure (the process is out of pthread keys)
     /// is not remembered: the next registration tries again. Registrations
     /// are rare, so one lock serves both.
-    static KEY: crate::sync::Mutex<Option<libc::pthread_key_t>> = crate::sync::Mutex::new(None);
+    pub(super) static KEY: crate::sync::Mutex<Option<libc::pthread_key_t>> =
+        crate::sync::Mutex::new(None);
 
     extern "C" fn run(_armed: *mut libc::c_void) {
         let slot = CURRENT.with(Cell::get);
@@ -407,6 +408,8 @@ pub(crate) fn after_fork_child() {
     // SAFETY: `before_fork` locked REGISTRY and leaked the guard; in the
     // child, this thread (the only one) is the owner.
     unsafe { REGISTRY.force_unlock() };
+    // SAFETY: as above.
+    unsafe { backstop::KEY.force_unlock() };
     let registry = REGISTRY.lock();
     let cpu = vmtask_percpu::cpu();
     for slot in registry.iter() {
@@ -425,9 +428,11 @@ pub(crate) fn after_fork_child() {
     }
 }
 
-/// Holds the registry lock across `fork`, so the child sees a consistent
-/// list.
+/// Holds the backstop's key lock, the flush lock, the registry lock and
+/// the callback consumer lock across `fork`, so the child sees a
+/// consistent list and finds none of them held by a thread it lacks.
 pub(crate) fn before_fork() {
+    std::mem::forget(backstop::KEY.lock());
     crate::bag::before_fork();
     std::mem::forget(REGISTRY.lock());
     crate::callback::before_fork();
@@ -440,4 +445,6 @@ pub(crate) fn after_fork_parent() {
     // guard.
     unsafe { REGISTRY.force_unlock() };
     crate::bag::after_fork_parent();
+    // SAFETY: locked by `before_fork` on this thread.
+    unsafe { backstop::KEY.force_unlock() };
 }

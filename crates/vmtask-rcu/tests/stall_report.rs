@@ -1,0 +1,74 @@
+//! The stall report ("a grace period has waited more than 1 s") goes by
+//! time. It used to count the updater's sleeps, which other readers' ends
+//! cut short: a 150 ms wait next to a busy reader reported a 1 s stall,
+//! and, once per process, hid a later real one. Run in child processes
+//! (this binary re-run on itself) to read their stderr.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CHILD: &str = "VMTASK_RCU_STALL_HOLD_MS";
+const REPORT: &str = "has waited more than 1 s for a reader";
+
+/// A reader holds its section for `hold`, another enters and leaves
+/// sections without pause (each end wakes the sleeping updater), and the
+/// main thread waits for a grace period.
+fn wait_next_to_a_busy_reader(hold: Duration) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (entered, wait_entered) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _guard = vmtask_rcu::read_lock();
+            entered.send(()).unwrap();
+            std::thread::sleep(hold);
+        });
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                drop(vmtask_rcu::read_lock());
+            }
+        });
+        wait_entered.recv().unwrap();
+        let start = Instant::now();
+        vmtask_rcu::synchronize();
+        println!("WAITED {} ms", start.elapsed().as_millis());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+fn run_child(hold_ms: u64) -> (String, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_stall_is_reported_by_time_not_by_wake_ups",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, hold_ms.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("WAITED"), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn a_stall_is_reported_by_time_not_by_wake_ups() {
+    if let Some(hold) = std::env::var_os(CHILD) {
+        let hold: u64 = hold.to_str().unwrap().parse().unwrap();
+        wait_next_to_a_busy_reader(Duration::from_millis(hold));
+        return;
+    }
+    let (stdout, stderr) = run_child(200);
+    assert!(
+        !stderr.contains(REPORT),
+        "a 200 ms wait reported a stall:\n{stdout}\n{stderr}"
+    );
+    let (stdout, stderr) = run_child(1300);
+    assert_eq!(
+        stderr.matches(REPORT).count(),
+        1,
+        "a 1.3 s wait reports its stall once:\n{stdout}\n{stderr}"
+    );
+}
