@@ -7,7 +7,7 @@
 
 use crossbeam_utils::CachePadded;
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use crate::gp::FenceMode;
 
@@ -136,8 +136,12 @@ pub(crate) fn reader_mode() -> FenceMode {
     }
 }
 
+/// Heavy barriers issued (for `stats()`).
+pub(crate) static HEAVY_BARRIERS: AtomicU64 = AtomicU64::new(0);
+
 /// `smp_mb_master()`.
 pub(crate) fn heavy_barrier() {
+    HEAVY_BARRIERS.fetch_add(1, Ordering::Relaxed);
     match mode() {
         FenceMode::SeqCst => std::sync::atomic::fence(Ordering::SeqCst),
         FenceMode::Membarrier => {

@@ -372,7 +372,10 @@ pub(crate) trait Updater {
     /// (its thread unregistered) is done.
     fn retain_old(&self, pending: &mut Vec<Self::Reader>, gp_ctr: usize);
     /// Sleep while `futex` is -1 (a reader or a timeout wakes us).
-    fn sleep(&self, futex: &AtomicI32);
+    /// Returns false if the timeout ended it, true if anything else did.
+    fn sleep(&self, futex: &AtomicI32) -> bool;
+    /// Sleep for `time`, no reader can wake us.
+    fn nap(&self, time: Duration);
     /// How many scans before sleeping.
     fn spins(&self) -> usize;
     /// Called once per wait that has lasted `stall_after` since its first
@@ -384,14 +387,31 @@ pub(crate) trait Updater {
     fn stall_after(&self) -> Duration;
 }
 
+/// The first and the longest nap of an updater that readers outside its
+/// wait keep waking (see `wait_for_readers`).
+const FIRST_NAP: Duration = Duration::from_micros(50);
+const LONGEST_NAP: Duration = Duration::from_millis(1);
+
 /// Waits until no reader in `readers` is in a section older than the
 /// current phase. Scans every pending reader per pass, as liburcu does,
-/// dropping those found done.
+/// dropping those found done; spins, then sleeps until a reader that
+/// ends its section wakes it.
+///
+/// Every reader that ends a section while the updater sleeps wakes it,
+/// not only the pending ones, and each sleep costs a heavy barrier (with
+/// membarrier, an interrupt on every CPU running the process). With one
+/// long section pending and other readers busy, that was a heavy barrier
+/// every 60 µs. So once a wake-up finds every pending reader still there,
+/// the wait polls instead: naps from `FIRST_NAP`, doubling to
+/// `LONGEST_NAP`, each followed by a scan, with no heavy barrier and no
+/// wake-ups. A pending section that ends is then seen within a nap, at
+/// most 1 ms late, in a wait that has already outlasted the spinning.
 fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
     let mut pending = readers.to_vec();
     let mut attempts = 0;
     let mut first_sleep: Option<Instant> = None;
     let mut reported = false;
+    let mut napping: Option<Duration> = None;
     loop {
         updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
         if pending.is_empty() {
@@ -402,19 +422,33 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             spin();
             continue;
         }
-        // Announce that we sleep, then re-check: a reader that unlocked
-        // before seeing -1 is visible to the re-check thanks to the heavy
-        // barrier; one that unlocks after will see -1 and wake us.
-        gp.futex.store(-1, Ordering::Relaxed);
-        updater.heavy_barrier();
-        updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
-        if pending.is_empty() {
-            gp.futex.store(0, Ordering::Relaxed);
-            return;
-        }
         let since = *first_sleep.get_or_insert_with(Instant::now);
-        updater.sleep(&gp.futex);
-        gp.futex.store(0, Ordering::Relaxed);
+        if let Some(nap) = napping {
+            // A scan after a nap sees the slots as the spinning scans do:
+            // the grace period's closing heavy barrier orders the rest.
+            updater.nap(nap);
+            napping = Some((nap * 2).min(LONGEST_NAP));
+        } else {
+            // Announce that we sleep, then re-check: a reader that
+            // unlocked before seeing -1 is visible to the re-check thanks
+            // to the heavy barrier; one that unlocks after will see -1 and
+            // wake us.
+            gp.futex.store(-1, Ordering::Relaxed);
+            updater.heavy_barrier();
+            updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+            if pending.is_empty() {
+                gp.futex.store(0, Ordering::Relaxed);
+                return;
+            }
+            let before = pending.len();
+            let woken = updater.sleep(&gp.futex);
+            gp.futex.store(0, Ordering::Relaxed);
+            updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+            if woken && pending.len() == before {
+                // Woken by a reader we do not wait for.
+                napping = Some(FIRST_NAP);
+            }
+        }
         attempts = 0;
         if !reported && since.elapsed() >= updater.stall_after() {
             reported = true;
@@ -553,7 +587,11 @@ mod loom_model {
             let old = (self.0)(gp_ctr);
             pending.retain(|()| old);
         }
-        fn sleep(&self, _futex: &AtomicI32) {
+        fn sleep(&self, _futex: &AtomicI32) -> bool {
+            loom::thread::yield_now();
+            true
+        }
+        fn nap(&self, _time: Duration) {
             loom::thread::yield_now();
         }
         fn spins(&self) -> usize {

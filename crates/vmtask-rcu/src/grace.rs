@@ -49,7 +49,7 @@ impl Updater for Real {
         registry::retain_old(pending, gp_ctr);
     }
 
-    fn sleep(&self, futex: &AtomicI32) {
+    fn sleep(&self, futex: &AtomicI32) -> bool {
         let timeout = libc::timespec {
             tv_sec: 0,
             tv_nsec: SLEEP_TIMEOUT.as_nanos() as libc::c_long,
@@ -57,15 +57,20 @@ impl Updater for Real {
         // SAFETY: FUTEX_WAIT on a live, aligned i32 with a valid timespec;
         // the kernel only reads both. Returns at once if the value is no
         // longer -1 (a reader already woke us).
-        unsafe {
+        let rc = unsafe {
             libc::syscall(
                 libc::SYS_futex,
                 futex.as_ptr(),
                 libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
                 -1,
                 &timeout as *const libc::timespec,
-            );
-        }
+            )
+        };
+        !(rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT))
+    }
+
+    fn nap(&self, time: Duration) {
+        std::thread::sleep(time);
     }
 
     fn spins(&self) -> usize {

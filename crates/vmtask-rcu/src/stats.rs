@@ -49,6 +49,10 @@ pub struct Stats {
     pub expedited: u64,
     /// Times a caller waited at the hard backlog limit.
     pub throttled: u64,
+    /// Heavy barriers the updaters issued: `membarrier` calls, each an
+    /// interrupt on every CPU running one of the process's threads (or
+    /// SeqCst fences in the fallback mode).
+    pub heavy_barriers: u64,
     /// Threads registered as readers now.
     pub readers: usize,
     /// The barrier in use.
@@ -70,6 +74,7 @@ pub fn stats() -> Stats {
         backlog_high_water: callback::BACKLOG_HIGH.load(Ordering::Relaxed),
         expedited: callback::EXPEDITED.load(Ordering::Relaxed),
         throttled: callback::THROTTLED.load(Ordering::Relaxed),
+        heavy_barriers: crate::fence::HEAVY_BARRIERS.load(Ordering::Relaxed),
         readers: crate::registry::registered(),
         mode: match crate::fence::mode() {
             FenceMode::Membarrier => BarrierMode::Membarrier,
@@ -104,6 +109,7 @@ impl fmt::Display for Stats {
             "backlog:             high-water {}, expedited {}x, throttled {}x",
             self.backlog_high_water, self.expedited, self.throttled
         )?;
+        writeln!(f, "heavy barriers:      {}", self.heavy_barriers)?;
         write!(f, "registered readers:  {}", self.readers)
     }
 }

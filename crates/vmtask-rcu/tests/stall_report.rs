@@ -1,8 +1,11 @@
-//! The stall report ("a grace period has waited more than 1 s") goes by
-//! time. It used to count the updater's sleeps, which other readers' ends
-//! cut short: a 150 ms wait next to a busy reader reported a 1 s stall,
-//! and, once per process, hid a later real one. Run in child processes
-//! (this binary re-run on itself) to read their stderr.
+//! A grace period waiting for a long section while other readers are busy.
+//! Every reader's unlock used to wake the sleeping updater, which then
+//! issued another heavy barrier (a membarrier: an interrupt on every CPU)
+//! and slept again, thousands of times a second; and as the stall report
+//! ("a grace period has waited more than 1 s") counted those sleeps, a
+//! 150 ms wait reported a 1 s stall and, once per process, hid a later
+//! real one. Run in child processes (this binary re-run on itself) to read
+//! their stderr.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -28,9 +31,11 @@ fn wait_next_to_a_busy_reader(hold: Duration) {
             }
         });
         wait_entered.recv().unwrap();
+        let barriers = vmtask_rcu::stats().heavy_barriers;
         let start = Instant::now();
         vmtask_rcu::synchronize();
         println!("WAITED {} ms", start.elapsed().as_millis());
+        println!("BARRIERS {}", vmtask_rcu::stats().heavy_barriers - barriers);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
@@ -64,6 +69,19 @@ fn a_stall_is_reported_by_time_not_by_wake_ups() {
     assert!(
         !stderr.contains(REPORT),
         "a 200 ms wait reported a stall:\n{stdout}\n{stderr}"
+    );
+    // The busy reader no longer drives the updater: a few heavy barriers
+    // for the grace period, not one per wake-up (about 3,000 before).
+    let barriers: u64 = stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("BARRIERS ")
+                .map(|(_, n)| n.trim().parse().unwrap())
+        })
+        .expect("the child printed its barrier count");
+    assert!(
+        barriers <= 20,
+        "{barriers} heavy barriers in a 200 ms wait:\n{stdout}"
     );
     let (stdout, stderr) = run_child(1300);
     assert_eq!(
