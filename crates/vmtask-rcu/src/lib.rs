@@ -50,7 +50,10 @@
 //!
 //! Known limits: callbacks and drops in flight in another thread at the
 //! moment of a `fork` (being queued, run, or added to its batch) are lost
-//! in the child (never run; the parent is unaffected); a thread whose *first* use of RCU comes from the last
+//! in the child (never run; the parent is unaffected); the read-side
+//! sections of the threads a fork leaves behind end in the child, so a
+//! reference such a section handed to the forking thread is no longer
+//! protected there (as in liburcu); a thread whose *first* use of RCU comes from the last
 //! round of its pthread-key destructors (after a key destructor has
 //! re-armed its key three times) exits still registered, and a later grace
 //! period may then read its freed thread-local memory (the registration
