@@ -188,14 +188,57 @@ unsafe impl Send for CpuCache {}
 // SAFETY: as above.
 unsafe impl Sync for CpuCache {}
 
+/// A [`CpuCache`] whose areas could not be allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheAllocError {
+    /// Pointers per CPU asked for.
+    pub capacity: usize,
+    /// Possible CPUs, one area each.
+    pub cpus: usize,
+    /// Bytes the allocator refused, or `None` if the size overflows.
+    pub bytes: Option<usize>,
+}
+
+impl fmt::Display for CacheAllocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let CacheAllocError {
+            capacity,
+            cpus,
+            bytes,
+        } = self;
+        write!(
+            f,
+            "CpuCache of {capacity} pointers per CPU for {cpus} possible CPUs: "
+        )?;
+        match bytes {
+            Some(bytes) => write!(f, "the allocator refused {bytes} bytes"),
+            None => f.write_str("the size overflows the address space"),
+        }
+    }
+}
+
+impl std::error::Error for CacheAllocError {}
+
 impl CpuCache {
     /// A cache holding up to `capacity` pointers per CPU, in the mode
     /// [`cache_mode()`] picks.
     ///
     /// # Panics
-    /// If `capacity` is 0, or so large that the areas cannot be allocated.
+    /// If `capacity` is 0, or so large that the areas cannot be allocated
+    /// ([`CpuCache::try_new`] returns an error instead).
     pub fn new(capacity: usize) -> Self {
         Self::with_mode(capacity, cache_mode())
+    }
+
+    /// As [`CpuCache::new`], but an allocation that fails (a `capacity`
+    /// too large for the machine's possible CPUs: the cache takes
+    /// `capacity` pointers per possible CPU) is an error, not a panic or
+    /// an abort.
+    ///
+    /// # Panics
+    /// If `capacity` is 0.
+    pub fn try_new(capacity: usize) -> Result<Self, CacheAllocError> {
+        Self::try_with_mode(capacity, cache_mode())
     }
 
     /// A cache in `mode` if this process supports it: asking for
@@ -206,6 +249,14 @@ impl CpuCache {
     /// # Panics
     /// As [`CpuCache::new`].
     pub fn with_mode(capacity: usize, mode: CacheMode) -> Self {
+        Self::try_with_mode(capacity, mode).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`CpuCache::with_mode`], with the errors of [`CpuCache::try_new`].
+    ///
+    /// # Panics
+    /// If `capacity` is 0.
+    pub fn try_with_mode(capacity: usize, mode: CacheMode) -> Result<Self, CacheAllocError> {
         assert!(capacity > 0, "CpuCache capacity must be at least 1");
         let mode = match mode {
             CacheMode::Rseq if rseq_cache_supported() => CacheMode::Rseq,
@@ -218,14 +269,19 @@ impl CpuCache {
             CacheMode::TryLock => 0,
         };
         let cpus = possible_cpus();
-        let layout = Self::layout(capacity, cpus);
+        let error = |bytes| CacheAllocError {
+            capacity,
+            cpus,
+            bytes,
+        };
+        let layout = Self::layout(capacity, cpus).ok_or(error(None))?;
         // SAFETY: the layout has a nonzero size (cpus >= 1, stride >= 128).
         let base = unsafe { alloc::alloc_zeroed(layout) };
         if base.is_null() {
-            alloc::handle_alloc_error(layout);
+            return Err(error(Some(layout.size())));
         }
         // All-zero areas are valid: not stopped, empty.
-        CpuCache {
+        Ok(CpuCache {
             table: Table {
                 base,
                 stride: layout.size() / cpus,
@@ -234,20 +290,18 @@ impl CpuCache {
             },
             mode,
             rseq_offset,
-        }
+        })
     }
 
-    /// The allocation holding `cpus` areas of `capacity` slots.
-    fn layout(capacity: usize, cpus: usize) -> Layout {
+    /// The allocation holding `cpus` areas of `capacity` slots, if its size
+    /// fits in an `isize`.
+    fn layout(capacity: usize, cpus: usize) -> Option<Layout> {
         capacity
             .checked_mul(size_of::<*mut u8>())
             .and_then(|slots| slots.checked_add(size_of::<AreaHead>()))
             .and_then(|bytes| bytes.checked_next_multiple_of(AREA_ALIGN))
             .and_then(|stride| stride.checked_mul(cpus))
             .and_then(|size| Layout::from_size_align(size, AREA_ALIGN).ok())
-            .unwrap_or_else(|| {
-                panic!("CpuCache capacity {capacity} per CPU is too large for {cpus} CPUs")
-            })
     }
 
     /// Pointers each CPU can hold.
@@ -528,7 +582,8 @@ impl Drop for Exclusive<'_> {
 
 impl Drop for CpuCache {
     fn drop(&mut self) {
-        let layout = Self::layout(self.table.capacity, self.table.cpus);
+        let layout = Self::layout(self.table.capacity, self.table.cpus)
+            .expect("the layout the cache was allocated with");
         // Why this holds: `base` came from `alloc_zeroed` with this same layout;
         // `&mut self` proves no push, pop or drain is in progress (a thread
         // inside a sequence borrows the cache), and the sequences' rseq
@@ -591,6 +646,21 @@ mod tests {
         })
         .join()
         .unwrap()
+    }
+
+    /// A capacity the allocator cannot give is an error naming it, not an
+    /// abort; one whose size overflows says so.
+    #[test]
+    fn try_new_reports_sizes_it_cannot_allocate() {
+        // 1 PiB per CPU: past any address space, whatever the overcommit
+        // policy.
+        let err = CpuCache::try_new((1 << 50) / 8).expect_err("1 PiB per CPU");
+        assert!(err.bytes.is_some_and(|b| b >= 1 << 50), "{err:?}");
+        assert!(err.to_string().contains("the allocator refused"), "{err}");
+        let err = CpuCache::try_new(usize::MAX / 4).expect_err("an overflowing size");
+        assert_eq!(err.bytes, None);
+        assert!(err.to_string().contains("overflows"), "{err}");
+        assert!(CpuCache::try_new(16).is_ok());
     }
 
     #[test]

@@ -75,6 +75,8 @@ mod cpu;
 mod rseq;
 mod slots;
 
-pub use cache::{cache_mode, rseq_cache_supported, CacheMode, CpuCache, NO_RSEQ_ENV};
+pub use cache::{
+    cache_mode, rseq_cache_supported, CacheAllocError, CacheMode, CpuCache, NO_RSEQ_ENV,
+};
 pub use cpu::{cpu, pin_current_thread, possible_cpus, rseq_available};
 pub use slots::{Contended, PerCpu, SlotGuard};

@@ -102,12 +102,23 @@ impl<T: Send + 'static> SlabCache<T> {
             std::mem::size_of::<Slot<T>>(),
             std::mem::align_of::<Slot<T>>(),
         )?;
+        let per_cpu = |capacity| {
+            CpuCache::try_new(capacity).map_err(|source| SlabError::Magazines {
+                cache: config.name.clone(),
+                source,
+            })
+        };
+        let (cpu, spares, pending) = (
+            per_cpu(config.magazine_size)?,
+            per_cpu(SPARE_MAGAZINES)?,
+            per_cpu(config.magazine_size)?,
+        );
         Ok(SlabCache {
             shared: ManuallyDrop::new(Box::new(Shared {
                 typesafe: config.typesafe_by_rcu,
                 magazines: Magazines::new(
-                    CpuCache::new(config.magazine_size),
-                    CpuCache::new(SPARE_MAGAZINES),
+                    cpu,
+                    spares,
                     config.magazine_size,
                     config.depot_magazines,
                 ),
@@ -117,7 +128,7 @@ impl<T: Send + 'static> SlabCache<T> {
                     config.max_bytes,
                     Box::new(ctor),
                 ),
-                rcu: RcuMagazines::new(config.magazine_size),
+                rcu: RcuMagazines::new(pending),
                 releasing: AtomicBool::new(false),
                 name: config.name,
             })),
@@ -146,8 +157,14 @@ impl<T: Send + 'static> SlabCache<T> {
             // period waits for; later readers cannot find them.
             if !empty.is_empty() {
                 shared.releasing.store(true, Ordering::Relaxed);
+                let n = empty.len();
+                let pending = shared.slabs.releasing.clone();
+                pending.fetch_add(n, Ordering::Relaxed);
+                vmtask_rcu::call(move || {
+                    drop(empty);
+                    pending.fetch_sub(n, Ordering::Relaxed);
+                });
             }
-            vmtask_rcu::call(move || drop(empty));
         } else {
             drop(empty);
         }
@@ -228,7 +245,8 @@ impl<T> SlabCache<T> {
             slabs: slabs.slabs,
             objects_in_use,
             objects_free,
-            resident_bytes: slabs.slabs * shared.slabs.slab_bytes(),
+            resident_bytes: (slabs.slabs + shared.slabs.releasing.load(Ordering::Relaxed))
+                * shared.slabs.slab_bytes(),
         }
     }
 }

@@ -42,8 +42,10 @@ pub struct Config {
 
 /// The largest [`Config::magazine_size`]: 65,536 objects, 512 KiB of
 /// pointers per CPU and per magazine. Far past any useful size (the
-/// kernel's largest per-CPU arrays hold a few hundred), and low enough that
-/// the per-CPU arrays are always allocatable.
+/// kernel's largest per-CPU arrays hold a few hundred). The per-CPU arrays
+/// take that per *possible* CPU, twice: where the allocator cannot give it
+/// (a machine that reports thousands of possible CPUs), creating the cache
+/// fails with [`SlabError::Magazines`](crate::SlabError::Magazines).
 pub const MAX_MAGAZINE_SIZE: usize = 1 << 16;
 
 impl Config {

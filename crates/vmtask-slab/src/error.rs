@@ -16,13 +16,23 @@ pub enum SlabError {
         /// What `mmap(2)` reported.
         source: io::Error,
     },
+    /// The per-CPU magazine arrays could not be allocated when the cache
+    /// was created (`magazine_size` pointers per possible CPU, twice).
+    Magazines {
+        /// The cache's name.
+        cache: String,
+        /// What the allocation was and why it failed.
+        source: vmtask_percpu::CacheAllocError,
+    },
     /// The cache reached its configured `max_bytes`.
     Limit {
         /// The cache's name.
         cache: String,
         /// The configured limit in bytes.
         max_bytes: usize,
-        /// Slabs in use.
+        /// Slabs mapped: holding objects or free ones, or (type-stable
+        /// caches) emptied by `shrink` and waiting for a grace period
+        /// before their memory goes back.
         slabs: usize,
         /// Bytes per slab.
         slab_bytes: usize,
@@ -51,9 +61,12 @@ impl fmt::Display for SlabError {
             SlabError::Map { cache, bytes, source } => {
                 write!(f, "slab cache `{cache}`: mapping a new {} slab failed: {source}", Bytes(*bytes))
             }
+            SlabError::Magazines { cache, source } => {
+                write!(f, "slab cache `{cache}`: allocating its per-CPU magazines failed: {source}")
+            }
             SlabError::Limit { cache, max_bytes, slabs, slab_bytes } => write!(
                 f,
-                "slab cache `{cache}`: limit of {} reached ({slabs} slabs of {} in use)",
+                "slab cache `{cache}`: limit of {} reached ({slabs} slabs of {} mapped)",
                 Bytes(*max_bytes),
                 Bytes(*slab_bytes)
             ),
@@ -73,6 +86,7 @@ impl std::error::Error for SlabError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SlabError::Map { source, .. } => Some(source),
+            SlabError::Magazines { source, .. } => Some(source),
             _ => None,
         }
     }

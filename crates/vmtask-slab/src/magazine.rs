@@ -284,7 +284,6 @@ impl<C: CpuMagazines> Magazines<C> {
 
     #[cold]
     fn alloc_slow(&self, backing: &impl Backing) -> Result<NonNull<u8>, SlabError> {
-        self.counters.add(Event::AllocMiss, 1);
         let mut magazine = match self.depot.take_full() {
             Some(magazine) => {
                 self.counters.add(Event::DepotGet, 1);
@@ -313,6 +312,8 @@ impl<C: CpuMagazines> Magazines<C> {
             }
         }
         self.put_full(magazine, true, backing);
+        // Counted once the allocation succeeded: a failed one is no allocation.
+        self.counters.add(Event::AllocMiss, 1);
         Ok(object)
     }
 

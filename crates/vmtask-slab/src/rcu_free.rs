@@ -42,9 +42,10 @@ pub(crate) struct RcuMagazines {
 }
 
 impl RcuMagazines {
-    pub(crate) fn new(magazine_size: usize) -> Self {
+    /// Around `pending`, a cache of `magazine_size` pointers per CPU.
+    pub(crate) fn new(pending: CpuCache) -> Self {
         RcuMagazines {
-            pending: CpuCache::new(magazine_size),
+            pending,
             in_flight: AtomicU64::new(0),
             in_flight_objects: AtomicU64::new(0),
             used: AtomicBool::new(false),
@@ -95,13 +96,14 @@ impl<T> SlabCache<T> {
     /// # Panics
     /// If `object` belongs to another cache.
     pub fn free_rcu(&self, object: SlabBox<'_, T>) {
-        let (cache, slot) = SlabBox::into_slot(object);
+        let cache = SlabBox::cache(&object);
         assert!(
             std::ptr::eq(cache, self),
             "object of slab cache `{}` passed to free_rcu of cache `{}`",
             cache.name(),
             self.name()
         );
+        let (_, slot) = SlabBox::into_slot(object);
         let shared = &*self.shared;
         if !shared.rcu.used.load(Ordering::Relaxed) {
             shared.rcu.used.store(true, Ordering::Relaxed);

@@ -164,6 +164,9 @@ pub(crate) struct SlabLayer<T> {
     max_slabs: usize,
     ctor: Box<dyn Fn() -> T + Send + Sync>,
     set: Mutex<SlabSet<T>>,
+    /// Slabs taken out by a type-stable shrink and not yet released (they
+    /// wait for a grace period): still mapped, so counted against the limit.
+    pub(crate) releasing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Occupancy of the slab layer (a snapshot).
@@ -191,6 +194,7 @@ impl<T> SlabLayer<T> {
                 free: 0,
                 reserved: 0,
             }),
+            releasing: Default::default(),
         }
     }
 
@@ -234,11 +238,12 @@ impl<T> SlabLayer<T> {
                 if taken > 0 {
                     return Ok(taken);
                 }
-                if set.slabs.len() + set.reserved >= self.max_slabs {
+                let releasing = self.releasing.load(std::sync::atomic::Ordering::Relaxed);
+                if set.slabs.len() + set.reserved + releasing >= self.max_slabs {
                     return Err(SlabError::Limit {
                         cache: self.name.clone(),
                         max_bytes: self.max_slabs * self.slab_bytes,
-                        slabs: set.slabs.len(),
+                        slabs: set.slabs.len() + releasing,
                         slab_bytes: self.slab_bytes,
                     });
                 }

@@ -120,8 +120,9 @@ impl Default for Config {
 const USER_ADDRESS_SPACE: usize = 1 << 47;
 const USER_SPACE_TIB: usize = USER_ADDRESS_SPACE >> 40;
 
-/// The largest `cache_size`: far past any useful magazine, and low enough
-/// that the per-CPU arrays are always allocatable.
+/// The largest `cache_size`: far past any useful magazine. The per-CPU
+/// array takes that many pointers per possible CPU; where the allocator
+/// cannot give it, `StackPool::new` fails with `MapFailed`.
 const MAX_CACHE_SIZE: usize = 1 << 16;
 
 /// A validated configuration with page-rounded sizes.

@@ -430,7 +430,11 @@ impl StackPool {
         };
         overflow::install_handler();
         let inner = Box::new(PoolInner {
-            cache: CpuCache::new(layout.cache_size),
+            cache: CpuCache::try_new(layout.cache_size).map_err(|e| StackError::MapFailed {
+                what: "allocate the per-CPU magazines",
+                bytes: e.bytes.unwrap_or(usize::MAX),
+                errno: libc::ENOMEM,
+            })?,
             hits: Tallies::new(),
             depot: SpinLock::new(Depot {
                 stacks: Vec::new(),
