@@ -534,10 +534,13 @@ impl CpuCache {
             if let Err(error) = crate::rseq::fence_cpu(cpu) {
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| {
-                    eprintln!(
+                    // Not `eprintln!`, which panics if stderr is closed.
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "vmtask_percpu: membarrier(PRIVATE_EXPEDITED_RSEQ, cpu {cpu}) failed ({error}); \
                          drains of rseq CpuCaches now leave their pointers in place"
-                    )
+                    );
                 });
                 return None;
             }

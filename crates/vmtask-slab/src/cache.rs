@@ -2,6 +2,7 @@
 //! and the slabs together.
 
 use std::fmt;
+use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -296,7 +297,10 @@ impl<T> SlabCache<T> {
     fn leak(&self, why: &str) {
         let shared: &Shared<T> = &self.shared;
         let slabs = shared.slabs.counts().slabs;
-        eprintln!(
+        // Not `eprintln!`, which panics if stderr is closed: a panic in
+        // `drop` while unwinding aborts.
+        let _ = writeln!(
+            std::io::stderr(),
             "vmtask_slab: cache `{}` dropped {why}; leaking its {slabs} slabs ({} bytes) \
              rather than freeing memory that RCU readers or callbacks may still reach",
             shared.name,
