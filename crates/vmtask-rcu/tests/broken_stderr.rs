@@ -6,7 +6,7 @@
 //! and `barrier` hung). Each scenario runs in a child process whose stderr
 //! is such a pipe; a hang is killed by `alarm`.
 
-use std::process::Command;
+mod child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -83,11 +83,7 @@ fn diagnostics_on_a_broken_stderr_do_not_panic() {
         return child(scenario.to_str().unwrap());
     }
     for scenario in ["callback", "stall"] {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([TEST, "--exact", "--nocapture", "--test-threads=1"])
-            .env(SCENARIO, scenario)
-            .output()
-            .unwrap();
+        let out = child::rerun_test(TEST, SCENARIO, scenario);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains("SCENARIO-OK"),

@@ -9,7 +9,7 @@
 //! reader of their own: std's spawn can itself hang in a fork child of a
 //! multithreaded process, on std's own locks.
 
-use std::process::Command;
+mod child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -112,16 +112,11 @@ fn fork_during_the_first_rcu_call() {
     }
     for round in 0..3 {
         for delay in [0, 20, 50, 100, 200, 400, 800] {
-            let out = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "fork_during_the_first_rcu_call",
-                    "--exact",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(FIRST_USE_CHILD, delay.to_string())
-                .output()
-                .unwrap();
+            let out = child::rerun_test(
+                "fork_during_the_first_rcu_call",
+                FIRST_USE_CHILD,
+                &delay.to_string(),
+            );
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success() && stdout.contains("FORK CHILD OK"),

@@ -7,7 +7,7 @@
 //! real one. Run in child processes (this binary re-run on itself) to read
 //! their stderr.
 
-use std::process::Command;
+mod child;
 use std::time::{Duration, Instant};
 
 const CHILD: &str = "VMTASK_RCU_STALL_HOLD_MS";
@@ -41,16 +41,11 @@ fn wait_next_to_a_busy_reader(hold: Duration) {
 }
 
 fn run_child(hold_ms: u64) -> (String, String) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "a_stall_is_reported_by_time_not_by_wake_ups",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, hold_ms.to_string())
-        .output()
-        .unwrap();
+    let out = child::rerun_test(
+        "a_stall_is_reported_by_time_not_by_wake_ups",
+        CHILD,
+        &hold_ms.to_string(),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}\n{stderr}");

@@ -1,5 +1,8 @@
 //! Running a test scenario in a forked child, so that a hang or a crash is
-//! reported as an exit code instead of taking the test harness down.
+//! reported as an exit code instead of taking the test harness down, or in
+//! a fresh process (this test binary re-run on one test).
+
+#![allow(dead_code)]
 
 /// Runs `child` in a forked child process and returns its exit code.
 pub fn in_child(child: impl FnOnce() -> i32) -> i32 {
@@ -16,4 +19,15 @@ pub fn in_child(child: impl FnOnce() -> i32) -> i32 {
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
     libc::WEXITSTATUS(status)
+}
+
+/// Runs the test `test` of this test binary alone in a new process, with
+/// the environment variable `key` set to `value` (the test's cue to play
+/// the child), and returns what it printed.
+pub fn rerun_test(test: &str, key: &str, value: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(key, value)
+        .output()
+        .unwrap()
 }
