@@ -1053,6 +1053,9 @@ pub(crate) fn after_fork_child() {
         }
     }
     INVOKED.store(queued_total(), Ordering::SeqCst);
+    // A fork from inside a callback: what this thread ran and had not yet
+    // counted is in the reset above.
+    UNREPORTED.with(|c| c.set(0));
     // Throttled threads of the parent are not in the child.
     DRAIN_WAITERS.store(0, Ordering::SeqCst);
     STARTED.store(NOT_STARTED, Ordering::SeqCst);

@@ -60,9 +60,9 @@ fn membarrier(cmd: libc::c_int) -> libc::c_long {
     unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }
 }
 
-fn choose() -> FenceMode {
-    let forced = FORCED.load(Ordering::SeqCst) != 0
-        || std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+/// `env_forced`: the environment variable asks for the fallback.
+fn choose(env_forced: bool) -> FenceMode {
+    let forced = FORCED.load(Ordering::SeqCst) != 0 || env_forced;
     if forced {
         return FenceMode::SeqCst;
     }
@@ -97,11 +97,15 @@ pub(crate) fn mode() -> FenceMode {
     // Never taken with another of the crate's locks held: callers under a
     // lock (grace periods, flushes) have registered readers, so the mode
     // was chosen before and they return above.
+    // Read before taking `CHOOSE`: std holds its environment lock across
+    // the `fork` of some `Command::spawn`s, whose prepare handler (ours)
+    // waits for `CHOOSE`.
+    let env_forced = std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
     let _choosing = CHOOSE.lock();
     if let Some(m) = cached() {
         return m;
     }
-    let mode = choose();
+    let mode = choose(env_forced);
     crate::grace::GP.set_mode(mode);
     MODE.store(
         match mode {

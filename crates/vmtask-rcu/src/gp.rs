@@ -387,10 +387,10 @@ pub(crate) trait Updater {
     fn stall_after(&self) -> Duration;
 }
 
-/// The first and the longest nap of an updater that readers outside its
-/// wait keep waking (see `wait_for_readers`).
-const FIRST_NAP: Duration = Duration::from_micros(50);
-const LONGEST_NAP: Duration = Duration::from_millis(1);
+/// The shortest and the longest nap of an updater that readers outside
+/// its wait keep waking (see `wait_for_readers`).
+const SHORTEST_NAP: Duration = Duration::from_micros(50);
+const LONGEST_NAP: Duration = Duration::from_millis(10);
 
 /// Waits until no reader in `readers` is in a section older than the
 /// current phase. Scans every pending reader per pass, as liburcu does,
@@ -402,16 +402,18 @@ const LONGEST_NAP: Duration = Duration::from_millis(1);
 /// membarrier, an interrupt on every CPU running the process). With one
 /// long section pending and other readers busy, that was a heavy barrier
 /// every 60 µs. So once a wake-up finds every pending reader still there,
-/// the wait polls instead: naps from `FIRST_NAP`, doubling to
-/// `LONGEST_NAP`, each followed by a scan, with no heavy barrier and no
-/// wake-ups. A pending section that ends is then seen within a nap, at
-/// most 1 ms late, in a wait that has already outlasted the spinning.
+/// the wait polls instead: naps of a quarter of the time it has slept so
+/// far (from `SHORTEST_NAP` to `LONGEST_NAP`, the futex timeout), each
+/// followed by a scan, with no heavy barrier and no wake-ups. A pending
+/// section that ends is then seen within a nap: a quarter later than it
+/// could have been at most, and a wait stuck behind a leaked guard wakes
+/// no more often than the futex timeout would.
 fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
     let mut pending = readers.to_vec();
     let mut attempts = 0;
     let mut first_sleep: Option<Instant> = None;
     let mut reported = false;
-    let mut napping: Option<Duration> = None;
+    let mut napping = false;
     loop {
         updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
         if pending.is_empty() {
@@ -423,11 +425,10 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             continue;
         }
         let since = *first_sleep.get_or_insert_with(Instant::now);
-        if let Some(nap) = napping {
+        if napping {
             // A scan after a nap sees the slots as the spinning scans do:
             // the grace period's closing heavy barrier orders the rest.
-            updater.nap(nap);
-            napping = Some((nap * 2).min(LONGEST_NAP));
+            updater.nap((since.elapsed() / 4).clamp(SHORTEST_NAP, LONGEST_NAP));
         } else {
             // Announce that we sleep, then re-check: a reader that
             // unlocked before seeing -1 is visible to the re-check thanks
@@ -444,10 +445,8 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             let woken = updater.sleep(&gp.futex);
             gp.futex.store(0, Ordering::Relaxed);
             updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
-            if woken && pending.len() == before {
-                // Woken by a reader we do not wait for.
-                napping = Some(FIRST_NAP);
-            }
+            // Woken by a reader we do not wait for: poll from now on.
+            napping = woken && pending.len() == before;
         }
         attempts = 0;
         if !reported && since.elapsed() >= updater.stall_after() {

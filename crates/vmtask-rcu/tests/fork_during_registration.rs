@@ -145,3 +145,73 @@ fn first_use_race(delay: Duration) {
     assert_eq!(status, Some(0), "the child hung or failed");
     println!("FORK CHILD OK");
 }
+
+const OTHER_PREPARE_CHILD: &str = "VMTASK_RCU_FIRST_USE_IN_OTHER_PREPARE";
+
+/// Since glibc 2.36 `fork` lets go of its handler lock while it runs each
+/// prepare handler, and runs only the handlers registered when it began.
+/// Here the process's first RCU use (another thread) happens while the
+/// fork sits in another library's prepare handler. Had the crate installed
+/// its handlers on first use, none of them would run for this fork, and
+/// the child would inherit that thread's reader, in a section, never
+/// cleared: its `synchronize` would wait forever. The handlers are
+/// installed at start-up instead.
+#[test]
+fn first_use_inside_another_librarys_prepare_handler() {
+    if std::env::var_os(OTHER_PREPARE_CHILD).is_some() {
+        first_use_in_prepare();
+        return;
+    }
+    let out = child::rerun_test(
+        "first_use_inside_another_librarys_prepare_handler",
+        OTHER_PREPARE_CHILD,
+        "1",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("FORK CHILD OK"),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static IN_PREPARE: AtomicBool = AtomicBool::new(false);
+static READING: AtomicBool = AtomicBool::new(false);
+
+/// Another library's prepare handler: it lets the reader thread make its
+/// first RCU use while the fork waits here (up to half a second).
+extern "C" fn other_librarys_prepare() {
+    IN_PREPARE.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while !READING.load(Ordering::SeqCst) && start.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn first_use_in_prepare() {
+    // SAFETY: registers a handler that lives for the whole program.
+    let rc = unsafe { libc::pthread_atfork(Some(other_librarys_prepare), None, None) };
+    assert_eq!(rc, 0);
+    let reader = std::thread::spawn(|| {
+        while !IN_PREPARE.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        let guard = vmtask_rcu::read_lock();
+        READING.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        drop(guard);
+    });
+    // SAFETY: the child only waits for a grace period and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        vmtask_rcu::synchronize();
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    reader.join().unwrap();
+    let status = wait_child(pid, Duration::from_secs(5));
+    assert_eq!(status, Some(0), "the child hung or failed");
+    println!("FORK CHILD OK");
+}

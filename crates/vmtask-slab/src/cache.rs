@@ -150,26 +150,21 @@ impl<T: Send + 'static> SlabCache<T> {
         let shared = &*self.shared;
         self.flush_rcu();
         shared.magazines.drain_all(&shared.slabs);
-        let empty = shared.slabs.take_empty_slabs();
-        let bytes = empty.iter().map(|slab| slab.bytes()).sum();
         if shared.typesafe {
             // Readers that found an object of these slabs before they left
             // the cache are inside read-side sections that this grace
             // period waits for; later readers cannot find them.
+            let empty = shared.slabs.take_empty_slabs_deferred();
+            let bytes = empty.bytes();
             if !empty.is_empty() {
                 shared.releasing.store(true, Ordering::Relaxed);
-                let n = empty.len();
-                let pending = shared.slabs.releasing.clone();
-                pending.fetch_add(n, Ordering::Relaxed);
-                vmtask_rcu::call(move || {
-                    drop(empty);
-                    pending.fetch_sub(n, Ordering::Relaxed);
-                });
+                vmtask_rcu::call(move || drop(empty));
             }
+            bytes
         } else {
-            drop(empty);
+            let empty = shared.slabs.take_empty_slabs();
+            empty.iter().map(|slab| slab.bytes()).sum()
         }
-        bytes
     }
 }
 

@@ -19,7 +19,8 @@ use std::ptr::{self, NonNull};
 
 use crate::error::SlabError;
 use crate::refcount::RefCount;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One object and its header. Pointers to free objects, in magazines and
 /// the depot, point at the slot.
@@ -166,13 +167,45 @@ pub(crate) struct SlabLayer<T> {
     set: Mutex<SlabSet<T>>,
     /// Slabs taken out by a type-stable shrink and not yet released (they
     /// wait for a grace period): still mapped, so counted against the limit.
-    pub(crate) releasing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) releasing: Arc<AtomicUsize>,
 }
 
 /// Occupancy of the slab layer (a snapshot).
 pub(crate) struct SlabCounts {
     pub(crate) slabs: usize,
     pub(crate) free: usize,
+}
+
+/// Empty slabs on their way back to the system after a grace period,
+/// counted in their layer's `releasing` until they are unmapped.
+pub(crate) struct QueuedRelease<T> {
+    slabs: Vec<SlabMem<T>>,
+    counter: Arc<AtomicUsize>,
+}
+
+impl<T> QueuedRelease<T> {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slabs.is_empty()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.slabs.iter().map(|slab| slab.bytes()).sum()
+    }
+}
+
+impl<T> Drop for QueuedRelease<T> {
+    fn drop(&mut self) {
+        /// Uncounts the slabs after they are gone, also when a `T::drop`
+        /// panics on the way (the limit must not stay reduced).
+        struct Uncount<'a>(&'a AtomicUsize, usize);
+        impl Drop for Uncount<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(self.1, Ordering::Relaxed);
+            }
+        }
+        let _uncount = Uncount(&self.counter, self.slabs.len());
+        drop(std::mem::take(&mut self.slabs));
+    }
 }
 
 impl<T> SlabLayer<T> {
@@ -238,7 +271,7 @@ impl<T> SlabLayer<T> {
                 if taken > 0 {
                     return Ok(taken);
                 }
-                let releasing = self.releasing.load(std::sync::atomic::Ordering::Relaxed);
+                let releasing = self.releasing.load(Ordering::Relaxed);
                 if set.slabs.len() + set.reserved + releasing >= self.max_slabs {
                     return Err(SlabError::Limit {
                         cache: self.name.clone(),
@@ -310,7 +343,24 @@ impl<T> SlabLayer<T> {
     /// Takes every slab whose objects are all free out of the layer; the
     /// caller releases them (now, or after a grace period).
     pub(crate) fn take_empty_slabs(&self) -> Vec<SlabMem<T>> {
+        self.take_empty_locked(&mut self.lock())
+    }
+
+    /// As `take_empty_slabs`, for a release that waits for a grace period:
+    /// the slabs stay counted against the limit, from under the same lock
+    /// that takes them out (so no allocation can map one more in between)
+    /// until the returned value has dropped them.
+    pub(crate) fn take_empty_slabs_deferred(&self) -> QueuedRelease<T> {
         let mut set = self.lock();
+        let slabs = self.take_empty_locked(&mut set);
+        self.releasing.fetch_add(slabs.len(), Ordering::Relaxed);
+        QueuedRelease {
+            slabs,
+            counter: Arc::clone(&self.releasing),
+        }
+    }
+
+    fn take_empty_locked(&self, set: &mut SlabSet<T>) -> Vec<SlabMem<T>> {
         let empty: Vec<usize> = set
             .slabs
             .iter()

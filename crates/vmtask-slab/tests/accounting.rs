@@ -107,3 +107,54 @@ fn free_rcu_of_another_caches_object_loses_nothing() {
     assert_eq!(stats.objects_in_use, 0, "{stats}");
     assert_eq!(a.shrink(), 4096, "the slab is empty again: {stats}");
 }
+
+/// The slabs a type-stable `shrink` takes out are counted under the lock
+/// that takes them: an allocation racing with the shrink must not map a
+/// slab in between, past `max_bytes`. A stress of the race, with grace
+/// periods held off so that nothing is released meanwhile (1.5 s; an
+/// audit's version of it went past the limit in about 1 s before the fix).
+#[test]
+fn limit_holds_while_a_shrink_races_allocations() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    const SLAB: usize = 1 << 16;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        let cache = SlabCache::new(
+            Config {
+                typesafe_by_rcu: true,
+                slab_bytes: SLAB,
+                max_bytes: SLAB,
+                ..Config::new("race")
+            },
+            || 0u64,
+        )
+        .unwrap();
+        let stop = AtomicBool::new(false);
+        let started = AtomicBool::new(false);
+        let worst = std::thread::scope(|s| {
+            let _guard = vmtask_rcu::read_lock();
+            s.spawn(|| {
+                started.store(true, Ordering::SeqCst);
+                while !stop.load(Ordering::Relaxed) {
+                    drop(cache.alloc());
+                }
+            });
+            while !started.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            let mut worst = 0;
+            for _ in 0..200 {
+                drop(cache.alloc());
+                cache.shrink();
+                worst = worst.max(cache.stats().resident_bytes);
+            }
+            stop.store(true, Ordering::Relaxed);
+            worst
+        });
+        assert!(
+            worst <= SLAB,
+            "{worst} bytes mapped under a {SLAB}-byte limit"
+        );
+    }
+}
