@@ -77,8 +77,7 @@ use crossbeam_utils::Backoff;
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 
 use crate::cpu::{cpu, possible_cpus};
 
@@ -136,15 +135,29 @@ pub fn rseq_cache_supported() -> bool {
 /// `VMTASK_PERCPU_NO_RSEQ` is unset, empty or `0`, otherwise
 /// [`CacheMode::TryLock`]. Decided once per process.
 pub fn cache_mode() -> CacheMode {
-    static MODE: OnceLock<CacheMode> = OnceLock::new();
-    *MODE.get_or_init(|| {
-        let forced_off = std::env::var_os(NO_RSEQ_ENV).is_some_and(|v| !v.is_empty() && v != "0");
-        if !forced_off && rseq_cache_supported() {
-            CacheMode::Rseq
-        } else {
-            CacheMode::TryLock
-        }
-    })
+    // Not a `OnceLock`: a fork while another thread initialises one leaves
+    // the child waiting for that thread forever. Racing first calls reach
+    // the same answer. 0: not decided yet, 1: rseq, 2: try-lock.
+    static MODE: AtomicU8 = AtomicU8::new(0);
+    match MODE.load(Ordering::Relaxed) {
+        1 => return CacheMode::Rseq,
+        2 => return CacheMode::TryLock,
+        _ => {}
+    }
+    let forced_off = std::env::var_os(NO_RSEQ_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    let mode = if !forced_off && rseq_cache_supported() {
+        CacheMode::Rseq
+    } else {
+        CacheMode::TryLock
+    };
+    MODE.store(
+        match mode {
+            CacheMode::Rseq => 1,
+            CacheMode::TryLock => 2,
+        },
+        Ordering::Relaxed,
+    );
+    mode
 }
 
 /// Where the areas are; read by the rseq sequences at fixed offsets.

@@ -13,7 +13,6 @@
 //! and a bounds check; no `OnceLock` and no call.
 
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 /// `RSEQ.offset` before the first look-up.
 const OFFSET_UNKNOWN: isize = isize::MIN;
@@ -168,8 +167,15 @@ fn sched_getcpu() -> usize {
 /// The number of CPUs that can ever be online (`/sys/devices/system/cpu/possible`),
 /// which bounds every CPU number [`cpu()`] returns.
 pub fn possible_cpus() -> usize {
-    static POSSIBLE: OnceLock<usize> = OnceLock::new();
-    *POSSIBLE.get_or_init(|| {
+    // Not a `OnceLock`: a fork while another thread initialises one leaves
+    // the child waiting for that thread forever. Racing first calls reach
+    // the same answer.
+    static POSSIBLE: AtomicUsize = AtomicUsize::new(0);
+    match POSSIBLE.load(Ordering::Relaxed) {
+        0 => {}
+        n => return n,
+    }
+    let n = {
         let from_sysfs = std::fs::read_to_string("/sys/devices/system/cpu/possible")
             .ok()
             .and_then(|s| parse_cpu_list_max(s.trim()))
@@ -182,7 +188,9 @@ pub fn possible_cpus() -> usize {
             1
         };
         from_sysfs.unwrap_or(configured).max(configured).max(1)
-    })
+    };
+    POSSIBLE.store(n, Ordering::Relaxed);
+    n
 }
 
 /// The highest CPU in a list such as `0-3,8,10-11`.

@@ -58,8 +58,7 @@
 #[cfg(test)]
 use std::cell::Cell;
 use std::mem::offset_of;
-use std::sync::atomic::{fence, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{fence, AtomicU8, Ordering};
 
 use crate::cache::{AreaHead, Table};
 
@@ -86,28 +85,44 @@ thread_local! {
 /// (Linux 5.10+), which [`fence_cpu`] needs. Registers this process for
 /// that membarrier on the first call.
 pub(crate) fn supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        if !crate::cpu::rseq_available() {
-            return false;
-        }
-        let both = libc::c_long::from(
-            MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ | MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ,
-        );
-        let query = membarrier(MEMBARRIER_CMD_QUERY, 0, 0);
-        if query < 0 || query & both != both {
-            return false;
-        }
-        if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0) != 0 {
-            return false;
-        }
-        // Older kernels know the command but reject the CPU flag (EINVAL).
-        membarrier(
-            MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ,
-            MEMBARRIER_CMD_FLAG_CPU,
-            crate::cpu() as libc::c_int,
-        ) == 0
-    })
+    // Not a `OnceLock`: a fork while another thread initialises one leaves
+    // the child waiting for that thread forever. Racing first calls reach
+    // the same answer (registering twice is harmless).
+    static SUPPORTED: AtomicU8 = AtomicU8::new(UNKNOWN);
+    match SUPPORTED.load(Ordering::Relaxed) {
+        YES => return true,
+        NO => return false,
+        _ => {}
+    }
+    let supported = probe_supported();
+    SUPPORTED.store(if supported { YES } else { NO }, Ordering::Relaxed);
+    supported
+}
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+
+fn probe_supported() -> bool {
+    if !crate::cpu::rseq_available() {
+        return false;
+    }
+    let both = libc::c_long::from(
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ | MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ,
+    );
+    let query = membarrier(MEMBARRIER_CMD_QUERY, 0, 0);
+    if query < 0 || query & both != both {
+        return false;
+    }
+    if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0) != 0 {
+        return false;
+    }
+    // Older kernels know the command but reject the CPU flag (EINVAL).
+    membarrier(
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ,
+        MEMBARRIER_CMD_FLAG_CPU,
+        crate::cpu() as libc::c_int,
+    ) == 0
 }
 
 /// Whether the kernel lists the rseq membarrier commands (Linux 5.10+,

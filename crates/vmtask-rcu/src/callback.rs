@@ -33,7 +33,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::collections::VecDeque;
 use std::ptr;
 use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 use vmtask_percpu::cpu;
@@ -314,15 +314,41 @@ unsafe fn run_call_node<F: FnOnce()>(head: *mut RcuHead) {
 
 struct Callbacks {
     queues: Box<[Queue]>,
-    /// Serialises queue consumers (the thread, barrier's flush).
-    consumer: Mutex<()>,
 }
 
-static CALLBACKS: OnceLock<Callbacks> = OnceLock::new();
+/// Serialises queue consumers (the thread, barrier's flush). A static of
+/// its own, so that the fork handlers, which hold it across `fork`, never
+/// build the callback machinery of a program that does not use RCU.
+static CONSUMER: Mutex<()> = Mutex::new(());
 
+/// The callback machinery once built; built under `CALLBACKS_INIT`, which
+/// `fork` holds too, so that a child never inherits it half-built.
+static CALLBACKS: AtomicPtr<Callbacks> = AtomicPtr::new(ptr::null_mut());
+static CALLBACKS_INIT: Mutex<()> = Mutex::new(());
+
+/// The callback machinery, if built.
+fn callbacks_if_built() -> Option<&'static Callbacks> {
+    // SAFETY: a non-null pointer was leaked from a Box below and is never
+    // freed.
+    unsafe { CALLBACKS.load(Ordering::Acquire).as_ref() }
+}
+
+#[inline]
 fn callbacks() -> &'static Callbacks {
-    CALLBACKS.get_or_init(|| {
-        crate::fork::register_handlers();
+    match callbacks_if_built() {
+        Some(cb) => cb,
+        None => build_callbacks(),
+    }
+}
+
+#[cold]
+fn build_callbacks() -> &'static Callbacks {
+    crate::fork::register_handlers();
+    let _building = CALLBACKS_INIT.lock();
+    if let Some(cb) = callbacks_if_built() {
+        return cb;
+    }
+    let cb: &'static Callbacks = Box::leak(Box::new({
         let queues: Box<[Queue]> = (0..vmtask_percpu::possible_cpus())
             .map(|_| Queue {
                 head: CachePadded::new(RcuHead::new()),
@@ -334,11 +360,10 @@ fn callbacks() -> &'static Callbacks {
         for q in queues.iter() {
             q.tail.store(q.stub(), Ordering::Relaxed);
         }
-        Callbacks {
-            queues,
-            consumer: Mutex::new(()),
-        }
-    })
+        Callbacks { queues }
+    }));
+    CALLBACKS.store(ptr::from_ref(cb).cast_mut(), Ordering::Release);
+    cb
 }
 
 // Thread state. STARTED: NOT_STARTED, STARTING or RUNNING. Flags that
@@ -893,7 +918,7 @@ fn callback_thread() {
         flush_bags(false);
         let need_gp = NEED_GP.swap(false, Ordering::SeqCst);
         let batch: Vec<_> = {
-            let _consumer = cb.consumer.lock();
+            let _consumer = CONSUMER.lock();
             cb.queues.iter().filter_map(Queue::splice).collect()
         };
         if batch.is_empty() {
@@ -1006,15 +1031,21 @@ pub fn barrier() {
     }
 }
 
-/// Before `fork`: no queue is being spliced.
+/// Before `fork`: no queue is being spliced, and the machinery is not
+/// half-built. Takes only locks (nothing is built here).
 pub(crate) fn before_fork() {
-    std::mem::forget(callbacks().consumer.lock());
+    std::mem::forget(CONSUMER.lock());
+    std::mem::forget(CALLBACKS_INIT.lock());
 }
 
 /// In the parent after `fork`.
 pub(crate) fn after_fork_parent() {
-    // SAFETY: `before_fork` locked it on this thread and leaked the guard.
-    unsafe { callbacks().consumer.force_unlock() };
+    // SAFETY: `before_fork` locked both on this thread and leaked the
+    // guards.
+    unsafe {
+        CALLBACKS_INIT.force_unlock();
+        CONSUMER.force_unlock();
+    }
 }
 
 /// In the fork child: the callback thread is gone; start anew on next use.
@@ -1038,8 +1069,11 @@ fn reachable_end(first: *mut RcuHead, last: *mut RcuHead) -> *mut RcuHead {
 }
 
 pub(crate) fn after_fork_child() {
+    // SAFETY: `before_fork` locked it on the forking thread, the only
+    // thread of the child, and leaked the guard.
+    unsafe { CALLBACKS_INIT.force_unlock() };
     // Before anything can push or invoke: no link may be missing for good.
-    for queue in callbacks().queues.iter() {
+    for queue in callbacks_if_built().iter().flat_map(|cb| cb.queues.iter()) {
         queue.cut_after_fork();
     }
     if READY.is_locked() {
@@ -1052,7 +1086,9 @@ pub(crate) fn after_fork_child() {
             *last = reachable_end(*first, *last);
         }
     }
-    INVOKED.store(queued_total(), Ordering::SeqCst);
+    // (Nothing queued if the machinery was never built; none is built here.)
+    let queued = callbacks_if_built().map_or(0, |_| queued_total());
+    INVOKED.store(queued, Ordering::SeqCst);
     // A fork from inside a callback: what this thread ran and had not yet
     // counted is in the reset above.
     UNREPORTED.with(|c| c.set(0));
@@ -1070,7 +1106,7 @@ pub(crate) fn after_fork_child() {
             INVOKING.force_unlock();
         }
         // `before_fork` held it across the fork.
-        callbacks().consumer.force_unlock();
+        CONSUMER.force_unlock();
     }
     *THREAD.lock() = None;
 }
