@@ -136,8 +136,9 @@ pub fn rseq_cache_supported() -> bool {
 /// [`CacheMode::TryLock`]. Decided once per process.
 pub fn cache_mode() -> CacheMode {
     // Not a `OnceLock`: a fork while another thread initialises one leaves
-    // the child waiting for that thread forever. Racing first calls reach
-    // the same answer. 0: not decided yet, 1: rseq, 2: try-lock.
+    // the child waiting for that thread forever. The first answer
+    // published is every caller's. 0: not decided yet, 1: rseq, 2:
+    // try-lock.
     static MODE: AtomicU8 = AtomicU8::new(0);
     match MODE.load(Ordering::Relaxed) {
         1 => return CacheMode::Rseq,
@@ -150,14 +151,15 @@ pub fn cache_mode() -> CacheMode {
     } else {
         CacheMode::TryLock
     };
-    MODE.store(
-        match mode {
-            CacheMode::Rseq => 1,
-            CacheMode::TryLock => 2,
-        },
-        Ordering::Relaxed,
-    );
-    mode
+    let code = match mode {
+        CacheMode::Rseq => 1,
+        CacheMode::TryLock => 2,
+    };
+    match MODE.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => mode,
+        Err(1) => CacheMode::Rseq,
+        Err(_) => CacheMode::TryLock,
+    }
 }
 
 /// Where the areas are; read by the rseq sequences at fixed offsets.

@@ -168,8 +168,10 @@ fn sched_getcpu() -> usize {
 /// which bounds every CPU number [`cpu()`] returns.
 pub fn possible_cpus() -> usize {
     // Not a `OnceLock`: a fork while another thread initialises one leaves
-    // the child waiting for that thread forever. Racing first calls reach
-    // the same answer.
+    // the child waiting for that thread forever. Racing first calls may
+    // compute different answers (the fallback below counts the calling
+    // thread's affinity), so the first to publish wins and every caller
+    // returns its answer: per-CPU arrays are sized by it.
     static POSSIBLE: AtomicUsize = AtomicUsize::new(0);
     match POSSIBLE.load(Ordering::Relaxed) {
         0 => {}
@@ -189,8 +191,16 @@ pub fn possible_cpus() -> usize {
         };
         from_sysfs.unwrap_or(configured).max(configured).max(1)
     };
-    POSSIBLE.store(n, Ordering::Relaxed);
-    n
+    publish_first(&POSSIBLE, n)
+}
+
+/// Publishes `n` in `cell` (0: nothing yet) unless a value is there, and
+/// returns the value that is.
+fn publish_first(cell: &AtomicUsize, n: usize) -> usize {
+    match cell.compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => n,
+        Err(first) => first,
+    }
 }
 
 /// The highest CPU in a list such as `0-3,8,10-11`.
@@ -228,6 +238,17 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Racing first calls of `possible_cpus` may compute different counts
+    /// (its fallback counts the caller's affinity): all of them return the
+    /// first one published, which sizes every per-CPU array.
+    #[test]
+    fn the_first_published_count_is_everyones() {
+        let cell = AtomicUsize::new(0);
+        assert_eq!(publish_first(&cell, 1), 1);
+        assert_eq!(publish_first(&cell, 2), 1, "a later, different answer");
+        assert_eq!(cell.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn cpu_list_parses() {

@@ -86,17 +86,20 @@ thread_local! {
 /// that membarrier on the first call.
 pub(crate) fn supported() -> bool {
     // Not a `OnceLock`: a fork while another thread initialises one leaves
-    // the child waiting for that thread forever. Racing first calls reach
-    // the same answer (registering twice is harmless).
+    // the child waiting for that thread forever. The first answer
+    // published is every caller's; a "yes" means its caller registered the
+    // process (registering twice is harmless).
     static SUPPORTED: AtomicU8 = AtomicU8::new(UNKNOWN);
     match SUPPORTED.load(Ordering::Relaxed) {
         YES => return true,
         NO => return false,
         _ => {}
     }
-    let supported = probe_supported();
-    SUPPORTED.store(if supported { YES } else { NO }, Ordering::Relaxed);
-    supported
+    let answer = if probe_supported() { YES } else { NO };
+    match SUPPORTED.compare_exchange(UNKNOWN, answer, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => answer == YES,
+        Err(first) => first == YES,
+    }
 }
 
 const UNKNOWN: u8 = 0;

@@ -1086,7 +1086,9 @@ pub(crate) fn after_fork_child() {
             *last = reachable_end(*first, *last);
         }
     }
-    // (Nothing queued if the machinery was never built; none is built here.)
+    // (Nothing queued if the machinery was never built. It may be built
+    // below, when the registry's handler queues the bags of threads that
+    // did not survive the fork: single-threaded, after its lock is free.)
     let queued = callbacks_if_built().map_or(0, |_| queued_total());
     INVOKED.store(queued, Ordering::SeqCst);
     // A fork from inside a callback: what this thread ran and had not yet

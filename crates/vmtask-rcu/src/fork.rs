@@ -58,9 +58,9 @@ extern "C" fn child() {
 
 /// Installs the handlers when the program starts (or, for a library
 /// loaded at run time, when it is loaded): glibc calls the functions in
-/// `.init_array` before `main`, while the process has one thread (a
-/// library loaded with `dlopen` runs them at load time, while other threads
-/// may run: `install` copes with a fork then).
+/// `.init_array` before `main`, while the process has one thread. (A
+/// library loaded with `dlopen` runs them at load time, while other
+/// threads may run: see `install` for what that leaves open.)
 ///
 /// Why not lazily, on first use: since glibc 2.36 `fork` lets go of its
 /// handler lock while it runs each prepare handler and runs only the
@@ -107,12 +107,19 @@ const REGISTERED: i64 = -2;
 /// Installs the handlers unless they are.
 ///
 /// The start-up constructor does it while nothing else runs. Where it
-/// could not (a library loaded with `dlopen` while other threads fork, or
-/// `pthread_atfork` out of memory at start-up), a thread installs them on
-/// first use, and a fork may copy the process while it does: the child
-/// then finds the pid of its parent here, an installation it cannot wait
-/// for, and installs the handlers itself. If the parent's had in fact
-/// completed, the child has them twice, which `DEPTH` makes harmless.
+/// could not (`pthread_atfork` out of memory at start-up) or ran late (a
+/// library loaded with `dlopen` while other threads fork), a thread
+/// installs them on first use, and a fork may copy the process while it
+/// does: the child then finds the pid of its parent here, an installation
+/// it cannot wait for, and installs the handlers itself. If the parent's
+/// had in fact completed, the child has them twice, which `DEPTH` makes
+/// harmless.
+///
+/// What that fallback cannot cover: a fork that had begun (its prepare
+/// handlers running) before the installation runs none of our handlers,
+/// and if a thread uses RCU before that fork copies the process, the
+/// child inherits the state it left, unrepaired. Only the start-up
+/// constructor closes that window; with it, the fallback never runs.
 fn install() -> Result<(), libc::c_int> {
     loop {
         let state = HANDLERS.load(Ordering::SeqCst);

@@ -93,6 +93,8 @@ struct Registration {
 
 impl Registration {
     fn new() -> Self {
+        // Before any lock of the crate is taken (see `fork.rs`).
+        crate::fork::register_handlers();
         // Armed first: a `LOCAL` is never published without a way to
         // unpublish it.
         if !backstop::arm() {
