@@ -112,17 +112,12 @@ fn fork_during_the_first_rcu_call() {
     }
     for round in 0..3 {
         for delay in [0, 20, 50, 100, 200, 400, 800] {
-            let out = child::rerun_test(
+            child::rerun_test_ok(
                 "fork_during_the_first_rcu_call",
                 FIRST_USE_CHILD,
                 &delay.to_string(),
-            );
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && stdout.contains("FORK CHILD OK"),
-                "round {round}, delay {delay} µs: {}\n{stdout}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                "FORK CHILD OK",
+                &format!("round {round}, delay {delay} µs"),
             );
         }
     }
@@ -162,17 +157,12 @@ fn first_use_inside_another_librarys_prepare_handler() {
         first_use_in_prepare();
         return;
     }
-    let out = child::rerun_test(
+    child::rerun_test_ok(
         "first_use_inside_another_librarys_prepare_handler",
         OTHER_PREPARE_CHILD,
         "1",
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("FORK CHILD OK"),
-        "{}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        "FORK CHILD OK",
+        "a first use inside another library's prepare handler",
     );
 }
 

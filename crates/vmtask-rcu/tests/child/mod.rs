@@ -31,3 +31,23 @@ pub fn rerun_test(test: &str, key: &str, value: &str) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// [`rerun_test`], checking that the child succeeded and printed `marker`;
+/// returns its stdout and stderr. `what` names the run in a failure.
+pub fn rerun_test_ok(
+    test: &str,
+    key: &str,
+    value: &str,
+    marker: &str,
+    what: &str,
+) -> (String, String) {
+    let out = rerun_test(test, key, value);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() && stdout.contains(marker),
+        "{what}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
