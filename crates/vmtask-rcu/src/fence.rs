@@ -94,13 +94,13 @@ pub(crate) fn mode() -> FenceMode {
     // handlers that hold `CHOOSE` across it: otherwise the child would find
     // it held by a thread it does not have.
     crate::fork::register_handlers();
-    // Never taken with another of the crate's locks held: callers under a
-    // lock (grace periods, flushes) have registered readers, so the mode
-    // was chosen before and they return above.
     // Read before taking `CHOOSE`: std holds its environment lock across
     // the `fork` of some `Command::spawn`s, whose prepare handler (ours)
     // waits for `CHOOSE`.
     let env_forced = std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    // Never taken with another of the crate's locks held: callers under a
+    // lock (grace periods, flushes) have registered readers, so the mode
+    // was chosen before and they return above.
     let _choosing = CHOOSE.lock();
     if let Some(m) = cached() {
         return m;
