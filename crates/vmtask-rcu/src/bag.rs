@@ -6,7 +6,9 @@
 //! (pointer, drop function) pairs and a FIFO of full bags `waiting` for
 //! their grace period, each tagged with the grace-period snapshot taken
 //! when it filled. When a bag fills, the owner asks for a grace period
-//! (the callback thread runs it, lazily) and makes the oldest waiting bag
+//! (the callback thread runs it, lazily; once 32 bags wait, the owner
+//! tries to run it itself, see `callback::bag_filled`) and makes the
+//! oldest waiting bag
 //! whose grace period has completed its *draining* bag; each later
 //! `defer_drop` runs one entry of it. The frees run on the owner's thread,
 //! so memory goes back to its own allocator caches, as the kernel runs RCU

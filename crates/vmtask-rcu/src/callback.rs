@@ -40,7 +40,7 @@ use vmtask_percpu::cpu;
 
 use crate::bag::{run_bag, Bag, Pushed, BAG_CAPACITY};
 
-use crate::grace;
+use crate::grace::{self, Expedite};
 
 /// An RCU callback head, embedded in the object it frees, as the kernel's
 /// `struct rcu_head`. Two words; queue it with [`call_intrusive`].
@@ -729,14 +729,45 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
         request_grace_period(false);
         return;
     }
-    let (waiting, _) = slot.bag.collect(true);
-    if waiting > 0 {
-        request_grace_period(waiting >= MAX_WAITING_URGENT);
+    let (waiting, oldest) = slot.bag.collect(true);
+    if waiting == 0 {
+        return;
     }
+    let expedite = oldest
+        .filter(|_| waiting >= MAX_WAITING_URGENT && EXPEDITE_AFTER.get().is_none_or(grace::done));
+    if let Some(oldest) = expedite {
+        match grace::try_expedite(oldest) {
+            Expedite::Done => {
+                // Every waiting bag is ready: start draining the oldest.
+                slot.bag.collect(true);
+                return;
+            }
+            Expedite::Readers => {
+                // A reader is in a long section: leave the wait to the
+                // callback thread, and do not try again before it is over.
+                EXPEDITE_AFTER.set(Some(crate::grace::snapshot()));
+                request_grace_period(true);
+                return;
+            }
+            Expedite::Busy => {}
+        }
+    }
+    request_grace_period(waiting >= MAX_WAITING_URGENT);
 }
 
-/// Bags waiting past which the grace period is asked for at once.
+/// Bags waiting for their grace period past which it is due: the
+/// deferring thread runs it itself if it can (`grace::try_expedite`),
+/// otherwise asks the callback thread for it at once. 32 bags, about 4,000
+/// objects, so a grace period (0.2 µs with no other reader registered, a
+/// few µs with some) costs a fraction of a nanosecond per object.
 const MAX_WAITING_URGENT: usize = 32;
+
+thread_local! {
+    /// The deferring thread gave up running a grace period because of a
+    /// reader: it does not try again until the grace period of this
+    /// snapshot (asked of the callback thread) has completed.
+    static EXPEDITE_AFTER: Cell<Option<u64>> = const { Cell::new(None) };
+}
 
 /// Asks the callback thread for a grace period; `urgent` skips its lazy
 /// batching delay.

@@ -470,6 +470,54 @@ pub(crate) fn grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updat
     updater.heavy_barrier();
 }
 
+/// Scans `readers` until none is old, at most `scans` times; never
+/// sleeps. Whether they all were.
+fn readers_done_within<U: Updater>(
+    gp: &GpWord,
+    readers: &[U::Reader],
+    updater: &U,
+    scans: usize,
+) -> bool {
+    let mut pending = readers.to_vec();
+    for _ in 0..scans {
+        updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+        if pending.is_empty() {
+            return true;
+        }
+        spin();
+    }
+    false
+}
+
+/// `grace_period`, given up (returning false) if a wait for readers takes
+/// more than `scans` scans, so a caller that must not block can try one.
+///
+/// Giving up may leave the phase flipped once. That is harmless: a grace
+/// period's guarantee rests only on its own two waits, which between them
+/// wait for every reader that was in a section when it began, whatever
+/// phase that reader copied and whatever the phase was at the start. A
+/// given-up grace period guarantees nothing, and its caller must treat it
+/// so (`grace::try_expedite` rolls back the sequence count).
+pub(crate) fn try_grace_period<U: Updater>(
+    gp: &GpWord,
+    readers: &[U::Reader],
+    updater: &U,
+    scans: usize,
+) -> bool {
+    updater.heavy_barrier();
+    if !readers_done_within(gp, readers, updater, scans) {
+        return false;
+    }
+    fence(Ordering::SeqCst);
+    gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    if !readers_done_within(gp, readers, updater, scans) {
+        return false;
+    }
+    updater.heavy_barrier();
+    true
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -610,7 +658,22 @@ mod loom_model {
         freed: [AtomicBool; 2],
     }
 
+    /// How the model's updater waits for its grace period.
+    #[derive(Clone, Copy)]
+    enum Wait {
+        /// One full grace period.
+        Full,
+        /// First a bounded one (`try_grace_period` with one scan per
+        /// wait), which may give up anywhere, even after its phase flip;
+        /// if it does, a full one.
+        TryThenFull,
+    }
+
     fn run(mode: FenceMode, reader_sections: usize) {
+        run_waiting(mode, reader_sections, Wait::Full);
+    }
+
+    fn run_waiting(mode: FenceMode, reader_sections: usize, wait: Wait) {
         loom::model(move || {
             let s = Arc::new(Shared {
                 gp: {
@@ -639,7 +702,14 @@ mod loom_model {
                 }
             });
             s.published.store(1, Ordering::Release);
-            grace_period(&s.gp, &[()], &Scan(|g| s.reader.is_old(g)));
+            let scan = Scan(|g| s.reader.is_old(g));
+            let finished = match wait {
+                Wait::Full => false,
+                Wait::TryThenFull => try_grace_period(&s.gp, &[()], &scan, 1),
+            };
+            if !finished {
+                grace_period(&s.gp, &[()], &scan);
+            }
             s.freed[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();
         });
@@ -653,6 +723,18 @@ mod loom_model {
     #[test]
     fn loom_reader_never_sees_freed_object_two_sections() {
         run(FenceMode::SeqCst, 2);
+    }
+
+    /// A grace period given up part-way (`grace::try_expedite`), then a
+    /// full one: the object is still freed only after the reader is done.
+    #[test]
+    fn loom_a_given_up_grace_period_leaves_the_next_one_sound_membarrier() {
+        run_waiting(FenceMode::Membarrier, 1, Wait::TryThenFull);
+    }
+
+    #[test]
+    fn loom_a_given_up_grace_period_leaves_the_next_one_sound_two_sections() {
+        run_waiting(FenceMode::SeqCst, 2, Wait::TryThenFull);
     }
 
     /// Which reader the slot publishes (`registry::Slot::reader`).

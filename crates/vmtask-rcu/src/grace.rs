@@ -141,10 +141,12 @@ pub(crate) fn wait(snap: u64) {
     }
 }
 
-/// Rolls a grace period that unwinds back to "not started" (as the fork
-/// child does), so the sequence count stays even when none runs: counting
-/// it complete would end it under its readers, and leaving the count odd
-/// would invert every later snapshot's parity.
+/// Rolls a grace period that unwinds or is given up (`try_expedite`) back
+/// to "not started" (as the fork child does), so the sequence count stays
+/// even when none runs: counting it complete would end it under its
+/// readers, and leaving the count odd would invert every later snapshot's
+/// parity. A snapshot taken while it ran then needs two more grace
+/// periods instead of one: late, never early.
 struct Unfinished;
 
 impl Drop for Unfinished {
@@ -153,7 +155,77 @@ impl Drop for Unfinished {
     }
 }
 
+/// What [`try_expedite`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Expedite {
+    /// The grace period has completed (now or before).
+    Done,
+    /// Another thread is running a grace period.
+    Busy,
+    /// A reader was in a section that did not end within the scans: given
+    /// up, nothing changed that matters.
+    Readers,
+}
+
+/// Scans of the readers an expedited grace period makes per wait before
+/// giving up (a few µs at most: each scan ends with a spin hint).
+const EXPEDITE_SCANS: usize = 32;
+
+/// Grace periods run by [`try_expedite`], and those it gave up.
+pub(crate) static OWNER_GRACE_PERIODS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+pub(crate) static OWNER_GIVEN_UP: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+
+/// Completes the grace period of `snap` on the calling thread if that
+/// needs no waiting: nobody else is running one, and every reader that is
+/// in a section leaves it within a few scans. Never blocks and never
+/// sleeps; what it cannot finish it gives up.
+///
+/// Why: a deferring thread whose batches are due would otherwise wake the
+/// callback thread, and that thread's grace period interrupts the
+/// deferring thread twice (`membarrier`). Run by the deferring thread,
+/// the grace period skips that thread's own slot, and with no other
+/// reader registered it costs no barrier at all. Measured on the
+/// project's machine: 7 µs of the deferring thread's time per grace
+/// period the callback thread ran.
+///
+/// Never call it inside a read-side section: the caller's own slot would
+/// count as a reader, and the attempt would always be given up.
+pub(crate) fn try_expedite(snap: u64) -> Expedite {
+    if done(snap) {
+        return Expedite::Done;
+    }
+    let Some(_lock) = GP_LOCK.try_lock() else {
+        return Expedite::Busy;
+    };
+    // Under the lock no grace period runs, so `GP_SEQ` is even and every
+    // snapshot taken so far is at most two ahead of it: one grace period
+    // serves them all (see `snapshot`).
+    if done(snap) {
+        return Expedite::Done;
+    }
+    let finished = run_with(|readers| gp::try_grace_period(&GP, readers, &Real, EXPEDITE_SCANS));
+    if finished {
+        OWNER_GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
+        Expedite::Done
+    } else {
+        OWNER_GIVEN_UP.fetch_add(1, Ordering::Relaxed);
+        Expedite::Readers
+    }
+}
+
 fn run_one() {
+    let finished = run_with(|readers| {
+        gp::grace_period(&GP, readers, &Real);
+        true
+    });
+    debug_assert!(finished, "a full grace period always finishes");
+}
+
+/// Runs one grace period with `grace_period` (over the registered
+/// readers other than the caller), holding `GP_LOCK`. If `grace_period`
+/// gives up (returns false), the sequence count rolls back to "not
+/// started": the next grace period is a whole new one.
+fn run_with(grace_period: impl FnOnce(&[&'static registry::Slot]) -> bool) -> bool {
     let start = Instant::now();
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
     let unfinished = Unfinished;
@@ -174,8 +246,9 @@ fn run_one() {
     // after us, so its sections begin after the caller's updates (the
     // lock's release/acquire). Otherwise the full protocol, barriers and
     // all, even for readers that look quiescent now.
-    if !readers.is_empty() {
-        gp::grace_period(&GP, &readers, &Real);
+    if !readers.is_empty() && !grace_period(&readers) {
+        // `unfinished` rolls the count back.
+        return false;
     }
     std::mem::forget(unfinished);
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
@@ -183,6 +256,7 @@ fn run_one() {
     GP_COUNT.fetch_add(1, Ordering::Relaxed);
     GP_NANOS_TOTAL.fetch_add(nanos, Ordering::Relaxed);
     GP_NANOS_MAX.fetch_max(nanos, Ordering::Relaxed);
+    true
 }
 
 /// Panics if the calling thread is inside a read-side section: waiting

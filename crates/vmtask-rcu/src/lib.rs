@@ -25,7 +25,11 @@
 //!   the thread that deferred it, one object inside each later
 //!   `defer_drop`, so memory goes back to that thread's allocator caches
 //!   and each allocation can reuse the chunk just freed; see its
-//!   documentation for the exceptions and the lock caveat.
+//!   documentation for the exceptions and the lock caveat. When 32 full
+//!   batches wait, that thread runs their grace period itself if it can
+//!   finish one without waiting for a reader (otherwise the callback
+//!   thread runs it): no wake-up, and no `membarrier` interrupting the
+//!   deferring thread.
 //! - **Bounded memory.** Callbacks on the shared queues: past a soft
 //!   backlog a grace period starts at once; past a hard limit, queuing
 //!   waits for the backlog to drain ([`set_backlog_limits`]). Deferred

@@ -31,6 +31,14 @@ impl fmt::Display for BarrierMode {
 pub struct Stats {
     /// Grace periods completed.
     pub grace_periods: u64,
+    /// Of those, the grace periods a deferring thread ran itself when its
+    /// batches were due and it could finish one without waiting for a
+    /// reader (see [`defer_drop`](crate::defer_drop)).
+    pub owner_grace_periods: u64,
+    /// Times a deferring thread started such a grace period and gave it up
+    /// because a reader stayed in its section; the callback thread then
+    /// ran it.
+    pub owner_grace_periods_given_up: u64,
     /// Mean grace-period latency.
     pub gp_latency_mean: Duration,
     /// Longest grace period.
@@ -65,6 +73,8 @@ pub fn stats() -> Stats {
     let total = grace::GP_NANOS_TOTAL.load(Ordering::Relaxed);
     Stats {
         grace_periods,
+        owner_grace_periods: grace::OWNER_GRACE_PERIODS.load(Ordering::Relaxed),
+        owner_grace_periods_given_up: grace::OWNER_GIVEN_UP.load(Ordering::Relaxed),
         gp_latency_mean: Duration::from_nanos(total.checked_div(grace_periods).unwrap_or(0)),
         gp_latency_max: Duration::from_nanos(grace::GP_NANOS_MAX.load(Ordering::Relaxed)),
         callbacks_queued: callback::queued_total(),
@@ -86,7 +96,11 @@ pub fn stats() -> Stats {
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "barrier mode:        {}", self.mode)?;
-        writeln!(f, "grace periods:       {}", self.grace_periods)?;
+        writeln!(
+            f,
+            "grace periods:       {} ({} run by deferring threads, {} given up)",
+            self.grace_periods, self.owner_grace_periods, self.owner_grace_periods_given_up
+        )?;
         writeln!(
             f,
             "grace-period latency: mean {:.1?}, max {:.1?}",
