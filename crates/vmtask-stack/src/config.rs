@@ -77,9 +77,12 @@ pub struct Config {
     /// free and a page fault per reuse.
     pub zero_on_reuse: bool,
     /// Fault in the top page of a freshly carved stack, and of one reused
-    /// from the slots whose memory a full depot gave back, with one
-    /// `madvise(MADV_POPULATE_WRITE)` before `alloc` returns it (on the
-    /// slow path only: stacks from the caches are taken as they are).
+    /// from the slots whose memory a full depot gave back, with
+    /// `MADV_POPULATE_WRITE` before `alloc` returns it (on the slow path
+    /// only: stacks from the caches are taken as they are). Fresh slots
+    /// are done eight at a time, with one `process_madvise` call (Linux
+    /// 6.13+; one page per carve before that), so up to seven top pages
+    /// per pool are populated before their stacks are asked for.
     /// Default false: a fresh stack then costs nothing until touched.
     ///
     /// Turn it on where every stack runs soon after it is allocated, as in
@@ -87,9 +90,9 @@ pub struct Config {
     /// (corosensei puts the coroutine's initial frame there), so such
     /// stacks end up with the same resident memory either way, and the
     /// system call costs less than the page fault it replaces (a fresh
-    /// stack, top page touched: 1.21–1.38 µs against 1.39–1.47 µs on the
-    /// project's machine, 1.51–2.62 µs against 1.95–2.88 µs when it ran
-    /// slower; BENCHMARKS.md). Stacks allocated long before
+    /// stack, top page touched: 1.22–1.27 µs against 1.50–1.90 µs on the
+    /// project's machine, in one session's runs; BENCHMARKS.md). Stacks
+    /// allocated long before
     /// they run would each hold a page early. Best effort: where the
     /// kernel lacks the advice (before Linux 5.14) it is skipped, and a
     /// failure (such as a memory cgroup at its limit) leaves the page to

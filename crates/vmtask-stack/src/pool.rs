@@ -27,8 +27,8 @@
 //! Memory: the fast paths make no system call, and a fresh slot costs
 //! nothing until touched. With `populate_top` (off by default), a freshly
 //! carved or released slot gets its top page, which its user writes first,
-//! with one `MADV_POPULATE_WRITE` before `alloc` returns it: cheaper than
-//! the page fault it replaces (the dynamic kernel stacks RFC, seed 003,
+//! with `MADV_POPULATE_WRITE` before `alloc` returns it (fresh slots eight
+//! at a time, in one call): cheaper than the page fault it replaces (the dynamic kernel stacks RFC, seed 003,
 //! proposed mapping a new thread's top page only). A magazine on its way to the
 //! depot has each stack's pages below `keep_resident` released
 //! (`MADV_DONTNEED`), one batch per magazine; when the depot is full
@@ -237,10 +237,11 @@ impl PoolInner {
             .unwrap_or_else(|e| e.into_inner())
             .carve(&self.layout, self.markers);
         match carved {
-            Ok(top) => {
-                let top = NonNull::new(top as *mut u8).expect("a slot's top is never null");
-                self.populate_top(top);
-                Ok(top)
+            Ok((top, populate)) => {
+                if let Some(pages) = populate {
+                    sys::populate_tops(&pages);
+                }
+                Ok(NonNull::new(top as *mut u8).expect("a slot's top is never null"))
             }
             Err(e @ StackError::Exhausted { .. }) => match self.take_any_free() {
                 Some(top) => Ok(top),
@@ -292,9 +293,10 @@ impl PoolInner {
         Some(top)
     }
 
-    /// `populate_top`: faults in the top page of a freshly carved or
-    /// released slot, which its user is about to write, with one system
-    /// call instead of a page fault. Outside every lock.
+    /// `populate_top`: faults in the top page of a released slot, which
+    /// its user is about to write, with one system call instead of a page
+    /// fault. Outside every lock. (Fresh slots have theirs populated in
+    /// batches, see `arena::TopPages`.)
     fn populate_top(&self, top: NonNull<u8>) {
         if self.layout.populate_top {
             let page = sys::page_size();

@@ -184,9 +184,10 @@ fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &Atomic
         .collect();
     let total: usize = ranges.iter().map(|r| r.1).sum();
     // Why this holds: `iov` holds `ranges.len()` valid iovecs describing ranges of
-    // our own arenas that nobody is using; the advice values callers pass
-    // (dontneed on free stacks, guard install on uncarved slots) never
-    // invalidate memory Rust code holds references to.
+    // our own arenas; the advice values callers pass (dontneed on free
+    // stacks, guard install on uncarved slots, populate on the top pages of
+    // fresh slots, which only faults in zero pages) never invalidate memory
+    // Rust code holds references to.
     // SAFETY: valid iovecs over unused ranges of our arenas (above).
     let done = unsafe {
         libc::syscall(
@@ -221,6 +222,25 @@ pub(crate) fn populate_write(addr: usize, len: usize) -> Result<(), i32> {
 pub(crate) fn populate_hint(addr: usize, len: usize) {
     if populate_supported() == Ok(true) {
         let _ = populate_write(addr, len);
+    }
+}
+
+/// [`populate_hint`] for the top pages of freshly carved slots, all with
+/// one `process_madvise(2)` call where the kernel allows it (Linux 6.13+),
+/// otherwise the first page (the stack being handed out) alone.
+pub(crate) fn populate_tops(pages: &crate::arena::TopPages) {
+    static REFUSED: AtomicBool = AtomicBool::new(false);
+    if populate_supported() != Ok(true) {
+        return;
+    }
+    let page = page_size();
+    let ranges: Vec<_> = pages.ranges(page).take(1024).collect();
+    // Where the batch cannot be made (no pidfd, a kernel before 6.13) or
+    // stopped part-way (ENOMEM at a memory cgroup's limit), the stack being
+    // handed out gets its page alone, best effort, and the others are left
+    // to their first write, as `populate_hint` does.
+    if !madvise_many(&ranges, libc::MADV_POPULATE_WRITE, &REFUSED) {
+        let _ = populate_write(ranges[0].0, page);
     }
 }
 

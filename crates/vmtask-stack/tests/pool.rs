@@ -8,7 +8,7 @@ use corosensei::{Coroutine, CoroutineResult};
 use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
-use common::{on_cpu, page, populate_supported, resident_pages};
+use common::{batch_populate_supported, on_cpu, page, populate_supported, resident_pages};
 
 #[test]
 fn stack_geometry_matches_config() {
@@ -364,7 +364,7 @@ fn a_fresh_stack_has_no_memory_or_with_populate_top_its_top_page() {
             ..Config::default()
         })
         .unwrap();
-        let stacks: Vec<_> = (0..40).map(|_| pool.alloc().unwrap()).collect();
+        let stacks: Vec<_> = (0..41).map(|_| pool.alloc().unwrap()).collect();
         let top = usize::from(populate_top && populate_supported());
         for stack in &stacks {
             let (base, limit) = (stack.base() as usize, stack.limit() as usize);
@@ -376,7 +376,26 @@ fn a_fresh_stack_has_no_memory_or_with_populate_top_its_top_page() {
                 "{guard_mode:?}, populate_top {populate_top}: a fresh stack's resident pages"
             );
         }
-        assert_eq!(pool.stats().slots_carved, 40);
+        assert_eq!(pool.stats().slots_carved, 41);
+        // Fresh slots have their top pages populated eight at a time, when
+        // the first of them is carved (with guard markers, where the kernel
+        // batches the call): the 41st stack's carve did the next seven, and
+        // no more.
+        let last = stacks[40].base() as usize;
+        let stride = last - stacks[39].base() as usize;
+        let ahead: Vec<usize> = (1..=8)
+            .map(|k| resident_pages(last + k * stride - page(), page()))
+            .collect();
+        let batched = populate_top
+            && guard_mode == GuardMode::Auto
+            && pool.guard_mode() == GuardMode::GuardMarker
+            && batch_populate_supported();
+        let mut expected = vec![usize::from(batched); 7];
+        expected.push(0);
+        assert_eq!(
+            ahead, expected,
+            "{guard_mode:?}, populate_top {populate_top}: top pages populated ahead"
+        );
     }
 }
 

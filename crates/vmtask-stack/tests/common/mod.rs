@@ -47,3 +47,48 @@ pub fn populate_supported() -> bool {
         ok
     }
 }
+
+/// Whether this kernel populates several ranges of our own memory with one
+/// `process_madvise(MADV_POPULATE_WRITE)` (Linux 6.13+), probed on two
+/// scratch pages a page apart.
+#[allow(dead_code)]
+pub fn batch_populate_supported() -> bool {
+    if !populate_supported() {
+        return false;
+    }
+    // SAFETY: a fresh anonymous mapping of three pages, ours until the
+    // munmap below; the iovecs describe two of its pages; the pidfd is
+    // closed below.
+    unsafe {
+        let len = 3 * page();
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
+        let iov = [0, 2].map(|i| libc::iovec {
+            iov_base: p.cast::<u8>().add(i * page()).cast(),
+            iov_len: page(),
+        });
+        let done = pidfd >= 0
+            && libc::syscall(
+                libc::SYS_process_madvise,
+                pidfd,
+                iov.as_ptr(),
+                2,
+                libc::MADV_POPULATE_WRITE,
+                0,
+            ) == 2 * page() as libc::c_long;
+        let resident = resident_pages(p as usize, len);
+        if pidfd >= 0 {
+            libc::close(pidfd as libc::c_int);
+        }
+        libc::munmap(p, len);
+        done && resident == 2
+    }
+}
