@@ -266,9 +266,12 @@ impl LocalBag {
             bag.len += 1;
             if bag.len == BAG_CAPACITY {
                 let full = owned.current.take();
-                owned
-                    .waiting
-                    .extend(full.map(|bag| (grace::snapshot(), bag)));
+                // Snapshots must not decrease along the queue (`collect`
+                // relies on it), and a grace period given up rolls the
+                // sequence back, so one taken while it ran can exceed the
+                // next: take the larger, which only waits longer.
+                let snap = grace::snapshot().max(owned.waiting.back().map_or(0, |&(s, _)| s));
+                owned.waiting.extend(full.map(|bag| (snap, bag)));
                 Pushed::Filled
             } else {
                 Pushed::Stored {
@@ -312,9 +315,9 @@ impl LocalBag {
     /// pushes have not drained it yet, makes the oldest waiting bag whose
     /// grace period has completed the next draining bag, and bounds how
     /// many wait (running the oldest at once past `MAX_WAITING`). Returns
-    /// how many waiting bags still need a grace period and the oldest of
-    /// their snapshots. Does nothing inside a run (a drop that defers
-    /// more).
+    /// how many waiting bags still need a grace period and the newest of
+    /// their snapshots (the one that makes them all ready). Does nothing
+    /// inside a run (a drop that defers more).
     pub(crate) fn collect(&self, may_wait: bool) -> (usize, Option<u64>) {
         enum Step {
             /// Run this bag now, after the grace period of the snapshot.
@@ -356,9 +359,14 @@ impl LocalBag {
                 let ready = owned
                     .waiting
                     .partition_point(|&(snap, _)| grace::done(snap));
+                let left = owned.waiting.len() - ready;
                 Step::Done(
-                    owned.waiting.len() - ready,
-                    owned.waiting.get(ready).map(|&(snap, _)| snap),
+                    left,
+                    owned
+                        .waiting
+                        .back()
+                        .filter(|_| left > 0)
+                        .map(|&(snap, _)| snap),
                 )
             });
             match step {
@@ -375,6 +383,32 @@ impl LocalBag {
                 None => return (0, None),
             }
         }
+    }
+
+    /// Owner only, after the grace period of the waiting bags completed
+    /// (`callback::bag_filled`): makes the oldest ready bag the draining
+    /// one, unless a draining bag still has entries (those keep running
+    /// one per push; `collect` would run them all at once).
+    pub(crate) fn start_draining(&self) {
+        if self.running.load(Ordering::Relaxed) {
+            return;
+        }
+        self.with_owned(|owned| {
+            if owned
+                .draining
+                .as_ref()
+                .is_some_and(|bag| bag.remaining() > 0)
+            {
+                return;
+            }
+            // Counts and recycles a drained bag; none with entries is left.
+            let _ = owned.take_draining();
+            if let Some(&(snap, _)) = owned.waiting.front() {
+                if grace::done(snap) {
+                    owned.draining = owned.waiting.pop_front().map(|(_, bag)| bag);
+                }
+            }
+        });
     }
 
     /// Owner only (thread exit): hands every bag to `give` while still
@@ -511,4 +545,100 @@ pub(crate) fn after_fork_child() {
     // SAFETY: `before_fork` locked it on the forking thread, the only
     // thread of the child, and leaked the guard.
     unsafe { FLUSH_LOCK.force_unlock() };
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Fills one bag of entries that count their runs in `RUNS`; none run
+    /// during the pushes.
+    fn fill(bag: &LocalBag) {
+        for _ in 0..BAG_CAPACITY {
+            let (_, ready) = bag.push((std::ptr::null_mut(), count_run), false);
+            assert!(ready.is_none());
+        }
+    }
+
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    unsafe fn count_run(_: *mut ()) {
+        RUNS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The test's own view of the bags.
+    fn owned(bag: &LocalBag) -> &Owned {
+        // SAFETY: the bag is the test's own; no flusher knows of it (it is
+        // not in the registry), and the test thread does not push while it
+        // holds this reference.
+        unsafe { &*bag.owned.get() }
+    }
+
+    #[test]
+    fn snapshots_never_decrease_along_the_waiting_queue() {
+        let bag = LocalBag::new();
+        {
+            // A bag that fills while a grace period runs that is then
+            // given up waits for two grace periods; the next bag, filled
+            // after the roll-back, would wait for one if it took its own
+            // snapshot, putting a smaller snapshot behind a larger one.
+            let _running = grace::given_up_grace_period();
+            fill(&bag);
+        }
+        fill(&bag);
+        let snaps: Vec<u64> = owned(&bag).waiting.iter().map(|&(s, _)| s).collect();
+        assert_eq!(snaps.len(), 2);
+        assert!(snaps[0] <= snaps[1], "snapshots out of order: {snaps:?}");
+        // After one grace period the queue still says what it waits for:
+        // with the order broken, `collect` found nothing waiting and asked
+        // for no grace period.
+        crate::synchronize();
+        let (left, newest) = bag.collect(false);
+        let not_done = snaps.iter().filter(|&&s| !grace::done(s)).count();
+        assert!(
+            left >= not_done,
+            "{left} bags reported waiting, {not_done} are"
+        );
+        if left > 0 {
+            assert_eq!(newest, Some(snaps[1]));
+        }
+    }
+
+    #[test]
+    fn starting_to_drain_runs_no_entry() {
+        let bag = LocalBag::new();
+        fill(&bag);
+        fill(&bag);
+        crate::synchronize();
+        let before = RUNS.load(Ordering::Relaxed);
+        // The first ready bag becomes the draining one ...
+        let (left, _) = bag.collect(true);
+        assert_eq!(left, 0);
+        assert_eq!(
+            owned(&bag).draining.as_ref().map(|b| b.remaining()),
+            Some(BAG_CAPACITY)
+        );
+        // ... and starting to drain again leaves it as it is (`collect`
+        // would run all its entries at once).
+        bag.start_draining();
+        assert_eq!(
+            owned(&bag).draining.as_ref().map(|b| b.remaining()),
+            Some(BAG_CAPACITY)
+        );
+        assert_eq!(owned(&bag).waiting.len(), 1);
+        // Pushes run its entries one each (and fill a third bag, which
+        // waits); once it is empty, the next ready bag takes its place.
+        for _ in 0..BAG_CAPACITY {
+            let (_, ready) = bag.push((std::ptr::null_mut(), count_run), true);
+            bag.run_one(ready.expect("an entry of the draining bag"));
+        }
+        bag.start_draining();
+        assert_eq!(
+            owned(&bag).draining.as_ref().map(|b| b.remaining()),
+            Some(BAG_CAPACITY)
+        );
+        assert_eq!(owned(&bag).waiting.len(), 1);
+        assert!(RUNS.load(Ordering::Relaxed) - before >= BAG_CAPACITY);
+    }
 }

@@ -729,17 +729,17 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
         request_grace_period(false);
         return;
     }
-    let (waiting, oldest) = slot.bag.collect(true);
+    let (waiting, newest) = slot.bag.collect(true);
     if waiting == 0 {
         return;
     }
-    let expedite = oldest
+    let expedite = newest
         .filter(|_| waiting >= MAX_WAITING_URGENT && EXPEDITE_AFTER.get().is_none_or(grace::done));
-    if let Some(oldest) = expedite {
-        match grace::try_expedite(oldest) {
+    if let Some(newest) = expedite {
+        match grace::try_expedite(newest) {
             Expedite::Done => {
-                // Every waiting bag is ready: start draining the oldest.
-                slot.bag.collect(true);
+                // Every waiting bag is ready: drain the oldest next.
+                slot.bag.start_draining();
                 return;
             }
             Expedite::Readers => {

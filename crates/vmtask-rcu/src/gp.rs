@@ -667,6 +667,13 @@ mod loom_model {
         /// wait), which may give up anywhere, even after its phase flip;
         /// if it does, a full one.
         TryThenFull,
+        /// A bounded one before the unlink (whatever became of it: it
+        /// leaves the phase as it may), then, after the unlink, a full one.
+        TryBeforeFull,
+        /// A bounded one before the unlink, then after it a bounded one,
+        /// and a full one if that gave up: an earlier attempt must not let
+        /// a later one skip a wait.
+        TryBeforeTryThenFull,
     }
 
     fn run(mode: FenceMode, reader_sections: usize) {
@@ -701,11 +708,17 @@ mod loom_model {
                     let _ = r.reader.unlock(&r.gp);
                 }
             });
-            s.published.store(1, Ordering::Release);
             let scan = Scan(|g| s.reader.is_old(g));
+            if let Wait::TryBeforeFull | Wait::TryBeforeTryThenFull = wait {
+                // Some earlier grace period, finished or given up.
+                let _ = try_grace_period(&s.gp, &[()], &scan, 1);
+            }
+            s.published.store(1, Ordering::Release);
             let finished = match wait {
-                Wait::Full => false,
-                Wait::TryThenFull => try_grace_period(&s.gp, &[()], &scan, 1),
+                Wait::Full | Wait::TryBeforeFull => false,
+                Wait::TryThenFull | Wait::TryBeforeTryThenFull => {
+                    try_grace_period(&s.gp, &[()], &scan, 1)
+                }
             };
             if !finished {
                 grace_period(&s.gp, &[()], &scan);
@@ -735,6 +748,20 @@ mod loom_model {
     #[test]
     fn loom_a_given_up_grace_period_leaves_the_next_one_sound_two_sections() {
         run_waiting(FenceMode::SeqCst, 2, Wait::TryThenFull);
+    }
+
+    /// An attempt before the unlink, given up or not, leaves the phase
+    /// wherever it may: the grace periods after the unlink still wait.
+    #[test]
+    fn loom_an_earlier_attempt_leaves_later_grace_periods_sound_membarrier() {
+        run_waiting(FenceMode::Membarrier, 1, Wait::TryBeforeFull);
+        run_waiting(FenceMode::Membarrier, 1, Wait::TryBeforeTryThenFull);
+    }
+
+    #[test]
+    fn loom_an_earlier_attempt_leaves_later_grace_periods_sound_fence() {
+        run_waiting(FenceMode::SeqCst, 1, Wait::TryBeforeFull);
+        run_waiting(FenceMode::SeqCst, 1, Wait::TryBeforeTryThenFull);
     }
 
     /// Which reader the slot publishes (`registry::Slot::reader`).

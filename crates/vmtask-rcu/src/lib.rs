@@ -25,11 +25,11 @@
 //!   the thread that deferred it, one object inside each later
 //!   `defer_drop`, so memory goes back to that thread's allocator caches
 //!   and each allocation can reuse the chunk just freed; see its
-//!   documentation for the exceptions and the lock caveat. When 32 full
-//!   batches wait, that thread runs their grace period itself if it can
-//!   finish one without waiting for a reader (otherwise the callback
-//!   thread runs it): no wake-up, and no `membarrier` interrupting the
-//!   deferring thread.
+//!   documentation for the exceptions and the lock caveat. Below 32 full
+//!   batches the callback thread runs their grace period lazily; at 32,
+//!   that thread runs it itself if it can finish one without waiting for
+//!   a reader, instead of waking the callback thread, whose grace period
+//!   would interrupt it twice (`membarrier`).
 //! - **Bounded memory.** Callbacks on the shared queues: past a soft
 //!   backlog a grace period starts at once; past a hard limit, queuing
 //!   waits for the backlog to drain ([`set_backlog_limits`]). Deferred

@@ -26,8 +26,9 @@ impl fmt::Display for BarrierMode {
     }
 }
 
-/// A snapshot of RCU's counters since process start.
+/// A snapshot of RCU's counters since process start. Fields may be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Grace periods completed.
     pub grace_periods: u64,
@@ -36,8 +37,8 @@ pub struct Stats {
     /// reader (see [`defer_drop`](crate::defer_drop)).
     pub owner_grace_periods: u64,
     /// Times a deferring thread started such a grace period and gave it up
-    /// because a reader stayed in its section; the callback thread then
-    /// ran it.
+    /// because a reader stayed in its section; a later grace period (the
+    /// callback thread's, or any other thread's) served instead.
     pub owner_grace_periods_given_up: u64,
     /// Mean grace-period latency.
     pub gp_latency_mean: Duration,
