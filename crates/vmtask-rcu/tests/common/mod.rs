@@ -121,6 +121,14 @@ pub struct Report {
 
 /// Runs readers against one writer for `duration`, retiring through `wait`.
 pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
+    torture_paced(wait, readers, duration, 0)
+}
+
+/// `torture` with readers that spin `outside` times between sections, so
+/// that a grace period can often finish without waiting: the deferring
+/// writer then runs its own (`stats().owner_grace_periods`), where readers
+/// that never leave their sections for long make it give them up.
+pub fn torture_paced(wait: Wait, readers: usize, duration: Duration, outside: usize) -> Report {
     let pool: &'static [Elem] = Box::leak(
         (0..POOL)
             .map(|_| Elem {
@@ -164,6 +172,9 @@ pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
                     let freed = e.freed.load(Ordering::Acquire);
                     let same = e.generation.load(Ordering::Relaxed) == generation;
                     drop(guard);
+                    for _ in 0..outside {
+                        std::hint::spin_loop();
+                    }
                     shared.max_pipe_seen.fetch_max(pipe, Ordering::Relaxed);
                     if freed || !same {
                         shared.freed_seen.fetch_add(1, Ordering::Relaxed);
@@ -235,12 +246,29 @@ pub fn torture(wait: Wait, readers: usize, duration: Duration) -> Report {
 /// Runs all three ways of waiting and asserts no reader saw a grace
 /// period end under it.
 pub fn torture_all(label: &str) {
-    let duration = torture_duration() / 3;
-    for wait in [Wait::Synchronize, Wait::Call, Wait::DeferDrop] {
-        let report = torture(wait, 2, duration);
+    let duration = torture_duration() / 4;
+    let runs = [
+        (Wait::Synchronize, 2, 0),
+        (Wait::Call, 2, 0),
+        (Wait::DeferDrop, 2, 0),
+        // One reader that pauses between sections: the writer's own grace
+        // periods finish as often as they are given up.
+        (Wait::DeferDrop, 1, 2_000),
+    ];
+    for (wait, readers, outside) in runs {
+        let before = vmtask_rcu::stats();
+        let report = torture_paced(wait, readers, duration, outside);
+        let after = vmtask_rcu::stats();
         eprintln!(
-            "torture[{label}, {wait:?}]: {} reads, {} updates, max pipe seen {}, freed seen {}",
-            report.reads, report.updates, report.max_pipe_seen, report.freed_seen
+            "torture[{label}, {wait:?}, {readers} reader threads, {outside} spins between sections]: {} reads, {} \
+             updates, max pipe seen {}, freed seen {}; writer's own grace periods {} finished, \
+             {} given up",
+            report.reads,
+            report.updates,
+            report.max_pipe_seen,
+            report.freed_seen,
+            after.owner_grace_periods - before.owner_grace_periods,
+            after.owner_grace_periods_given_up - before.owner_grace_periods_given_up
         );
         assert!(report.updates > 10, "writer made no progress with {wait:?}");
         assert!(report.reads > 100, "readers made no progress with {wait:?}");
