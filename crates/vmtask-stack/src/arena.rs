@@ -48,8 +48,9 @@ const FIRST_ARENA_SLOTS: usize = 256;
 /// stack here, so doing one per carve doubled the cost of a fresh stack; 32
 /// slots ahead costs at most two page-table pages (4 MiB of 128 KiB slots)
 /// before they are used. (`populate_top` adds a system call per
-/// [`POPULATE_BATCH`] carves, which replaces the page faults of their
-/// first touches, which cost more.) `mprotect` guards are still made one
+/// [`POPULATE_BATCH`] carves with guard markers, per carve with `mprotect`
+/// guards, which replaces the page faults of first touches, which cost
+/// more.) `mprotect` guards are still made one
 /// per carve: each splits the mapping, and `vm.max_map_count` must not be
 /// spent on slots nobody asked for.
 const GUARD_BATCH: usize = 32;
@@ -239,8 +240,9 @@ impl TopPages {
 /// first of them is carved: a fresh stack, top page touched, took
 /// 1.22–1.27 µs against 1.23–1.45 µs with one `MADV_POPULATE_WRITE` per
 /// carve, and 1.50–1.90 µs without `populate_top` (BENCHMARKS.md).
-/// Populating ahead holds at most `POPULATE_BATCH - 1` pages (28 KiB)
-/// per pool before their stacks are handed out.
+/// Populating ahead holds at most `POPULATE_BATCH - 1` pages (28 KiB with
+/// 4 KiB pages) per pool before their stacks are handed out. With
+/// `mprotect` guards, made one per carve, the batch is that one slot.
 const POPULATE_BATCH: usize = 8;
 
 /// One pool's arenas and its carving cursor. Lives behind the pool's carve

@@ -79,10 +79,11 @@ pub struct Config {
     /// Fault in the top page of a freshly carved stack, and of one reused
     /// from the slots whose memory a full depot gave back, with
     /// `MADV_POPULATE_WRITE` before `alloc` returns it (on the slow path
-    /// only: stacks from the caches are taken as they are). Fresh slots
-    /// are done eight at a time, with one `process_madvise` call (Linux
-    /// 6.13+; one page per carve before that), so up to seven top pages
-    /// per pool are populated before their stacks are asked for.
+    /// only: stacks from the caches are taken as they are). With guard
+    /// markers, fresh slots are done eight at a time, with one
+    /// `process_madvise` call (Linux 6.13+; one `madvise` per page before
+    /// that), so up to seven top pages per pool are populated before their
+    /// stacks are asked for.
     /// Default false: a fresh stack then costs nothing until touched.
     ///
     /// Turn it on where every stack runs soon after it is allocated, as in

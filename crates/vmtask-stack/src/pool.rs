@@ -27,8 +27,9 @@
 //! Memory: the fast paths make no system call, and a fresh slot costs
 //! nothing until touched. With `populate_top` (off by default), a freshly
 //! carved or released slot gets its top page, which its user writes first,
-//! with `MADV_POPULATE_WRITE` before `alloc` returns it (fresh slots eight
-//! at a time, in one call): cheaper than the page fault it replaces (the dynamic kernel stacks RFC, seed 003,
+//! with `MADV_POPULATE_WRITE` before `alloc` returns it (with guard
+//! markers, fresh slots eight at a time): cheaper than the page fault it
+//! replaces (the dynamic kernel stacks RFC, seed 003,
 //! proposed mapping a new thread's top page only). A magazine on its way to the
 //! depot has each stack's pages below `keep_resident` released
 //! (`MADV_DONTNEED`), one batch per magazine; when the depot is full

@@ -184,10 +184,14 @@ fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &Atomic
         .collect();
     let total: usize = ranges.iter().map(|r| r.1).sum();
     // Why this holds: `iov` holds `ranges.len()` valid iovecs describing ranges of
-    // our own arenas; the advice values callers pass (dontneed on free
-    // stacks, guard install on uncarved slots, populate on the top pages of
-    // fresh slots, which only faults in zero pages) never invalidate memory
-    // Rust code holds references to.
+    // our own arenas, which stay mapped while the caller borrows its pool.
+    // The advice values callers pass never invalidate memory Rust code
+    // holds references to: dontneed on free stacks, guard install on
+    // uncarved slots, and populate on the top pages of fresh slots, which
+    // other threads may already have carved, written or released by the
+    // time it runs: populate never changes what a page holds (it does
+    // nothing to a present page, and faults in a zero page where there is
+    // none).
     // SAFETY: valid iovecs over unused ranges of our arenas (above).
     let done = unsafe {
         libc::syscall(
@@ -225,22 +229,26 @@ pub(crate) fn populate_hint(addr: usize, len: usize) {
     }
 }
 
-/// [`populate_hint`] for the top pages of freshly carved slots, all with
+/// [`populate_hint`] for the top pages of freshly carved slots: all with
 /// one `process_madvise(2)` call where the kernel allows it (Linux 6.13+),
-/// otherwise the first page (the stack being handed out) alone.
+/// otherwise one `madvise` each, as before batching (the carve that asked
+/// for them does not ask again for the later slots).
 pub(crate) fn populate_tops(pages: &crate::arena::TopPages) {
     static REFUSED: AtomicBool = AtomicBool::new(false);
     if populate_supported() != Ok(true) {
         return;
     }
     let page = page_size();
-    let ranges: Vec<_> = pages.ranges(page).take(1024).collect();
-    // Where the batch cannot be made (no pidfd, a kernel before 6.13) or
-    // stopped part-way (ENOMEM at a memory cgroup's limit), the stack being
-    // handed out gets its page alone, best effort, and the others are left
-    // to their first write, as `populate_hint` does.
-    if !madvise_many(&ranges, libc::MADV_POPULATE_WRITE, &REFUSED) {
-        let _ = populate_write(ranges[0].0, page);
+    let ranges: Vec<_> = pages.ranges(page).collect();
+    if ranges.len() > 1 && madvise_many(&ranges, libc::MADV_POPULATE_WRITE, &REFUSED) {
+        return;
+    }
+    // No batch (one page, no pidfd, a kernel before 6.13, a seccomp
+    // filter), or one stopped part-way (ENOMEM at a memory cgroup's
+    // limit): page by page, best effort; a page that fails is left to
+    // its first write, as with `populate_hint`.
+    for (addr, len) in ranges {
+        let _ = populate_write(addr, len);
     }
 }
 

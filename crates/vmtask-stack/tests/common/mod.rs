@@ -70,6 +70,9 @@ pub fn batch_populate_supported() -> bool {
             0,
         );
         assert_ne!(p, libc::MAP_FAILED);
+        // No huge page may back the scratch pages (the count below would
+        // then see all three).
+        libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
         let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
         let iov = [0, 2].map(|i| libc::iovec {
             iov_base: p.cast::<u8>().add(i * page()).cast(),
@@ -84,7 +87,10 @@ pub fn batch_populate_supported() -> bool {
                 libc::MADV_POPULATE_WRITE,
                 0,
             ) == 2 * page() as libc::c_long;
-        let resident = resident_pages(p as usize, len);
+        let resident = [0, 2]
+            .iter()
+            .map(|&i| resident_pages(p as usize + i * page(), page()))
+            .sum::<usize>();
         if pidfd >= 0 {
             libc::close(pidfd as libc::c_int);
         }
