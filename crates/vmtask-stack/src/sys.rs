@@ -206,7 +206,9 @@ fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &Atomic
     if done >= 0 && done as usize == total {
         return true;
     }
-    if done < 0 && errno() == libc::EINVAL {
+    // A kernel without the call (ENOSYS), one that refuses this advice
+    // (EINVAL) or a seccomp filter (EPERM) will refuse the next batch too.
+    if done < 0 && matches!(errno(), libc::EINVAL | libc::ENOSYS | libc::EPERM) {
         refused.store(true, Ordering::Relaxed);
     }
     false
