@@ -207,8 +207,8 @@ pub(crate) static OWNER_GIVEN_UP: CachePadded<AtomicU64> = CachePadded::new(Atom
 /// deferring thread twice (`membarrier`). Run by the deferring thread,
 /// the grace period skips that thread's own slot, and with no other
 /// reader registered it costs no barrier at all. Measured on the
-/// project's machine: 7 µs of the deferring thread's time per grace
-/// period the callback thread ran.
+/// project's machine: 3.7–7 µs of the deferring thread's time per grace
+/// period the callback thread ran (BENCHMARKS.md).
 ///
 /// Never call it inside a read-side section: the caller's own slot would
 /// count as a reader, and the attempt would always be given up.
