@@ -6,7 +6,7 @@
 //! failure; callers turn that into a [`StackError`](crate::StackError) that
 //! names what was being done.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// `MADV_GUARD_INSTALL` (Linux 6.13+): turn a range into guard markers that
@@ -158,20 +158,57 @@ pub(crate) fn install_guard_markers(ranges: &[(usize, usize)]) -> Result<(), i32
         .try_for_each(|&(addr, len)| madvise(addr, len, MADV_GUARD_INSTALL))
 }
 
+/// A pidfd of this process: opened on first use, and again in a fork
+/// child, where the inherited one names the parent (for which
+/// `process_madvise` refuses our advice values, so a child would batch
+/// nothing). `None` where none can be opened (EMFILE, a kernel before
+/// 5.3): remembered for the life of the process.
+fn own_pidfd() -> Option<libc::c_int> {
+    // The pid in the high half, the descriptor + 1 in the low (0: none
+    // could be opened); all zero before first use.
+    static PIDFD: AtomicU64 = AtomicU64::new(0);
+    fn decode(word: u64) -> Option<libc::c_int> {
+        (word as u32).checked_sub(1).map(|fd| fd as libc::c_int)
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    let word = PIDFD.load(Ordering::Acquire);
+    if word != 0 && (word >> 32) as u32 == pid {
+        return decode(word);
+    }
+    // SAFETY: pidfd_open on our own pid only creates a descriptor (close
+    // on exec); it stays open for the life of the process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = libc::c_int::try_from(fd).ok().filter(|&fd| fd >= 0);
+    let new = (u64::from(pid) << 32) | fd.map_or(0, |fd| fd as u64 + 1);
+    match PIDFD.compare_exchange(word, new, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {
+            if let Some(inherited) = decode(word).filter(|_| word != 0) {
+                // SAFETY: the parent's pidfd, inherited by this fork child
+                // and used by nothing else here; closing our copy leaves
+                // the parent's alone.
+                unsafe { libc::close(inherited) };
+            }
+            fd
+        }
+        Err(current) => {
+            // Another thread of this process published one first.
+            if let Some(fd) = fd {
+                // SAFETY: ours, opened above and never shared.
+                unsafe { libc::close(fd) };
+            }
+            decode(current).filter(|_| (current >> 32) as u32 == pid)
+        }
+    }
+}
+
 /// Applies `advice` to up to 1024 ranges of our own address space with one
 /// `process_madvise(2)` on a pidfd of this process. True if the kernel did
 /// the whole batch; false if the caller must fall back to `madvise` (no
 /// pidfd, a kernel that refuses this advice through process_madvise, which
 /// is then remembered in `refused`, or a partial result).
 fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &AtomicBool) -> bool {
-    static PIDFD: OnceLock<Option<libc::c_long>> = OnceLock::new();
-    let pidfd = *PIDFD.get_or_init(|| {
-        // SAFETY: pidfd_open on our own pid only creates a descriptor; it
-        // stays open for the life of the process.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-        (fd >= 0).then_some(fd)
-    });
-    let Some(fd) = pidfd else { return false };
+    let Some(fd) = own_pidfd() else { return false };
     if refused.load(Ordering::Relaxed) {
         return false;
     }
@@ -336,6 +373,44 @@ pub(crate) fn guard_markers_supported() -> Result<bool, i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The process a pidfd names, from `/proc/self/fdinfo`.
+    fn pidfd_pid(fd: libc::c_int) -> Option<i32> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("Pid:"))
+            .and_then(|pid| pid.trim().parse().ok())
+    }
+
+    #[test]
+    fn a_fork_child_opens_its_own_pidfd() {
+        let Some(fd) = own_pidfd() else {
+            return; // no pidfd on this kernel: nothing to check
+        };
+        // SAFETY: getpid has no preconditions.
+        assert_eq!(pidfd_pid(fd), Some(unsafe { libc::getpid() }));
+        // SAFETY: the child makes system calls, reads one file and leaves
+        // with `_exit`; glibc's fork handlers keep its allocator usable.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            let ok = own_pidfd()
+                .and_then(pidfd_pid)
+                // SAFETY: getpid has no preconditions.
+                .is_some_and(|pid| pid == unsafe { libc::getpid() });
+            // SAFETY: leaving the child without running the parent's
+            // destructors or the test harness.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's pidfd named another process (status {status:#x})"
+        );
+        assert_eq!(own_pidfd(), Some(fd), "the parent keeps its own");
+    }
 
     #[test]
     fn page_rounding_is_exact() {
