@@ -70,6 +70,11 @@ pub(crate) struct Bag {
     entries: [DropEntry; BAG_CAPACITY],
 }
 
+/// The filler of unused entries: does nothing.
+///
+/// # Safety
+/// None needed: it ignores its argument. `unsafe` only to have the type of
+/// a drop function.
 unsafe fn no_drop(_: *mut ()) {}
 
 impl Bag {
@@ -563,6 +568,9 @@ mod tests {
 
     static RUNS: AtomicUsize = AtomicUsize::new(0);
 
+    /// # Safety
+    /// None needed: it ignores its argument. `unsafe` only to have the
+    /// type of a drop function.
     unsafe fn count_run(_: *mut ()) {
         RUNS.fetch_add(1, Ordering::Relaxed);
     }

@@ -675,6 +675,8 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// assert_eq!(DROPPED.load(Ordering::Relaxed), 1000);
 /// ```
 pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
+    /// # Safety
+    /// `data` is a `Box<T>` leaked with `Box::into_raw`, dropped once.
     unsafe fn drop_box<T>(data: *mut ()) {
         // SAFETY: `data` came from `Box::into_raw` below.
         drop(unsafe { Box::from_raw(data.cast::<T>()) });

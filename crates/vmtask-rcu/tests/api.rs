@@ -275,6 +275,8 @@ struct Intrusive {
     counter: Arc<AtomicUsize>,
 }
 
+/// # Safety
+/// `head` is the first field of a leaked `Box<Intrusive>`, freed once.
 unsafe fn free_intrusive(head: *mut RcuHead) {
     // SAFETY: heads queued below are the first field of leaked Intrusive boxes.
     let node = unsafe { Box::from_raw(head.cast::<Intrusive>()) };
