@@ -256,7 +256,7 @@ struct Node {
 
 static INVOKED: AtomicU64 = AtomicU64::new(0);
 
-/// Counts a callback; the benchmark's heads live in a static array.
+/// Counts a callback; the heads live in a vector the benchmark frees.
 ///
 /// # Safety
 /// None needed: the head is not touched. `unsafe` only to have the type
