@@ -158,46 +158,68 @@ pub(crate) fn install_guard_markers(ranges: &[(usize, usize)]) -> Result<(), i32
         .try_for_each(|&(addr, len)| madvise(addr, len, MADV_GUARD_INSTALL))
 }
 
+/// This process's pidfd: the pid in the high half, the descriptor + 1 in
+/// the low (0: none could be opened); all zero before first use.
+static PIDFD: AtomicU64 = AtomicU64::new(0);
+
+fn decode_pidfd(word: u64) -> Option<libc::c_int> {
+    (word as u32).checked_sub(1).map(|fd| fd as libc::c_int)
+}
+
+/// The fork child's handler (`pthread_atfork`): the inherited pidfd names
+/// the parent; close it now, while its number is certainly still that
+/// descriptor, and let the child open its own on first use.
+extern "C" fn pidfd_after_fork_child() {
+    if let Some(fd) = decode_pidfd(PIDFD.swap(0, Ordering::AcqRel)) {
+        // SAFETY: the descriptor inherited from the parent, which nothing
+        // in the child can have closed or reused yet (the child has run no
+        // code of its own); close is async-signal-safe.
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// A pidfd of this process: opened on first use, and again in a fork
 /// child, where the inherited one names the parent (for which
 /// `process_madvise` refuses our advice values, so a child would batch
 /// nothing). `None` where none can be opened (EMFILE, a kernel before
 /// 5.3): remembered for the life of the process.
+///
+/// A fork child closes the inherited descriptor in a `pthread_atfork`
+/// handler, installed before the first pidfd is opened. A child forked
+/// while that installation raced with the fork may miss the handler: it
+/// then finds a word with its parent's pid, and leaves that descriptor
+/// open (one leaked descriptor), since by then the program may have
+/// closed the number and reused it for a file of its own.
 fn own_pidfd() -> Option<libc::c_int> {
-    // The pid in the high half, the descriptor + 1 in the low (0: none
-    // could be opened); all zero before first use.
-    static PIDFD: AtomicU64 = AtomicU64::new(0);
-    fn decode(word: u64) -> Option<libc::c_int> {
-        (word as u32).checked_sub(1).map(|fd| fd as libc::c_int)
-    }
+    static HANDLER: std::sync::Once = std::sync::Once::new();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     let word = PIDFD.load(Ordering::Acquire);
     if word != 0 && (word >> 32) as u32 == pid {
-        return decode(word);
+        return decode_pidfd(word);
     }
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only swaps an atomic and
+        // closes a descriptor; failure (ENOMEM) leaves children to the
+        // pid check below.
+        unsafe { libc::pthread_atfork(None, None, Some(pidfd_after_fork_child)) };
+    });
     // SAFETY: pidfd_open on our own pid only creates a descriptor (close
     // on exec); it stays open for the life of the process.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     let fd = libc::c_int::try_from(fd).ok().filter(|&fd| fd >= 0);
     let new = (u64::from(pid) << 32) | fd.map_or(0, |fd| fd as u64 + 1);
     match PIDFD.compare_exchange(word, new, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => {
-            if let Some(inherited) = decode(word).filter(|_| word != 0) {
-                // SAFETY: the parent's pidfd, inherited by this fork child
-                // and used by nothing else here; closing our copy leaves
-                // the parent's alone.
-                unsafe { libc::close(inherited) };
-            }
-            fd
-        }
+        // A word left by a parent whose fork missed the handler: its
+        // descriptor stays open (see above).
+        Ok(_) => fd,
         Err(current) => {
             // Another thread of this process published one first.
             if let Some(fd) = fd {
                 // SAFETY: ours, opened above and never shared.
                 unsafe { libc::close(fd) };
             }
-            decode(current).filter(|_| (current >> 32) as u32 == pid)
+            decode_pidfd(current).filter(|_| (current >> 32) as u32 == pid)
         }
     }
 }
@@ -208,10 +230,10 @@ fn own_pidfd() -> Option<libc::c_int> {
 /// pidfd, a kernel that refuses this advice through process_madvise, which
 /// is then remembered in `refused`, or a partial result).
 fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &AtomicBool) -> bool {
-    let Some(fd) = own_pidfd() else { return false };
     if refused.load(Ordering::Relaxed) {
         return false;
     }
+    let Some(fd) = own_pidfd() else { return false };
     let iov: Vec<libc::iovec> = ranges
         .iter()
         .map(|&(addr, len)| libc::iovec {
@@ -245,6 +267,9 @@ fn madvise_many(ranges: &[(usize, usize)], advice: libc::c_int, refused: &Atomic
     }
     // A kernel without the call (ENOSYS), one that refuses this advice
     // (EINVAL) or a seccomp filter (EPERM) will refuse the next batch too.
+    // Rarer causes of the same errors (a range a user locked or
+    // re-protected) turn batching off as well: slower from then on, never
+    // wrong, since the fallback does the same work range by range.
     if done < 0 && matches!(errno(), libc::EINVAL | libc::ENOSYS | libc::EPERM) {
         refused.store(true, Ordering::Relaxed);
     }
@@ -382,34 +407,69 @@ mod tests {
             .and_then(|pid| pid.trim().parse().ok())
     }
 
-    #[test]
-    fn a_fork_child_opens_its_own_pidfd() {
-        let Some(fd) = own_pidfd() else {
-            return; // no pidfd on this kernel: nothing to check
-        };
-        // SAFETY: getpid has no preconditions.
-        assert_eq!(pidfd_pid(fd), Some(unsafe { libc::getpid() }));
-        // SAFETY: the child makes system calls, reads one file and leaves
+    /// Runs `child` in a fork child and asserts it returned true.
+    fn in_fork_child(what: &str, child: impl FnOnce() -> bool) {
+        // SAFETY: the child makes system calls, reads files and leaves
         // with `_exit`; glibc's fork handlers keep its allocator usable.
-        let child = unsafe { libc::fork() };
-        assert!(child >= 0, "fork failed");
-        if child == 0 {
-            let ok = own_pidfd()
-                .and_then(pidfd_pid)
-                // SAFETY: getpid has no preconditions.
-                .is_some_and(|pid| pid == unsafe { libc::getpid() });
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = child();
             // SAFETY: leaving the child without running the parent's
             // destructors or the test harness.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
         let mut status = 0;
         // SAFETY: reaping our own child.
-        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the child's pidfd named another process (status {status:#x})"
+            "{what} (status {status:#x})"
         );
+    }
+
+    /// Whether `own_pidfd` gives a pidfd naming this process.
+    fn own_pidfd_names_us() -> bool {
+        own_pidfd()
+            .and_then(pidfd_pid)
+            // SAFETY: getpid has no preconditions.
+            .is_some_and(|pid| pid == unsafe { libc::getpid() })
+    }
+
+    #[test]
+    fn a_fork_child_opens_its_own_pidfd() {
+        let Some(fd) = own_pidfd() else {
+            return; // no pidfd on this kernel: nothing to check
+        };
+        if !own_pidfd_names_us() {
+            return; // /proc shows another pid namespace
+        }
+        in_fork_child("the child's pidfd named another process", || {
+            // The fork handler closed the inherited descriptor and
+            // cleared the word.
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            let closed = unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1;
+            PIDFD.load(Ordering::Relaxed) == 0 && closed && own_pidfd_names_us()
+        });
         assert_eq!(own_pidfd(), Some(fd), "the parent keeps its own");
+
+        // A child whose fork missed the handler finds its parent's word;
+        // by then the number may be a file of the program's own, which
+        // must stay open.
+        in_fork_child("a stale pidfd word closed the program's file", || {
+            let file = std::fs::File::open("/dev/null").unwrap();
+            let number = std::os::fd::AsRawFd::as_raw_fd(&file);
+            // SAFETY: getppid has no preconditions.
+            let parent = unsafe { libc::getppid() } as u32;
+            PIDFD.store(
+                (u64::from(parent) << 32) | (number as u64 + 1),
+                Ordering::Relaxed,
+            );
+            let named_us = own_pidfd_names_us();
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            let still_open = unsafe { libc::fcntl(number, libc::F_GETFD) } != -1;
+            named_us && still_open
+        });
     }
 
     #[test]
