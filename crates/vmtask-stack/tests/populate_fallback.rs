@@ -4,12 +4,10 @@
 //! descriptor to spare when the pool first asks for the pidfd the batch
 //! needs, so the pool goes without it for the life of the process.
 
-use std::process::Command;
-
 use vmtask_stack::{Config, GuardMode, StackPool};
 
 mod common;
-use common::{page, populate_supported, resident_pages};
+use common::{page, populate_supported, rerun_in_child, resident_pages, with_zero_soft_limit};
 
 const CHILD: &str = "VMTASK_STACK_POPULATE_FALLBACK_CHILD";
 
@@ -19,43 +17,7 @@ fn every_fresh_stack_gets_its_top_page_without_batches() {
         child();
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "every_fresh_stack_gets_its_top_page_without_batches",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("CHILD DONE"), "{stdout}\n{stderr}");
-}
-
-/// Runs `f` with the open-files soft limit at 0, then restores it.
-fn without_file_descriptors<T>(f: impl FnOnce() -> T) -> T {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain system calls on this process's own limits; lowering
-    // the soft limit and raising it back up to the hard one needs no
-    // privilege.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
-        let tight = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: old.rlim_max,
-        };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &tight), 0);
-    }
-    let result = f();
-    // SAFETY: as above.
-    unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &old), 0) };
-    result
+    rerun_in_child("every_fresh_stack_gets_its_top_page_without_batches", CHILD);
 }
 
 fn child() {
@@ -71,7 +33,7 @@ fn child() {
     }
     // The first carve asks for the pidfd (and fails: EMFILE); the pool
     // does not ask again.
-    let first = without_file_descriptors(|| pool.alloc().unwrap());
+    let first = with_zero_soft_limit(libc::RLIMIT_NOFILE, || pool.alloc().unwrap());
     let mut stacks = vec![first];
     stacks.extend((0..19).map(|_| pool.alloc().unwrap()));
     let tops: Vec<usize> = stacks

@@ -98,3 +98,44 @@ pub fn batch_populate_supported() -> bool {
         done && resident == 2
     }
 }
+
+/// Re-runs the test `name` of this test binary in a child process with
+/// `env` set (the child's branch of the test does the work and prints
+/// `CHILD DONE` last), and asserts it succeeded.
+#[allow(dead_code)]
+pub fn rerun_in_child(name: &str, env: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("CHILD DONE"), "{stdout}\n{stderr}");
+}
+
+/// Runs `f` with the soft limit of `resource` at 0, then restores it.
+/// `f` must not need what the limit takes away beyond what it tests.
+#[allow(dead_code)]
+pub fn with_zero_soft_limit<T>(resource: libc::__rlimit_resource_t, f: impl FnOnce() -> T) -> T {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on this process's own limits; lowering
+    // the soft limit and raising it back up to the hard one needs no
+    // privilege.
+    unsafe {
+        assert_eq!(libc::getrlimit(resource, &mut old), 0);
+        let tight = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: old.rlim_max,
+        };
+        assert_eq!(libc::setrlimit(resource, &tight), 0);
+    }
+    let result = f();
+    // SAFETY: as above.
+    unsafe { assert_eq!(libc::setrlimit(resource, &old), 0) };
+    result
+}
