@@ -747,7 +747,7 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
             Expedite::Readers => {
                 // A reader is in a long section: leave the wait to the
                 // callback thread, and do not try again before it is over.
-                EXPEDITE_AFTER.set(Some(crate::grace::snapshot()));
+                EXPEDITE_AFTER.set(Some(grace::snapshot()));
                 request_grace_period(true);
                 return;
             }

@@ -459,15 +459,29 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
 /// One full grace period over `readers` (a snapshot of the registry).
 /// The caller holds the grace-period lock, so `gp.ctr` has one writer.
 pub(crate) fn grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
+    two_waits(gp, updater, || {
+        wait_for_readers(gp, readers, updater);
+        true
+    });
+}
+
+/// The steps of a grace period around its two waits for readers; stops
+/// (false) where `wait` gives up.
+fn two_waits<U: Updater>(gp: &GpWord, updater: &U, mut wait: impl FnMut() -> bool) -> bool {
     updater.heavy_barrier();
-    wait_for_readers(gp, readers, updater);
+    if !wait() {
+        return false;
+    }
     // The first wait's slot loads complete before the flip is published.
     fence(Ordering::SeqCst);
     // An RMW, so that a concurrent `set_mode` is not lost.
     gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
     fence(Ordering::SeqCst);
-    wait_for_readers(gp, readers, updater);
+    if !wait() {
+        return false;
+    }
     updater.heavy_barrier();
+    true
 }
 
 /// Scans `readers` until none is old, at most `scans` times; never
@@ -504,18 +518,9 @@ pub(crate) fn try_grace_period<U: Updater>(
     updater: &U,
     scans: usize,
 ) -> bool {
-    updater.heavy_barrier();
-    if !readers_done_within(gp, readers, updater, scans) {
-        return false;
-    }
-    fence(Ordering::SeqCst);
-    gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
-    fence(Ordering::SeqCst);
-    if !readers_done_within(gp, readers, updater, scans) {
-        return false;
-    }
-    updater.heavy_barrier();
-    true
+    two_waits(gp, updater, || {
+        readers_done_within(gp, readers, updater, scans)
+    })
 }
 
 #[cfg(all(test, not(loom)))]
