@@ -46,7 +46,7 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once, OnceLock, PoisonError};
 
 use crate::arena::{self, Place};
@@ -96,6 +96,7 @@ static INSTALL: Once = Once::new();
 /// Installs the overflow handler for the process (idempotent).
 pub(crate) fn install_handler() {
     INSTALL.call_once(|| {
+        FRAME_ROOM.store(frame_room(), Ordering::Relaxed);
         for (sig, prev) in SIGNALS.iter().zip(&PREVIOUS) {
             // SAFETY: querying an action writes a whole sigaction into our
             // static; nothing reads it before the handler is installed below.
@@ -157,20 +158,57 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
     // Only a fault carries the faulting address in si_addr. The
     // interrupted stack pointer catches the rest: a fault whose address
     // says nothing (the kernel's own SIGSEGV, address 0, when it could not
-    // push a signal frame below a stack pointer already in the guard) or
-    // that is elsewhere while the stack pointer is in a guard.
+    // push a signal frame below the stack pointer, which is in the guard
+    // or less than a frame above it) or that is elsewhere while the stack
+    // pointer is in a guard.
     if fault {
         let hit = |at: usize| match arena::lookup(at) {
             Some(Place::Guard(slot)) => Some(slot),
             _ => None,
         };
-        if let Some(slot) = hit(addr).or_else(|| interrupted_sp(ctx).and_then(hit)) {
+        let overflow = hit(addr)
+            .or_else(|| interrupted_sp(ctx).and_then(hit))
+            .or_else(|| frame_did_not_fit(sig, code, addr, ctx));
+        if let Some(slot) = overflow {
             report(slot.base, slot.limit);
             // SAFETY: abort is async-signal-safe and never returns.
             unsafe { libc::abort() };
         }
     }
-    chain(sig, fault, info, ctx);
+    chain(sig, fault, code == libc::SI_KERNEL, info, ctx);
+}
+
+/// The kernel's own SIGSEGV (`SI_KERNEL`, address 0) for a signal whose
+/// frame did not fit below the stack pointer: if that stack pointer is on
+/// a pool stack, less than a signal frame above its guard, the stack has
+/// overflowed, though nothing touched the guard yet (a handler without
+/// `SA_ONSTACK`, say a profiler's SIGPROF, ran out of room).
+fn frame_did_not_fit(
+    sig: libc::c_int,
+    code: libc::c_int,
+    addr: usize,
+    ctx: *mut libc::c_void,
+) -> Option<arena::Slot> {
+    if sig != libc::SIGSEGV || code != libc::SI_KERNEL || addr != 0 {
+        return None;
+    }
+    let sp = interrupted_sp(ctx)?;
+    match arena::lookup(sp)? {
+        Place::Stack(slot) if sp - slot.limit < FRAME_ROOM.load(Ordering::Relaxed) => Some(slot),
+        _ => None,
+    }
+}
+
+/// Room a signal frame may need below the stack pointer: twice the
+/// kernel's own figure (`AT_MINSIGSTKSZ`, which counts the register state
+/// this CPU saves, about 3.5 KiB with AVX-512), with a floor of two
+/// pages. Set when the handler is installed.
+static FRAME_ROOM: AtomicUsize = AtomicUsize::new(0);
+
+fn frame_room() -> usize {
+    // SAFETY: getauxval only reads the auxiliary vector; 0 when absent.
+    let min = unsafe { libc::getauxval(libc::AT_MINSIGSTKSZ) } as usize;
+    (2 * min).max(2 * crate::sys::page_size())
 }
 
 /// The stack pointer of the interrupted code, from the handler's context.
@@ -201,8 +239,16 @@ fn interrupted_sp(_ctx: *mut libc::c_void) -> Option<usize> {
     None
 }
 
-/// Hands the signal to the previous action: see [`on_fault`].
-fn chain(sig: libc::c_int, fault: bool, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+/// Hands the signal to the previous action: see [`on_fault`]. `forced`:
+/// the kernel's own signal (`SI_KERNEL`), which no retried instruction
+/// raises again.
+fn chain(
+    sig: libc::c_int,
+    fault: bool,
+    forced: bool,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
     let index = usize::from(sig != SIGNALS[0]);
     // SAFETY: written during installation, before this handler could run;
     // read-only since.
@@ -222,25 +268,27 @@ fn chain(sig: libc::c_int, fault: bool, info: *mut libc::siginfo_t, ctx: *mut li
         return;
     }
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        take_default_action(sig, fault);
+        take_default_action(sig, fault && !forced);
     } else {
         deliver(sig, prev, handler, info, ctx);
     }
 }
 
-/// Makes `sig`'s action `SIG_DFL` and delivers it again.
-fn take_default_action(sig: libc::c_int, fault: bool) {
+/// Makes `sig`'s action `SIG_DFL` and delivers it again: by returning,
+/// when `retried` (a fault whose instruction runs again), or by raising
+/// it (a sent signal, or the kernel's own, which nothing would repeat).
+fn take_default_action(sig: libc::c_int, retried: bool) {
     // SAFETY: an all-zero sigaction with SIG_DFL is the default action.
     let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
     default.sa_sigaction = libc::SIG_DFL;
     // Why this holds: sigaction and raise are async-signal-safe. For a fault,
     // returning retries the access, which now kills the process the
-    // default way; a sent signal is raised again (it stays pending until
+    // default way; another signal is raised again (it stays pending until
     // this handler returns and the signal is unblocked).
     // SAFETY: async-signal-safe calls, as explained above.
     unsafe {
         libc::sigaction(sig, &default, std::ptr::null_mut());
-        if !fault {
+        if !retried {
             libc::raise(sig);
         }
     }
@@ -382,6 +430,10 @@ fn write_stderr(mut out: &[u8]) {
     while !out.is_empty() {
         // SAFETY: write(2) is async-signal-safe; `out` is a valid buffer.
         let n = unsafe { libc::write(libc::STDERR_FILENO, out.as_ptr().cast(), out.len()) };
+        if n < 0 && sys::errno() == libc::EINTR {
+            // Another handler interrupted the write before any byte went.
+            continue;
+        }
         if n <= 0 {
             break;
         }

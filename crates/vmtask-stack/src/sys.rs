@@ -45,7 +45,7 @@ pub(crate) fn page_floor(n: usize) -> usize {
     n & !(page_size() - 1)
 }
 
-fn errno() -> i32 {
+pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)

@@ -613,3 +613,127 @@ fn alt_stacks_are_recycled_after_thread_exit() {
     assert!(stacks[0].ends_with("flags 0"), "{stdout}");
     assert!(stacks.iter().all(|s| *s == stacks[0]), "{stdout}");
 }
+
+extern "C" fn ignore_usr1(_: libc::c_int) {}
+
+/// Sends SIGUSR1 to this thread with the stack pointer moved to `sp`, so
+/// that the kernel must push the signal frame there.
+///
+/// # Safety
+/// `sp` is a writable stack area of this thread with nothing live below
+/// it; the stack pointer is restored before returning.
+#[cfg(target_arch = "x86_64")]
+unsafe fn signal_self_with_sp(sp: usize) {
+    // SAFETY: getpid and gettid cannot fail.
+    let (pid, tid) = unsafe { (libc::getpid() as usize, libc::gettid() as usize) };
+    // SAFETY: the caller's contract; a raw tgkill between two moves of the
+    // stack pointer, which r12 saves across the system call.
+    unsafe {
+        std::arch::asm!(
+            "mov r12, rsp",
+            "mov rsp, {sp}",
+            "syscall",
+            "mov rsp, r12",
+            sp = in(reg) sp,
+            inlateout("rax") libc::SYS_tgkill as usize => _,
+            in("rdi") pid,
+            in("rsi") tid,
+            in("rdx") libc::SIGUSR1 as usize,
+            out("rcx") _,
+            out("r11") _,
+            out("r12") _,
+        )
+    };
+}
+
+/// On a pool stack with 512 bytes left, a handler without `SA_ONSTACK`
+/// gets a signal: its frame does not fit, and the kernel raises SIGSEGV
+/// itself (`SI_KERNEL`, address 0). Then, with `touch_guard`, the code
+/// writes the guard.
+#[cfg(target_arch = "x86_64")]
+fn signal_frame_does_not_fit(touch_guard: bool) {
+    set_action(
+        libc::SIGUSR1,
+        ignore_usr1 as *const () as libc::sighandler_t,
+        0,
+        &[],
+    );
+    let pool = StackPool::new(Config::default()).unwrap();
+    let stack = pool.alloc().unwrap();
+    let limit = stack.limit() as usize;
+    print_bounds(&stack);
+    let mut co = Coroutine::with_stack(stack, move |_: &corosensei::Yielder<(), ()>, ()| {
+        // SAFETY: 512 bytes above the limit of the stack we run on, far
+        // below anything live on it.
+        unsafe { signal_self_with_sp(limit + 512) };
+        println!("SURVIVED the kernel's SIGSEGV");
+        if touch_guard {
+            // SAFETY: deliberately not: this writes the guard page.
+            unsafe { std::ptr::write_volatile((limit - 8) as *mut u8, 1) };
+        }
+    });
+    co.resume(());
+    std::mem::forget(pool);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_signal_frame_that_does_not_fit_is_reported_as_an_overflow() {
+    if in_child() {
+        signal_frame_does_not_fit(true);
+        unreachable!("the overflow was not reported");
+    }
+    let out = run_child("a_signal_frame_that_does_not_fit_is_reported_as_an_overflow");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("SURVIVED"), "stdout:\n{stdout}");
+    assert_overflow_report(&out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_kernels_own_sigsegv_elsewhere_still_kills_under_the_default_action() {
+    if in_child() {
+        set_action(libc::SIGSEGV, libc::SIG_DFL, 0, &[]);
+        set_action(
+            libc::SIGUSR1,
+            ignore_usr1 as *const () as libc::sighandler_t,
+            0,
+            &[],
+        );
+        // Installs the pool's handler over SIG_DFL.
+        let pool = StackPool::new(Config::default()).unwrap();
+        drop(pool.alloc().unwrap());
+        // A forced SIGSEGV off any pool stack: a thread's own stack
+        // pointer moved into an unmapped page (a frame cannot be pushed).
+        let unmapped = {
+            let page = 4096;
+            // SAFETY: a fresh mapping, unmapped at once: its range is
+            // then not writable.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                p as usize + page
+            }
+        };
+        // SAFETY: the kernel cannot write the frame there and forces
+        // SIGSEGV; nothing of ours is below that stack pointer.
+        unsafe { signal_self_with_sp(unmapped) };
+        println!("SURVIVED the kernel's SIGSEGV");
+        return;
+    }
+    let out = run_child("the_kernels_own_sigsegv_elsewhere_still_kills_under_the_default_action");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("SURVIVED"), "stdout:\n{stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "{:?}", out.status);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("stack overflow"),
+        "not an overflow of a pool stack"
+    );
+}
