@@ -16,7 +16,9 @@
 //! allocation that follows reuses the chunk just freed instead of taking
 //! the allocator's slow path after a burst of frees. At most `MAX_WAITING`
 //! bags wait; past that the owner waits for the oldest bag's grace period
-//! itself and runs it whole.
+//! itself and runs it whole, or, where it may neither wait nor run drops
+//! (inside a read-side section, on the callback thread), queues the bags
+//! past the bound on the shared callback queues (`hand_over_surplus`).
 //!
 //! Bags of a thread that has stopped deferring are taken by *flushers*
 //! and go through the shared callback queues: the callback thread takes
@@ -414,6 +416,26 @@ impl LocalBag {
                 }
             }
         });
+    }
+
+    /// Owner only, where it may neither run drops nor wait (inside a
+    /// read-side section, or on the callback thread): hands the oldest
+    /// waiting bags past `MAX_WAITING` to `give` (the shared callback
+    /// queues), so a thread that retires objects only inside read-side
+    /// sections still gets them freed, by the callback thread, instead of
+    /// piling up bags until it stops. Queued while the hand-off is held,
+    /// as in `hand_over_own`. Returns how many it handed over (none while
+    /// a flusher holds the bags: it is taking them all anyway).
+    pub(crate) fn hand_over_surplus(&self, mut give: impl FnMut(Box<Bag>)) -> usize {
+        self.with_owned(|owned| {
+            let surplus = owned.waiting.len().saturating_sub(MAX_WAITING);
+            owned
+                .waiting
+                .drain(..surplus)
+                .for_each(|(_, bag)| give(bag));
+            surplus
+        })
+        .unwrap_or(0)
     }
 
     /// Owner only (thread exit): hands every bag to `give` while still

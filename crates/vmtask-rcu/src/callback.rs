@@ -728,7 +728,15 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
     // grace period) nor from a callback.
     let may_run = !crate::in_read_section() && !on_callback_thread();
     if !may_run {
-        request_grace_period(false);
+        // Past the bound, the oldest bags go to the callback thread, which
+        // waits for their grace period and runs them (`push_bag` neither
+        // blocks nor runs drops; they were counted as queued when they
+        // filled).
+        let cpu = cpu();
+        let handed = slot.bag.hand_over_surplus(|bag| {
+            push_bag(cpu, bag);
+        });
+        request_grace_period(handed > 0);
         return;
     }
     let (waiting, newest) = slot.bag.collect(true);

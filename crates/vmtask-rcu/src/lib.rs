@@ -34,8 +34,10 @@
 //!   backlog a grace period starts at once; past a hard limit, queuing
 //!   waits for the backlog to drain ([`set_backlog_limits`]). Deferred
 //!   drops: each thread keeps at most 64 full batches (8,064 objects)
-//!   waiting and then waits for a grace period itself, except inside a
-//!   read-side section or a callback, where it cannot wait.
+//!   waiting and then waits for a grace period itself; inside a read-side
+//!   section or a callback, where it cannot wait, it hands the batches
+//!   past that bound to the callback thread instead (which frees them as
+//!   fast as it can, but cannot hold back a thread inside a section).
 //! - **Misuse is loud.** `synchronize`, `barrier` and [`RcuCell::swap`]
 //!   inside a read-side section would deadlock; they panic instead.
 //!
