@@ -155,8 +155,8 @@ impl Queue {
             && self.tail.load(Ordering::SeqCst) == self.stub()
     }
 
-    /// Takes the whole queue: `(first, last)`. Callback thread and
-    /// `barrier` flushes are the only consumers, serialised by `CONSUMER`.
+    /// Takes the whole queue: `(first, last)`. The callback thread is the
+    /// only consumer, under `CONSUMER`.
     fn splice(&self) -> Option<(*mut RcuHead, *mut RcuHead)> {
         if self.is_empty() {
             return None;
@@ -316,10 +316,14 @@ struct Callbacks {
     queues: Box<[Queue]>,
 }
 
-/// Serialises queue consumers (the thread, barrier's flush). A static of
-/// its own, so that the fork handlers, which hold it across `fork`, never
-/// build the callback machinery of a program that does not use RCU.
-static CONSUMER: Mutex<()> = Mutex::new(());
+/// The batches the callback thread has spliced and whose grace period it
+/// is waiting for, oldest first; the lock also serialises the splicing.
+/// They live here, not on the thread's stack, so that a fork child finds
+/// them (the prepare handler holds the lock across `fork`, so the child
+/// sees a whole list) and runs them after a grace period of its own. A
+/// static of its own, so that the fork handlers never build the callback
+/// machinery of a program that does not use RCU.
+static CONSUMER: Mutex<Vec<ReadyBatch>> = Mutex::new(Vec::new());
 
 /// The callback machinery once built; built under `CALLBACKS_INIT`, which
 /// `fork` holds too, so that a child never inherits it half-built.
@@ -399,7 +403,11 @@ pub const DEFAULT_SOFT_LIMIT: usize = 32 * 1024;
 pub const DEFAULT_HARD_LIMIT: usize = 256 * 1024;
 
 thread_local! {
+    /// On the callback thread, or on a thread invoking callbacks for it
+    /// (`invoke_ready`): code here must not wait for callbacks.
     static IS_CALLBACK_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// On the callback thread itself.
+    static THE_CALLBACK_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
 pub(crate) fn on_callback_thread() -> bool {
@@ -882,6 +890,7 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
 /// exact by the SLEEPING handshake).
 fn work_pending() -> bool {
     ready_pending()
+        || !CONSUMER.lock().is_empty()
         || NEED_GP.load(Ordering::SeqCst)
         || callbacks().queues.iter().any(|q| !q.is_empty())
         || crate::registry::any_bag_has_entries()
@@ -894,7 +903,8 @@ const LAZY_DELAY: Duration = Duration::from_millis(1);
 /// A thread that filled no bag for this long has its bags taken.
 const IDLE_AFTER: Duration = Duration::from_millis(5);
 
-/// A spliced list per CPU queue, whose grace period has passed.
+/// A spliced list per CPU queue (in `READY`, whose grace period has
+/// passed; in `CONSUMER`, waiting for it).
 struct ReadyBatch(Vec<(*mut RcuHead, *mut RcuHead)>);
 
 // SAFETY: the nodes were handed to us by `call_intrusive`, whose contract
@@ -939,6 +949,7 @@ fn ready_pending() -> bool {
 
 fn callback_thread() {
     IS_CALLBACK_THREAD.with(|c| c.set(true));
+    THE_CALLBACK_THREAD.with(|c| c.set(true));
     let cb = callbacks();
     loop {
         // Whatever is ready and not being invoked by a helper.
@@ -958,11 +969,16 @@ fn callback_thread() {
         }
         flush_bags(false);
         let need_gp = NEED_GP.swap(false, Ordering::SeqCst);
-        let batch: Vec<_> = {
-            let _consumer = CONSUMER.lock();
-            cb.queues.iter().filter_map(Queue::splice).collect()
+        let spliced = {
+            let mut waiting = CONSUMER.lock();
+            let batch: Vec<_> = cb.queues.iter().filter_map(Queue::splice).collect();
+            if !batch.is_empty() {
+                waiting.push(ReadyBatch(batch));
+            }
+            // Batches a fork child inherited wait here too.
+            !waiting.is_empty()
         };
-        if batch.is_empty() {
+        if !spliced {
             if need_gp {
                 // For the threads' waiting bags.
                 grace::wait(grace::snapshot());
@@ -971,8 +987,9 @@ fn callback_thread() {
         }
         // One grace period for everything queued before the splice.
         grace::wait(grace::snapshot());
-        BATCHES.fetch_add(1, Ordering::Relaxed);
-        READY.lock().push_back(ReadyBatch(batch));
+        let mut waiting = CONSUMER.lock();
+        BATCHES.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        READY.lock().extend(waiting.drain(..));
     }
 }
 
@@ -1061,6 +1078,9 @@ pub fn barrier() {
     wake_thread_urgent();
     while state.remaining.load(Ordering::Acquire) != 0 {
         if !invoke_ready() {
+            // A callback this thread ran may have forked: in the child,
+            // the thread must start again (and a failed start is retried).
+            let _ = try_ensure_thread();
             std::thread::park_timeout(Duration::from_millis(1));
         }
     }
@@ -1072,27 +1092,26 @@ pub fn barrier() {
     }
 }
 
-/// Before `fork`: no queue is being spliced, and the machinery is not
-/// half-built. Takes only locks (nothing is built here).
+/// Before `fork`: no queue is being spliced, the lists of batches are
+/// whole, and the machinery is not half-built. Takes only locks (nothing
+/// is built here).
 pub(crate) fn before_fork() {
     std::mem::forget(CONSUMER.lock());
+    std::mem::forget(READY.lock());
     std::mem::forget(CALLBACKS_INIT.lock());
 }
 
 /// In the parent after `fork`.
 pub(crate) fn after_fork_parent() {
-    // SAFETY: `before_fork` locked both on this thread and leaked the
+    // SAFETY: `before_fork` locked these on this thread and leaked the
     // guards.
     unsafe {
         CALLBACKS_INIT.force_unlock();
+        READY.force_unlock();
         CONSUMER.force_unlock();
     }
 }
 
-/// In the fork child: the callback thread is gone; start anew on next use.
-/// Batches it had taken but not invoked are lost (leaked) in the child,
-/// and the backlog count starts again from zero so that they cannot
-/// throttle the child forever.
 /// The last node of a spliced list `(first, last)` reachable through its
 /// links: `last`, unless a producer was stopped by a fork before it linked
 /// a node (see `Queue::cut_after_fork`).
@@ -1109,47 +1128,119 @@ fn reachable_end(first: *mut RcuHead, last: *mut RcuHead) -> *mut RcuHead {
     last
 }
 
+/// In the fork child: the callback thread is gone (unless it is the
+/// thread that forked, from a callback); start anew on next use. Batches
+/// it had spliced, ready or waiting for their grace period, run in the
+/// child; what another thread was invoking or queuing at the fork is lost
+/// there (see `recount_after_fork`).
 pub(crate) fn after_fork_child() {
-    // SAFETY: `before_fork` locked it on the forking thread, the only
-    // thread of the child, and leaked the guard.
-    unsafe { CALLBACKS_INIT.force_unlock() };
+    // SAFETY: `before_fork` locked these on the forking thread, the only
+    // thread of the child, and leaked the guards.
+    unsafe {
+        CALLBACKS_INIT.force_unlock();
+        READY.force_unlock();
+    }
     // Before anything can push or invoke: no link may be missing for good.
     for queue in callbacks_if_built().iter().flat_map(|cb| cb.queues.iter()) {
         queue.cut_after_fork();
     }
-    if READY.is_locked() {
-        // SAFETY: the only thread in the child; a parent thread that held
-        // the lock at the fork will never release it.
-        unsafe { READY.force_unlock() };
-    }
-    for batch in READY.lock().iter_mut() {
-        for (first, last) in batch.0.iter_mut() {
-            *last = reachable_end(*first, *last);
+    {
+        // SAFETY: as above, for `CONSUMER`; relocked at once, so the
+        // lists below are walked under their locks like anywhere else.
+        unsafe { CONSUMER.force_unlock() };
+        let mut waiting = CONSUMER.lock();
+        let mut ready = READY.lock();
+        for batch in ready.iter_mut().chain(waiting.iter_mut()) {
+            for (first, last) in batch.0.iter_mut() {
+                *last = reachable_end(*first, *last);
+            }
         }
     }
-    // (Nothing queued if the machinery was never built. It may be built
-    // below, when the registry's handler queues the bags of threads that
-    // did not survive the fork: single-threaded, after its lock is free.)
-    let queued = callbacks_if_built().map_or(0, |_| queued_total());
-    INVOKED.store(queued, Ordering::SeqCst);
     // A fork from inside a callback: what this thread ran and had not yet
-    // counted is in the reset above.
+    // counted is in the recount (`recount_after_fork`).
     UNREPORTED.with(|c| c.set(0));
     // Throttled threads of the parent are not in the child.
     DRAIN_WAITERS.store(0, Ordering::SeqCst);
-    STARTED.store(NOT_STARTED, Ordering::SeqCst);
     SLEEPING.store(false, Ordering::SeqCst);
+    // A callback that forked runs on in the child, on the thread that now
+    // holds `INVOKING`: the callback thread itself, which then goes on
+    // with its loop, or a thread helping in `barrier`.
+    let in_callback = on_callback_thread();
+    let callback_thread = THE_CALLBACK_THREAD.with(Cell::get);
     // SAFETY: the only thread in the child; if a parent thread held these
-    // locks across fork, nobody will release them.
+    // locks across fork, nobody will release them. `INVOKING` held by this
+    // thread is released by its own guard.
     unsafe {
         if THREAD.is_locked() {
             THREAD.force_unlock();
         }
-        if INVOKING.is_locked() {
+        if INVOKING.is_locked() && !in_callback {
             INVOKING.force_unlock();
         }
-        // `before_fork` held it across the fork.
-        CONSUMER.force_unlock();
     }
-    *THREAD.lock() = None;
+    if callback_thread {
+        *THREAD.lock() = Some(std::thread::current());
+        STARTED.store(RUNNING, Ordering::SeqCst);
+    } else {
+        *THREAD.lock() = None;
+        STARTED.store(NOT_STARTED, Ordering::SeqCst);
+    }
+}
+
+/// In the fork child, once the bags of the threads that did not survive
+/// the fork are queued: counts as invoked every callback that was queued
+/// and will not run here (invoked already, or lost at the fork), so that
+/// the backlog holds exactly what is still queued, ready or waiting, and
+/// no lost callback throttles the child forever.
+pub(crate) fn recount_after_fork() {
+    let Some(cb) = callbacks_if_built() else {
+        return;
+    };
+    let weight = |(first, last): (*mut RcuHead, *mut RcuHead)| {
+        let mut total = 0;
+        let mut node = first;
+        loop {
+            // SAFETY: a queued, not yet invoked node, reached through
+            // links (nothing runs in the child yet); `func` was set before
+            // it was queued.
+            let (func, next) =
+                unsafe { (*(*node).func.get(), (*node).next.load(Ordering::Relaxed)) };
+            let is =
+                |f: unsafe fn(*mut RcuHead)| func.is_some_and(|func| std::ptr::fn_addr_eq(func, f));
+            total += if is(run_bag) {
+                // SAFETY: a bag node's head is the first field of its bag.
+                unsafe { (*node.cast::<Bag>()).remaining() as u64 }
+            } else if is(run_barrier_node) {
+                0
+            } else {
+                1
+            };
+            if node == last || next.is_null() {
+                return total;
+            }
+            node = next;
+        }
+    };
+    let queued: u64 = cb
+        .queues
+        .iter()
+        .filter_map(|q| {
+            // SAFETY: the stub, valid as long as the queue.
+            let first = unsafe { (*q.stub()).next.load(Ordering::Relaxed) };
+            (!first.is_null()).then(|| (first, q.tail.load(Ordering::Relaxed)))
+        })
+        .map(weight)
+        .sum();
+    let spliced: u64 = {
+        let waiting = CONSUMER.lock();
+        let ready = READY.lock();
+        ready
+            .iter()
+            .chain(waiting.iter())
+            .flat_map(|batch| batch.0.iter().copied())
+            .map(weight)
+            .sum()
+    };
+    let pending = queued + spliced;
+    INVOKED.store(queued_total().saturating_sub(pending), Ordering::SeqCst);
 }

@@ -54,6 +54,7 @@ extern "C" fn child() {
     crate::callback::after_fork_child();
     crate::bag::after_fork_child();
     crate::registry::after_fork_child();
+    crate::callback::recount_after_fork();
 }
 
 /// Installs the handlers when the program starts (or, for a library

@@ -47,6 +47,13 @@ fn the_child_finishes_what_other_threads_left_in_flight() {
                     vmtask_rcu::barrier();
                     vmtask_rcu::call(|| {});
                     vmtask_rcu::barrier();
+                    // What the fork cut off or another thread was running
+                    // is not pending in the child, nor counted twice.
+                    let stats = vmtask_rcu::stats();
+                    if stats.callbacks_queued != stats.callbacks_invoked {
+                        println!("child: {stats}");
+                        return 1;
+                    }
                     0
                 });
                 code != 0
