@@ -184,7 +184,8 @@ fn release_below_frames(low: usize) {
     let sp = stack_pointer();
     let high = sys::page_floor(sp).saturating_sub(sys::page_ceil(KEEP_BELOW_SP));
     if high > low {
-        sys::release(low, high - low);
+        // Locked pages merely stay resident.
+        let _ = sys::release(low, high - low);
     }
 }
 

@@ -7,10 +7,10 @@ use std::fmt;
 #[non_exhaustive]
 pub enum StackError {
     /// Every slot the pool may hold (`max_stacks`) is carved and none is
-    /// free. Free stacks on any CPU's magazine count as free; a stack a
-    /// *live* thread parked (each thread keeps the last stack it freed to
-    /// a pool, for its next `alloc`) does not, so with `max_stacks` close
-    /// to the stacks in use, allow one more per thread that frees stacks.
+    /// free: not in any CPU's magazine, the depot, or parked on any thread
+    /// (each thread keeps the last stack it freed to a pool, for its next
+    /// `alloc`; an exhausted pool takes those back, which needs
+    /// `membarrier`, present on every Linux since 4.14).
     Exhausted {
         /// The pool's `max_stacks`.
         max_stacks: usize,
@@ -58,7 +58,7 @@ impl fmt::Display for StackError {
         match self {
             StackError::Exhausted { max_stacks, stack_size } => write!(
                 f,
-                "stack arena exhausted: all {max_stacks} slots of {} KiB are in use or parked on threads (max_stacks)",
+                "stack arena exhausted: all {max_stacks} slots of {} KiB are in use (max_stacks)",
                 stack_size / 1024
             ),
             StackError::MapFailed { what, bytes, errno } => {
@@ -106,7 +106,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "stack arena exhausted: all 8 slots of 128 KiB are in use or parked on threads (max_stacks)"
+            "stack arena exhausted: all 8 slots of 128 KiB are in use (max_stacks)"
         );
         let e = StackError::MapFailed {
             what: "protect a guard page",

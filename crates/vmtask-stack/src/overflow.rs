@@ -571,7 +571,8 @@ fn get_alt_stack() -> Option<usize> {
 /// costs a page of memory and 68 KiB of address space.
 fn put_spare(map: usize) {
     let page = sys::page_size();
-    sys::release(map + page, ALT_STACK_SIZE);
+    // Locked pages merely stay resident.
+    let _ = sys::release(map + page, ALT_STACK_SIZE);
     let mut head = SPARES.lock().unwrap_or_else(PoisonError::into_inner);
     // SAFETY: the stack is no thread's signal stack, so its memory is ours.
     unsafe { ((map + page) as *mut usize).write(*head) };

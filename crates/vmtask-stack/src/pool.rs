@@ -9,7 +9,8 @@
 //! exited (warm; the ones not handed out go to the depot); failing that
 //! reuse a slot whose memory was given back; failing that carve a fresh
 //! slot; failing that (every slot carved) take a free stack from any
-//! CPU's magazine; failing that, [`StackError::Exhausted`]. Free: park
+//! CPU's magazine, or one parked on a live thread (with a `membarrier`,
+//! see [`crate::tally`]); failing that, [`StackError::Exhausted`]. Free: park
 //! the stack on the calling thread if its place is empty, else push on the
 //! current CPU's magazine; when that is full, the whole magazine goes to
 //! the depot, so stacks freed on another CPU than the one that allocated
@@ -21,8 +22,9 @@
 //! and push cost 3–5 ns: more than 20% of a whole corosensei coroutine
 //! round trip. One stack per thread and pool is the most that can sit
 //! outside the magazines; the thread finds it whichever pool it used last,
-//! `trim` and the pool's drop take back the calling thread's, and an exited
-//! thread's is taken back before any carve.
+//! `trim` takes back every thread's, the pool's drop the calling thread's,
+//! an exited thread's is taken back before any carve, and a live thread's
+//! when every slot is carved.
 //!
 //! Memory: the fast paths make no system call, and a fresh slot costs
 //! nothing until touched. With `populate_top` (off by default), a freshly
@@ -211,7 +213,8 @@ impl PoolInner {
                 .filter_map(|p| self.cache.push(p).err())
                 .collect();
             if !leftover.is_empty() {
-                self.depot.lock().stacks.extend(leftover);
+                // The depot may have filled since: `stash` keeps its bound.
+                self.stash(leftover, false);
             }
             return Ok(top);
         }
@@ -262,8 +265,9 @@ impl PoolInner {
     /// free stack wherever one is, in the other CPUs' magazines (stacks
     /// freed on another CPU wait there), or in the depot and the released
     /// list, which other threads may have filled since this one looked.
-    /// The magazines' other stacks go to the depot. Only the stacks parked
-    /// on live threads (one per thread at most) stay out of reach.
+    /// The magazines' other stacks go to the depot. Last, the stacks
+    /// parked on live threads (one per thread at most), taken from them
+    /// with a `membarrier` (see `tally`).
     #[cold]
     fn take_any_free(&self) -> Option<NonNull<u8>> {
         let mut free = Vec::new();
@@ -288,9 +292,17 @@ impl PoolInner {
             bump(&self.counters.depot_hits, 1);
             return Some(top);
         }
-        let top = released?;
-        bump(&self.counters.released_reuses, 1);
-        self.populate_top(top);
+        if let Some(top) = released {
+            bump(&self.counters.released_reuses, 1);
+            self.populate_top(top);
+            return Some(top);
+        }
+        let mut parked = self.hits.steal_parked();
+        let top = parked.pop()?;
+        if !parked.is_empty() {
+            self.to_depot(parked);
+        }
+        bump(&self.counters.depot_hits, 1);
         Some(top)
     }
 
@@ -320,11 +332,18 @@ impl PoolInner {
     }
 
     /// `zero_on_reuse`: gives every page of the stack back, so its next
-    /// user reads zeros. Out of line, to keep the default free path short.
+    /// user reads zeros, or, where the kernel keeps the pages (a stack the
+    /// user locked in memory), zeroes them. Every free stack has been
+    /// through here, wherever it waits afterwards. Out of line, to keep the
+    /// default free path short.
     #[cold]
     fn clear(&self, top: NonNull<u8>) {
         let limit = top.as_ptr() as usize - self.layout.stack_size;
-        sys::release(limit, self.layout.stack_size);
+        if !sys::release(limit, self.layout.stack_size) {
+            // SAFETY: the stack is free and ours: `[limit, top)` is its
+            // usable range, mapped read-write, and nothing else uses it.
+            unsafe { std::ptr::write_bytes(limit as *mut u8, 0, self.layout.stack_size) };
+        }
     }
 
     /// The local magazine is full (or busy): hand it to the depot whole.
@@ -344,7 +363,8 @@ impl PoolInner {
     fn to_depot(&self, stacks: Vec<NonNull<u8>>) {
         if !self.layout.zero_on_reuse {
             let deep: Vec<_> = stacks.iter().map(|&top| self.deep_range(top)).collect();
-            sys::release_many(&deep);
+            // Pages the kernel keeps (locked) merely stay resident.
+            let _ = sys::release_many(&deep);
         }
         self.stash(stacks, false);
     }
@@ -374,19 +394,30 @@ impl PoolInner {
             .iter()
             .map(|&top| (top.as_ptr() as usize - size, size))
             .collect();
-        let pages = if count {
+        let resident: Vec<_> = if count {
             whole
                 .iter()
                 .map(|&(addr, len)| sys::resident_pages(addr, len))
-                .sum()
+                .collect()
         } else {
-            0
+            Vec::new()
         };
-        sys::release_many(&whole);
+        let pages = released_pages(&resident, &sys::release_many(&whole));
         bump(&self.counters.stacks_released, stacks.len() as u64);
         self.depot.lock().released.extend(stacks);
         pages
     }
+}
+
+/// Of the ranges whose resident pages were counted (`resident`, empty if
+/// none were), the pages of those the kernel released.
+fn released_pages(resident: &[usize], released: &[bool]) -> usize {
+    resident
+        .iter()
+        .zip(released)
+        .filter(|(_, &done)| done)
+        .map(|(&pages, _)| pages)
+        .sum()
 }
 
 /// A pool of virtually mapped stacks. See the [crate docs](crate).
@@ -474,7 +505,8 @@ impl StackPool {
     /// Allocates a stack: the one this thread parked (the last it freed),
     /// else one from the current CPU's magazine, else the depot, else a
     /// stack parked on an exited thread, else a released slot, else a fresh
-    /// slot. Also makes sure this thread has an alternate signal stack, so
+    /// slot, else (every slot carved) a free stack wherever it waits: in
+    /// another CPU's magazine or parked on another thread. Also makes sure this thread has an alternate signal stack, so
     /// an overflow on the new stack can be reported.
     ///
     /// ```
@@ -501,24 +533,25 @@ impl StackPool {
     /// Gives back memory held by free stacks: every per-CPU magazine is
     /// emptied into the depot with its stacks' pages below `keep_resident`
     /// released; stacks that do not fit in the depot give back everything.
-    /// The stacks parked on the calling thread and on threads that have
-    /// exited are trimmed too; the one stack each *other live* thread keeps
-    /// parked is not (it is that thread's to take without a lock), so call
-    /// `trim` from each thread that frees stacks where that matters.
-    /// Returns the bytes that were resident and are now released.
+    /// The stack each thread keeps parked (the last it freed) is trimmed
+    /// too: the calling thread's and exited threads' directly, other live
+    /// threads' taken from them with one `membarrier` (where the kernel
+    /// has none, those stay parked). Returns the bytes that were resident
+    /// and are now released.
     pub fn trim(&self) -> usize {
         let inner = self.inner();
         let mut free = inner.hits.reclaim_exited();
         free.extend(inner.hits.take_own_parked());
+        free.extend(inner.hits.steal_parked());
         for cpu in 0..inner.cache.cpus() {
             inner.cache.drain(cpu, usize::MAX, &mut free);
         }
         let deep: Vec<_> = free.iter().map(|&top| inner.deep_range(top)).collect();
-        let mut pages: usize = deep
+        let resident: Vec<_> = deep
             .iter()
             .map(|&(addr, len)| sys::resident_pages(addr, len))
-            .sum();
-        sys::release_many(&deep);
+            .collect();
+        let mut pages = released_pages(&resident, &sys::release_many(&deep));
         pages += inner.stash(free, true);
         bump(&inner.counters.pages_trimmed, pages as u64);
         pages * sys::page_size()
@@ -617,7 +650,7 @@ impl Drop for StackPool {
                 .iter()
                 .map(|&top| (top.as_ptr() as usize - size, size))
                 .collect();
-            sys::release_many(&whole);
+            let _ = sys::release_many(&whole);
             inner.depot.lock().released.extend(free);
             return;
         }

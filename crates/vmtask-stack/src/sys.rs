@@ -116,14 +116,11 @@ pub(crate) fn install_guard(addr: usize, len: usize, markers: bool) -> Result<()
 }
 
 /// Gives the pages of `[addr, addr + len)` back to the kernel; the next
-/// touch reads zeros.
-pub(crate) fn release(addr: usize, len: usize) {
-    if len == 0 {
-        return;
-    }
-    // MADV_DONTNEED on a private anonymous range of ours cannot fail; if it
-    // somehow did, the pages would merely stay resident.
-    let _ = madvise(addr, len, libc::MADV_DONTNEED);
+/// touch reads zeros. Returns false where the kernel refuses: a range the
+/// user locked (`mlock`, or `mlockall(MCL_FUTURE)` before the arena was
+/// mapped) keeps its pages and their bytes.
+pub(crate) fn release(addr: usize, len: usize) -> bool {
+    len == 0 || madvise(addr, len, libc::MADV_DONTNEED).is_ok()
 }
 
 /// Releases many ranges (`(addr, len)`) at once: one `process_madvise(2)`
@@ -131,15 +128,18 @@ pub(crate) fn release(addr: usize, len: usize) {
 /// once per batch rather than once per stack (MADV_DONTNEED through
 /// process_madvise on the calling process needs Linux 6.13); one `madvise`
 /// per range where that is refused.
-pub(crate) fn release_many(ranges: &[(usize, usize)]) {
+/// Returns whether each range was released (see [`release`]).
+pub(crate) fn release_many(ranges: &[(usize, usize)]) -> Vec<bool> {
     static REFUSED: AtomicBool = AtomicBool::new(false);
+    let mut released = Vec::with_capacity(ranges.len());
     for chunk in ranges.chunks(1024) {
-        if !madvise_many(chunk, libc::MADV_DONTNEED, &REFUSED) {
-            for &(addr, len) in chunk {
-                release(addr, len);
-            }
+        if madvise_many(chunk, libc::MADV_DONTNEED, &REFUSED) {
+            released.extend(chunk.iter().map(|_| true));
+        } else {
+            released.extend(chunk.iter().map(|&(addr, len)| release(addr, len)));
         }
     }
+    released
 }
 
 /// Installs guard markers (`MADV_GUARD_INSTALL`) on many ranges with one
@@ -156,6 +156,21 @@ pub(crate) fn install_guard_markers(ranges: &[(usize, usize)]) -> Result<(), i32
     ranges
         .iter()
         .try_for_each(|&(addr, len)| madvise(addr, len, MADV_GUARD_INSTALL))
+}
+
+/// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`: a full memory barrier
+/// on every CPU running a thread of this process, registered on first use.
+/// Returns false, having done nothing, where the kernel refuses.
+pub(crate) fn heavy_barrier() -> bool {
+    const PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+    const REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let membarrier = |cmd: libc::c_int| {
+        // SAFETY: membarrier takes no pointers; an unknown command fails.
+        unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) == 0 }
+    };
+    *REGISTERED.get_or_init(|| membarrier(REGISTER_PRIVATE_EXPEDITED))
+        && membarrier(PRIVATE_EXPEDITED)
 }
 
 /// This process's pidfd: the pid in the high half, the descriptor + 1 in
@@ -603,9 +618,12 @@ mod tests {
         // SAFETY: the mapping is ours, read-write, 4 pages long.
         unsafe { std::ptr::write_bytes(p as *mut u8, 1, 4 * page) };
         assert_eq!(resident_pages(p, 4 * page), 4);
-        release(p, page);
+        assert!(release(p, page));
         assert_eq!(resident_pages(p, 4 * page), 3);
-        release_many(&[(p + page, page), (p + 3 * page, page)]);
+        assert_eq!(
+            release_many(&[(p + page, page), (p + 3 * page, page)]),
+            [true, true]
+        );
         assert_eq!(resident_pages(p, 4 * page), 1);
         // SAFETY: as above.
         let byte = unsafe { *((p + 3 * page) as *const u8) };

@@ -32,18 +32,37 @@
 //!   go to `retired` with an atomic add.
 //!
 //! The same per-thread record holds the thread's *parked* stack: the last
-//! stack it freed to this pool, kept for its next allocation (one pointer
-//! load and store each way, no CPU number, no rseq). Only the owning thread
-//! parks and unparks, through the thread cache, so only while it holds the
-//! record; the pool reads the pointer to count it as free and takes it back
-//! once the thread has exited ([`Tallies::reclaim_exited`]). A thread's
-//! parked stack of a dropped pool is never used again: the id no longer
-//! matches any pool.
+//! stack it freed to this pool, kept for its next allocation (plain loads
+//! and stores, no CPU number, no rseq, no atomic read-modify-write). Only
+//! the owning thread parks and unparks, through the thread cache; the pool
+//! reads the pointer to count it as free, takes it back once the thread
+//! has exited ([`Tallies::reclaim_exited`]), and takes it from a live
+//! thread when the pool is exhausted or trimmed ([`Tallies::steal_parked`]).
+//! A thread's parked stack of a dropped pool is never used again: the id
+//! no longer matches any pool.
+//!
+//! Taking a live thread's parked stack is an asymmetric Dekker, as in
+//! liburcu: the owner's side stays plain stores and loads, the stealer's
+//! side pays a `membarrier`.
+//! - owner, to unpark: `busy = 1`; compiler barrier; if `steal` is set,
+//!   take nothing; else load `parked` and store null; `busy = 0`
+//!   (release). Parking needs no protocol: it stores a stack only where it
+//!   saw null, and a stealer only ever stores null.
+//! - stealer (under the pool's `live` lock, so one at a time): `steal = 1`;
+//!   `membarrier(PRIVATE_EXPEDITED)`, a full barrier on every CPU running
+//!   one of our threads; wait while `busy` (acquire); swap `parked` with
+//!   null; `steal = 0` (release).
+//!
+//! The barrier falls on the owner either before its `busy = 1`, and then
+//! its `steal` load, after it, sees 1; or after, and then the stealer's
+//! `busy` load sees 1 and it waits until the owner is done. Either way no
+//! stack is taken twice. Where membarrier is unavailable, stacks parked on
+//! live threads stay theirs.
 
 use std::cell::{Cell, RefCell};
 use std::ptr;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_utils::CachePadded;
@@ -55,6 +74,10 @@ struct Record {
     hits: AtomicU64,
     /// The top of a free stack of this pool, or null.
     parked: AtomicPtr<u8>,
+    /// The owner is unparking (see the module docs).
+    busy: AtomicBool,
+    /// A stealer wants the parked stack (see the module docs).
+    steal: AtomicBool,
 }
 
 type Tally = CachePadded<Record>;
@@ -137,14 +160,61 @@ impl Tallies {
         Some(unsafe { &*CURRENT_TALLY.get() })
     }
 
-    /// Takes the calling thread's parked stack, counting a hit.
+    /// Takes the calling thread's parked stack, counting a hit: the
+    /// owner's side of the steal protocol (module docs).
     #[inline]
     pub(crate) fn unpark(&self) -> Option<NonNull<u8>> {
         let tally = self.current()?;
-        let top = NonNull::new(tally.parked.load(Ordering::Relaxed))?;
-        tally.parked.store(ptr::null_mut(), Ordering::Relaxed);
+        tally.busy.store(true, Ordering::Relaxed);
+        // The stealer's membarrier makes this a full barrier when needed.
+        compiler_fence(Ordering::SeqCst);
+        let top = if tally.steal.load(Ordering::Relaxed) {
+            ptr::null_mut()
+        } else {
+            tally.parked.load(Ordering::Relaxed)
+        };
+        if !top.is_null() {
+            tally.parked.store(ptr::null_mut(), Ordering::Relaxed);
+        }
+        tally.busy.store(false, Ordering::Release);
+        let top = NonNull::new(top)?;
         count(tally);
         Some(top)
+    }
+
+    /// Takes the stacks parked on live threads (for an exhausted pool and
+    /// `trim`): the stealer's side of the protocol in the module docs.
+    /// Takes nothing where membarrier is unavailable.
+    pub(crate) fn steal_parked(&self) -> Vec<NonNull<u8>> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let targets: Vec<&Tally> = live
+            .iter()
+            .filter(|tally| !tally.parked.load(Ordering::Relaxed).is_null())
+            .map(|tally| &**tally)
+            .collect();
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        for tally in &targets {
+            tally.steal.store(true, Ordering::Relaxed);
+        }
+        let barrier = crate::sys::heavy_barrier();
+        let mut stolen = Vec::new();
+        for tally in targets {
+            if barrier {
+                while tally.busy.load(Ordering::Acquire) {
+                    // The owner is a few instructions from done, unless it
+                    // was preempted there.
+                    std::thread::yield_now();
+                }
+                // Acquire: the owner's release store of the stack.
+                stolen.extend(NonNull::new(
+                    tally.parked.swap(ptr::null_mut(), Ordering::Acquire),
+                ));
+            }
+            tally.steal.store(false, Ordering::Release);
+        }
+        stolen
     }
 
     /// Takes the calling thread's parked stack without counting (for

@@ -160,3 +160,126 @@ fn park_racing_pool_drop_stress() {
         b.join().unwrap();
     }
 }
+
+/// A stack freed on a worker thread that stays alive is parked there: the
+/// pool's only stack is free (live 0), and another thread's `alloc` must
+/// get it rather than report the pool exhausted; `trim` must release its
+/// deep pages (review finding).
+#[test]
+fn a_stack_parked_on_a_live_thread_is_allocatable_and_trimmed() {
+    let pool = StackPool::new(Config {
+        max_stacks: 1,
+        stack_size: 64 * 1024,
+        keep_resident: 4096,
+        ..Config::default()
+    })
+    .unwrap();
+    std::thread::scope(|s| {
+        // Made inside the scope: a failing check drops the sender, and
+        // the worker does not wait for it forever.
+        let (freed_tx, freed_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let pool = &pool;
+        let worker = s.spawn(move || {
+            let stack = pool.alloc().unwrap();
+            // SAFETY: the stack's usable memory, ours.
+            unsafe { std::ptr::write_bytes(stack.limit(), 1, stack.size()) };
+            let range = (stack.limit() as usize, stack.size());
+            drop(stack);
+            freed_tx.send(range).unwrap();
+            // A worker that stays alive, with the stack parked on it.
+            let _ = done_rx.recv();
+            // Its stack was taken: its next allocation finds none.
+            pool.alloc().is_err()
+        });
+        let (limit, size) = freed_rx.recv().unwrap();
+        assert_eq!(pool.stats().live, 0);
+        assert_eq!(pool.stats().cached, 1, "parked on the worker");
+        assert!(pool.trim() >= size - 4096, "trim released the parked stack");
+        let resident = resident_pages(limit, size);
+        assert!(resident <= 4096 / page(), "{resident} pages left resident");
+        let stack = pool
+            .alloc()
+            .expect("the free stack parked on a live thread");
+        assert_eq!(stack.limit() as usize, limit);
+        done_tx.send(()).unwrap();
+        assert!(
+            worker.join().unwrap(),
+            "the taken stack was handed out twice"
+        );
+        drop(stack);
+    });
+}
+/// Threads take and park stacks without pause while another thread trims
+/// (taking their parked stacks) and a small pool runs out (taking them
+/// too): no stack is ever handed out twice, and at the end, with the
+/// threads still alive, every slot can be allocated at once.
+#[test]
+fn stealing_parked_stacks_never_hands_one_out_twice() {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Mutex};
+    const THREADS: usize = 3;
+    let pool = StackPool::new(Config {
+        max_stacks: THREADS,
+        stack_size: 16 * 1024,
+        cache_size: 2,
+        ..Config::default()
+    })
+    .unwrap();
+    let live = Mutex::new(HashSet::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Channels made inside the scope, not barriers: a failing thread
+        // drops its ends, and nobody waits for it forever.
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let mut release = Vec::new();
+        let trimmer = s.spawn(|| {
+            let mut trims = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                pool.trim();
+                trims += 1;
+            }
+            trims
+        });
+        for _ in 0..THREADS {
+            let done_tx = done_tx.clone();
+            let (release_tx, release_rx) = mpsc::channel::<()>();
+            release.push(release_tx);
+            let (pool, live) = (&pool, &live);
+            s.spawn(move || {
+                for _ in 0..20_000 {
+                    let Ok(stack) = pool.alloc() else { continue };
+                    let base = stack.base() as usize;
+                    assert!(
+                        live.lock().unwrap().insert(base),
+                        "{base:#x} handed out twice"
+                    );
+                    // SAFETY: the top word of the stack we own.
+                    unsafe { (stack.base() as *mut usize).sub(1).write(base) };
+                    assert!(live.lock().unwrap().remove(&base));
+                    drop(stack);
+                }
+                // Alive, each with a stack parked (or none), while the
+                // main thread takes every slot.
+                done_tx.send(()).unwrap();
+                drop(done_tx);
+                let _ = release_rx.recv();
+            });
+        }
+        drop(done_tx);
+        let finished = done_rx.iter().take(THREADS).count();
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(finished, THREADS, "a thread failed");
+        assert!(trimmer.join().unwrap() > 0);
+        let stats = pool.stats();
+        assert_eq!(stats.live, 0, "{stats}");
+        let all: Vec<_> = (0..THREADS)
+            .map(|i| pool.alloc().unwrap_or_else(|e| panic!("stack {i}: {e}")))
+            .collect();
+        let distinct: HashSet<_> = all.iter().map(|s| s.base() as usize).collect();
+        assert_eq!(distinct.len(), THREADS);
+        drop(all);
+        drop(release);
+    });
+}

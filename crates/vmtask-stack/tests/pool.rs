@@ -635,3 +635,74 @@ fn hit_rate_is_cache_plus_depot_and_zero_before_any_alloc() {
         );
     });
 }
+
+/// Locks `[addr, addr + len)` in memory, or returns false where this
+/// process may not (RLIMIT_MEMLOCK without the capability).
+fn try_mlock(addr: *const u8, len: usize) -> bool {
+    // SAFETY: locking our own mapped memory changes no contents.
+    let rc = unsafe { libc::mlock(addr.cast(), len) };
+    if rc != 0 {
+        eprintln!(
+            "mlock refused ({}): test skipped",
+            std::io::Error::last_os_error()
+        );
+    }
+    rc == 0
+}
+
+/// The kernel will not release locked pages (`MADV_DONTNEED` fails with
+/// EINVAL): a reused stack must still read as zeros with `zero_on_reuse`
+/// (review finding: the old bytes showed through).
+#[test]
+fn zero_on_reuse_clears_a_stack_the_user_locked() {
+    let pool = StackPool::new(Config {
+        zero_on_reuse: true,
+        stack_size: 16 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    on_cpu(0, || {
+        let stack = pool.alloc().unwrap();
+        let (base, limit, size) = (stack.base(), stack.limit(), stack.size());
+        if !try_mlock(limit, size) {
+            return;
+        }
+        // SAFETY: the stack's usable memory, ours.
+        unsafe { std::ptr::write_bytes(limit, 0x5a, size) };
+        drop(stack);
+        let stack = pool.alloc().unwrap();
+        assert_eq!(stack.base(), base, "the same stack, parked on this thread");
+        // SAFETY: the stack's usable memory, ours again.
+        let bytes = unsafe { std::slice::from_raw_parts(stack.limit(), stack.size()) };
+        let old = bytes.iter().filter(|&&b| b != 0).count();
+        // SAFETY: undoes the lock above.
+        unsafe { libc::munlock(limit.cast(), size) };
+        assert_eq!(old, 0, "{old} bytes of the previous user");
+    });
+}
+
+/// `trim` reports only what the kernel released: nothing of a locked stack.
+#[test]
+fn trim_does_not_count_locked_pages_as_released() {
+    let pool = StackPool::new(Config {
+        stack_size: 64 * 1024,
+        keep_resident: 8 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let stack = pool.alloc().unwrap();
+    let (limit, size) = (stack.limit(), stack.size());
+    if !try_mlock(limit, size) {
+        return;
+    }
+    drop(stack);
+    let reported = pool.trim();
+    let resident = resident_pages(limit as usize, size);
+    // SAFETY: undoes the lock above.
+    unsafe { libc::munlock(limit.cast(), size) };
+    assert_eq!(resident, size / page(), "locked pages stay");
+    assert_eq!(
+        reported, 0,
+        "trim reported {reported} bytes it did not release"
+    );
+}
