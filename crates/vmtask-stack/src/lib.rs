@@ -63,6 +63,7 @@ mod config;
 mod ensure;
 mod error;
 mod overflow;
+mod park;
 mod pool;
 mod stack;
 mod sys;

@@ -41,43 +41,25 @@
 //! A thread's parked stack of a dropped pool is never used again: the id
 //! no longer matches any pool.
 //!
-//! Taking a live thread's parked stack is an asymmetric Dekker, as in
-//! liburcu: the owner's side stays plain stores and loads, the stealer's
-//! side pays a `membarrier`.
-//! - owner, to unpark: `busy = 1`; compiler barrier; if `steal` is set,
-//!   take nothing; else load `parked` and store null; `busy = 0`
-//!   (release). Parking needs no protocol: it stores a stack only where it
-//!   saw null, and a stealer only ever stores null.
-//! - stealer (under the pool's `live` lock, so one at a time): `steal = 1`;
-//!   `membarrier(PRIVATE_EXPEDITED)`, a full barrier on every CPU running
-//!   one of our threads; wait while `busy` (acquire); swap `parked` with
-//!   null; `steal = 0` (release).
-//!
-//! The barrier falls on the owner either before its `busy = 1`, and then
-//! its `steal` load, after it, sees 1; or after, and then the stealer's
-//! `busy` load sees 1 and it waits until the owner is done. Either way no
-//! stack is taken twice. Where membarrier is unavailable, stacks parked on
-//! live threads stay theirs.
+//! Taking a live thread's parked stack: see [`crate::park`].
 
 use std::cell::{Cell, RefCell};
 use std::ptr;
 use std::ptr::NonNull;
-use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_utils::CachePadded;
+
+use crate::park::Parked;
 
 /// One thread's hits on one pool and its parked stack. Written by that
 /// thread only (the pool takes the stack back only after the thread exits).
 #[derive(Default)]
 struct Record {
     hits: AtomicU64,
-    /// The top of a free stack of this pool, or null.
-    parked: AtomicPtr<u8>,
-    /// The owner is unparking (see the module docs).
-    busy: AtomicBool,
-    /// A stealer wants the parked stack (see the module docs).
-    steal: AtomicBool,
+    /// A free stack of this pool, parked for this thread's next `alloc`.
+    parked: Parked,
 }
 
 type Tally = CachePadded<Record>;
@@ -160,61 +142,35 @@ impl Tallies {
         Some(unsafe { &*CURRENT_TALLY.get() })
     }
 
-    /// Takes the calling thread's parked stack, counting a hit: the
-    /// owner's side of the steal protocol (module docs).
+    /// Takes the calling thread's parked stack, counting a hit.
     #[inline]
     pub(crate) fn unpark(&self) -> Option<NonNull<u8>> {
         let tally = self.current()?;
-        tally.busy.store(true, Ordering::Relaxed);
-        // The stealer's membarrier makes this a full barrier when needed.
-        compiler_fence(Ordering::SeqCst);
-        let top = if tally.steal.load(Ordering::Relaxed) {
-            ptr::null_mut()
-        } else {
-            tally.parked.load(Ordering::Relaxed)
-        };
-        if !top.is_null() {
-            tally.parked.store(ptr::null_mut(), Ordering::Relaxed);
-        }
-        tally.busy.store(false, Ordering::Release);
-        let top = NonNull::new(top)?;
+        let top = NonNull::new(tally.parked.unpark())?;
         count(tally);
         Some(top)
     }
 
     /// Takes the stacks parked on live threads (for an exhausted pool and
-    /// `trim`): the stealer's side of the protocol in the module docs.
-    /// Takes nothing where membarrier is unavailable.
+    /// `trim`), with one `membarrier` (see [`crate::park`]). Takes nothing
+    /// where membarrier is unavailable.
     pub(crate) fn steal_parked(&self) -> Vec<NonNull<u8>> {
+        // Held throughout: one taker at a time.
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let targets: Vec<&Tally> = live
             .iter()
-            .filter(|tally| !tally.parked.load(Ordering::Relaxed).is_null())
+            .filter(|tally| tally.parked.is_parked())
             .map(|tally| &**tally)
             .collect();
         if targets.is_empty() {
             return Vec::new();
         }
-        for tally in &targets {
-            tally.steal.store(true, Ordering::Relaxed);
-        }
+        targets.iter().for_each(|tally| tally.parked.mark());
         let barrier = crate::sys::heavy_barrier();
-        let mut stolen = Vec::new();
-        for tally in targets {
-            if barrier {
-                while tally.busy.load(Ordering::Acquire) {
-                    // The owner is a few instructions from done, unless it
-                    // was preempted there.
-                    std::thread::yield_now();
-                }
-                // Acquire: the owner's release store of the stack.
-                stolen.extend(NonNull::new(
-                    tally.parked.swap(ptr::null_mut(), Ordering::Acquire),
-                ));
-            }
-            tally.steal.store(false, Ordering::Release);
-        }
-        stolen
+        targets
+            .iter()
+            .filter_map(|tally| NonNull::new(tally.parked.take_marked(barrier)))
+            .collect()
     }
 
     /// Takes the calling thread's parked stack without counting (for
@@ -224,7 +180,7 @@ impl Tallies {
             .try_with(|owned| {
                 let owned = owned.0.borrow();
                 let (_, tally) = owned.iter().find(|(id, _)| *id == self.id)?;
-                NonNull::new(tally.parked.swap(ptr::null_mut(), Ordering::Relaxed))
+                NonNull::new(tally.parked.take())
             })
             .ok()
             .flatten()
@@ -235,15 +191,8 @@ impl Tallies {
     /// last access to the pool's memory (the record belongs to the thread).
     #[inline]
     pub(crate) fn park(&self, top: NonNull<u8>) -> bool {
-        let Some(tally) = self.current() else {
-            return false;
-        };
-        if !tally.parked.load(Ordering::Relaxed).is_null() {
-            return false;
-        }
-        // Release: the pool may count it free and unmap it once it sees it.
-        tally.parked.store(top.as_ptr(), Ordering::Release);
-        true
+        self.current()
+            .is_some_and(|tally| tally.parked.park(top.as_ptr()))
     }
 
     /// Stacks parked on threads that have exited: the pool takes them back
@@ -255,8 +204,7 @@ impl Tallies {
             if Arc::strong_count(tally) == 1 {
                 // See `fold_exited` for the fence.
                 fence(Ordering::Acquire);
-                let top = tally.parked.swap(ptr::null_mut(), Ordering::Relaxed);
-                stacks.extend(NonNull::new(top));
+                stacks.extend(NonNull::new(tally.parked.take()));
             }
         }
         self.fold_exited(&mut live);
@@ -266,9 +214,7 @@ impl Tallies {
     /// Stacks parked on live threads now (a snapshot while threads run).
     pub(crate) fn parked(&self) -> usize {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        live.iter()
-            .filter(|tally| !tally.parked.load(Ordering::Acquire).is_null())
-            .count()
+        live.iter().filter(|tally| tally.parked.is_parked()).count()
     }
 
     /// Counts one cache hit after [`Tallies::hit`] missed the thread cache:
@@ -324,7 +270,7 @@ impl Tallies {
             // last count before dropping its `Arc` (a release decrement);
             // the fence makes that count visible to the load below.
             fence(Ordering::Acquire);
-            if !tally.parked.load(Ordering::Relaxed).is_null() {
+            if tally.parked.is_parked() {
                 // Its parked stack waits for `reclaim_exited`.
                 return true;
             }
