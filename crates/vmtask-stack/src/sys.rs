@@ -206,19 +206,23 @@ extern "C" fn pidfd_after_fork_child() {
 /// open (one leaked descriptor), since by then the program may have
 /// closed the number and reused it for a file of its own.
 fn own_pidfd() -> Option<libc::c_int> {
-    static HANDLER: std::sync::Once = std::sync::Once::new();
+    // A flag, not a `Once`: a fork while another thread registers would
+    // leave the child a `Once` that never completes, and its first batch
+    // waiting forever. A thread that loses the race goes on without waiting
+    // (children of a fork in that window rely on the pid check).
+    static HANDLER: AtomicBool = AtomicBool::new(false);
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     let word = PIDFD.load(Ordering::Acquire);
     if word != 0 && (word >> 32) as u32 == pid {
         return decode_pidfd(word);
     }
-    HANDLER.call_once(|| {
+    if !HANDLER.swap(true, Ordering::AcqRel) {
         // SAFETY: registers a handler that only swaps an atomic and
         // closes a descriptor; failure (ENOMEM) leaves children to the
-        // pid check below.
+        // pid check above.
         unsafe { libc::pthread_atfork(None, None, Some(pidfd_after_fork_child)) };
-    });
+    }
     // SAFETY: pidfd_open on our own pid only creates a descriptor (close
     // on exec); it stays open for the life of the process.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
