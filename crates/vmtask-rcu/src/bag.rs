@@ -452,6 +452,22 @@ impl LocalBag {
         }
     }
 
+    /// In the fork child, for the forking thread's own slot: the entries
+    /// of its bags that were counted as queued when they filled (waiting
+    /// bags, and the draining one, whose entries already run are counted
+    /// as invoked only when it leaves `draining`) and have not been counted
+    /// as invoked.
+    ///
+    /// # Safety
+    /// Only in the fork child's handler, on the thread that owns the slot:
+    /// no one else can touch the bags, and the owner is not inside a push.
+    pub(crate) unsafe fn counted_pending_after_fork(&self) -> u64 {
+        // SAFETY: the caller's contract.
+        let owned = unsafe { &*self.owned.get() };
+        let waiting: usize = owned.waiting.iter().map(|(_, bag)| bag.len).sum();
+        (waiting + owned.draining.as_ref().map_or(0, |bag| bag.len)) as u64
+    }
+
     /// Bags the owner has finished running (see `running`).
     pub(crate) fn runs(&self) -> u64 {
         self.runs.load(Ordering::Acquire)

@@ -213,12 +213,15 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
         let ran = unsafe { invoke_one(node, func) };
         let n = NODE_WEIGHT.with(Cell::take).unwrap_or(ran);
         count += n;
-        let unreported = UNREPORTED.get() + n;
-        if unreported >= PROGRESS_STEP || node == last {
-            UNREPORTED.set(0);
-            report_progress(unreported);
-        } else {
-            UNREPORTED.set(unreported);
+        // Not in a fork child that already counted the rest of this batch.
+        if !UNCOUNTED.get() {
+            let unreported = UNREPORTED.get() + n;
+            if unreported >= PROGRESS_STEP || node == last {
+                UNREPORTED.set(0);
+                report_progress(unreported);
+            } else {
+                UNREPORTED.set(unreported);
+            }
         }
         if node == last {
             return count;
@@ -234,6 +237,10 @@ thread_local! {
     /// Callbacks `invoke` has run on this thread and not yet counted into
     /// `INVOKED`.
     static UNREPORTED: Cell<u64> = const { Cell::new(0) };
+    /// In a fork child, on the thread that forked from a callback: the rest
+    /// of the batch it is running was counted as invoked by
+    /// `recount_after_fork`, so `invoke` does not count it again.
+    static UNCOUNTED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Called by a node's function: `invoke` counts this node as `callbacks`
@@ -939,6 +946,7 @@ fn invoke_ready() -> bool {
         invoked += unsafe { invoke(first, last) };
     }
     IS_CALLBACK_THREAD.with(|c| c.set(was_callback_thread));
+    UNCOUNTED.set(false);
     LARGEST_BATCH.fetch_max(invoked, Ordering::Relaxed);
     true
 }
@@ -1157,8 +1165,12 @@ pub(crate) fn after_fork_child() {
         }
     }
     // A fork from inside a callback: what this thread ran and had not yet
-    // counted is in the recount (`recount_after_fork`).
+    // counted, and the rest of its batch, are in the recount
+    // (`recount_after_fork`), which counts them as invoked.
     UNREPORTED.with(|c| c.set(0));
+    if on_callback_thread() {
+        UNCOUNTED.set(true);
+    }
     // Throttled threads of the parent are not in the child.
     DRAIN_WAITERS.store(0, Ordering::SeqCst);
     SLEEPING.store(false, Ordering::SeqCst);
@@ -1241,6 +1253,12 @@ pub(crate) fn recount_after_fork() {
             .map(weight)
             .sum()
     };
-    let pending = queued + spliced;
+    // The forking thread's own bags, counted as queued when they filled.
+    let own = crate::registry::current_if_registered().map_or(0, |slot| {
+        // SAFETY: the only thread of the child, and not inside a push (it
+        // is in its fork handler).
+        unsafe { slot.bag.counted_pending_after_fork() }
+    });
+    let pending = queued + spliced + own;
     INVOKED.store(queued_total().saturating_sub(pending), Ordering::SeqCst);
 }

@@ -56,7 +56,11 @@
 //!
 //! Known limits: callbacks and drops in flight in another thread at the
 //! moment of a `fork` (being queued, run, or added to its batch) are lost
-//! in the child (never run; the parent is unaffected); the read-side
+//! in the child (never run; the parent is unaffected), and so are those
+//! the forking thread queued behind a push another thread had not
+//! finished; a fork from a callback leaves the child's callback thread
+//! to the forking thread, which serves again once that callback
+//! returns; the read-side
 //! sections of the threads a fork leaves behind end in the child, so a
 //! reference such a section handed to the forking thread is no longer
 //! protected there (as in liburcu); a thread whose *first* use of RCU comes from the last
