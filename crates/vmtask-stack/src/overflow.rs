@@ -189,7 +189,7 @@ fn frame_did_not_fit(
     addr: usize,
     ctx: *mut libc::c_void,
 ) -> Option<arena::Slot> {
-    if sig != libc::SIGSEGV || code != libc::SI_KERNEL || addr != 0 {
+    if sig != libc::SIGSEGV || code != libc::SI_KERNEL || addr != 0 || general_protection(ctx) {
         return None;
     }
     let sp = interrupted_sp(ctx)?;
@@ -201,14 +201,34 @@ fn frame_did_not_fit(
 
 /// Room a signal frame may need below the stack pointer: twice the
 /// kernel's own figure (`AT_MINSIGSTKSZ`, which counts the register state
-/// this CPU saves, about 3.5 KiB with AVX-512), with a floor of two
-/// pages. Set when the handler is installed.
+/// this CPU saves, about 3.5 KiB with AVX-512), at least 8 KiB. Set when
+/// the handler is installed.
 static FRAME_ROOM: AtomicUsize = AtomicUsize::new(0);
 
 fn frame_room() -> usize {
     // SAFETY: getauxval only reads the auxiliary vector; 0 when absent.
     let min = unsafe { libc::getauxval(libc::AT_MINSIGSTKSZ) } as usize;
-    (2 * min).max(2 * crate::sys::page_size())
+    (2 * min).max(8 * 1024)
+}
+
+/// Whether the fault was a general-protection fault (x86-64 delivers
+/// those as SIGSEGV with `SI_KERNEL` and address 0 too: a non-canonical
+/// pointer, a misaligned SSE access), not a signal frame that did not fit
+/// (the kernel records no trap for that).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn general_protection(ctx: *mut libc::c_void) -> bool {
+    const X86_TRAP_GP: libc::greg_t = 13;
+    let ctx = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as in `interrupted_sp`.
+    unsafe { ctx.as_ref() }
+        .is_some_and(|ctx| ctx.uc_mcontext.gregs[libc::REG_TRAPNO as usize] == X86_TRAP_GP)
+}
+
+/// Elsewhere the kernel does not raise SIGSEGV with `SI_KERNEL` for such
+/// faults.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn general_protection(_ctx: *mut libc::c_void) -> bool {
+    false
 }
 
 /// The stack pointer of the interrupted code, from the handler's context.

@@ -21,19 +21,49 @@
 //! stack is taken twice. Where membarrier is unavailable, nothing is taken
 //! from a live thread. The loom model below runs this code with the
 //! membarrier modelled as the full fence it forces.
+//!
+//! `fork`: a thread the fork did not copy may have been inside `unpark`,
+//! and its `busy` stays set in the child forever. So `busy` holds the
+//! fork generation it was set in (odd, never 0), which every fork child
+//! bumps (a `pthread_atfork` handler), and a taker waits only for a mark
+//! of the current generation. The forking thread itself was in `fork`,
+//! not in `unpark`, so no mark of its survives.
 
 #[cfg(all(loom, test))]
-use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, Ordering};
+use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, Ordering};
 #[cfg(not(all(loom, test)))]
-use std::sync::atomic::{compiler_fence, AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicPtr, AtomicU32, Ordering};
 
 use std::ptr;
+
+/// Forks this process descends through (bumped in each child).
+static FORK_GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+extern "C" fn after_fork_child() {
+    FORK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Installs the fork handler (once per process; before any pool exists).
+pub(crate) fn install_fork_handler() {
+    static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    crate::sys::register_fork_child_handler(&STATE, after_fork_child);
+}
+
+/// The `busy` mark of this fork generation: odd, so never 0.
+#[inline(always)]
+fn busy_mark() -> u32 {
+    FORK_GENERATION
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .wrapping_mul(2)
+        | 1
+}
 
 /// One thread's parked stack of one pool (the top of a free stack, or
 /// null) and the flags of the protocol above.
 pub(crate) struct Parked {
     top: AtomicPtr<u8>,
-    busy: AtomicBool,
+    /// 0, or the owner's `busy_mark` while it unparks.
+    busy: AtomicU32,
     steal: AtomicBool,
 }
 
@@ -41,7 +71,7 @@ impl Default for Parked {
     fn default() -> Self {
         Parked {
             top: AtomicPtr::new(ptr::null_mut()),
-            busy: AtomicBool::new(false),
+            busy: AtomicU32::new(0),
             steal: AtomicBool::new(false),
         }
     }
@@ -75,7 +105,7 @@ impl Parked {
     /// work, which the caller treats as none).
     #[inline]
     pub(crate) fn unpark(&self) -> *mut u8 {
-        self.busy.store(true, Ordering::Relaxed);
+        self.busy.store(busy_mark(), Ordering::Relaxed);
         owner_barrier();
         // Acquire: reading a taker's final `steal = 0` makes its swap of
         // `top` visible below (relaxed, this load could see `steal = 0`
@@ -88,7 +118,7 @@ impl Parked {
         if !top.is_null() {
             self.top.store(ptr::null_mut(), Ordering::Relaxed);
         }
-        self.busy.store(false, Ordering::Release);
+        self.busy.store(0, Ordering::Release);
         top
     }
 
@@ -114,7 +144,10 @@ impl Parked {
     pub(crate) fn take_marked(&self, barrier: bool) -> *mut u8 {
         let mut top = ptr::null_mut();
         if barrier {
-            while self.busy.load(Ordering::Acquire) {
+            // A mark of an earlier generation is a thread the fork did not
+            // copy: it will never clear it.
+            let mark = busy_mark();
+            while self.busy.load(Ordering::Acquire) == mark {
                 // The owner is a few instructions from done, unless it was
                 // preempted there.
                 spin();

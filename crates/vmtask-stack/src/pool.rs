@@ -140,6 +140,10 @@ struct Counters {
     failures: AtomicU64,
     stacks_released: AtomicU64,
     pages_trimmed: AtomicU64,
+    /// `trim` calls begun and ended: between the two, a trim holds free
+    /// stacks outside the pool's lists (see `alloc_slow`).
+    trims_begun: AtomicU64,
+    trims_ended: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -247,7 +251,7 @@ impl PoolInner {
                 }
                 Ok(NonNull::new(top as *mut u8).expect("a slot's top is never null"))
             }
-            Err(e @ StackError::Exhausted { .. }) => match self.take_any_free() {
+            Err(e @ StackError::Exhausted { .. }) => match self.take_any_free_after_trims() {
                 Some(top) => Ok(top),
                 None => {
                     bump(&self.counters.failures, 1);
@@ -258,6 +262,32 @@ impl PoolInner {
                 bump(&self.counters.failures, 1);
                 Err(e)
             }
+        }
+    }
+
+    /// `take_any_free`, and if it finds nothing while a `trim` holds free
+    /// stacks on their way back to the depot (it takes them, parked ones
+    /// included, and releases their pages with system calls), waits for
+    /// that trim and looks again: a concurrent trim must not make a pool
+    /// with a free stack report itself exhausted.
+    #[cold]
+    fn take_any_free_after_trims(&self) -> Option<NonNull<u8>> {
+        // Read before looking: a trim that ends after this read has put
+        // its stacks back, possibly where we had already looked.
+        let mut ended = self.counters.trims_ended.load(Ordering::SeqCst);
+        loop {
+            if let Some(top) = self.take_any_free() {
+                return Some(top);
+            }
+            let now_ended = self.counters.trims_ended.load(Ordering::SeqCst);
+            if now_ended != ended {
+                ended = now_ended;
+                continue;
+            }
+            if self.counters.trims_begun.load(Ordering::SeqCst) == now_ended {
+                return None;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -463,6 +493,7 @@ impl StackPool {
             GuardMode::Mprotect => false,
         };
         overflow::install_handler();
+        crate::park::install_fork_handler();
         let inner = Box::new(PoolInner {
             cache: CpuCache::try_new(layout.cache_size).map_err(|e| StackError::MapFailed {
                 what: "allocate the per-CPU magazines",
@@ -539,6 +570,16 @@ impl StackPool {
     /// has none, those stay parked). Returns the bytes that were resident
     /// and are now released.
     pub fn trim(&self) -> usize {
+        let inner = self.inner();
+        // Before it takes any stack (see `take_any_free_after_trims`).
+        inner.counters.trims_begun.fetch_add(1, Ordering::SeqCst);
+        let released = self.trim_free_stacks();
+        inner.counters.trims_ended.fetch_add(1, Ordering::SeqCst);
+        released
+    }
+
+    /// `trim`, between its begun and ended counts.
+    fn trim_free_stacks(&self) -> usize {
         let inner = self.inner();
         let mut free = inner.hits.reclaim_exited();
         free.extend(inner.hits.take_own_parked());

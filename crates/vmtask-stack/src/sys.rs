@@ -163,14 +163,47 @@ pub(crate) fn install_guard_markers(ranges: &[(usize, usize)]) -> Result<(), i32
 /// Returns false, having done nothing, where the kernel refuses.
 pub(crate) fn heavy_barrier() -> bool {
     const PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+    heavy_barrier_available() && membarrier(PRIVATE_EXPEDITED)
+}
+
+/// Whether [`heavy_barrier`] can work: the process is registered for it
+/// (registering on first use).
+pub(crate) fn heavy_barrier_available() -> bool {
     const REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let membarrier = |cmd: libc::c_int| {
-        // SAFETY: membarrier takes no pointers; an unknown command fails.
-        unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) == 0 }
-    };
     *REGISTERED.get_or_init(|| membarrier(REGISTER_PRIVATE_EXPEDITED))
-        && membarrier(PRIVATE_EXPEDITED)
+}
+
+fn membarrier(cmd: libc::c_int) -> bool {
+    // SAFETY: membarrier takes no pointers; an unknown command fails.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) == 0 }
+}
+
+/// Registers `child` as a `pthread_atfork` child handler, once per
+/// process; `state` is the caller's own static, zero at first: 0, none; the
+/// pid + 1 of a process registering now; `u64::MAX`, done. A flag, not a
+/// `Once`: a fork while another thread registers would leave the child a
+/// `Once` that never completes. A thread that finds this process
+/// registering goes on without waiting; a child that finds its parent was
+/// registering at the fork registers again, as its parent's call may not
+/// have been made: `child` must tolerate running twice.
+pub(crate) fn register_fork_child_handler(state: &AtomicU64, child: extern "C" fn()) {
+    const DONE: u64 = u64::MAX;
+    // SAFETY: getpid has no preconditions.
+    let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
+    let seen = state.load(Ordering::Acquire);
+    if seen == DONE || seen == me {
+        return;
+    }
+    if state
+        .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        // SAFETY: registers an `extern "C"` handler with no arguments that
+        // lives for the whole program.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(child)) };
+        state.store(if rc == 0 { DONE } else { 0 }, Ordering::Release);
+    }
 }
 
 /// This process's pidfd: the pid in the high half, the descriptor + 1 in
@@ -206,23 +239,17 @@ extern "C" fn pidfd_after_fork_child() {
 /// open (one leaked descriptor), since by then the program may have
 /// closed the number and reused it for a file of its own.
 fn own_pidfd() -> Option<libc::c_int> {
-    // A flag, not a `Once`: a fork while another thread registers would
-    // leave the child a `Once` that never completes, and its first batch
-    // waiting forever. A thread that loses the race goes on without waiting
-    // (children of a fork in that window rely on the pid check).
-    static HANDLER: AtomicBool = AtomicBool::new(false);
+    static HANDLER: AtomicU64 = AtomicU64::new(0);
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     let word = PIDFD.load(Ordering::Acquire);
     if word != 0 && (word >> 32) as u32 == pid {
         return decode_pidfd(word);
     }
-    if !HANDLER.swap(true, Ordering::AcqRel) {
-        // SAFETY: registers a handler that only swaps an atomic and
-        // closes a descriptor; failure (ENOMEM) leaves children to the
-        // pid check above.
-        unsafe { libc::pthread_atfork(None, None, Some(pidfd_after_fork_child)) };
-    }
+    // The handler only swaps an atomic and closes what it swapped out, so
+    // running twice is harmless; where it is missing (pthread_atfork out
+    // of memory), children rely on the pid check above.
+    register_fork_child_handler(&HANDLER, pidfd_after_fork_child);
     // SAFETY: pidfd_open on our own pid only creates a descriptor (close
     // on exec); it stays open for the life of the process.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };

@@ -162,7 +162,9 @@ impl Tallies {
             .filter(|tally| tally.parked.is_parked())
             .map(|tally| &**tally)
             .collect();
-        if targets.is_empty() {
+        // Marking makes the owners miss their stack until the steal ends:
+        // not for nothing.
+        if targets.is_empty() || !crate::sys::heavy_barrier_available() {
             return Vec::new();
         }
         targets.iter().for_each(|tally| tally.parked.mark());

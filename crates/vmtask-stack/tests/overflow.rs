@@ -737,3 +737,79 @@ fn the_kernels_own_sigsegv_elsewhere_still_kills_under_the_default_action() {
         "not an overflow of a pool stack"
     );
 }
+
+/// The previous handler of these tests: says what it got and exits 42.
+extern "C" fn report_and_exit(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo; write and _exit are
+    // async-signal-safe.
+    unsafe {
+        let msg: &[u8] = if (*info).si_code == libc::SI_KERNEL {
+            b"CHAINED SI_KERNEL\n"
+        } else {
+            b"CHAINED other\n"
+        };
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(42);
+    }
+}
+
+/// A general-protection fault (a load through a non-canonical pointer:
+/// SIGSEGV, `SI_KERNEL`, address 0, like a signal frame that did not fit)
+/// with the stack pointer `room` bytes above a pool stack's guard.
+#[cfg(target_arch = "x86_64")]
+fn general_protection_fault_on_a_pool_stack(room: usize) {
+    set_action(
+        libc::SIGSEGV,
+        report_and_exit as *const () as libc::sighandler_t,
+        libc::SA_SIGINFO,
+        &[],
+    );
+    let pool = StackPool::new(Config::default()).unwrap();
+    let stack = pool.alloc().unwrap();
+    let limit = stack.limit() as usize;
+    let mut co = Coroutine::with_stack(stack, move |_: &corosensei::Yielder<(), ()>, ()| {
+        // SAFETY: deliberately not: faults with the stack pointer moved
+        // onto unused space of our own stack; the handler exits.
+        unsafe {
+            std::arch::asm!(
+                "mov rsp, {sp}",
+                "mov rax, qword ptr [{bad}]",
+                "ud2",
+                sp = in(reg) limit + room,
+                bad = in(reg) 0x8000_0000_0000_0000usize,
+                options(noreturn)
+            )
+        }
+    });
+    co.resume(());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_general_protection_fault_near_the_guard_is_not_an_overflow() {
+    if in_child() {
+        general_protection_fault_on_a_pool_stack(4096);
+    }
+    let out = run_child("a_general_protection_fault_near_the_guard_is_not_an_overflow");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("stack overflow"),
+        "reported as an overflow:\n{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(42), "{stderr}");
+    assert!(stderr.contains("CHAINED SI_KERNEL"), "{stderr}");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_general_protection_fault_far_from_the_guard_is_chained() {
+    if in_child() {
+        general_protection_fault_on_a_pool_stack(64 * 1024);
+    }
+    let out = run_child("a_general_protection_fault_far_from_the_guard_is_chained");
+    assert_eq!(out.status.code(), Some(42), "{:?}", out);
+}

@@ -283,3 +283,96 @@ fn stealing_parked_stacks_never_hands_one_out_twice() {
         drop(release);
     });
 }
+
+/// A pool's only user allocates and frees while another thread trims
+/// (taking its parked stack): no allocation may fail, since the one stack
+/// is always free when the user asks (review finding: 10–40% failed).
+#[test]
+fn a_concurrent_trim_never_makes_a_free_stack_look_exhausted() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pool = StackPool::new(Config {
+        max_stacks: 1,
+        stack_size: 16 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let (started, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (failures, trims) = std::thread::scope(|s| {
+        let trimmer = s.spawn(|| {
+            let mut trims = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                pool.trim();
+                trims += 1;
+                started.store(true, Ordering::Relaxed);
+            }
+            trims
+        });
+        let user = s.spawn(|| {
+            while !started.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+            let mut failures = 0u64;
+            for _ in 0..200_000 {
+                match pool.alloc() {
+                    Ok(stack) => drop(stack),
+                    Err(_) => failures += 1,
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            failures
+        });
+        (user.join().unwrap(), trimmer.join().unwrap())
+    });
+    assert_eq!(
+        failures, 0,
+        "{failures} allocations of a free stack failed ({trims} trims)"
+    );
+}
+
+/// A fork copies a thread that was inside its unpark, `busy` set, but not
+/// the thread: the child's `trim` (which takes parked stacks) must not wait
+/// for it forever (review finding).
+#[test]
+fn trim_in_a_fork_child_does_not_wait_for_a_thread_the_fork_left_behind() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pool = StackPool::new(Config {
+        stack_size: 16 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let hung = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                drop(pool.alloc().unwrap());
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut hung = 0;
+        for _ in 0..300 {
+            // SAFETY: the child only trims and _exits.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                // SAFETY: a timer that kills a hung child; then _exit.
+                unsafe { libc::alarm(5) };
+                pool.trim();
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                hung += 1;
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        hung
+    });
+    assert_eq!(
+        hung, 0,
+        "a fork child's trim hung (killed by its alarm) or failed"
+    );
+}
