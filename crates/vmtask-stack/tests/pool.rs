@@ -125,8 +125,11 @@ fn thread_whose_first_stack_is_a_cache_hit_gets_an_alt_stack() {
     );
 }
 
-#[test]
-fn reused_stack_reads_as_zeros_with_zero_on_reuse() {
+/// With `zero_on_reuse`, a stack written all over, freed and taken again
+/// (the same slot, from this thread's cache) reads as zeros; `lock` first
+/// locks it in memory, where the kernel will not release its pages.
+/// Returns false, having checked nothing, where the lock is refused.
+fn reused_stack_reads_as_zeros(lock: bool) -> bool {
     let pool = StackPool::new(Config {
         zero_on_reuse: true,
         stack_size: 64 * 1024,
@@ -135,19 +138,33 @@ fn reused_stack_reads_as_zeros_with_zero_on_reuse() {
     .unwrap();
     on_cpu(0, || {
         let stack = pool.alloc().unwrap();
-        let base = stack.base();
-        // SAFETY: the stack's usable memory, unused by anything else.
-        unsafe { std::ptr::write_bytes(stack.limit(), 0x5a, stack.size()) };
+        let (base, limit, size) = (stack.base(), stack.limit(), stack.size());
+        if lock && !try_mlock(limit, size) {
+            return false;
+        }
+        // SAFETY: the stack's usable memory, ours.
+        unsafe { std::ptr::write_bytes(limit, 0x5a, size) };
         drop(stack);
         let stack = pool.alloc().unwrap();
         assert_eq!(stack.base(), base, "same slot, from the cache");
-        // SAFETY: reading the stack's usable memory.
+        // SAFETY: the stack's usable memory, ours again.
         let bytes = unsafe { std::slice::from_raw_parts(stack.limit(), stack.size()) };
-        assert!(
-            bytes.iter().all(|&b| b == 0),
-            "a reused stack must expose no old bytes"
+        let old = bytes.iter().filter(|&&b| b != 0).count();
+        if lock {
+            // SAFETY: undoes the lock above.
+            unsafe { libc::munlock(limit.cast(), size) };
+        }
+        assert_eq!(
+            old, 0,
+            "a reused stack exposes {old} bytes of its previous user"
         );
-    });
+        true
+    })
+}
+
+#[test]
+fn reused_stack_reads_as_zeros_with_zero_on_reuse() {
+    assert!(reused_stack_reads_as_zeros(false));
 }
 
 #[test]
@@ -268,8 +285,11 @@ fn cross_cpu_frees_keep_every_stack_accounted() {
     drop(held);
 }
 
-#[test]
-fn trim_releases_pages_below_keep_resident() {
+/// A stack of 64 KiB (8 KiB kept resident) written all over, freed and
+/// trimmed; `lock` locks it in memory first. Returns the pool, what `trim`
+/// reported, and the stack's resident pages and size after it; `None`
+/// where the lock is refused.
+fn trim_a_written_stack(lock: bool) -> Option<(StackPool, usize, usize, usize)> {
     let pool = StackPool::new(Config {
         stack_size: 64 * 1024,
         keep_resident: 8 * 1024,
@@ -277,18 +297,28 @@ fn trim_releases_pages_below_keep_resident() {
     })
     .unwrap();
     let stack = pool.alloc().unwrap();
-    let (limit, size) = (stack.limit() as usize, stack.size());
-    // SAFETY: the stack's usable memory.
-    unsafe { std::ptr::write_bytes(stack.limit(), 1, stack.size()) };
-    assert_eq!(resident_pages(limit, size), size / page());
+    let (limit, size) = (stack.limit(), stack.size());
+    if lock && !try_mlock(limit, size) {
+        return None;
+    }
+    // SAFETY: the stack's usable memory, ours.
+    unsafe { std::ptr::write_bytes(limit, 1, size) };
+    assert_eq!(resident_pages(limit as usize, size), size / page());
     drop(stack);
     let released = pool.trim();
+    let resident = resident_pages(limit as usize, size);
+    if lock {
+        // SAFETY: undoes the lock above.
+        unsafe { libc::munlock(limit.cast(), size) };
+    }
+    Some((pool, released, resident, size))
+}
+
+#[test]
+fn trim_releases_pages_below_keep_resident() {
+    let (pool, released, resident, size) = trim_a_written_stack(false).unwrap();
     assert_eq!(released, size - 8 * 1024);
-    assert_eq!(
-        resident_pages(limit, size),
-        8 * 1024 / page(),
-        "only keep_resident stays"
-    );
+    assert_eq!(resident, 8 * 1024 / page(), "only keep_resident stays");
     assert_eq!(
         pool.stats().pages_trimmed as usize,
         (size - 8 * 1024) / page()
@@ -655,51 +685,15 @@ fn try_mlock(addr: *const u8, len: usize) -> bool {
 /// (review finding: the old bytes showed through).
 #[test]
 fn zero_on_reuse_clears_a_stack_the_user_locked() {
-    let pool = StackPool::new(Config {
-        zero_on_reuse: true,
-        stack_size: 16 * 1024,
-        ..Config::default()
-    })
-    .unwrap();
-    on_cpu(0, || {
-        let stack = pool.alloc().unwrap();
-        let (base, limit, size) = (stack.base(), stack.limit(), stack.size());
-        if !try_mlock(limit, size) {
-            return;
-        }
-        // SAFETY: the stack's usable memory, ours.
-        unsafe { std::ptr::write_bytes(limit, 0x5a, size) };
-        drop(stack);
-        let stack = pool.alloc().unwrap();
-        assert_eq!(stack.base(), base, "the same stack, parked on this thread");
-        // SAFETY: the stack's usable memory, ours again.
-        let bytes = unsafe { std::slice::from_raw_parts(stack.limit(), stack.size()) };
-        let old = bytes.iter().filter(|&&b| b != 0).count();
-        // SAFETY: undoes the lock above.
-        unsafe { libc::munlock(limit.cast(), size) };
-        assert_eq!(old, 0, "{old} bytes of the previous user");
-    });
+    reused_stack_reads_as_zeros(true);
 }
 
 /// `trim` reports only what the kernel released: nothing of a locked stack.
 #[test]
 fn trim_does_not_count_locked_pages_as_released() {
-    let pool = StackPool::new(Config {
-        stack_size: 64 * 1024,
-        keep_resident: 8 * 1024,
-        ..Config::default()
-    })
-    .unwrap();
-    let stack = pool.alloc().unwrap();
-    let (limit, size) = (stack.limit(), stack.size());
-    if !try_mlock(limit, size) {
+    let Some((_pool, reported, resident, size)) = trim_a_written_stack(true) else {
         return;
-    }
-    drop(stack);
-    let reported = pool.trim();
-    let resident = resident_pages(limit as usize, size);
-    // SAFETY: undoes the lock above.
-    unsafe { libc::munlock(limit.cast(), size) };
+    };
     assert_eq!(resident, size / page(), "locked pages stay");
     assert_eq!(
         reported, 0,
