@@ -194,6 +194,9 @@ pub(crate) struct LocalBag {
     /// defers more), which would nest without bound.
     running: AtomicBool,
     runs: AtomicU64,
+    /// Entries of the bag `collect` is running (taken out of the owner's
+    /// bags), counted as invoked once it is done; owner only.
+    collecting: AtomicU64,
     owned: UnsafeCell<Owned>,
 }
 
@@ -222,6 +225,7 @@ impl LocalBag {
             filled: AtomicU64::new(0),
             running: AtomicBool::new(false),
             runs: AtomicU64::new(0),
+            collecting: AtomicU64::new(0),
             owned: UnsafeCell::new(Owned::empty()),
         })
     }
@@ -381,7 +385,12 @@ impl LocalBag {
                     if let Some(snap) = snap {
                         grace::wait(snap);
                     }
+                    // For a fork from one of these drops: the child's
+                    // recount finds the bag here, out of the thread's bags.
+                    self.collecting
+                        .store(bag.remaining() as u64, Ordering::Relaxed);
                     bag.run();
+                    self.collecting.store(0, Ordering::Relaxed);
                     INVOKED.fetch_add(bag.remaining() as u64, Ordering::Relaxed);
                     self.end_run();
                     done = Some(bag);
@@ -456,7 +465,8 @@ impl LocalBag {
     /// of its bags that were counted as queued when they filled (waiting
     /// bags, and the draining one, whose entries already run are counted
     /// as invoked only when it leaves `draining`) and have not been counted
-    /// as invoked.
+    /// as invoked, with those of a bag `collect` is running (the fork came
+    /// from one of its drops).
     ///
     /// # Safety
     /// Only in the fork child's handler, on the thread that owns the slot:
@@ -466,6 +476,7 @@ impl LocalBag {
         let owned = unsafe { &*self.owned.get() };
         let waiting: usize = owned.waiting.iter().map(|(_, bag)| bag.len).sum();
         (waiting + owned.draining.as_ref().map_or(0, |bag| bag.len)) as u64
+            + self.collecting.load(Ordering::Relaxed)
     }
 
     /// Bags the owner has finished running (see `running`).

@@ -715,6 +715,11 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     // a grace period) nor from a callback.
     let may_run = !crate::in_read_section() && !on_callback_thread();
     let (pushed, ready) = slot.bag.push((data, drop_fn), may_run);
+    if let Pushed::Filled = pushed {
+        // Before the drop below, which may fork: a child must find the
+        // full bag counted as queued, as its recount assumes.
+        count_filled_bag();
+    }
     if let Some(entry) = ready {
         slot.bag.run_one(entry);
     }
@@ -731,13 +736,19 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     }
 }
 
-/// A thread's bag filled: count it, ask for a grace period, and run what
-/// is ready.
+/// Counts a bag that just filled as queued (its entries).
+#[cold]
+fn count_filled_bag() {
+    callbacks().queues[cpu()]
+        .queued
+        .fetch_add(BAG_CAPACITY as u64, Ordering::Relaxed);
+}
+
+/// A thread's bag filled (and was counted): ask for a grace period, and
+/// run what is ready.
 #[cold]
 fn bag_filled(slot: &'static crate::registry::Slot) {
     ensure_thread();
-    let q = &callbacks().queues[cpu()];
-    q.queued.fetch_add(BAG_CAPACITY as u64, Ordering::Relaxed);
     BACKLOG_HIGH.fetch_max(backlog(), Ordering::Relaxed);
     // Frees may not run inside a read-side section (a drop could wait for a
     // grace period) nor from a callback.

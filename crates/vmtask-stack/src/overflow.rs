@@ -214,7 +214,11 @@ fn frame_room() -> usize {
 /// Whether the fault was a general-protection fault (x86-64 delivers
 /// those as SIGSEGV with `SI_KERNEL` and address 0 too: a non-canonical
 /// pointer, a misaligned SSE access), not a signal frame that did not fit
-/// (the kernel records no trap for that).
+/// (the kernel records no trap for that). The trap number is the thread's
+/// last one, so a thread whose earlier general-protection fault a handler
+/// recovered from has a frame that did not fit chained rather than
+/// reported: a miss in a rare case, where the other choice would report
+/// every general-protection fault near a guard as an overflow.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn general_protection(ctx: *mut libc::c_void) -> bool {
     const X86_TRAP_GP: libc::greg_t = 13;

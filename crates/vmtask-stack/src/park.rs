@@ -43,10 +43,30 @@ extern "C" fn after_fork_child() {
     FORK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Installs the fork handler (once per process; before any pool exists).
-pub(crate) fn install_fork_handler() {
+/// Installs this crate's fork handlers (once per process): when the
+/// program starts (`INSTALL_AT_START`), and again, as a fallback, when a
+/// pool is made.
+pub(crate) fn install_fork_handlers() {
     static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Keeps the start-up constructor in the program.
+    std::hint::black_box(&INSTALL_AT_START);
     crate::sys::register_fork_child_handler(&STATE, after_fork_child);
+    crate::sys::install_pidfd_fork_handler();
+}
+
+/// Installs the fork handlers before `main`, while the process has one
+/// thread: since glibc 2.36 a fork that has begun runs no handler
+/// registered after it began, so one registered on first use could miss a
+/// fork racing that use (vmtask-rcu's `fork.rs` explains it at length).
+// SAFETY: (of the attribute) `.init_array` holds pointers to functions
+// that take the C start-up arguments; one that ignores them, as this one
+// does, is called correctly under the C ABI.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INSTALL_AT_START: extern "C" fn() = install_at_start;
+
+extern "C" fn install_at_start() {
+    install_fork_handlers();
 }
 
 /// The `busy` mark of this fork generation: odd, so never 0.

@@ -265,29 +265,36 @@ impl PoolInner {
         }
     }
 
-    /// `take_any_free`, and if it finds nothing while a `trim` holds free
-    /// stacks on their way back to the depot (it takes them, parked ones
-    /// included, and releases their pages with system calls), waits for
-    /// that trim and looks again: a concurrent trim must not make a pool
-    /// with a free stack report itself exhausted.
+    /// `take_any_free`, and if it finds nothing while a `trim` that had
+    /// begun holds free stacks on their way back to the depot (it takes
+    /// them, parked ones included, and releases their pages with system
+    /// calls), waits for it and looks again; also looks again after any
+    /// trim ends. A concurrent trim must not make a pool with a free stack
+    /// report itself exhausted. Waits for no trim begun later (trims in a
+    /// loop would starve it) and never past `TRIM_WAIT` (a trim a fork
+    /// copied into a child never ends there).
     #[cold]
     fn take_any_free_after_trims(&self) -> Option<NonNull<u8>> {
-        // Read before looking: a trim that ends after this read has put
+        const TRIM_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+        // Read before looking: a trim that ends after these reads has put
         // its stacks back, possibly where we had already looked.
+        let begun = self.counters.trims_begun.load(Ordering::SeqCst);
         let mut ended = self.counters.trims_ended.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + TRIM_WAIT;
         loop {
             if let Some(top) = self.take_any_free() {
                 return Some(top);
             }
             let now_ended = self.counters.trims_ended.load(Ordering::SeqCst);
-            if now_ended != ended {
-                ended = now_ended;
-                continue;
-            }
-            if self.counters.trims_begun.load(Ordering::SeqCst) == now_ended {
+            let ended_meanwhile = now_ended != ended;
+            let still_running = now_ended < begun;
+            if !(ended_meanwhile || still_running) || std::time::Instant::now() >= deadline {
                 return None;
             }
-            std::thread::yield_now();
+            if !ended_meanwhile {
+                std::thread::yield_now();
+            }
+            ended = now_ended;
         }
     }
 
@@ -493,7 +500,7 @@ impl StackPool {
             GuardMode::Mprotect => false,
         };
         overflow::install_handler();
-        crate::park::install_fork_handler();
+        crate::park::install_fork_handlers();
         let inner = Box::new(PoolInner {
             cache: CpuCache::try_new(layout.cache_size).map_err(|e| StackError::MapFailed {
                 what: "allocate the per-CPU magazines",

@@ -170,8 +170,20 @@ pub(crate) fn heavy_barrier() -> bool {
 /// (registering on first use).
 pub(crate) fn heavy_barrier_available() -> bool {
     const REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
-    static REGISTERED: OnceLock<bool> = OnceLock::new();
-    *REGISTERED.get_or_init(|| membarrier(REGISTER_PRIVATE_EXPEDITED))
+    const UNKNOWN: u8 = 0;
+    const YES: u8 = 1;
+    const NO: u8 = 2;
+    // Not a `OnceLock`: a fork during its first call would leave the child
+    // one that never completes. Registering twice is harmless.
+    static REGISTERED: AtomicU8 = AtomicU8::new(UNKNOWN);
+    match REGISTERED.load(Ordering::Acquire) {
+        UNKNOWN => {
+            let yes = membarrier(REGISTER_PRIVATE_EXPEDITED);
+            REGISTERED.store(if yes { YES } else { NO }, Ordering::Release);
+            yes
+        }
+        state => state == YES,
+    }
 }
 
 fn membarrier(cmd: libc::c_int) -> bool {
@@ -204,6 +216,14 @@ pub(crate) fn register_fork_child_handler(state: &AtomicU64, child: extern "C" f
         let rc = unsafe { libc::pthread_atfork(None, None, Some(child)) };
         state.store(if rc == 0 { DONE } else { 0 }, Ordering::Release);
     }
+}
+
+/// Registers the pidfd's fork child handler (once per process). The
+/// handler only swaps an atomic and closes what it swapped out, so
+/// running twice is harmless.
+pub(crate) fn install_pidfd_fork_handler() {
+    static HANDLER: AtomicU64 = AtomicU64::new(0);
+    register_fork_child_handler(&HANDLER, pidfd_after_fork_child);
 }
 
 /// This process's pidfd: the pid in the high half, the descriptor + 1 in
@@ -239,17 +259,15 @@ extern "C" fn pidfd_after_fork_child() {
 /// open (one leaked descriptor), since by then the program may have
 /// closed the number and reused it for a file of its own.
 fn own_pidfd() -> Option<libc::c_int> {
-    static HANDLER: AtomicU64 = AtomicU64::new(0);
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as u32;
     let word = PIDFD.load(Ordering::Acquire);
     if word != 0 && (word >> 32) as u32 == pid {
         return decode_pidfd(word);
     }
-    // The handler only swaps an atomic and closes what it swapped out, so
-    // running twice is harmless; where it is missing (pthread_atfork out
-    // of memory), children rely on the pid check above.
-    register_fork_child_handler(&HANDLER, pidfd_after_fork_child);
+    // Where the handler is missing (pthread_atfork out of memory),
+    // children rely on the pid check above.
+    install_pidfd_fork_handler();
     // SAFETY: pidfd_open on our own pid only creates a descriptor (close
     // on exec); it stays open for the life of the process.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };

@@ -376,3 +376,51 @@ fn trim_in_a_fork_child_does_not_wait_for_a_thread_the_fork_left_behind() {
         "a fork child's trim hung (killed by its alarm) or failed"
     );
 }
+
+/// A pool that is really full answers `Exhausted` even while other
+/// threads trim without pause: an exhausted alloc waits only for trims
+/// begun before it looked, and briefly (review finding: with four
+/// trimmers it waited as long as they ran).
+#[test]
+fn an_exhausted_alloc_returns_while_trims_overlap() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let pool = StackPool::new(Config {
+        max_stacks: 1,
+        stack_size: 16 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let held = pool.alloc().unwrap();
+    let stop = AtomicBool::new(false);
+    let (failed, took) = std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    pool.trim();
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        // A valve: the trimmers stop after 30 s whatever happens.
+        let valve = s.spawn(|| {
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let start = Instant::now();
+        let failed = pool.alloc().is_err();
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        valve.join().unwrap();
+        (failed, took)
+    });
+    drop(held);
+    assert!(failed, "the pool's only stack is held");
+    assert!(
+        took < Duration::from_secs(3),
+        "an exhausted alloc took {took:?} while trims ran"
+    );
+}

@@ -1,0 +1,114 @@
+//! A fork from inside a deferred drop that `defer_drop` runs on the
+//! deferring thread: the child's statistics still balance (review
+//! findings: a bag filled by the push that ran the drop was not counted
+//! yet, and a bag `collect` was running was counted twice).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static IS_OWNER: Cell<bool> = const { Cell::new(false) };
+}
+static ARMED: AtomicBool = AtomicBool::new(false);
+static IN_CHILD: AtomicBool = AtomicBool::new(false);
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Forks when dropped on the test's thread, once armed.
+struct Forker;
+
+impl Drop for Forker {
+    fn drop(&mut self) {
+        if !IS_OWNER.with(Cell::get) || !ARMED.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: the child goes on only to `child_checks` and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            IN_CHILD.store(true, Ordering::SeqCst);
+        } else {
+            CHILD_PID.store(pid, Ordering::SeqCst);
+        }
+    }
+}
+
+fn child_checks() -> ! {
+    // SAFETY: alarm only arms a timer; a hang kills the child.
+    unsafe { libc::alarm(10) };
+    vmtask_rcu::barrier();
+    let stats = vmtask_rcu::stats();
+    let balanced = stats.callbacks_queued == stats.callbacks_invoked;
+    if !balanced {
+        println!(
+            "child: queued {} invoked {}",
+            stats.callbacks_queued, stats.callbacks_invoked
+        );
+    }
+    // SAFETY: ends the child at once.
+    unsafe { libc::_exit(if balanced { 0 } else { 1 }) };
+}
+
+/// Waits for the child and returns its exit code.
+fn wait_child() -> i32 {
+    let pid = CHILD_PID.swap(0, Ordering::SeqCst);
+    assert!(pid > 0, "setup: the Forker did not run on this thread");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// Defers `n` drops that do nothing; in the child, goes to the checks.
+fn defer_plain(n: usize) {
+    for i in 0..n {
+        vmtask_rcu::defer_drop(Box::new(i as u64));
+        if IN_CHILD.load(Ordering::SeqCst) {
+            child_checks();
+        }
+    }
+}
+
+/// Bag A holds 125 plain drops and the Forker; after its grace period,
+/// bag B fills and A becomes the draining bag.
+fn a_draining_bag_ending_with_the_forker() {
+    IS_OWNER.with(|c| c.set(true));
+    defer_plain(126 * 4);
+    vmtask_rcu::barrier();
+    ARMED.store(true, Ordering::SeqCst);
+    defer_plain(125);
+    vmtask_rcu::defer_drop(Box::new(Forker));
+    vmtask_rcu::synchronize();
+    defer_plain(126);
+}
+
+#[test]
+fn a_fork_from_a_drop_run_by_the_push_that_fills_a_bag() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    a_draining_bag_ending_with_the_forker();
+    // The 126th push runs A's last entry, the Forker, and fills bag C.
+    defer_plain(126);
+    let code = wait_child();
+    vmtask_rcu::barrier();
+    assert_eq!(code, 0, "the child's statistics do not balance");
+}
+
+#[test]
+fn a_fork_from_a_drop_run_by_collect() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    a_draining_bag_ending_with_the_forker();
+    {
+        // No entry of A runs inside a section.
+        let _guard = vmtask_rcu::read_lock();
+        defer_plain(125);
+    }
+    // Runs A's first entry and fills C: `collect` runs the rest of A,
+    // the Forker last.
+    defer_plain(1);
+    let code = wait_child();
+    vmtask_rcu::barrier();
+    assert_eq!(code, 0, "the child's statistics do not balance");
+}
