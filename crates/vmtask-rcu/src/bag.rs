@@ -508,6 +508,8 @@ impl LocalBag {
     /// it may have been stopped inside a push.
     fn reset_after_fork(&self) {
         self.handoff.reset();
+        // A `collect` run the owner had in progress is lost with it.
+        self.collecting.store(0, Ordering::Relaxed);
         // A run the owner had in progress never ends in the child (its
         // entry is lost, like other work in flight at a fork): end it, or a
         // `barrier` would wait for it forever and the slot's next owner

@@ -69,13 +69,18 @@ extern "C" fn install_at_start() {
     install_fork_handlers();
 }
 
+/// Forks this process descends through: state tagged with it that a
+/// child finds from an earlier generation was left by a thread the fork
+/// did not copy.
+#[inline(always)]
+pub(crate) fn fork_generation() -> u32 {
+    FORK_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The `busy` mark of this fork generation: odd, so never 0.
 #[inline(always)]
 fn busy_mark() -> u32 {
-    FORK_GENERATION
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .wrapping_mul(2)
-        | 1
+    fork_generation().wrapping_mul(2) | 1
 }
 
 /// One thread's parked stack of one pool (the top of a free stack, or

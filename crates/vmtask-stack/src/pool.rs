@@ -140,10 +140,40 @@ struct Counters {
     failures: AtomicU64,
     stacks_released: AtomicU64,
     pages_trimmed: AtomicU64,
-    /// `trim` calls begun and ended: between the two, a trim holds free
-    /// stacks outside the pool's lists (see `alloc_slow`).
-    trims_begun: AtomicU64,
+    /// `trim` calls running now, which may hold free stacks outside the
+    /// pool's lists (see `take_any_free_after_trims`): the count in the
+    /// low half, the fork generation it belongs to in the high half (a
+    /// trim a fork copied into a child never ends there).
+    trims_running: AtomicU64,
+    /// `trim` calls ended.
     trims_ended: AtomicU64,
+}
+
+impl Counters {
+    /// Trims running in this fork generation.
+    fn trims_running(&self) -> u64 {
+        let word = self.trims_running.load(Ordering::SeqCst);
+        if (word >> 32) as u32 == crate::park::fork_generation() {
+            word & u64::from(u32::MAX)
+        } else {
+            0
+        }
+    }
+
+    /// Adds `delta` (1 or -1) to the trims running in this generation.
+    fn trim_running(&self, delta: i64) {
+        let generation = u64::from(crate::park::fork_generation()) << 32;
+        let _ = self
+            .trims_running
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
+                let count = if word >> 32 == generation >> 32 {
+                    word & u64::from(u32::MAX)
+                } else {
+                    0
+                };
+                Some(generation | count.saturating_add_signed(delta))
+            });
+    }
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -265,36 +295,41 @@ impl PoolInner {
         }
     }
 
-    /// `take_any_free`, and if it finds nothing while a `trim` that had
-    /// begun holds free stacks on their way back to the depot (it takes
-    /// them, parked ones included, and releases their pages with system
-    /// calls), waits for it and looks again; also looks again after any
-    /// trim ends. A concurrent trim must not make a pool with a free stack
-    /// report itself exhausted. Waits for no trim begun later (trims in a
-    /// loop would starve it) and never past `TRIM_WAIT` (a trim a fork
-    /// copied into a child never ends there).
+    /// `take_any_free`, and if it finds nothing while a `trim` runs (it
+    /// takes free stacks, parked ones included, and releases their pages
+    /// with system calls before they are back in the depot), waits for it
+    /// and looks again; also looks again after any trim ends. A concurrent
+    /// trim must not make a pool with a free stack report itself
+    /// exhausted. Trims that never stop overlapping could keep it waiting:
+    /// it gives up after `TRIM_WAIT`.
     #[cold]
     fn take_any_free_after_trims(&self) -> Option<NonNull<u8>> {
-        const TRIM_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
-        // Read before looking: a trim that ends after these reads has put
+        const TRIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+        let mut deadline = None;
+        // Read before looking: a trim that ends after this read has put
         // its stacks back, possibly where we had already looked.
-        let begun = self.counters.trims_begun.load(Ordering::SeqCst);
         let mut ended = self.counters.trims_ended.load(Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + TRIM_WAIT;
         loop {
             if let Some(top) = self.take_any_free() {
                 return Some(top);
             }
+            // Running first: a trim that held a stack while we looked is
+            // either still counted as running, or it ended (its end comes
+            // before its running count drops) and the second read sees it.
+            let running = self.counters.trims_running();
             let now_ended = self.counters.trims_ended.load(Ordering::SeqCst);
             let ended_meanwhile = now_ended != ended;
-            let still_running = now_ended < begun;
-            if !(ended_meanwhile || still_running) || std::time::Instant::now() >= deadline {
+            ended = now_ended;
+            if !ended_meanwhile && running == 0 {
+                return None;
+            }
+            let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + TRIM_WAIT);
+            if std::time::Instant::now() >= deadline {
                 return None;
             }
             if !ended_meanwhile {
                 std::thread::yield_now();
             }
-            ended = now_ended;
         }
     }
 
@@ -579,9 +614,10 @@ impl StackPool {
     pub fn trim(&self) -> usize {
         let inner = self.inner();
         // Before it takes any stack (see `take_any_free_after_trims`).
-        inner.counters.trims_begun.fetch_add(1, Ordering::SeqCst);
+        inner.counters.trim_running(1);
         let released = self.trim_free_stacks();
         inner.counters.trims_ended.fetch_add(1, Ordering::SeqCst);
+        inner.counters.trim_running(-1);
         released
     }
 

@@ -424,3 +424,101 @@ fn an_exhausted_alloc_returns_while_trims_overlap() {
         "an exhausted alloc took {took:?} while trims ran"
     );
 }
+
+/// Writes every page of a stack.
+fn touch_all(stack: &vmtask_stack::Stack) {
+    let mut p = stack.limit();
+    while p < stack.base() {
+        // SAFETY: a page of the stack's usable memory, ours.
+        unsafe { p.write_volatile(1) };
+        p = p.wrapping_add(page());
+    }
+}
+
+/// Two trims that overlap: one may hold the pool's only free stack while
+/// the other ends. An alloc must still find it (review finding: half the
+/// allocations failed).
+#[test]
+fn the_only_free_stack_is_found_while_trims_overlap() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    let pool = StackPool::new(Config {
+        max_stacks: 1,
+        stack_size: 4 << 20,
+        keep_resident: 4096,
+        ..Config::default()
+    })
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let (failures, allocs) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    pool.trim();
+                }
+            });
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            match pool.alloc() {
+                Ok(stack) => {
+                    touch_all(&stack);
+                    allocs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (failed, allocated) = (failures.into_inner(), allocs.into_inner());
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} allocations failed",
+        failed + allocated
+    );
+}
+
+/// A trim that takes every free stack of a full pool and spends a while
+/// releasing their pages: an alloc meanwhile waits for it rather than
+/// report the pool exhausted (review finding: it gave up after 10 ms).
+#[test]
+fn an_alloc_during_a_long_trim_of_a_full_pool_finds_a_stack() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const N: usize = 16;
+    let pool = StackPool::new(Config {
+        max_stacks: N,
+        stack_size: 4 << 20,
+        keep_resident: 4096,
+        cache_size: 64,
+        ..Config::default()
+    })
+    .unwrap();
+    let stacks: Vec<_> = (0..N).map(|_| pool.alloc().unwrap()).collect();
+    stacks.iter().for_each(touch_all);
+    drop(stacks); // all in the magazines or parked, none in the depot
+    let trimming = AtomicBool::new(false);
+    let ok = std::thread::scope(|s| {
+        let trimmer = s.spawn(|| {
+            trimming.store(true, Ordering::SeqCst);
+            pool.trim();
+        });
+        while !trimming.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        // Until the trim holds every free stack.
+        while {
+            let stats = pool.stats();
+            stats.cached + stats.in_depot + stats.released > 0
+        } {
+            std::hint::spin_loop();
+        }
+        let ok = pool.alloc().is_ok();
+        trimmer.join().unwrap();
+        ok
+    });
+    assert!(ok, "an alloc failed while {N} stacks were free");
+}
