@@ -171,7 +171,7 @@ impl Counters {
                 } else {
                     0
                 };
-                Some(generation | count.saturating_add_signed(delta))
+                Some(generation | count.saturating_add_signed(delta).min(u64::from(u32::MAX)))
             });
     }
 }
@@ -300,8 +300,12 @@ impl PoolInner {
     /// with system calls before they are back in the depot), waits for it
     /// and looks again; also looks again after any trim ends. A concurrent
     /// trim must not make a pool with a free stack report itself
-    /// exhausted. Trims that never stop overlapping could keep it waiting:
-    /// it gives up after `TRIM_WAIT`.
+    /// exhausted. Trims that never stop overlapping could keep it waiting
+    /// on a pool that is really full: it gives up after `TRIM_WAIT`, long
+    /// enough for a trim that releases the pages of many stacks on a busy
+    /// machine (50 ms was not, under the test suite's load). So an alloc
+    /// from a full pool may wait that long while other threads trim
+    /// without pause.
     #[cold]
     fn take_any_free_after_trims(&self) -> Option<NonNull<u8>> {
         const TRIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -327,9 +331,7 @@ impl PoolInner {
             if std::time::Instant::now() >= deadline {
                 return None;
             }
-            if !ended_meanwhile {
-                std::thread::yield_now();
-            }
+            std::thread::yield_now();
         }
     }
 
@@ -613,12 +615,20 @@ impl StackPool {
     /// and are now released.
     pub fn trim(&self) -> usize {
         let inner = self.inner();
+        /// Counts the trim as ended, and no longer running, even if it
+        /// unwinds: a count left behind would hold up every exhausted alloc.
+        struct Running<'a>(&'a Counters);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                // Ended before not running (see `take_any_free_after_trims`).
+                self.0.trims_ended.fetch_add(1, Ordering::SeqCst);
+                self.0.trim_running(-1);
+            }
+        }
         // Before it takes any stack (see `take_any_free_after_trims`).
         inner.counters.trim_running(1);
-        let released = self.trim_free_stacks();
-        inner.counters.trims_ended.fetch_add(1, Ordering::SeqCst);
-        inner.counters.trim_running(-1);
-        released
+        let _running = Running(&inner.counters);
+        self.trim_free_stacks()
     }
 
     /// `trim`, between its begun and ended counts.

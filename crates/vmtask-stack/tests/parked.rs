@@ -378,9 +378,9 @@ fn trim_in_a_fork_child_does_not_wait_for_a_thread_the_fork_left_behind() {
 }
 
 /// A pool that is really full answers `Exhausted` even while other
-/// threads trim without pause: an exhausted alloc waits only for trims
-/// begun before it looked, and briefly (review finding: with four
-/// trimmers it waited as long as they ran).
+/// threads trim without pause: an exhausted alloc waits for running trims
+/// for a bounded time (review finding: with four trimmers it waited as
+/// long as they ran).
 #[test]
 fn an_exhausted_alloc_returns_while_trims_overlap() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -410,15 +410,20 @@ fn an_exhausted_alloc_returns_while_trims_overlap() {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        let start = Instant::now();
-        let failed = pool.alloc().is_err();
-        let took = start.elapsed();
+        let mut failed = true;
+        let mut took = Duration::ZERO;
+        for _ in 0..3 {
+            let start = Instant::now();
+            failed &= pool.alloc().is_err();
+            took = took.max(start.elapsed());
+        }
         stop.store(true, Ordering::Relaxed);
         valve.join().unwrap();
         (failed, took)
     });
     drop(held);
     assert!(failed, "the pool's only stack is held");
+    // The wait is bounded at 1 s; the rest is room for a busy machine.
     assert!(
         took < Duration::from_secs(3),
         "an exhausted alloc took {took:?} while trims ran"
@@ -500,17 +505,19 @@ fn an_alloc_during_a_long_trim_of_a_full_pool_finds_a_stack() {
     let stacks: Vec<_> = (0..N).map(|_| pool.alloc().unwrap()).collect();
     stacks.iter().for_each(touch_all);
     drop(stacks); // all in the magazines or parked, none in the depot
-    let trimming = AtomicBool::new(false);
+    let (trimming, trimmed) = (AtomicBool::new(false), AtomicBool::new(false));
     let ok = std::thread::scope(|s| {
         let trimmer = s.spawn(|| {
             trimming.store(true, Ordering::SeqCst);
             pool.trim();
+            trimmed.store(true, Ordering::SeqCst);
         });
         while !trimming.load(Ordering::SeqCst) {
             std::hint::spin_loop();
         }
-        // Until the trim holds every free stack.
-        while {
+        // Until the trim holds every free stack (or is already done: then
+        // the stacks are back in the depot).
+        while !trimmed.load(Ordering::SeqCst) && {
             let stats = pool.stats();
             stats.cached + stats.in_depot + stats.released > 0
         } {
