@@ -1223,10 +1223,10 @@ pub(crate) fn recount_after_fork() {
         let mut total = 0;
         let mut node = first;
         loop {
-            // SAFETY: a queued, not yet invoked node, reached through
-            // links (nothing runs in the child yet); `func` was set before
-            // it was queued.
             let (func, next) =
+                // SAFETY: a queued, not yet invoked node, reached through
+                // links (nothing runs in the child yet); `func` was set
+                // before it was queued.
                 unsafe { (*(*node).func.get(), (*node).next.load(Ordering::Relaxed)) };
             let is =
                 |f: unsafe fn(*mut RcuHead)| func.is_some_and(|func| std::ptr::fn_addr_eq(func, f));

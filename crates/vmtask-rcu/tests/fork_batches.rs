@@ -8,7 +8,7 @@ use std::sync::{Barrier, Mutex};
 use std::time::Duration;
 
 mod child;
-use child::in_child;
+use child::{in_child, stats_balance, wait_exit_code};
 
 /// The tests read the process's statistics: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -24,20 +24,7 @@ fn wait_for_child_of_callback(child: &AtomicI32) -> bool {
     }
     let pid = child.load(Ordering::SeqCst);
     assert!(pid > 0, "fork failed, or the callback did not run");
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-}
-
-/// In a child: the statistics balance once `barrier` has run everything.
-fn stats_balance() -> bool {
-    let stats = vmtask_rcu::stats();
-    let balanced = stats.callbacks_queued == stats.callbacks_invoked;
-    if !balanced {
-        println!("child: {stats}");
-    }
-    balanced
+    wait_exit_code(pid) == 0
 }
 
 /// Callback threads of this process, by name ("vmtask-rcu-callbacks",
@@ -71,7 +58,7 @@ fn a_callback_waiting_for_its_grace_period_at_the_fork_runs_in_the_child() {
             // SAFETY: alarm only arms a timer; a hang kills the child.
             unsafe { libc::alarm(10) };
             vmtask_rcu::barrier();
-            if !stats_balance() {
+            if !stats_balance("child") {
                 return 2;
             }
             if RAN.load(Ordering::SeqCst) {
@@ -117,7 +104,7 @@ fn a_fork_from_a_callback_leaves_one_callback_thread_in_the_child() {
                 let code = if threads != 1 {
                     println!("child: {threads} callback threads");
                     1
-                } else if !stats_balance() {
+                } else if !stats_balance("child") {
                     // The rest of the batch the callback forked from,
                     // counted twice.
                     2
@@ -154,7 +141,7 @@ fn the_forking_threads_own_batches_are_counted_once_in_the_child() {
         // SAFETY: alarm only arms a timer; a hang kills the child.
         unsafe { libc::alarm(10) };
         vmtask_rcu::barrier();
-        if stats_balance() {
+        if stats_balance("child") {
             0
         } else {
             1

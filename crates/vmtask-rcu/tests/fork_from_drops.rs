@@ -7,6 +7,9 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 
+mod child;
+use child::{stats_balance, wait_exit_code};
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 thread_local! {
@@ -39,14 +42,7 @@ fn child_checks() -> ! {
     // SAFETY: alarm only arms a timer; a hang kills the child.
     unsafe { libc::alarm(10) };
     vmtask_rcu::barrier();
-    let stats = vmtask_rcu::stats();
-    let balanced = stats.callbacks_queued == stats.callbacks_invoked;
-    if !balanced {
-        println!(
-            "child: queued {} invoked {}",
-            stats.callbacks_queued, stats.callbacks_invoked
-        );
-    }
+    let balanced = stats_balance("child");
     // SAFETY: ends the child at once.
     unsafe { libc::_exit(if balanced { 0 } else { 1 }) };
 }
@@ -55,11 +51,7 @@ fn child_checks() -> ! {
 fn wait_child() -> i32 {
     let pid = CHILD_PID.swap(0, Ordering::SeqCst);
     assert!(pid > 0, "setup: the Forker did not run on this thread");
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status), "child died: {status:#x}");
-    libc::WEXITSTATUS(status)
+    wait_exit_code(pid)
 }
 
 /// Defers `n` drops that do nothing; in the child, goes to the checks.

@@ -7,6 +7,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod child;
+use child::{stats_balance, wait_exit_code};
+
 static IN_BLOCKER: AtomicBool = AtomicBool::new(false);
 static FORKED: AtomicBool = AtomicBool::new(false);
 static ARMED: AtomicBool = AtomicBool::new(false);
@@ -30,14 +33,6 @@ fn defer_plain(n: usize) {
     for i in 0..n {
         vmtask_rcu::defer_drop(Box::new(i as u64));
     }
-}
-
-fn wait(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    // SAFETY: our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status), "child died: {status:#x}");
-    libc::WEXITSTATUS(status)
 }
 
 #[test]
@@ -87,24 +82,17 @@ fn a_grandchild_balances_after_a_fork_during_another_threads_collect() {
         if gpid == 0 {
             vmtask_rcu::defer_drop(Box::new(0u64));
             vmtask_rcu::barrier();
-            let s = vmtask_rcu::stats();
-            let ok = s.callbacks_queued == s.callbacks_invoked;
-            if !ok {
-                println!(
-                    "grandchild: queued {} invoked {}",
-                    s.callbacks_queued, s.callbacks_invoked
-                );
-            }
+            let ok = stats_balance("grandchild");
             // SAFETY: ends the grandchild.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
-        let g = wait(gpid);
+        let g = wait_exit_code(gpid);
         // SAFETY: ends the child.
         unsafe { libc::_exit(if !child_ok { 2 } else { g }) };
     }
     FORKED.store(true, Ordering::SeqCst);
     worker.join().unwrap();
-    let code = wait(pid);
+    let code = wait_exit_code(pid);
     vmtask_rcu::barrier();
     assert_eq!(
         code, 0,

@@ -10,7 +10,7 @@
 //! reuse a slot whose memory was given back; failing that carve a fresh
 //! slot; failing that (every slot carved) take a free stack from any
 //! CPU's magazine, or one parked on a live thread (with a `membarrier`,
-//! see [`crate::tally`]); failing that, [`StackError::Exhausted`]. Free: park
+//! see [`crate::park`]); failing that, [`StackError::Exhausted`]. Free: park
 //! the stack on the calling thread if its place is empty, else push on the
 //! current CPU's magazine; when that is full, the whole magazine goes to
 //! the depot, so stacks freed on another CPU than the one that allocated
@@ -341,7 +341,7 @@ impl PoolInner {
     /// list, which other threads may have filled since this one looked.
     /// The magazines' other stacks go to the depot. Last, the stacks
     /// parked on live threads (one per thread at most), taken from them
-    /// with a `membarrier` (see `tally`).
+    /// with a `membarrier` (see `park`).
     #[cold]
     fn take_any_free(&self) -> Option<NonNull<u8>> {
         let mut free = Vec::new();

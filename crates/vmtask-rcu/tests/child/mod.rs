@@ -51,3 +51,28 @@ pub fn rerun_test_ok(
     );
     (stdout, stderr)
 }
+
+/// In a child, once `barrier` has run everything: whether the
+/// statistics balance (queued == invoked); prints them, tagged `who`,
+/// where they do not.
+pub fn stats_balance(who: &str) -> bool {
+    let stats = vmtask_rcu::stats();
+    let balanced = stats.callbacks_queued == stats.callbacks_invoked;
+    if !balanced {
+        println!(
+            "{who}: queued {} invoked {}",
+            stats.callbacks_queued, stats.callbacks_invoked
+        );
+    }
+    balanced
+}
+
+/// Waits for the child `pid`, which must exit (not die), and returns its
+/// exit code.
+pub fn wait_exit_code(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
