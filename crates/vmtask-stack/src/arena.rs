@@ -321,13 +321,25 @@ impl Arenas {
             });
         }
         let want = self.list.last().map_or(FIRST_ARENA_SLOTS, |a| a.slots * 2);
-        let slots = want.min(left);
+        let mut slots = want.min(left);
+        let start = loop {
+            let len = slots * layout.slot_size;
+            match sys::reserve(len) {
+                Ok(start) => break start,
+                // An address-space limit (`RLIMIT_AS`) or strict overcommit
+                // can refuse the whole arena and accept a smaller one:
+                // halve down to one slot before failing.
+                Err(libc::ENOMEM) if slots > 1 => slots /= 2,
+                Err(errno) => {
+                    return Err(StackError::MapFailed {
+                        what: "reserve a stack arena (mmap MAP_NORESERVE)",
+                        bytes: len,
+                        errno,
+                    })
+                }
+            }
+        };
         let len = slots * layout.slot_size;
-        let start = sys::reserve(len).map_err(|errno| StackError::MapFailed {
-            what: "reserve a stack arena (mmap MAP_NORESERVE)",
-            bytes: len,
-            errno,
-        })?;
         let node = register(start, len, layout);
         self.list.push(Arena {
             start,
@@ -353,15 +365,16 @@ impl Arenas {
 
     /// Mappings the arenas take as created (the kernel may merge adjacent
     /// ones): one per arena with guard markers; with `mprotect` every guard
-    /// splits its arena, giving two mappings per carved slot plus the
-    /// uncarved tail.
+    /// splits its arena, giving two mappings per carved slot (the uncarved
+    /// tail belongs to the last carved stack's mapping: both are read-write
+    /// and were never split apart), or one for an arena with nothing carved.
     pub(crate) fn mappings(&self, markers: bool) -> usize {
         if markers {
             return self.list.len();
         }
         self.list
             .iter()
-            .map(|a| 2 * a.carved + usize::from(a.carved < a.slots))
+            .map(|a| 2 * a.carved + usize::from(a.carved == 0))
             .sum()
     }
 

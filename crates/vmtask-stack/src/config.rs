@@ -13,7 +13,7 @@
 //! | 64 KiB | 68 KiB | 136 B | 65 GiB |
 //! | 128 KiB (default) | 132 KiB | 264 B | 126 GiB |
 //! | 1 MiB | 1028 KiB | 2 KiB | 980 GiB |
-//! | 8 MiB | 8196 KiB | 16 KiB | 7.8 TiB |
+//! | 8 MiB | 8196 KiB | 16 KiB | 7.6 TiB |
 //!
 //! Reserved address space is free (`MAP_NORESERVE`, demand paged), but the
 //! 47-bit user address space holds 128 TiB, which bounds

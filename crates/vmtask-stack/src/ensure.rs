@@ -29,8 +29,16 @@ fn stack_pointer() -> usize {
 /// let left = co.resume(()).as_return().flatten().unwrap();
 /// assert!(left > 0 && left < size);
 /// ```
+#[inline(always)]
 pub fn remaining() -> Option<usize> {
-    let sp = stack_pointer();
+    // Measured from the caller's frame, as `ensure` measures it, so that
+    // `ensure(remaining()?)` in one function asks for exactly the room
+    // there is (review finding: `ensure`'s deeper frame saw 48-96 bytes
+    // less).
+    room_at(stack_pointer())
+}
+
+fn room_at(sp: usize) -> Option<usize> {
     match arena::lookup(sp)? {
         Place::Stack(slot) => Some(sp - slot.limit),
         Place::Guard(_) => None,
@@ -79,8 +87,13 @@ pub fn remaining() -> Option<usize> {
 /// );
 /// assert_eq!(co.resume(()).as_return(), Some(true));
 /// ```
+#[inline(always)]
 pub fn ensure(bytes: usize) -> Result<(), StackError> {
-    let sp = stack_pointer();
+    // From the caller's frame, as in `remaining`.
+    ensure_at(stack_pointer(), bytes)
+}
+
+fn ensure_at(sp: usize, bytes: usize) -> Result<(), StackError> {
     let Some(Place::Stack(slot)) = arena::lookup(sp) else {
         return Ok(());
     };

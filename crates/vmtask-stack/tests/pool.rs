@@ -8,7 +8,9 @@ use corosensei::{Coroutine, CoroutineResult};
 use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
-use common::{batch_populate_supported, on_cpu, page, populate_supported, resident_pages};
+use common::{
+    batch_populate_supported, on_cpu, page, populate_supported, rerun_in_child, resident_pages,
+};
 
 #[test]
 fn stack_geometry_matches_config() {
@@ -439,10 +441,34 @@ fn mprotect_mode_allocates_guarded_stacks() {
     assert_eq!(pool.guard_mode(), GuardMode::Mprotect);
     let stacks: Vec<_> = (0..10).map(|_| pool.alloc().unwrap()).collect();
     let stats = pool.stats();
+    assert_eq!(stats.arenas, 1);
+    // The uncarved tail is one mapping with the last carved stack: both
+    // read-write, never split apart (review finding: counted apart).
     assert_eq!(
         stats.mappings,
-        2 * 10 + 1,
+        2 * 10,
         "each mprotect guard splits the arena"
+    );
+    // And the kernel agrees: the arena (its first 256 slots) is cut into
+    // exactly that many mappings.
+    let start = stacks
+        .iter()
+        .map(|s| s.guard_range().start as usize)
+        .min()
+        .unwrap();
+    let guard = stacks[0].guard_range();
+    let slot = stacks[0].size() + (guard.end as usize - guard.start as usize);
+    let end = start + 256 * slot;
+    let mut in_arena = Vec::new();
+    let mut addr = start;
+    while let Some((from, to)) = mapping_of(addr).filter(|_| addr < end) {
+        in_arena.push((from, to));
+        addr = to;
+    }
+    assert_eq!(
+        in_arena.len(),
+        stats.mappings,
+        "/proc/self/maps over the arena: {in_arena:x?}"
     );
     drop(stacks);
 }
@@ -608,6 +634,92 @@ fn ensure_succeeds_within_the_slot_and_errs_past_it() {
         resident_pages(limit, size) < size / page(),
         "pages past the request stay untouched"
     );
+}
+
+/// `ensure(remaining())` from one frame asks for exactly the room there
+/// is (review finding: `ensure` measured from a deeper frame and refused).
+#[test]
+fn ensure_accepts_the_room_remaining_reports() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    let mut co = Coroutine::with_stack(
+        pool.alloc().unwrap(),
+        |_: &corosensei::Yielder<(), ()>, ()| {
+            let room = vmtask_stack::remaining().expect("on a pool stack");
+            (
+                room,
+                vmtask_stack::ensure(room),
+                vmtask_stack::ensure(room + 1),
+            )
+        },
+    );
+    let CoroutineResult::Return((room, all, past)) = co.resume(()) else {
+        panic!("coroutine yielded")
+    };
+    assert_eq!(all, Ok(()), "remaining() said {room}");
+    assert!(
+        matches!(past, Err(StackError::TooLarge { available, .. }) if available == room),
+        "{past:?}"
+    );
+}
+
+/// Under an address-space limit (`ulimit -v`) with room for dozens of
+/// 1 MiB stacks but not for a whole 256-slot arena, the pool hands out
+/// what fits, then fails with a clear `MapFailed` (review finding: it
+/// reserved only whole arenas and handed out none). In a child process:
+/// the limit would starve the other tests.
+#[test]
+fn an_address_space_limit_smaller_than_an_arena_still_gives_stacks() {
+    const ENV: &str = "VMTASK_TEST_RLIMIT_AS_CHILD";
+    if std::env::var_os(ENV).is_none() {
+        return rerun_in_child(
+            "an_address_space_limit_smaller_than_an_arena_still_gives_stacks",
+            ENV,
+        );
+    }
+    let pool = StackPool::new(Config {
+        stack_size: 1 << 20,
+        ..Config::default()
+    })
+    .unwrap();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_size: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmSize:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmSize in /proc/self/status");
+    let headroom = 64 << 20;
+    let limit = libc::rlimit {
+        rlim_cur: vm_size * 1024 + headroom,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: lowers this (child) process's own soft limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    let mut stacks = Vec::with_capacity(1000);
+    let err = loop {
+        match pool.alloc() {
+            Ok(stack) => stacks.push(stack),
+            Err(err) => break err,
+        }
+        assert!(stacks.len() < 1000, "the limit was not enforced");
+    };
+    assert!(
+        matches!(
+            err,
+            StackError::MapFailed {
+                errno: libc::ENOMEM,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        stacks.len() >= 16,
+        "only {} stacks of 1 MiB under {headroom} bytes of headroom: {err}",
+        stacks.len()
+    );
+    println!("{} stacks, then: {err}", stacks.len());
+    std::mem::forget(stacks);
+    println!("CHILD DONE");
 }
 
 #[test]
