@@ -10,7 +10,14 @@
 //! reuse a slot whose memory was given back; failing that carve a fresh
 //! slot; failing that (every slot carved) take a free stack from any
 //! CPU's magazine, or one parked on a live thread (with a `membarrier`,
-//! see [`crate::park`]); failing that, [`StackError::Exhausted`]. Free: park
+//! see [`crate::park`]); failing that, [`StackError::Exhausted`]. Stacks
+//! that another thread holds between two of these places at that moment
+//! (a magazine on its way to the depot, a depot batch on its way to a
+//! magazine, a trim) are waited for, for at most a second: each such
+//! in-transit section is counted (`Transit`), on slow paths only. The
+//! search is not a snapshot: a stack that another thread's fast path
+//! moves, with no section, into a place already searched (it pops on one
+//! CPU, migrates, and pushes on another) can be missed. Free: park
 //! the stack on the calling thread if its place is empty, else push on the
 //! current CPU's magazine; when that is full, the whole magazine goes to
 //! the depot, so stacks freed on another CPU than the one that allocated
@@ -49,7 +56,7 @@
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crossbeam_utils::Backoff;
@@ -140,19 +147,40 @@ struct Counters {
     failures: AtomicU64,
     stacks_released: AtomicU64,
     pages_trimmed: AtomicU64,
-    /// `trim` calls running now, which may hold free stacks outside the
-    /// pool's lists (see `take_any_free_after_trims`): the count in the
-    /// low half, the fork generation it belongs to in the high half (a
-    /// trim a fork copied into a child never ends there).
-    trims_running: AtomicU64,
-    /// `trim` calls ended.
-    trims_ended: AtomicU64,
+    /// In-transit sections running now ([`Transit`]: `trim`, a magazine
+    /// on its way to the depot, a depot batch on its way to a magazine,
+    /// stacks taken from magazines, parked places or exited threads on
+    /// their way to the depot), which hold free stacks outside the pool's
+    /// lists (see `take_any_free_after_transits`): the count in the low
+    /// half, the fork generation it belongs to in the high half (a section
+    /// a fork copied into a child never ends there).
+    transits_running: AtomicU64,
+    /// In-transit sections ended (those that took no stack excepted).
+    transits_ended: AtomicU64,
 }
 
+/// A section in which the calling thread holds free stacks outside the
+/// pool's lists (magazines, depot, released list, parked places): begun
+/// before it takes the first, ended once the last is back in a list (or
+/// handed out). An exhausted alloc that finds nothing waits for the
+/// sections running and looks again after any ends, so it never misses a
+/// stack in transit (see `take_any_free_after_transits`). Slow paths only:
+/// two atomic read-modify-writes and a fence.
+struct Transit<'a>(&'a Counters);
+
 impl Counters {
-    /// Trims running in this fork generation.
-    fn trims_running(&self) -> u64 {
-        let word = self.trims_running.load(Ordering::SeqCst);
+    /// Begins an in-transit section: before the first stack is taken.
+    fn begin_transit(&self) -> Transit<'_> {
+        self.transit_running(1);
+        // The count before anything the section does, for a waiter that
+        // sees that through relaxed loads (a magazine's length hint).
+        fence(Ordering::SeqCst);
+        Transit(self)
+    }
+
+    /// In-transit sections running in this fork generation.
+    fn transits_running(&self) -> u64 {
+        let word = self.transits_running.load(Ordering::SeqCst);
         if (word >> 32) as u32 == crate::park::fork_generation() {
             word & u64::from(u32::MAX)
         } else {
@@ -160,11 +188,11 @@ impl Counters {
         }
     }
 
-    /// Adds `delta` (1 or -1) to the trims running in this generation.
-    fn trim_running(&self, delta: i64) {
+    /// Adds `delta` (1 or -1) to the sections running in this generation.
+    fn transit_running(&self, delta: i64) {
         let generation = u64::from(crate::park::fork_generation()) << 32;
         let _ = self
-            .trims_running
+            .transits_running
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
                 let count = if word >> 32 == generation >> 32 {
                     word & u64::from(u32::MAX)
@@ -173,6 +201,25 @@ impl Counters {
                 };
                 Some(generation | count.saturating_add_signed(delta).min(u64::from(u32::MAX)))
             });
+    }
+}
+
+impl Transit<'_> {
+    /// Ends a section that took no stack: nothing to look for again.
+    fn abandon(self) {
+        let counters = self.0;
+        std::mem::forget(self);
+        counters.transit_running(-1);
+    }
+}
+
+impl Drop for Transit<'_> {
+    /// Counts the section as ended, and no longer running, even if it
+    /// unwinds: a count left behind would hold up every exhausted alloc.
+    fn drop(&mut self) {
+        // Ended before not running (see `take_any_free_after_transits`).
+        self.0.transits_ended.fetch_add(1, Ordering::SeqCst);
+        self.0.transit_running(-1);
     }
 }
 
@@ -233,11 +280,13 @@ impl PoolInner {
         }
         // No allocation unless the depot has stacks: a carve should cost
         // its guard and nothing else.
-        let mut batch = {
+        let (mut batch, transit) = {
             let mut depot = self.depot.lock();
             let n = depot.stacks.len();
             let take = n.min(self.layout.cache_size);
-            depot.stacks.split_off(n - take)
+            // The stacks beyond the one handed out travel to the magazine.
+            let transit = (take > 1).then(|| self.counters.begin_transit());
+            (depot.stacks.split_off(n - take), transit)
         };
         if let Some(top) = batch.pop() {
             bump(&self.counters.depot_hits, 1);
@@ -248,21 +297,26 @@ impl PoolInner {
                 .collect();
             if !leftover.is_empty() {
                 // The depot may have filled since: `stash` keeps its bound.
-                self.stash(leftover, false);
+                self.stash(leftover, false, transit);
+            } else {
+                drop(transit);
             }
             return Ok(top);
         }
         // Warm stacks parked on threads that have exited, before cold
         // released slots; those not handed out go to the depot as any
         // stack does, their pages below `keep_resident` released.
-        let mut orphans = self.hits.reclaim_exited();
+        let (mut orphans, transit) = self.hits.reclaim_exited(|| self.counters.begin_transit());
         if let Some(top) = orphans.pop() {
             if !orphans.is_empty() {
-                self.to_depot(orphans);
+                self.to_depot(orphans, transit);
+            } else {
+                drop(transit);
             }
             bump(&self.counters.depot_hits, 1);
             return Ok(top);
         }
+        drop(transit);
         let released = self.depot.lock().released.pop();
         if let Some(top) = released {
             bump(&self.counters.released_reuses, 1);
@@ -281,7 +335,7 @@ impl PoolInner {
                 }
                 Ok(NonNull::new(top as *mut u8).expect("a slot's top is never null"))
             }
-            Err(e @ StackError::Exhausted { .. }) => match self.take_any_free_after_trims() {
+            Err(e @ StackError::Exhausted { .. }) => match self.take_any_free_after_transits() {
                 Some(top) => Ok(top),
                 None => {
                     bump(&self.counters.failures, 1);
@@ -295,39 +349,43 @@ impl PoolInner {
         }
     }
 
-    /// `take_any_free`, and if it finds nothing while a `trim` runs (it
-    /// takes free stacks, parked ones included, and releases their pages
-    /// with system calls before they are back in the depot), waits for it
-    /// and looks again; also looks again after any trim ends. A concurrent
-    /// trim must not make a pool with a free stack report itself
-    /// exhausted. Trims that never stop overlapping could keep it waiting
-    /// on a pool that is really full: it gives up after `TRIM_WAIT`, long
-    /// enough for a trim that releases the pages of many stacks on a busy
-    /// machine (50 ms was not, under the test suite's load). So an alloc
-    /// from a full pool may wait that long while other threads trim
-    /// without pause.
+    /// `take_any_free`, and if it finds nothing while an in-transit
+    /// section runs ([`Transit`]: a `trim`, a magazine on its way to the
+    /// depot, and the like, which hold free stacks outside the pool's
+    /// lists, some while they release pages with system calls), waits for
+    /// it and looks again; also looks again after any section ends. Stacks
+    /// in transit must not make a pool with a free stack report itself
+    /// exhausted. Sections that never stop overlapping could keep it
+    /// waiting on a pool that is really full: it gives up after
+    /// `TRANSIT_WAIT`, long enough for a trim that releases the pages of many
+    /// stacks on a busy machine (50 ms was not, under the test suite's
+    /// load). So an alloc from a full pool may wait that long while other
+    /// threads trim without pause. (A full pool's other exhausted allocs
+    /// do not hold it up: a look that finds nothing begins no section.)
     #[cold]
-    fn take_any_free_after_trims(&self) -> Option<NonNull<u8>> {
-        const TRIM_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+    fn take_any_free_after_transits(&self) -> Option<NonNull<u8>> {
+        const TRANSIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
         let mut deadline = None;
-        // Read before looking: a trim that ends after this read has put
+        // Read before looking: a section that ends after this read has put
         // its stacks back, possibly where we had already looked.
-        let mut ended = self.counters.trims_ended.load(Ordering::SeqCst);
+        let mut ended = self.counters.transits_ended.load(Ordering::SeqCst);
         loop {
             if let Some(top) = self.take_any_free() {
                 return Some(top);
             }
-            // Running first: a trim that held a stack while we looked is
+            // After the look, some of it relaxed loads (see `begin_transit`).
+            fence(Ordering::SeqCst);
+            // Running first: a section that held a stack while we looked is
             // either still counted as running, or it ended (its end comes
             // before its running count drops) and the second read sees it.
-            let running = self.counters.trims_running();
-            let now_ended = self.counters.trims_ended.load(Ordering::SeqCst);
+            let running = self.counters.transits_running();
+            let now_ended = self.counters.transits_ended.load(Ordering::SeqCst);
             let ended_meanwhile = now_ended != ended;
             ended = now_ended;
             if !ended_meanwhile && running == 0 {
                 return None;
             }
-            let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + TRIM_WAIT);
+            let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + TRANSIT_WAIT);
             if std::time::Instant::now() >= deadline {
                 return None;
             }
@@ -341,19 +399,30 @@ impl PoolInner {
     /// list, which other threads may have filled since this one looked.
     /// The magazines' other stacks go to the depot. Last, the stacks
     /// parked on live threads (one per thread at most), taken from them
-    /// with a `membarrier` (see `park`).
+    /// with a `membarrier` (see `park`). What it takes and does not hand
+    /// out travels in a [`Transit`], begun only when there is something
+    /// to take.
     #[cold]
     fn take_any_free(&self) -> Option<NonNull<u8>> {
         let mut free = Vec::new();
+        let mut transit = None;
         for cpu in 0..self.cache.cpus() {
-            self.cache.drain(cpu, usize::MAX, &mut free);
+            if self.cache.len(cpu) != 0 {
+                transit.get_or_insert_with(|| self.counters.begin_transit());
+                self.cache.drain(cpu, usize::MAX, &mut free);
+            }
         }
         if let Some(top) = free.pop() {
             if !free.is_empty() {
-                self.to_depot(free);
+                self.to_depot(free, transit);
+            } else {
+                drop(transit);
             }
             bump(&self.counters.depot_hits, 1);
             return Some(top);
+        }
+        if let Some(transit) = transit {
+            transit.abandon();
         }
         let (stack, released) = {
             let mut depot = self.depot.lock();
@@ -371,10 +440,17 @@ impl PoolInner {
             self.populate_top(top);
             return Some(top);
         }
-        let mut parked = self.hits.steal_parked();
-        let top = parked.pop()?;
+        let (mut parked, transit) = self.hits.steal_parked(|| self.counters.begin_transit());
+        let Some(top) = parked.pop() else {
+            if let Some(transit) = transit {
+                transit.abandon();
+            }
+            return None;
+        };
         if !parked.is_empty() {
-            self.to_depot(parked);
+            self.to_depot(parked, transit);
+        } else {
+            drop(transit);
         }
         bump(&self.counters.depot_hits, 1);
         Some(top)
@@ -420,27 +496,30 @@ impl PoolInner {
         }
     }
 
-    /// The local magazine is full (or busy): hand it to the depot whole.
+    /// The local magazine is full (or busy): hand it to the depot whole,
+    /// in transit meanwhile (it ends under the depot lock: the lock's
+    /// release stays the last access to the pool).
     #[cold]
     fn free_slow(&self, top: NonNull<u8>) {
+        let transit = self.counters.begin_transit();
         let mut magazine = Vec::with_capacity(self.layout.cache_size + 1);
         self.cache
             .drain(vmtask_percpu::cpu(), self.layout.cache_size, &mut magazine);
         magazine.push(top);
         bump(&self.counters.depot_transfers, 1);
-        self.to_depot(magazine);
+        self.to_depot(magazine, Some(transit));
     }
 
     /// Sends free stacks to the depot: their pages below `keep_resident`
     /// released in one batch (already gone with `zero_on_reuse`), then
-    /// `stash`.
-    fn to_depot(&self, stacks: Vec<NonNull<u8>>) {
+    /// `stash`, which ends `transit`.
+    fn to_depot(&self, stacks: Vec<NonNull<u8>>, transit: Option<Transit<'_>>) {
         if !self.layout.zero_on_reuse {
             let deep: Vec<_> = stacks.iter().map(|&top| self.deep_range(top)).collect();
             // Pages the kernel keeps (locked) merely stay resident.
             let _ = sys::release_many(&deep);
         }
-        self.stash(stacks, false);
+        self.stash(stacks, false, transit);
     }
 
     /// The pages of a free stack below `keep_resident`, as `(addr, len)`.
@@ -451,17 +530,25 @@ impl PoolInner {
 
     /// Puts free, trimmed stacks in the depot; what does not fit loses all
     /// its memory and goes on the released list. With `count`, returns the
-    /// resident pages given back. The last access to the pool is the depot
-    /// lock's release.
-    fn stash(&self, mut stacks: Vec<NonNull<u8>>, count: bool) -> usize {
+    /// resident pages given back. Ends `transit` once every stack is in a
+    /// list, under the depot lock: the last access to the pool is the
+    /// depot lock's release.
+    fn stash(
+        &self,
+        mut stacks: Vec<NonNull<u8>>,
+        count: bool,
+        transit: Option<Transit<'_>>,
+    ) -> usize {
         {
             let mut depot = self.depot.lock();
             let room = self.layout.depot_size.saturating_sub(depot.stacks.len());
             let fits = room.min(stacks.len());
             depot.stacks.extend(stacks.drain(..fits));
-        }
-        if stacks.is_empty() {
-            return 0;
+            if stacks.is_empty() {
+                drop(transit);
+                drop(depot);
+                return 0;
+            }
         }
         let size = self.layout.stack_size;
         let whole: Vec<_> = stacks
@@ -478,7 +565,10 @@ impl PoolInner {
         };
         let pages = released_pages(&resident, &sys::release_many(&whole));
         bump(&self.counters.stacks_released, stacks.len() as u64);
-        self.depot.lock().released.extend(stacks);
+        let mut depot = self.depot.lock();
+        depot.released.extend(stacks);
+        drop(transit);
+        drop(depot);
         pages
     }
 }
@@ -615,28 +705,17 @@ impl StackPool {
     /// and are now released.
     pub fn trim(&self) -> usize {
         let inner = self.inner();
-        /// Counts the trim as ended, and no longer running, even if it
-        /// unwinds: a count left behind would hold up every exhausted alloc.
-        struct Running<'a>(&'a Counters);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                // Ended before not running (see `take_any_free_after_trims`).
-                self.0.trims_ended.fetch_add(1, Ordering::SeqCst);
-                self.0.trim_running(-1);
-            }
-        }
-        // Before it takes any stack (see `take_any_free_after_trims`).
-        inner.counters.trim_running(1);
-        let _running = Running(&inner.counters);
+        // Before it takes any stack (see `take_any_free_after_transits`).
+        let _transit = inner.counters.begin_transit();
         self.trim_free_stacks()
     }
 
     /// `trim`, between its begun and ended counts.
     fn trim_free_stacks(&self) -> usize {
         let inner = self.inner();
-        let mut free = inner.hits.reclaim_exited();
+        let (mut free, _) = inner.hits.reclaim_exited(|| ());
         free.extend(inner.hits.take_own_parked());
-        free.extend(inner.hits.steal_parked());
+        free.extend(inner.hits.steal_parked(|| ()).0);
         for cpu in 0..inner.cache.cpus() {
             inner.cache.drain(cpu, usize::MAX, &mut free);
         }
@@ -646,7 +725,7 @@ impl StackPool {
             .map(|&(addr, len)| sys::resident_pages(addr, len))
             .collect();
         let mut pages = released_pages(&resident, &sys::release_many(&deep));
-        pages += inner.stash(free, true);
+        pages += inner.stash(free, true, None);
         bump(&inner.counters.pages_trimmed, pages as u64);
         pages * sys::page_size()
     }
@@ -720,7 +799,7 @@ impl StackPool {
 impl Drop for StackPool {
     fn drop(&mut self) {
         let inner = self.inner();
-        let mut free = inner.hits.reclaim_exited();
+        let (mut free, _) = inner.hits.reclaim_exited(|| ());
         free.extend(inner.hits.take_own_parked());
         for cpu in 0..inner.cache.cpus() {
             inner.cache.drain(cpu, usize::MAX, &mut free);

@@ -153,8 +153,13 @@ impl Tallies {
 
     /// Takes the stacks parked on live threads (for an exhausted pool and
     /// `trim`), with one `membarrier` (see [`crate::park`]). Takes nothing
-    /// where membarrier is unavailable.
-    pub(crate) fn steal_parked(&self) -> Vec<NonNull<u8>> {
+    /// where membarrier is unavailable. `begin` runs, under the lock, before
+    /// the first stack is marked (the owners then miss it) or taken, and
+    /// only if one will be: the caller's in-transit section.
+    pub(crate) fn steal_parked<G>(
+        &self,
+        begin: impl FnOnce() -> G,
+    ) -> (Vec<NonNull<u8>>, Option<G>) {
         // Held throughout: one taker at a time.
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let targets: Vec<&Tally> = live
@@ -165,14 +170,16 @@ impl Tallies {
         // Marking makes the owners miss their stack until the steal ends:
         // not for nothing.
         if targets.is_empty() || !crate::sys::heavy_barrier_available() {
-            return Vec::new();
+            return (Vec::new(), None);
         }
+        let section = begin();
         targets.iter().for_each(|tally| tally.parked.mark());
         let barrier = crate::sys::heavy_barrier();
-        targets
+        let stacks = targets
             .iter()
             .filter_map(|tally| NonNull::new(tally.parked.take_marked(barrier)))
-            .collect()
+            .collect();
+        (stacks, Some(section))
     }
 
     /// Takes the calling thread's parked stack without counting (for
@@ -198,19 +205,32 @@ impl Tallies {
     }
 
     /// Stacks parked on threads that have exited: the pool takes them back
-    /// (their records are then folded like any exited thread's).
-    pub(crate) fn reclaim_exited(&self) -> Vec<NonNull<u8>> {
+    /// (their records are then folded like any exited thread's). `begin`
+    /// runs, under the lock, before the first stack is taken, and only if
+    /// one will be (an exited thread's place changes only under the lock):
+    /// the caller's in-transit section.
+    pub(crate) fn reclaim_exited<G>(
+        &self,
+        begin: impl FnOnce() -> G,
+    ) -> (Vec<NonNull<u8>>, Option<G>) {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut stacks = Vec::new();
+        let mut begin = Some(begin);
+        let mut section = None;
         for tally in live.iter() {
             if Arc::strong_count(tally) == 1 {
                 // See `fold_exited` for the fence.
                 fence(Ordering::Acquire);
-                stacks.extend(NonNull::new(tally.parked.take()));
+                if tally.parked.is_parked() {
+                    if let Some(begin) = begin.take() {
+                        section = Some(begin());
+                    }
+                    stacks.extend(NonNull::new(tally.parked.take()));
+                }
             }
         }
         self.fold_exited(&mut live);
-        stacks
+        (stacks, section)
     }
 
     /// Stacks parked on live threads now (a snapshot while threads run).
