@@ -447,9 +447,14 @@ mod tests {
                     unregister(register(start_b, end - start_b, &b));
                 }
             });
-            let deadline = Instant::now() + Duration::from_millis(300);
+            // At least 300 ms, and on until the reader has seen a node
+            // registered (a starved writer may take a while on a loaded
+            // machine), for at most 10 s.
+            let start = Instant::now();
             let mut seen = [0u64; 3];
-            while Instant::now() < deadline {
+            while start.elapsed() < Duration::from_millis(300)
+                || (seen[0] + seen[1] == 0 && start.elapsed() < Duration::from_secs(10))
+            {
                 for _ in 0..1000 {
                     let place = lookup(probe);
                     let Some(i) = allowed.iter().position(|p| *p == place) else {

@@ -385,7 +385,8 @@ impl PoolInner {
             if !ended_meanwhile && running == 0 {
                 return None;
             }
-            let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + TRANSIT_WAIT);
+            let deadline =
+                *deadline.get_or_insert_with(|| std::time::Instant::now() + TRANSIT_WAIT);
             if std::time::Instant::now() >= deadline {
                 return None;
             }
