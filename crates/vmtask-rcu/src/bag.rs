@@ -170,7 +170,7 @@ impl Owned {
     /// queues, whose invocation counts only the rest.
     fn take_draining(&mut self) -> Option<Box<Bag>> {
         let bag = self.draining.take()?;
-        INVOKED.fetch_add(bag.start as u64, Ordering::Relaxed);
+        INVOKED.fetch_add(bag.start as u64, Ordering::Release);
         if bag.remaining() > 0 {
             Some(bag)
         } else {
@@ -391,7 +391,7 @@ impl LocalBag {
                         .store(bag.remaining() as u64, Ordering::Relaxed);
                     bag.run();
                     self.collecting.store(0, Ordering::Relaxed);
-                    INVOKED.fetch_add(bag.remaining() as u64, Ordering::Relaxed);
+                    INVOKED.fetch_add(bag.remaining() as u64, Ordering::Release);
                     self.end_run();
                     done = Some(bag);
                 }

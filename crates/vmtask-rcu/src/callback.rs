@@ -121,6 +121,12 @@ impl Queue {
     unsafe fn push(&self, node: *mut RcuHead, count: u64) {
         // SAFETY: the caller owns `node`.
         unsafe { (*node).next.store(ptr::null_mut(), Ordering::Relaxed) };
+        // Counted before the node is published, so it cannot be invoked
+        // (and counted in `INVOKED`) before it counts as queued: `stats()`
+        // never shows more invoked than queued. A fork between the two
+        // loses the node with its thread; the child's recount counts it
+        // as invoked.
+        self.queued.fetch_add(count, Ordering::Relaxed);
         // SeqCst: pairs with the callback thread's `SLEEPING` store and
         // queue re-check (see the module header).
         let prev = self.tail.swap(node, Ordering::SeqCst);
@@ -128,7 +134,6 @@ impl Queue {
         // until the consumer has walked past it, and the consumer waits
         // for this link before doing so.
         unsafe { (*prev).next.store(node, Ordering::Release) };
-        self.queued.fetch_add(count, Ordering::Relaxed);
     }
 
     /// In the fork child: a producer that was between its tail swap and
@@ -251,7 +256,9 @@ pub(crate) fn set_node_weight(callbacks: u64) {
 
 /// Counts invoked callbacks and wakes callers throttled by the backlog.
 fn report_progress(invoked: u64) {
-    INVOKED.fetch_add(invoked, Ordering::Relaxed);
+    // Release: `stats()` reads `INVOKED` (acquire) before the queued
+    // counts, and must see those of everything counted here.
+    INVOKED.fetch_add(invoked, Ordering::Release);
     // Store-buffering with `check_backlog` ("waiters += 1; read INVOKED"
     // against "INVOKED += n; read waiters"): with a fence on both sides,
     // one of them sees the other.
@@ -280,10 +287,18 @@ unsafe fn invoke_one(node: *mut RcuHead, func: Option<unsafe fn(*mut RcuHead)>) 
 
 /// Runs `f`, reporting instead of propagating a panic.
 pub(crate) fn contain_panic(f: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         crate::sync::warn(format_args!(
             "vmtask_rcu: an RCU callback panicked; its object may have leaked"
         ));
+        // The payload's own drop may panic too: contained here (that
+        // second payload leaked), or it would unwind out of the callback
+        // thread, or out of a `defer_drop` with its bag's run still marked
+        // in progress, and every later `barrier` would wait forever.
+        let drop_payload = std::panic::AssertUnwindSafe(move || drop(payload));
+        if let Err(again) = std::panic::catch_unwind(drop_payload) {
+            std::mem::forget(again);
+        }
     }
 }
 
@@ -809,8 +824,11 @@ thread_local! {
 /// batching delay.
 fn request_grace_period(urgent: bool) {
     if urgent {
+        // Whether or not a wake-up is already on its way: one that was
+        // taken before this store must not swallow this request (review
+        // finding: it waited for the next bag or the idle steal).
+        NEED_GP.store(true, Ordering::SeqCst);
         if !URGENT.load(Ordering::Relaxed) {
-            NEED_GP.store(true, Ordering::SeqCst);
             wake_thread_urgent();
         }
         return;

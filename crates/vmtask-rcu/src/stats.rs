@@ -72,14 +72,19 @@ pub struct Stats {
 pub fn stats() -> Stats {
     let grace_periods = grace::GP_COUNT.load(Ordering::Relaxed);
     let total = grace::GP_NANOS_TOTAL.load(Ordering::Relaxed);
+    // Invoked first, with acquire: whatever was invoked by then counted as
+    // queued before it could be invoked (see `Queue::push`), so the
+    // queued total read next is never below it.
+    let callbacks_invoked = callback::INVOKED.load(Ordering::Acquire);
+    let callbacks_queued = callback::queued_total();
     Stats {
         grace_periods,
         owner_grace_periods: grace::OWNER_GRACE_PERIODS.load(Ordering::Relaxed),
         owner_grace_periods_given_up: grace::OWNER_GIVEN_UP.load(Ordering::Relaxed),
         gp_latency_mean: Duration::from_nanos(total.checked_div(grace_periods).unwrap_or(0)),
         gp_latency_max: Duration::from_nanos(grace::GP_NANOS_MAX.load(Ordering::Relaxed)),
-        callbacks_queued: callback::queued_total(),
-        callbacks_invoked: callback::INVOKED.load(Ordering::Relaxed),
+        callbacks_queued,
+        callbacks_invoked,
         batches: callback::BATCHES.load(Ordering::Relaxed),
         largest_batch: callback::LARGEST_BATCH.load(Ordering::Relaxed),
         backlog_high_water: callback::BACKLOG_HIGH.load(Ordering::Relaxed),

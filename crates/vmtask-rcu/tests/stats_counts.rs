@@ -79,3 +79,43 @@ fn stats_after_barrier_show_nothing_pending() {
     }
     pending(100, "10,000 defer_drop");
 }
+
+/// A reading of `stats()` taken while other threads queue and invoke never
+/// shows more callbacks invoked than queued (review finding: it read
+/// queued first, and counted a callback as queued only after publishing
+/// it; `queued - invoked` overflowed within 0.3 s).
+#[test]
+fn stats_never_show_more_invoked_than_queued() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let stop = AtomicBool::new(false);
+    let (bad, reads) = std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..64 {
+                        vmtask_rcu::call(|| {});
+                        vmtask_rcu::defer_drop(Box::new(1u64));
+                    }
+                    vmtask_rcu::barrier();
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let (mut bad, mut reads) = (None, 0u64);
+        while Instant::now() < deadline && bad.is_none() {
+            let stats = vmtask_rcu::stats();
+            reads += 1;
+            if stats.callbacks_invoked > stats.callbacks_queued {
+                bad = Some((stats.callbacks_queued, stats.callbacks_invoked));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        (bad, reads)
+    });
+    assert!(
+        bad.is_none(),
+        "after {reads} readings: (queued, invoked) = {bad:?}"
+    );
+}
