@@ -218,6 +218,8 @@ impl<T> SlabCache<T> {
         let rcu_frees = counters.sum(Event::RcuFree);
         let objects_in_use = (slabs.slabs * per_slab).saturating_sub(objects_free);
         let rcu_waiting = shared.rcu.waiting_objects();
+        // Emptied by a type-stable shrink, still mapped until a grace period.
+        let releasing = shared.slabs.releasing.load(Ordering::Relaxed);
         SlabStats {
             name: shared.name.clone(),
             object_bytes: std::mem::size_of::<Slot<T>>(),
@@ -238,11 +240,10 @@ impl<T> SlabCache<T> {
             rcu_magazines: counters.sum(Event::RcuSubmit),
             rcu_magazines_in_flight: shared.rcu.in_flight(),
             rcu_objects_waiting: rcu_waiting,
-            slabs: slabs.slabs,
+            slabs: slabs.slabs + releasing,
             objects_in_use,
             objects_free,
-            resident_bytes: (slabs.slabs + shared.slabs.releasing.load(Ordering::Relaxed))
-                * shared.slabs.slab_bytes(),
+            resident_bytes: (slabs.slabs + releasing) * shared.slabs.slab_bytes(),
         }
     }
 }

@@ -294,8 +294,21 @@ impl<C: CpuMagazines> Magazines<C> {
                 match backing.take(self.size, &mut magazine.objects) {
                     Ok(taken) => self.counters.add(Event::SlabOut, taken as u64),
                     Err(error) => {
-                        self.put_empty(magazine);
-                        return Err(error);
+                        // No new slab (the limit, or the system refused
+                        // one), but free objects may sit in the depot (put
+                        // there since we looked) or in other CPUs'
+                        // magazines: take them before failing. Off the hot
+                        // path, so the drain's membarriers are affordable.
+                        if let Some(full) = self.depot.take_full() {
+                            self.counters.add(Event::DepotGet, 1);
+                            self.put_empty(std::mem::replace(&mut magazine, full));
+                        } else {
+                            self.cpu.drain_all(&mut magazine.objects);
+                            if magazine.objects.is_empty() {
+                                self.put_empty(magazine);
+                                return Err(error);
+                            }
+                        }
                     }
                 }
                 magazine

@@ -102,14 +102,43 @@ impl<T> SlabMem<T> {
 }
 
 impl<T> Drop for SlabMem<T> {
-    /// Drops every object and returns the memory to the system.
+    /// Drops every object and returns the memory to the system, also when
+    /// a `T::drop` panics: the rest of the objects are dropped and the
+    /// memory released as the panic unwinds (a second panic aborts, as in
+    /// `Vec`).
     fn drop(&mut self) {
-        for index in 0..self.objects {
-            // SAFETY: slots below `objects` were constructed and are dropped
-            // exactly once, here; the slab's owner guarantees nobody uses
-            // them any more.
-            unsafe { ptr::drop_in_place(self.slot(index).as_ptr()) };
+        /// Drops the objects from `next` on, then releases the mapping. If
+        /// one `T::drop` panics, the unwinding drops this guard, which goes
+        /// on from the next object.
+        struct Release<'a, T> {
+            mem: &'a SlabMem<T>,
+            next: usize,
         }
+        impl<T> Release<'_, T> {
+            fn drop_objects(&mut self) {
+                while self.next < self.mem.objects {
+                    let index = self.next;
+                    self.next += 1;
+                    // SAFETY: slots below `objects` were constructed and are
+                    // dropped exactly once, here (`next` moved past `index`
+                    // first); the slab's owner guarantees nobody uses them.
+                    unsafe { ptr::drop_in_place(self.mem.slot(index).as_ptr()) };
+                }
+            }
+        }
+        impl<T> Drop for Release<'_, T> {
+            fn drop(&mut self) {
+                self.drop_objects();
+                self.mem.unmap();
+            }
+        }
+        Release { mem: self, next: 0 }.drop_objects();
+    }
+}
+
+impl<T> SlabMem<T> {
+    /// Returns the memory to the system; its objects are already dropped.
+    fn unmap(&self) {
         #[cfg(test)]
         {
             // SAFETY: the mapping is ours and no longer holds live objects.
