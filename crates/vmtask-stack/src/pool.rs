@@ -155,7 +155,8 @@ struct Counters {
     /// half, the fork generation it belongs to in the high half (a section
     /// a fork copied into a child never ends there).
     transits_running: AtomicU64,
-    /// In-transit sections ended (those that took no stack excepted).
+    /// In-transit sections ended (those abandoned because they took no
+    /// stack excepted; a `trim` counts even when it took nothing).
     transits_ended: AtomicU64,
 }
 
@@ -165,7 +166,7 @@ struct Counters {
 /// handed out). An exhausted alloc that finds nothing waits for the
 /// sections running and looks again after any ends, so it never misses a
 /// stack in transit (see `take_any_free_after_transits`). Slow paths only:
-/// two atomic read-modify-writes and a fence.
+/// three atomic read-modify-writes and a fence.
 struct Transit<'a>(&'a Counters);
 
 impl Counters {
@@ -361,7 +362,9 @@ impl PoolInner {
     /// stacks on a busy machine (50 ms was not, under the test suite's
     /// load). So an alloc from a full pool may wait that long while other
     /// threads trim without pause. (A full pool's other exhausted allocs
-    /// do not hold it up: a look that finds nothing begins no section.)
+    /// do not hold it up: a look begins a section only where a length
+    /// hint or a parked place shows a stack, and abandons it if it then
+    /// takes nothing.)
     #[cold]
     fn take_any_free_after_transits(&self) -> Option<NonNull<u8>> {
         const TRANSIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

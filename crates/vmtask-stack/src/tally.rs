@@ -155,7 +155,8 @@ impl Tallies {
     /// `trim`), with one `membarrier` (see [`crate::park`]). Takes nothing
     /// where membarrier is unavailable. `begin` runs, under the lock, before
     /// the first stack is marked (the owners then miss it) or taken, and
-    /// only if one will be: the caller's in-transit section.
+    /// only if a stack is parked (the caller abandons the section if none
+    /// was taken): the caller's in-transit section.
     pub(crate) fn steal_parked<G>(
         &self,
         begin: impl FnOnce() -> G,
