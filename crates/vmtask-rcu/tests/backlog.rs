@@ -35,8 +35,13 @@ fn fifty_million_deferred_drops_stay_under_64_mib() {
         }
     }
     if let Ok(limits) = std::env::var("VMTASK_TEST_LIMITS") {
-        let (soft, hard) = limits.split_once(',').unwrap();
-        vmtask_rcu::set_backlog_limits(soft.parse().unwrap(), hard.parse().unwrap());
+        let parsed = limits
+            .split_once(',')
+            .and_then(|(soft, hard)| Some((soft.parse().ok()?, hard.parse().ok()?)));
+        let Some((soft, hard)) = parsed else {
+            panic!("VMTASK_TEST_LIMITS={limits:?}: expected two numbers, soft,hard");
+        };
+        vmtask_rcu::set_backlog_limits(soft, hard);
     }
     let threads: Vec<_> = (0..2)
         .map(|t| {

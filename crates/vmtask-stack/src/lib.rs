@@ -20,7 +20,8 @@
 //!   its next allocation (one per thread) or goes straight into the current
 //!   CPU's magazine (as the kernel frees a dead task's stack in
 //!   `finish_task_switch`, with no RCU grace period), and the next
-//!   allocation takes it back without a system call or an atomic
+//!   allocation takes it back without a system call, and (parked, or in
+//!   rseq mode: see `vmtask_percpu::CacheMode`) without an atomic
 //!   read-modify-write.
 //! - Memory comes back: stacks leaving the per-CPU magazines for the shared
 //!   depot keep only their top `keep_resident` bytes, a full depot gives

@@ -656,8 +656,9 @@ impl StackPool {
     /// The process-wide pool with the default [`Config`].
     ///
     /// # Panics
-    /// If the default pool cannot be created (it reserves no memory, so only
-    /// on a broken kernel).
+    /// If the default pool cannot be created (see [`StackPool::new`]: no
+    /// memory or address space for its probe mapping or its magazines, or
+    /// a broken kernel).
     pub fn global() -> &'static StackPool {
         static GLOBAL: OnceLock<StackPool> = OnceLock::new();
         GLOBAL.get_or_init(|| {
@@ -871,8 +872,9 @@ pub struct PoolStats {
     pub cache_hits: u64,
     /// Allocations that missed both.
     pub cache_misses: u64,
-    /// Misses served by a magazine's worth of stacks from the depot, or by
-    /// a stack parked on a thread that has exited.
+    /// Misses served by an already-carved warm stack: from the depot, from
+    /// another CPU's magazine, or parked on another thread (an exited one,
+    /// or, when every slot is carved, a live one).
     pub depot_hits: u64,
     /// Magazines moved to or from the depot.
     pub depot_transfers: u64,

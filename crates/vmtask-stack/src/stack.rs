@@ -14,8 +14,9 @@ use crate::pool::PoolInner;
 ///   low addresses                              high addresses
 /// ```
 ///
-/// Stacks grow down from [`base`](Stack::base). Dropping a `Stack` puts it
-/// in the current CPU's magazine at once (no grace period): nothing may run
+/// Stacks grow down from [`base`](Stack::base). Dropping a `Stack` frees it
+/// at once (no grace period): parked on the dropping thread for its next
+/// allocation, else pushed on the current CPU's magazine. Nothing may run
 /// on it any more by then, which the borrow checker enforces for safe
 /// users such as `corosensei::Coroutine`, which owns its stack.
 pub struct Stack {

@@ -142,7 +142,7 @@ fn run(s: &Scenario, time: Duration) -> (u64, u64) {
 
 #[test]
 fn no_false_exhaustion_while_stacks_are_in_transit() {
-    let secs: u64 = std::env::var("TRANSIT_SECS")
+    let secs: u64 = std::env::var("VMTASK_TORTURE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
