@@ -578,7 +578,14 @@ fn check_backlog() {
     }
     // Waiting inside a read-side section would wait for ourselves, and the
     // callback thread cannot wait for itself.
-    if backlog <= hard as u64 || on_callback_thread() || crate::in_read_section() {
+    // Nor inside one of this thread's own deferred drops (run by
+    // `defer_drop`): the bag it belongs to is counted in the backlog
+    // until the run ends.
+    if backlog <= hard as u64
+        || on_callback_thread()
+        || crate::in_read_section()
+        || crate::registry::current_if_registered().is_some_and(|slot| slot.bag.running())
+    {
         return;
     }
     // Wait, but never run other threads' callbacks here: the caller may
@@ -640,7 +647,10 @@ pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
 /// the backlog to drain, unless the caller is inside a read-side section or
 /// is the callback thread. A callback that needs a lock the caller holds
 /// while it queues can therefore stall at that limit: queue such callbacks
-/// outside the lock.
+/// outside the lock. The wait also needs grace periods to complete, so at
+/// that limit `call` is like [`synchronize`](crate::synchronize): do not
+/// call it while holding a lock that a reader may take inside its
+/// read-side section, or both wait for each other forever.
 ///
 /// A callback that panics is caught where it runs: the panic's message and
 /// `vmtask_rcu: an RCU callback panicked; its object may have leaked` go to
@@ -766,8 +776,10 @@ fn bag_filled(slot: &'static crate::registry::Slot) {
     ensure_thread();
     BACKLOG_HIGH.fetch_max(backlog(), Ordering::Relaxed);
     // Frees may not run inside a read-side section (a drop could wait for a
-    // grace period) nor from a callback.
-    let may_run = !crate::in_read_section() && !on_callback_thread();
+    // grace period) nor from a callback, nor inside one of this thread's
+    // own drops (`collect` would do nothing there, and the bags would pile
+    // up past the bound for as long as the drop defers).
+    let may_run = !crate::in_read_section() && !on_callback_thread() && !slot.bag.running();
     if !may_run {
         // Past the bound, the oldest bags go to the callback thread, which
         // waits for their grace period and runs them (`push_bag` neither
@@ -1004,7 +1016,10 @@ fn callback_thread() {
             std::thread::park_timeout(LAZY_DELAY);
             URGENT.store(false, Ordering::SeqCst);
         }
-        flush_bags(false);
+        // Callers throttled by the backlog: take every thread's bags, not
+        // only idle ones', since bags a busy thread keeps count in the
+        // backlog and nothing else would drain them.
+        flush_bags(DRAIN_WAITERS.load(Ordering::SeqCst) > 0);
         let need_gp = NEED_GP.swap(false, Ordering::SeqCst);
         let spliced = {
             let mut waiting = CONSUMER.lock();

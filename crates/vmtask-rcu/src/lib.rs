@@ -68,7 +68,12 @@
 //! re-armed its key three times) exits still registered, and a later grace
 //! period may then read its freed thread-local memory (the registration
 //! backstop, a pthread key, has no round left to run in; liburcu's signal
-//! flavor has the same limit).
+//! flavor has the same limit). Work still pending when the process exits
+//! (queued callbacks, deferred drops in any thread's batches) is not run:
+//! call [`barrier`] before returning from `main` where a callback or drop
+//! must run (a file flushed, say). Past the hard backlog limit, `call`
+//! waits for grace periods as [`synchronize`] does: do not call it while
+//! holding a lock that a reader takes inside its read-side section.
 //!
 //! ```
 //! use std::sync::Arc;
