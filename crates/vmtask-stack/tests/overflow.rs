@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 use corosensei::Coroutine;
 use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
+mod common;
+
 const CHILD: &str = "VMTASK_STACK_CHILD";
 
 fn in_child() -> bool {
@@ -254,13 +256,9 @@ fn mprotect_mode_reports_the_map_count_limit_as_an_error() {
             ..Config::default()
         })
         .unwrap();
-        let mut stacks = Vec::with_capacity(70_000);
-        let err = loop {
-            match pool.alloc() {
-                Ok(stack) => stacks.push(stack),
-                Err(err) => break err,
-            }
-        };
+        // vm.max_map_count (65530 by default) ends it near 32,765 stacks,
+        // two mappings each; a default pool holds 1,048,576.
+        let (stacks, err) = common::alloc_until_error(&pool, 1 << 20);
         let held = stacks.len();
         drop(stacks);
         drop(pool);

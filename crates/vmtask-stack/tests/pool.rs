@@ -9,7 +9,8 @@ use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
 use common::{
-    batch_populate_supported, on_cpu, page, populate_supported, rerun_in_child, resident_pages,
+    alloc_until_error, batch_populate_supported, on_cpu, page, populate_supported, rerun_in_child,
+    resident_pages,
 };
 
 #[test]
@@ -694,14 +695,7 @@ fn an_address_space_limit_smaller_than_an_arena_still_gives_stacks() {
     };
     // SAFETY: lowers this (child) process's own soft limit.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
-    let mut stacks = Vec::with_capacity(1000);
-    let err = loop {
-        match pool.alloc() {
-            Ok(stack) => stacks.push(stack),
-            Err(err) => break err,
-        }
-        assert!(stacks.len() < 1000, "the limit was not enforced");
-    };
+    let (stacks, err) = alloc_until_error(&pool, 1000);
     assert!(
         matches!(
             err,

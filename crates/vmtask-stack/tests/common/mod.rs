@@ -139,3 +139,20 @@ pub fn with_zero_soft_limit<T>(resource: libc::__rlimit_resource_t, f: impl FnOn
     unsafe { assert_eq!(libc::setrlimit(resource, &old), 0) };
     result
 }
+
+/// Allocates from `pool` until the first error, at most `max` stacks
+/// (past that, the limit under test was not enforced: a panic). Returns
+/// the stacks held and the error.
+pub fn alloc_until_error(
+    pool: &vmtask_stack::StackPool,
+    max: usize,
+) -> (Vec<vmtask_stack::Stack>, vmtask_stack::StackError) {
+    let mut stacks = Vec::with_capacity(max);
+    loop {
+        match pool.alloc() {
+            Ok(stack) => stacks.push(stack),
+            Err(err) => return (stacks, err),
+        }
+        assert!(stacks.len() < max, "no error after {max} stacks");
+    }
+}
