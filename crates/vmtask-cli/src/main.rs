@@ -66,7 +66,7 @@ struct SpawnCostArgs {
 #[derive(Args, Debug, Default)]
 struct RcuFreeArgs {
     /// Seconds per storm, at least 0.01 [default: 2; --quick 0.2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     secs: Option<f64>,
     /// Per-CPU cache size, 1 to 65536; repeat for several [default: 2 and 16].
     #[arg(long = "cache-size")]
@@ -87,7 +87,7 @@ struct MemoryArgs {
 #[derive(Args, Debug, Default)]
 struct BalanceArgs {
     /// Seconds per run, at least 0.01 [default: 2; --quick 0.2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     secs: Option<f64>,
     /// Per-CPU cache size, 1 to 65536.
     #[arg(long, default_value_t = 16)]
@@ -101,7 +101,11 @@ impl SpawnCostArgs {
                 "--count",
                 self.count.unwrap_or(if quick { 500 } else { 20_000 }),
             )?,
-            reps: at_least_one("--reps", self.reps.unwrap_or(if quick { 3 } else { 15 }))?,
+            reps: in_range(
+                "--reps",
+                at_least_one("--reps", self.reps.unwrap_or(if quick { 3 } else { 15 }))?,
+                1..=10_000,
+            )?,
             stack_size: in_range("--stack-kib", self.stack_kib, STACK_KIB)? * 1024,
         })
     }
@@ -110,6 +114,10 @@ impl SpawnCostArgs {
 /// `--stack-kib`: from the kernel's 16 KiB stacks up to 64 MiB, whose
 /// default pool of a million slots still fits in the address space.
 const STACK_KIB: std::ops::RangeInclusive<usize> = 16..=65536;
+/// `--tasks`: the populated phase makes 128 KiB resident per task, so
+/// 65536 tasks is 8 GiB; more would be refused by the pool (its
+/// `max_stacks` is 2^20) or end in the OOM killer, not in a message.
+const TASKS: std::ops::RangeInclusive<usize> = 1..=65536;
 /// `--cache-size`: `vmtask_stack::Config::cache_size`'s range.
 const CACHE_SIZE: std::ops::RangeInclusive<usize> = 1..=65536;
 
@@ -186,9 +194,13 @@ impl RcuFreeArgs {
 impl MemoryArgs {
     fn params(&self, quick: bool) -> Result<memory::Params, Error> {
         Ok(memory::Params {
-            tasks: at_least_one(
+            tasks: in_range(
                 "--tasks",
-                self.tasks.unwrap_or(if quick { 200 } else { 2000 }),
+                at_least_one(
+                    "--tasks",
+                    self.tasks.unwrap_or(if quick { 200 } else { 2000 }),
+                )?,
+                TASKS,
             )?,
         })
     }
@@ -304,22 +316,35 @@ impl Out<'_> {
 
 fn run(plan: &Plan, out: &Out<'_>) -> Result<(), Error> {
     let tick = || out.bar.inc(1);
+    // One experiment's failure (pinning refused, /proc unreadable) is
+    // reported under its section; the others still run.
+    let mut failed = None;
+    let mut attempt = |result: Result<(), Error>| {
+        if let Err(e) = result {
+            out.print(format!(
+                "vmtask: error: {e}\n(this experiment is skipped; the others run)\n"
+            ));
+            failed.get_or_insert(e);
+        }
+    };
     if let Some(params) = &plan.spawn_cost {
         out.section(
             1,
             "Stack cost per spawn",
             "vmalloc'd stacks cost ~1.5 µs more per fork than kmalloc'd ones; a per-CPU cache of 2 stacks turned that into a gain.",
         );
-        let r = spawn_cost::run(params, &tick)?;
-        out.print(report::spawn_cost_table(&r));
-        let ns = |k| r.row(k).median_ns;
-        out.print(format!(
-            "fresh mapping costs {:+.0} ns per spawn over the heap; the per-CPU cache {:+.0} ns.\n",
+        attempt((|| {
+            let r = spawn_cost::run(params, &tick)?;
+            out.print(report::spawn_cost_table(&r));
+            let ns = |k| r.row(k).median_ns;
+            out.print(format!(
+            "fresh mapping costs {:+.0} ns per spawn over the heap; the pool's parked stack {:+.0} ns.\n",
             ns(spawn_cost::StackKind::Mmap) - ns(spawn_cost::StackKind::Heap),
             ns(spawn_cost::StackKind::Pool) - ns(spawn_cost::StackKind::Heap),
         ));
-        out.print(format!("pool stats:\n{}\n", r.pool_stats));
-        out.chart(report::spawn_cost_chart(&r), "1-spawn-cost")?;
+            out.print(format!("pool stats:\n{}\n", r.pool_stats));
+            out.chart(report::spawn_cost_chart(&r), "1-spawn-cost")
+        })());
     }
     if let Some(params) = &plan.rcu_free {
         out.section(
@@ -327,15 +352,17 @@ fn run(plan: &Plan, out: &Out<'_>) -> Result<(), Error> {
             "Stack free: synchronous vs after an RCU grace period",
             "\"I implemented a percpu cache, and it's useless\": RCU-delayed frees arrive in batches, the cache is empty, then flooded.",
         );
-        let r = rcu_free::run(params, &tick)?;
-        out.print(report::rcu_free_table(&r));
-        for row in &r.rows {
-            out.print(format!(
-                "pool stats, cache {}, freed {}:\n{}\n",
-                row.cache_size, row.mode, row.stats
-            ));
-        }
-        out.chart(report::rcu_free_chart(&r), "2-rcu-free")?;
+        attempt((|| {
+            let r = rcu_free::run(params, &tick)?;
+            out.print(report::rcu_free_table(&r));
+            for row in &r.rows {
+                out.print(format!(
+                    "pool stats, cache {}, freed {}:\n{}\n",
+                    row.cache_size, row.mode, row.stats
+                ));
+            }
+            out.chart(report::rcu_free_chart(&r), "2-rcu-free")
+        })());
     }
     if let Some(params) = &plan.memory {
         out.section(
@@ -343,13 +370,15 @@ fn run(plan: &Plan, out: &Out<'_>) -> Result<(), Error> {
             "Resident memory per task",
             "dynamic stacks: most threads use a few KiB; map only what is used and give the rest back.",
         );
-        let r = memory::run(params, &tick)?;
-        out.print(report::memory_table(&r));
-        out.print(format!(
-            "pool stats (demand-paged pool):\n{}\n",
-            r.pool_stats
-        ));
-        out.chart(report::memory_chart(&r), "3-memory")?;
+        attempt((|| {
+            let r = memory::run(params, &tick)?;
+            out.print(report::memory_table(&r));
+            out.print(format!(
+                "pool stats (demand-paged pool):\n{}\n",
+                r.pool_stats
+            ));
+            out.chart(report::memory_chart(&r), "3-memory")
+        })());
     }
     if let Some(params) = &plan.balance {
         out.section(
@@ -357,18 +386,23 @@ fn run(plan: &Plan, out: &Out<'_>) -> Result<(), Error> {
             "Cache balance across CPUs",
             "the per-CPU cache gets unbalanced when threads exit on another CPU than the one they started on.",
         );
-        let r = balance::run(params, &tick)?;
-        out.print(report::balance_table(&r));
-        out.print("nothing piled up: no stack live, every free stack in a cache, the depot or the released list, each within its capacity.\n");
-        for row in &r.rows {
-            out.print(format!("pool stats, {}:\n{}\n", row.exit, row.stats));
-        }
-        out.chart(report::balance_chart(&r), "4-balance")?;
+        attempt((|| {
+            let r = balance::run(params, &tick)?;
+            out.print(report::balance_table(&r));
+            out.print("nothing piled up: no stack live, every free stack in a cache, the depot or the released list, each within its capacity.\n");
+            for row in &r.rows {
+                out.print(format!("pool stats, {}:\n{}\n", row.exit, row.stats));
+            }
+            out.chart(report::balance_chart(&r), "4-balance")
+        })());
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 fn main() -> ExitCode {
+    // `vmtask | head`: end quietly like other tools, not with a panic.
+    // SAFETY: no other thread runs yet.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let quick = cli.common.quick;
     let heading = cli.command.as_ref().map_or("vmtask tour", Command::heading);
@@ -389,13 +423,15 @@ fn main() -> ExitCode {
             charts: &cli.common.out,
         };
         let cpus = vmtask_cli::experiments::allowed_cpus();
+        // Not StackPool::global(): it panics when a pool cannot be made.
+        let guards = vmtask_stack::StackPool::new(vmtask_stack::Config::default())?.guard_mode();
         out.print(format!(
             "# {heading}{}\n\n{} CPUs allowed ({:?}); per-CPU cache mode: {}; stack guards: {}",
             if quick { " (--quick)" } else { "" },
             cpus.len(),
             cpus,
             vmtask_percpu::cache_mode(),
-            vmtask_stack::StackPool::global().guard_mode(),
+            guards,
         ));
         let start = Instant::now();
         let result = run(&plan, &out);

@@ -4,8 +4,8 @@
 use std::fmt::Write;
 
 use crate::chart::{Bar, BarChart};
-use crate::experiments::balance::Balance;
-use crate::experiments::memory::Memory;
+use crate::experiments::balance::{Balance, Exit};
+use crate::experiments::memory::{Memory, Phase};
 use crate::experiments::rcu_free::RcuFree;
 use crate::experiments::spawn_cost::SpawnCost;
 
@@ -55,7 +55,7 @@ pub fn rcu_free_table(r: &RcuFree) -> String {
     let mut out = format!(
         "Per-CPU cache hit rate, stacks freed synchronously vs after an RCU grace period \
          (spawn-and-exit storm, {workers} pinned workers)\n\n\
-         | cache size | stack freed | spawns | cache hits | depot hits | cold (carved or released) | ns/spawn |\n\
+         | cache size | stack freed | spawns | cache hits (parked or per-CPU) | depot hits | cold (carved or released) | ns/spawn |\n\
          |---:|---|---:|---:|---:|---:|---:|\n"
     );
     for row in &r.rows {
@@ -79,7 +79,7 @@ pub fn rcu_free_table(r: &RcuFree) -> String {
 pub fn rcu_free_chart(r: &RcuFree) -> BarChart {
     BarChart {
         title: "Per-CPU cache hit rate: synchronous vs RCU-deferred stack free".into(),
-        x_desc: "% of spawns served by the local CPU's cache".into(),
+        x_desc: "% of spawns served by the thread's parked stack or the local CPU's cache".into(),
         bars: r
             .rows
             .iter()
@@ -108,6 +108,13 @@ pub fn memory_table(r: &Memory) -> String {
             row.phase, row.rss_kib, row.pte_kib, row.kib_per_task
         );
     }
+    let idle = r.row(Phase::IdleAfterTrim);
+    let _ = writeln!(
+        out,
+        "\nidle: {} KiB resident, mostly the depot's {} warm stacks, the same for any number of \
+         tasks (its per-task figure shrinks as --tasks grows), and {} KiB of page tables",
+        idle.rss_kib, r.pool_stats.in_depot, idle.pte_kib
+    );
     let _ = writeln!(
         out,
         "\nfinal trim released {} KiB (the pool stats below count the pages of every trim)",
@@ -146,10 +153,17 @@ pub fn balance_table(r: &Balance) -> String {
     );
     for row in &r.rows {
         let s = &row.stats;
+        let tasks = match row.exit {
+            // Only one CPU allowed: both workers share it.
+            Exit::Remote if row.cpus.0 == row.cpus.1 => {
+                "exit on the other worker, same CPU (only one allowed)".to_string()
+            }
+            exit => exit.to_string(),
+        };
         let _ = writeln!(
             out,
             "| {} | {},{} | {} | {} | {} | {:.1} | {} | {} / {} / {} | {:.0} |",
-            row.exit,
+            tasks,
             row.cpus.0,
             row.cpus.1,
             row.spawns,
@@ -162,6 +176,10 @@ pub fn balance_table(r: &Balance) -> String {
             s.released,
             row.ns_per_spawn
         );
+    }
+    if r.rows.iter().any(|row| row.cpus.0 == row.cpus.1) {
+        out.push_str("\nonly one CPU is allowed: no task exits on another CPU, and the depot traffic \
+                      above comes from the stacks in flight between the workers, not from CPU imbalance.\n");
     }
     out
 }
