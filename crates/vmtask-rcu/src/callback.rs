@@ -1072,6 +1072,17 @@ unsafe fn run_barrier_node(head: *mut RcuHead) {
     }
 }
 
+/// Whether [`barrier`] may be called here without panicking: false inside
+/// a read-side section, in an RCU callback (or on a thread running
+/// callbacks for the callback thread), and in a drop that [`defer_drop`]
+/// runs, where it would wait for itself. For destructors that must choose
+/// another path there (under `panic = "abort"` a caught panic is an abort).
+pub fn barrier_allowed() -> bool {
+    !crate::in_read_section()
+        && !on_callback_thread()
+        && !crate::registry::current_if_registered().is_some_and(|slot| slot.bag.running())
+}
+
 /// Waits until every callback queued (by any thread) before this call has
 /// been invoked (`rcu_barrier`), and every object deferred before it has
 /// been dropped. Callbacks queued by those callbacks may still be pending.

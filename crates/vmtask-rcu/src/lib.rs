@@ -118,8 +118,8 @@ mod stats;
 
 #[cfg(not(all(loom, test)))]
 pub use callback::{
-    backlog_limits, barrier, call, call_intrusive, defer_drop, defer_raw, set_backlog_limits,
-    RcuHead, DEFAULT_HARD_LIMIT, DEFAULT_SOFT_LIMIT,
+    backlog_limits, barrier, barrier_allowed, call, call_intrusive, defer_drop, defer_raw,
+    set_backlog_limits, RcuHead, DEFAULT_HARD_LIMIT, DEFAULT_SOFT_LIMIT,
 };
 #[cfg(not(all(loom, test)))]
 pub use cell::{RcuCell, Retired};

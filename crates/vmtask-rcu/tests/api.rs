@@ -556,3 +556,18 @@ fn retired_wait_inside_a_read_section_panics() {
     let _guard = read_lock();
     let _ = retired.wait();
 }
+
+/// `barrier_allowed` answers false exactly where `barrier` would panic:
+/// inside a read-side section and inside a callback.
+#[test]
+fn barrier_allowed_matches_where_barrier_may_wait() {
+    assert!(vmtask_rcu::barrier_allowed());
+    {
+        let _guard = vmtask_rcu::read_lock();
+        assert!(!vmtask_rcu::barrier_allowed(), "inside a read-side section");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    vmtask_rcu::call(move || tx.send(vmtask_rcu::barrier_allowed()).unwrap());
+    vmtask_rcu::barrier();
+    assert_eq!(rx.recv().ok(), Some(false), "inside a callback");
+}

@@ -261,6 +261,12 @@ impl<T> Drop for SlabCache<T> {
             self.leak("inside an RCU read-side critical section");
             return;
         }
+        // Not by letting `barrier` panic and catching it: under
+        // `panic = "abort"` (or an aborting panic hook) that aborts.
+        if in_flight && !vmtask_rcu::barrier_allowed() {
+            self.leak("where it cannot wait for RCU (in an RCU callback or a deferred drop)");
+            return;
+        }
         // `barrier` also panics on the RCU callback thread (the callback
         // would wait for itself). A panic must not free `shared` early:
         // it is in a `ManuallyDrop`, so catching it and returning leaks it.
