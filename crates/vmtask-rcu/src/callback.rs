@@ -742,7 +742,11 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     let (pushed, ready) = slot.bag.push((data, drop_fn), may_run);
     if let Pushed::Filled = pushed {
         // Before the drop below, which may fork: a child must find the
-        // full bag counted as queued, as its recount assumes.
+        // full bag counted as queued, as its recount assumes. Not before
+        // the push: a flusher that steals the bag and runs it between the
+        // two (the owner preempted for a whole grace period) counts it as
+        // invoked first, and `stats()` may then show invoked above queued
+        // by one bag for that moment (review note; left as is).
         count_filled_bag();
     }
     if let Some(entry) = ready {
