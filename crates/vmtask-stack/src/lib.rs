@@ -15,7 +15,9 @@
 //!   overflowing code to touch the guard, not jump past it: Rust probes
 //!   every page of a large frame, but C frames bigger than the guard
 //!   (large arrays or `alloca` without `-fstack-clash-protection`) can
-//!   land in the stack below; give such code a larger `guard_size`.
+//!   land in the stack below; give such code a larger `guard_size`. It
+//!   also needs the SIGSEGV handler the first pool installs: a SIGSEGV
+//!   handler installed later must chain to it, with `SA_ONSTACK`.
 //! - Reuse is fast: a freed [`Stack`] is parked on the freeing thread for
 //!   its next allocation (one per thread) or goes straight into the current
 //!   CPU's magazine (as the kernel frees a dead task's stack in

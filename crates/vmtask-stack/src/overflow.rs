@@ -5,8 +5,11 @@
 //! - The first pool created installs the handler for SIGSEGV and SIGBUS,
 //!   once per process, with `SA_ONSTACK` (an overflowed stack has no room
 //!   for a handler frame). The previous actions are read first and saved;
-//!   they are never written again, so the handler reads them without
-//!   synchronisation beyond the `Once` that installed it. The only state
+//!   they are never written again once ours is installed, so the handler
+//!   reads them without synchronisation (a fork child whose parent was
+//!   installing installs again, skipping a signal that has ours already).
+//!   A handler another thread installs between the query and ours is put
+//!   back, as if it came after ours (which it then bypasses). The only state
 //!   the handler writes is one flag per signal, set when a one-shot
 //!   (`SA_RESETHAND`) previous handler has had its one call.
 //! - Every thread that allocates from a pool gets an alternate signal stack
@@ -21,6 +24,12 @@
 //!   aborts. Everything else is delivered to the previous action as the
 //!   kernel would have delivered it (see [`on_fault`]), so Rust's own "has
 //!   overflowed its stack" report still works.
+//! - A SIGSEGV or SIGBUS action installed after the first pool replaces
+//!   ours: overflows are then reported only if that handler calls the
+//!   action it replaced (ours) with its `(sig, info, context)`, and it has
+//!   `SA_ONSTACK` (without it the kernel cannot push its frame on an
+//!   overflowed stack and kills the process silently). Crash reporters
+//!   that chain to the previous handler do both; install others first.
 //!
 //! The handler is async-signal-safe: atomic loads and swaps, arithmetic on
 //! a buffer on its own stack, `write`, `sigaction`, `pthread_sigmask`,
@@ -46,14 +55,15 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use crate::arena::{self, Place};
 use crate::sys;
 
-/// Writes a label for the stack whose top is `base` into `out` and returns
-/// how many bytes it wrote. Runs inside a signal handler, on the alternate
+/// Writes a label for the stack whose top is `base` into `out` (256 bytes;
+/// a longer label must be cut, not sliced past the end) and returns how
+/// many bytes it wrote. Runs inside a signal handler, on the alternate
 /// signal stack: see [`set_overflow_label_hook`].
 pub type LabelHook = fn(base: *mut u8, out: &mut [u8]) -> usize;
 
@@ -65,7 +75,12 @@ static HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
 /// # Safety
 /// `hook` runs inside a SIGSEGV handler on a small alternate stack, at an
 /// arbitrary point of the faulting thread: it must be async-signal-safe (no
-/// allocation, no locks, no panics), use little stack, and only read memory
+/// allocation, no locks, no panics: a panic runs the process's panic hook
+/// and a backtrace inside the signal handler, which allocate and may hang
+/// or overflow the alternate stack), use little stack (on a `std` thread
+/// the alternate stack is Rust's, `max(SIGSTKSZ, AT_MINSIGSTKSZ)` bytes, of
+/// which the kernel's frame and this handler take about 5.5 KiB with
+/// AVX-512 state), and only read memory
 /// that stays valid, such as data the runtime keeps for the stack at `base`.
 /// The report's first part is written before the hook runs, so a hook that
 /// faults anyway loses only the label.
@@ -80,8 +95,8 @@ pub unsafe fn set_overflow_label_hook(hook: Option<LabelHook>) {
 /// installed and read-only afterwards.
 struct Previous(UnsafeCell<MaybeUninit<libc::sigaction>>);
 
-// SAFETY: written once inside `INSTALL.call_once`, before the handler that
-// reads it exists; read-only afterwards.
+// SAFETY: written once by `install_actions`, before the handler that
+// reads it is installed; read-only afterwards.
 unsafe impl Sync for Previous {}
 
 const SIGNALS: [libc::c_int; 2] = [libc::SIGSEGV, libc::SIGBUS];
@@ -91,40 +106,85 @@ static PREVIOUS: [Previous; 2] = [
 ];
 /// Per signal: a one-shot (`SA_RESETHAND`) previous handler has been called.
 static FIRED: [AtomicBool; 2] = [const { AtomicBool::new(false) }; 2];
-static INSTALL: Once = Once::new();
+/// 0: not installed; the pid + 1 of a process installing now; `u64::MAX`:
+/// installed. Not a `Once`: a fork while another thread installs would
+/// leave the child a `Once` that never completes (see
+/// `sys::register_fork_child_handler`); such a child installs again.
+static INSTALL: AtomicU64 = AtomicU64::new(0);
 
 /// Installs the overflow handler for the process (idempotent).
 pub(crate) fn install_handler() {
-    INSTALL.call_once(|| {
-        FRAME_ROOM.store(frame_room(), Ordering::Relaxed);
-        for (sig, prev) in SIGNALS.iter().zip(&PREVIOUS) {
-            // SAFETY: querying an action writes a whole sigaction into our
-            // static; nothing reads it before the handler is installed below.
-            unsafe { libc::sigaction(*sig, std::ptr::null(), (*prev.0.get()).as_mut_ptr()) };
-            // SAFETY: written just above, by the kernel.
-            let prev = unsafe { (*prev.0.get()).assume_init_ref() };
-            // SAFETY: an all-zero sigaction is a valid value to fill in.
-            let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-            action.sa_sigaction = on_fault
-                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
-                as usize;
-            // A signal sent with kill() interrupts a blocking system call
-            // now that a handler runs for it; SA_RESTART restarts the calls
-            // that restart, as they would under an ignored action or a
-            // previous handler with SA_RESTART.
-            let restart = if prev.sa_sigaction == libc::SIG_IGN {
-                libc::SA_RESTART
-            } else {
-                prev.sa_flags & libc::SA_RESTART
-            };
-            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | restart;
-            // SAFETY: `action.sa_mask` is a valid sigset to initialise.
-            unsafe { libc::sigemptyset(&mut action.sa_mask) };
-            // SAFETY: `on_fault` has the SA_SIGINFO signature and is
-            // async-signal-safe.
-            unsafe { libc::sigaction(*sig, &action, std::ptr::null_mut()) };
+    const DONE: u64 = u64::MAX;
+    // SAFETY: getpid has no preconditions.
+    let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
+    loop {
+        let seen = INSTALL.load(Ordering::Acquire);
+        if seen == DONE {
+            return;
         }
-    });
+        if seen == me {
+            // Another thread of this process is installing.
+            std::thread::yield_now();
+            continue;
+        }
+        if INSTALL
+            .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            install_actions();
+            INSTALL.store(DONE, Ordering::Release);
+            return;
+        }
+    }
+}
+
+fn install_actions() {
+    FRAME_ROOM.store(frame_room(), Ordering::Relaxed);
+    let ours =
+        on_fault as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+    for (sig, prev) in SIGNALS.iter().zip(&PREVIOUS) {
+        // SAFETY: an all-zero sigaction is a valid value to query into.
+        let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: querying an action.
+        unsafe { libc::sigaction(*sig, std::ptr::null(), &mut current) };
+        if current.sa_sigaction == ours {
+            // A fork child whose parent got this far: PREVIOUS was
+            // written before ours was installed, and a handler may read it.
+            continue;
+        }
+        // SAFETY: ours is not installed for `sig`, so nothing reads the
+        // static; a whole sigaction is written into it.
+        unsafe { (*prev.0.get()).write(current) };
+        // SAFETY: written just above.
+        let prev = unsafe { (*prev.0.get()).assume_init_ref() };
+        // SAFETY: an all-zero sigaction is a valid value to fill in.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = ours;
+        // A signal sent with kill() interrupts a blocking system call
+        // now that a handler runs for it; SA_RESTART restarts the calls
+        // that restart, as they would under an ignored action or a
+        // previous handler with SA_RESTART.
+        let restart = if prev.sa_sigaction == libc::SIG_IGN {
+            libc::SA_RESTART
+        } else {
+            prev.sa_flags & libc::SA_RESTART
+        };
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | restart;
+        // SAFETY: `action.sa_mask` is a valid sigset to initialise.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: an all-zero sigaction is a valid value to query into.
+        let mut replaced: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: `on_fault` has the SA_SIGINFO signature and is
+        // async-signal-safe.
+        unsafe { libc::sigaction(*sig, &action, &mut replaced) };
+        if replaced.sa_sigaction != prev.sa_sigaction {
+            // Another thread installed its handler between the query and
+            // ours: put it back, as if it had come after ours, rather than
+            // lose it without a trace.
+            // SAFETY: reinstalling the action the kernel just gave back.
+            unsafe { libc::sigaction(*sig, &replaced, std::ptr::null_mut()) };
+        }
+    }
 }
 
 /// The handler for SIGSEGV and SIGBUS.
@@ -481,11 +541,23 @@ thread_local! {
 /// overflow of a pool stack running on it can be reported, until the
 /// thread's last thread-local destructor has run (see the module docs for
 /// the one gap on `std` threads).
-/// [`StackPool::alloc`](crate::StackPool::alloc) calls it; call it yourself
-/// on threads that run pool stacks allocated elsewhere. Cheap after the
-/// first call on a thread.
-#[inline]
+/// [`StackPool::alloc`](crate::StackPool::alloc) prepares a thread once;
+/// call this yourself on threads that run pool stacks allocated elsewhere,
+/// and after code that may have turned the thread's alternate stack off
+/// (`sigaltstack` with `SS_DISABLE`, by you or another library): it checks
+/// with one `sigaltstack` query and installs one of ours if there is none.
 pub fn prepare_thread() {
+    if PREPARED.get() {
+        arm();
+    } else {
+        prepare_thread_slow();
+    }
+}
+
+/// [`prepare_thread`] for the pool's allocation paths: once per thread,
+/// no system call after that.
+#[inline]
+pub(crate) fn prepare_thread_once() {
     if !PREPARED.get() {
         prepare_thread_slow();
     }
@@ -551,15 +623,30 @@ fn arm() {
 
 /// The pthread key whose destructor, [`put_alt_stack`], takes back a
 /// thread's alternate stack of ours; its value is the stack's mapping.
+/// Not a `OnceLock`: a fork while another thread creates the key would
+/// leave the child one that never completes. Threads that race here each
+/// create a key; the first published wins and the others delete theirs.
 fn exit_key() -> Option<libc::pthread_key_t> {
-    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
-    *KEY.get_or_init(|| {
-        let mut key = 0;
-        // SAFETY: `put_alt_stack` has the destructor signature and accepts
-        // any value `arm` sets.
-        let rc = unsafe { libc::pthread_key_create(&mut key, Some(put_alt_stack)) };
-        (rc == 0).then_some(key)
-    })
+    /// The key + 1, or 0 before it is created.
+    static KEY: AtomicUsize = AtomicUsize::new(0);
+    let published = KEY.load(Ordering::Acquire);
+    if published != 0 {
+        return Some((published - 1) as libc::pthread_key_t);
+    }
+    let mut key = 0;
+    // SAFETY: `put_alt_stack` has the destructor signature and accepts
+    // any value `arm` sets.
+    if unsafe { libc::pthread_key_create(&mut key, Some(put_alt_stack)) } != 0 {
+        return None;
+    }
+    match KEY.compare_exchange(0, key as usize + 1, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(key),
+        Err(winner) => {
+            // SAFETY: our own key, which no thread has a value for.
+            unsafe { libc::pthread_key_delete(key) };
+            Some((winner - 1) as libc::pthread_key_t)
+        }
+    }
 }
 
 /// Alternate stacks of exited threads, for the next threads to take: a

@@ -264,13 +264,13 @@ impl PoolInner {
     /// none yet).
     #[cold]
     fn first_hit(&self) {
-        overflow::prepare_thread();
+        overflow::prepare_thread_once();
         self.hits.hit_slow();
     }
 
     #[cold]
     fn alloc_slow(&self) -> Result<NonNull<u8>, StackError> {
-        overflow::prepare_thread();
+        overflow::prepare_thread_once();
         // The thread may have a stack of this pool parked while its cache
         // pointed at another pool: make this pool the cached one, and take
         // that stack.

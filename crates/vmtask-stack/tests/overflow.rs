@@ -811,3 +811,34 @@ fn a_general_protection_fault_far_from_the_guard_is_chained() {
     let out = run_child("a_general_protection_fault_far_from_the_guard_is_chained");
     assert_eq!(out.status.code(), Some(42), "{:?}", out);
 }
+
+/// Another library turns the thread's alternate stack off after the pool
+/// prepared the thread; `prepare_thread`, which "makes sure the calling
+/// thread has an alternate signal stack", must give it one again.
+#[test]
+fn prepare_thread_rearms_a_thread_whose_alt_stack_was_disabled() {
+    if in_child() {
+        let pool = StackPool::new(Config {
+            stack_size: 64 * 1024,
+            ..Config::default()
+        })
+        .unwrap();
+        let stack = pool.alloc().unwrap();
+        print_bounds(&stack);
+        let off = libc::stack_t {
+            ss_sp: std::ptr::null_mut(),
+            ss_flags: libc::SS_DISABLE,
+            ss_size: 0,
+        };
+        // SAFETY: turning this thread's alternate stack off, as another
+        // library may.
+        assert_eq!(unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) }, 0);
+        vmtask_stack::prepare_thread();
+        let mut co = Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
+        co.resume(());
+        unreachable!("unbounded recursion returned");
+    }
+    assert_overflow_report(&run_child(
+        "prepare_thread_rearms_a_thread_whose_alt_stack_was_disabled",
+    ));
+}
