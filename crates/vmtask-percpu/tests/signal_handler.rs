@@ -93,10 +93,11 @@ fn run(mode: CacheMode) {
         let thread = worker_id.load(Ordering::SeqCst) as libc::pthread_t;
         // The handler's pushes and pops each stay below RECORDS.
         while !done.load(Ordering::SeqCst) && RUNS.load(Ordering::Relaxed) < RECORDS {
-            // SAFETY: the worker is a joinable thread joined only below,
-            // so its id stays valid even once it has finished; a signal
-            // that arrives after `done` still runs the handler, whose
-            // records are read after the join.
+            // The worker is a joinable thread joined only below, so its id
+            // stays valid even once it has finished; a signal that arrives
+            // after `done` still runs the handler, whose records are read
+            // after the join.
+            // SAFETY: a valid thread id (above), a handler installed.
             unsafe { libc::pthread_kill(thread, libc::SIGUSR2) };
             for _ in 0..100 {
                 std::hint::spin_loop();
