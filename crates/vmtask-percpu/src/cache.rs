@@ -863,9 +863,11 @@ mod tests {
         let workers = 2 * cache.cpus().max(2) + 3;
         let stop = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicUsize::new(0));
+        let hit_seen = Arc::new(AtomicBool::new(false));
         let drained_total = Arc::new(AtomicUsize::new(0));
         let spawn_worker = |t: usize| {
-            let (cache, stop, hits) = (cache.clone(), stop.clone(), hits.clone());
+            let (cache, stop, hits, hit_seen) =
+                (cache.clone(), stop.clone(), hits.clone(), hit_seen.clone());
             std::thread::spawn(move || {
                 let mut held: Vec<NonNull<u8>> =
                     (0..PER_THREAD).map(|i| ptr(1 + t * 10_000 + i)).collect();
@@ -884,6 +886,9 @@ mod tests {
                     } else if let Some(p) = cache.pop() {
                         ok += 1;
                         held.push(p);
+                    }
+                    if ok == 1 {
+                        hit_seen.store(true, Ordering::Relaxed);
                     }
                 }
                 hits.fetch_add(ok, Ordering::Relaxed);
@@ -921,7 +926,16 @@ mod tests {
                 })
             })
             .collect();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // At least 1.5 s, and on until the fast path and a drain have both
+        // worked (the drainers are 2 of 2 * CPUs + 5 threads: on a loaded
+        // machine they ran 4 drains in 1.5 s), for at most 60 s.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(1500)
+            || ((!hit_seen.load(Ordering::Relaxed) || drained_total.load(Ordering::Relaxed) == 0)
+                && start.elapsed() < std::time::Duration::from_secs(60))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         stop.store(true, Ordering::Relaxed);
         let mut all: Vec<usize> = threads
             .into_iter()

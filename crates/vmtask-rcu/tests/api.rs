@@ -484,11 +484,16 @@ fn the_child_of_a_fork_can_use_rcu() {
     // Make sure the parent has a callback thread and registered readers.
     call(|| {});
     barrier();
-    let _keep_reader_alive = std::thread::spawn(|| {
+    // A reader inside its section at the fork (not a 20 ms sleep for it to
+    // start and a 300 ms one to stay, which a loaded machine can outlast).
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
         let _g = read_lock();
-        std::thread::sleep(Duration::from_millis(300));
+        locked_tx.send(()).unwrap();
+        let _ = released.recv();
     });
-    std::thread::sleep(Duration::from_millis(20));
+    locked.recv().unwrap();
     // SAFETY: the child only runs RCU code and then _exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
@@ -509,6 +514,8 @@ fn the_child_of_a_fork_can_use_rcu() {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    drop(release);
+    reader.join().unwrap();
     assert_eq!(rc, pid);
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

@@ -78,14 +78,21 @@ fn call_is_not_held_behind_bags_a_busy_deferring_thread_keeps() {
     static READER_IN: AtomicBool = AtomicBool::new(false);
     static DEFERRED: AtomicUsize = AtomicUsize::new(0);
     let code = in_child(|| {
-        watchdog(20, 42);
+        watchdog(120, 42);
         // 64 bags (8,064 objects) exceed the hard limit; what one thread
         // fills in a millisecond or two does not reach the resume point.
         vmtask_rcu::set_backlog_limits(6000, 7000);
         let reader = std::thread::spawn(|| {
             let _guard = vmtask_rcu::read_lock();
             READER_IN.store(true, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(50));
+            // Until the deferrer's bags are past the hard limit (not a
+            // fixed 50 ms, which a deferrer waiting for a CPU may not use).
+            let start = Instant::now();
+            while DEFERRED.load(Ordering::Relaxed) < 60 * 126
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         });
         while !READER_IN.load(Ordering::SeqCst) {
             std::thread::yield_now();
@@ -106,7 +113,9 @@ fn call_is_not_held_behind_bags_a_busy_deferring_thread_keeps() {
                 vmtask_rcu::call(|| {});
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(3);
+        // The bug keeps the caller waiting as long as the deferrer runs:
+        // a generous bound, far above what a loaded machine needs.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !caller.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -28,9 +28,10 @@ fn barrier_waits_for_drops_their_own_thread_is_running() {
             }
             if round == 0 {
                 // Let the first bag's grace period pass (but not so long that the
-                // callback thread takes the bag as idle): the next bag to
-                // fill makes this thread run it (slowly).
-                std::thread::sleep(Duration::from_millis(3));
+                // callback thread takes the bag as idle, 5 ms): the next bag to
+                // fill makes this thread run it (slowly). A grace period, not
+                // a 3 ms sleep, which on a loaded machine may last past 5 ms.
+                vmtask_rcu::synchronize();
             }
         }
     });

@@ -67,24 +67,27 @@ fn fork_while_a_thread_runs_a_deferred_drop_does_not_hang_barrier_in_the_child()
         let grandchild = in_child(|| {
             // New threads of the child take the dead owner's free slot.
             let hold = std::sync::Arc::new(AtomicBool::new(false));
+            let (deferred_tx, deferred) = std::sync::mpsc::channel();
             let threads: Vec<_> = (0..16)
                 .map(|_| {
-                    let hold = hold.clone();
+                    let (hold, deferred_tx) = (hold.clone(), deferred_tx.clone());
                     std::thread::spawn(move || {
                         defer_drop(Box::new(0u8));
+                        deferred_tx.send(()).unwrap();
                         while !hold.load(Ordering::SeqCst) {
                             std::thread::sleep(Duration::from_millis(1));
                         }
                     })
                 })
                 .collect();
-            std::thread::sleep(Duration::from_millis(50));
+            // All 16 have taken a slot (not a 50 ms sleep for it).
+            deferred.iter().take(16).for_each(drop);
             static DONE: AtomicBool = AtomicBool::new(false);
             std::thread::spawn(|| {
                 barrier();
                 DONE.store(true, Ordering::SeqCst);
             });
-            let ok = wait_for(&DONE, Duration::from_secs(5));
+            let ok = wait_for(&DONE, Duration::from_secs(60));
             hold.store(true, Ordering::SeqCst);
             if !ok {
                 return 2; // barrier hung

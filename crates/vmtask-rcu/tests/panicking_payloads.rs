@@ -2,7 +2,7 @@
 //! panics: the second panic is contained too, so reclamation goes on
 //! (review finding: it killed the callback thread for good, or left the
 //! deferring thread's bag marked as running, and every later `barrier`
-//! hung). Each scenario runs in a forked child with a 10 s watchdog.
+//! hung). Each scenario runs in a forked child with a 120 s watchdog.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,11 +19,13 @@ impl Drop for Bomb {
     }
 }
 
-/// Runs `scenario` in a child that exits with 3 if it takes over 10 s.
+/// Runs `scenario` in a child that exits with 3 if it takes over 120 s.
+/// (A hang is forever; the scenario takes well under a second of CPU, but
+/// on a loaded machine its two panics, backtraces and all, took over 10 s.)
 fn bounded(scenario: fn() -> i32) -> i32 {
     in_child(move || {
         std::thread::spawn(|| {
-            std::thread::sleep(Duration::from_secs(10));
+            std::thread::sleep(Duration::from_secs(120));
             // SAFETY: ends the (hung) child at once.
             unsafe { libc::_exit(3) };
         });

@@ -58,22 +58,30 @@ fn a_stall_is_reported_by_time_not_by_wake_ups() {
         return;
     }
     let (stdout, stderr) = run_child(200);
+    let number = |key: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| {
+                l.split_once(key)
+                    .map(|(_, n)| n.trim_end_matches(" ms").trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("the child printed no {key:?}:\n{stdout}"))
+    };
+    // What the wait took: 200 ms, or more where the holder got no CPU to
+    // end its section (a loaded machine); a report is right past 1 s.
+    let waited = number("WAITED ");
     assert!(
-        !stderr.contains(REPORT),
-        "a 200 ms wait reported a stall:\n{stdout}\n{stderr}"
+        !stderr.contains(REPORT) || waited >= 1000,
+        "a {waited} ms wait reported a stall:\n{stdout}\n{stderr}"
     );
     // The busy reader no longer drives the updater: a few heavy barriers
-    // for the grace period, not one per wake-up (about 3,000 before).
-    let barriers: u64 = stdout
-        .lines()
-        .find_map(|l| {
-            l.split_once("BARRIERS ")
-                .map(|(_, n)| n.trim().parse().unwrap())
-        })
-        .expect("the child printed its barrier count");
+    // for the grace period, not one per wake-up (about 3,000 before). A
+    // sleep that no reader ends costs one per futex timeout (10 ms): room
+    // for that where the busy reader gets no CPU.
+    let barriers = number("BARRIERS ");
     assert!(
-        barriers <= 20,
-        "{barriers} heavy barriers in a 200 ms wait:\n{stdout}"
+        barriers <= 20 + waited / 10,
+        "{barriers} heavy barriers in a {waited} ms wait:\n{stdout}"
     );
     let (stdout, stderr) = run_child(1300);
     assert_eq!(

@@ -136,16 +136,16 @@ fn grace_periods_racing_thread_exits() {
     let cell = Arc::new(RcuCell::new(Some(Box::new(Checked(AtomicU64::new(MAGIC))))));
     let stop = Arc::new(AtomicBool::new(false));
     let threads = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicU64::new(0));
     let updater = {
-        let (cell, stop) = (cell.clone(), stop.clone());
+        let (cell, stop, done) = (cell.clone(), stop.clone(), done.clone());
         std::thread::spawn(move || {
-            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 cell.store(Some(Box::new(Checked(AtomicU64::new(MAGIC)))));
                 synchronize();
-                n += 1;
+                done.fetch_add(1, Ordering::Relaxed);
             }
-            n
+            done.load(Ordering::Relaxed)
         })
     };
     // One reader that stays, so that every grace period scans (the others
@@ -160,8 +160,14 @@ fn grace_periods_racing_thread_exits() {
             }
         })
     };
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    while Instant::now() < deadline {
+    // `secs`, and on (for at most 30 s more) until the updater, a new
+    // thread that may wait long for a CPU on a loaded machine, has run
+    // some grace periods.
+    let start = Instant::now();
+    let secs = Duration::from_secs_f64(secs);
+    while start.elapsed() < secs
+        || (done.load(Ordering::Relaxed) < 10 && start.elapsed() < secs + Duration::from_secs(30))
+    {
         let spawners: Vec<_> = (0..4)
             .map(|_| {
                 let (cell, threads) = (cell.clone(), threads.clone());

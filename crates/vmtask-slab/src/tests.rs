@@ -127,9 +127,18 @@ fn objects_are_constructed_once_per_slab_and_keep_state_across_reuse() {
 
 #[test]
 fn cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot() {
-    if vmtask_percpu::possible_cpus() < 2 {
+    // Two CPUs this process may run on (a cpuset may allow only one, or
+    // not CPU 0 or 1).
+    let Some((home, away)) = std::thread::spawn(|| {
+        let mut usable = (0..vmtask_percpu::possible_cpus())
+            .filter(|&c| vmtask_percpu::pin_current_thread(c).is_ok());
+        Some((usable.next()?, usable.next()?))
+    })
+    .join()
+    .unwrap() else {
+        eprintln!("SKIPPED cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot: needs 2 CPUs");
         return;
-    }
+    };
     let cache = SlabCache::new(
         Config {
             magazine_size: 8,
@@ -141,7 +150,7 @@ fn cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot() {
     let (tx, rx) = std::sync::mpsc::sync_channel::<SlabBox<'_, Obj>>(64);
     std::thread::scope(|s| {
         s.spawn(|| {
-            vmtask_percpu::pin_current_thread(0).unwrap();
+            vmtask_percpu::pin_current_thread(home).unwrap();
             for round in 0..20_000u64 {
                 let object = cache.alloc().unwrap();
                 object.key.store(round, Relaxed);
@@ -150,7 +159,7 @@ fn cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot() {
             drop(tx);
         });
         s.spawn(|| {
-            vmtask_percpu::pin_current_thread(1).unwrap();
+            vmtask_percpu::pin_current_thread(away).unwrap();
             for (expect, object) in (0u64..).zip(rx) {
                 assert_eq!(object.key.load(Relaxed), expect);
                 assert_eq!(object.magic.load(Relaxed), MAGIC);
@@ -495,10 +504,14 @@ fn rcu_magazine_returns_to_the_depot_whole() {
     )
     .unwrap();
     let stats_before = cache.stats();
-    let objects: Vec<_> = (0..8).map(|_| cache.alloc().unwrap()).collect();
-    for object in objects {
-        cache.free_rcu(object);
-    }
+    // On one CPU: a thread that migrates between the frees splits them
+    // over two CPUs' RCU magazines, which flush_rcu submits as two.
+    on_cpu(vmtask_percpu::cpu(), || {
+        let objects: Vec<_> = (0..8).map(|_| cache.alloc().unwrap()).collect();
+        for object in objects {
+            cache.free_rcu(object);
+        }
+    });
     cache.flush_rcu();
     vmtask_rcu::barrier();
     let stats = cache.stats();
@@ -644,7 +657,7 @@ fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
     let table: Vec<AtomicSlabArc<'_, Obj>> = (0..BUCKETS)
         .map(|_| AtomicSlabArc::new(&cache).unwrap())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs_f64(torture_secs());
+    let stop = AtomicBool::new(false);
     let (found, reused, vanished, shrunk) = (
         AtomicU64::new(0),
         AtomicU64::new(0),
@@ -678,10 +691,10 @@ fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
     std::thread::scope(|s| {
         for reader in 0..2u64 {
             let lookup = &lookup;
-            let found = &found;
+            let (found, stop) = (&found, &stop);
             s.spawn(move || {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ reader);
-                while Instant::now() < deadline {
+                while !stop.load(Relaxed) {
                     for _ in 0..256 {
                         let bucket = rng.next() % BUCKETS;
                         if let Some((object, key)) = lookup(bucket) {
@@ -701,11 +714,11 @@ fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
             });
         }
         for writer in 0..2u64 {
-            let (cache, table, shrunk) = (&cache, &table, &shrunk);
+            let (cache, table, shrunk, stop) = (&cache, &table, &shrunk, &stop);
             s.spawn(move || {
                 let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ writer);
                 let mut generation = 0u64;
-                while Instant::now() < deadline {
+                while !stop.load(Relaxed) {
                     for _ in 0..1024 {
                         let bucket = rng.next() % BUCKETS;
                         if rng.next() % 8 == 0 {
@@ -731,6 +744,17 @@ fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
                 }
             });
         }
+        // The run's time, and on (for at most 30 s more) until readers and
+        // the shrinking writer have made progress: new threads may wait
+        // long for a CPU on a loaded machine.
+        let (start, secs) = (Instant::now(), Duration::from_secs_f64(torture_secs()));
+        while start.elapsed() < secs
+            || ((found.load(Relaxed) <= 1000 || shrunk.load(Relaxed) == 0)
+                && start.elapsed() < secs + Duration::from_secs(30))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Relaxed);
     });
     drop(table);
     let (found, reused, vanished) = (

@@ -442,8 +442,19 @@ mod tests {
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
+                let mut rounds = 0u32;
                 while !stop.load(Ordering::Relaxed) {
-                    unregister(register(start_a, end - start_a, &a));
+                    let node = register(start_a, end - start_a, &a);
+                    // Now and then, give the CPU away with a geometry
+                    // registered: a reader that shares this CPU (one CPU,
+                    // or a loaded machine) otherwise only ever runs where
+                    // the writer was preempted, almost never inside the
+                    // short window between register and unregister.
+                    rounds = rounds.wrapping_add(1);
+                    if rounds % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                    unregister(node);
                     unregister(register(start_b, end - start_b, &b));
                 }
             });

@@ -10,7 +10,7 @@ use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 mod common;
 use common::{
     alloc_until_error, batch_populate_supported, on_cpu, page, populate_supported, rerun_in_child,
-    resident_pages,
+    resident_pages, two_cpus, usable_cpus,
 };
 
 #[test]
@@ -201,9 +201,10 @@ fn exhausted_pool_errs_then_recovers_after_free() {
 /// exhausted while every stack is free.
 #[test]
 fn full_pool_takes_stacks_freed_on_another_cpu() {
-    if vmtask_percpu::possible_cpus() < 2 {
+    let Some((home, away)) = two_cpus() else {
+        eprintln!("SKIPPED full_pool_takes_stacks_freed_on_another_cpu: needs 2 CPUs");
         return;
-    }
+    };
     for max_stacks in [1, 8] {
         let pool = StackPool::new(Config {
             max_stacks,
@@ -212,11 +213,11 @@ fn full_pool_takes_stacks_freed_on_another_cpu() {
         .unwrap();
         std::thread::scope(|s| {
             s.spawn(|| {
-                vmtask_percpu::pin_current_thread(0).unwrap();
+                vmtask_percpu::pin_current_thread(home).unwrap();
                 let stacks: Vec<_> = (0..max_stacks).map(|_| pool.alloc().unwrap()).collect();
                 std::thread::scope(|s| {
                     s.spawn(|| {
-                        vmtask_percpu::pin_current_thread(1).unwrap();
+                        vmtask_percpu::pin_current_thread(away).unwrap();
                         drop(stacks);
                     });
                 });
@@ -243,7 +244,9 @@ fn full_pool_takes_stacks_freed_on_another_cpu() {
 
 #[test]
 fn cross_cpu_frees_keep_every_stack_accounted() {
-    let cpus = vmtask_percpu::possible_cpus().min(2);
+    // Two CPUs if this process may use two, else one CPU twice.
+    let cpus = usable_cpus();
+    let (home, away) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
     let pool = StackPool::new(Config {
         cache_size: 2,
         depot_size: 8,
@@ -254,7 +257,7 @@ fn cross_cpu_frees_keep_every_stack_accounted() {
     let (to_0, from_1) = mpsc::sync_channel(64);
     let rounds = 20_000;
     std::thread::scope(|s| {
-        for (cpu, tx, rx) in [(0, to_1, from_1), (cpus - 1, to_0, from_0)] {
+        for (cpu, tx, rx) in [(home, to_1, from_1), (away, to_0, from_0)] {
             let pool = &pool;
             s.spawn(move || {
                 vmtask_percpu::pin_current_thread(cpu).unwrap();

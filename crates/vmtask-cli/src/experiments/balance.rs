@@ -14,7 +14,7 @@
 //! (at the end) that free stacks stay bounded by the caches and the depot.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,11 @@ use crate::Error;
 
 /// Tasks a worker has live at once before they exit.
 pub const BURST: usize = 8;
+
+/// Spawns a run makes at the least: where the workers get no CPU for the
+/// run's duration (a loaded machine), it goes on, for at most 10 s more,
+/// until they have made these, so the rates are not those of a cold start.
+const MIN_SPAWNS: u64 = 1024;
 
 /// Where tasks exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,13 +171,18 @@ pub fn storm(duration: Duration, cache_size: usize, exit: Exit) -> Result<Row, E
     let (to_b, from_a) = mpsc::sync_channel(4 * BURST);
     let (to_a, from_b) = mpsc::sync_channel(4 * BURST);
     let stop = AtomicBool::new(false);
+    let progress = AtomicU64::new(0);
     let start = Instant::now();
     let spawns = std::thread::scope(|s| {
         let workers = [(cpus.0, to_b, from_b), (cpus.1, to_a, from_a)].map(|(cpu, tx, rx)| {
-            let (pool, stop) = (&pool, &stop);
-            s.spawn(move || worker(pool, cpu, exit, tx, rx, stop))
+            let (pool, stop, progress) = (&pool, &stop, &progress);
+            s.spawn(move || worker(pool, cpu, exit, tx, rx, stop, progress))
         });
-        while start.elapsed() < duration && !workers.iter().any(|w| w.is_finished()) {
+        while (start.elapsed() < duration
+            || (progress.load(Ordering::Relaxed) < MIN_SPAWNS
+                && start.elapsed() < duration + Duration::from_secs(10)))
+            && !workers.iter().any(|w| w.is_finished())
+        {
             std::thread::sleep(Duration::from_millis(5).min(duration));
         }
         stop.store(true, Ordering::Relaxed);
@@ -199,6 +209,7 @@ fn worker(
     tx: SyncSender<Stack>,
     rx: Receiver<Stack>,
     stop: &AtomicBool,
+    progress: &AtomicU64,
 ) -> Result<u64, Error> {
     let result = pin(cpu).and_then(|()| {
         let mut burst = Vec::with_capacity(BURST);
@@ -208,6 +219,7 @@ fn worker(
                 burst.push(run_task(pool.alloc()?));
             }
             spawns += BURST as u64;
+            progress.fetch_add(BURST as u64, Ordering::Relaxed);
             for stack in burst.drain(..) {
                 match exit {
                     Exit::Local => drop(stack),

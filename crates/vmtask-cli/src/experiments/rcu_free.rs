@@ -22,7 +22,7 @@
 //! overflow into the shared depot, whose refills the table counts apart.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,16 +138,25 @@ pub fn storm(
     })?;
     let cpus = allowed_cpus();
     let stop = AtomicBool::new(false);
+    // Spawns made so far; a run goes on past `duration` (for at most 10 s
+    // more) until the workers have made `MIN_SPAWNS`, so that workers that
+    // got no CPU meanwhile (a loaded machine) do not leave an empty sample.
+    const MIN_SPAWNS: u64 = 1024;
+    let progress = AtomicU64::new(0);
     let start = Instant::now();
     let spawns = std::thread::scope(|s| {
         let workers: Vec<_> = cpus
             .iter()
             .map(|&cpu| {
-                let (pool, stop) = (&pool, &stop);
-                s.spawn(move || worker(pool, cpu, mode, max_deferred, stop))
+                let (pool, stop, progress) = (&pool, &stop, &progress);
+                s.spawn(move || worker(pool, cpu, mode, max_deferred, stop, progress))
             })
             .collect();
-        while start.elapsed() < duration && !workers.iter().any(|w| w.is_finished()) {
+        while (start.elapsed() < duration
+            || (progress.load(Ordering::Relaxed) < MIN_SPAWNS
+                && start.elapsed() < duration + Duration::from_secs(10)))
+            && !workers.iter().any(|w| w.is_finished())
+        {
             std::thread::sleep(Duration::from_millis(5).min(duration));
         }
         stop.store(true, Ordering::Relaxed);
@@ -176,6 +185,7 @@ fn worker(
     mode: FreeMode,
     max_deferred: usize,
     stop: &AtomicBool,
+    progress: &AtomicU64,
 ) -> Result<u64, Error> {
     pin(cpu)?;
     let deferred = Arc::new(AtomicUsize::new(0));
@@ -201,6 +211,7 @@ fn worker(
                 }
             }
         }
+        progress.fetch_add(64, Ordering::Relaxed);
     }
     Ok(spawns)
 }

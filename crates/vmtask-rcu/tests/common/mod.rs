@@ -25,6 +25,8 @@ const POOL: usize = 4096;
 const PIPE_FREE: usize = 3;
 /// Reads the readers of one torture scenario must make, at the least.
 const MIN_READS: u64 = 100;
+/// Updates the writer must make, at the least.
+const MIN_UPDATES: u64 = 10;
 
 pub struct Elem {
     pipe: AtomicUsize,
@@ -195,10 +197,12 @@ pub fn torture_paced(wait: Wait, readers: usize, duration: Duration, outside: us
     // The readers must get going: on a loaded machine a new thread may
     // wait a long time for a CPU, so the run goes on (for at most 10 s
     // more) until they have made some progress (CI once saw 0 reads in
-    // the 250 ms of one scenario).
+    // the 250 ms of one scenario). Likewise the writer, whose grace periods
+    // wait for readers that may be preempted inside their sections.
     let start = Instant::now();
     while start.elapsed() < duration
-        || (shared.reads.load(Ordering::Relaxed) < MIN_READS
+        || ((shared.reads.load(Ordering::Relaxed) < MIN_READS
+            || shared.updates.load(Ordering::Relaxed) <= MIN_UPDATES)
             && start.elapsed() < duration + Duration::from_secs(10))
     {
         let Some(new) = shared.alloc() else {
@@ -283,7 +287,10 @@ pub fn torture_all(label: &str) {
             after.owner_grace_periods - before.owner_grace_periods,
             after.owner_grace_periods_given_up - before.owner_grace_periods_given_up
         );
-        assert!(report.updates > 10, "writer made no progress with {wait:?}");
+        assert!(
+            report.updates > MIN_UPDATES,
+            "writer made no progress with {wait:?}"
+        );
         assert!(
             report.reads >= MIN_READS,
             "readers made no progress with {wait:?}"

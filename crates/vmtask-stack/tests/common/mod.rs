@@ -20,6 +20,25 @@ pub fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// The CPUs this process may be pinned to (its cpuset may exclude some).
+pub fn usable_cpus() -> Vec<usize> {
+    std::thread::spawn(|| {
+        (0..vmtask_percpu::possible_cpus())
+            .filter(|&c| vmtask_percpu::pin_current_thread(c).is_ok())
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Two CPUs this process may be pinned to, if it has two.
+pub fn two_cpus() -> Option<(usize, usize)> {
+    match usable_cpus()[..] {
+        [a, b, ..] => Some((a, b)),
+        _ => None,
+    }
+}
+
 pub fn resident_pages(addr: usize, len: usize) -> usize {
     let mut vec = vec![0u8; len / page()];
     // SAFETY: one byte per page of a page-aligned range.
