@@ -235,6 +235,56 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     }
 }
 
+/// The CPUs the calling thread may run on (`sched_getaffinity`), in
+/// ascending order; never empty (`[0]` if the call fails). A cpuset or
+/// `taskset` may allow fewer CPUs than [`possible_cpus`], and not
+/// necessarily CPU 0 or 1: pin to these. A thread that pinned itself sees
+/// only its own CPU; ask from an unpinned thread for the process's set.
+///
+/// ```
+/// let cpus = vmtask_percpu::allowed_cpus();
+/// assert!(!cpus.is_empty());
+/// assert!(cpus.iter().all(|&c| c < vmtask_percpu::possible_cpus()));
+/// ```
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the
+    // calling thread.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return vec![0];
+    }
+    let cpus: Vec<usize> = (0..8 * std::mem::size_of::<libc::cpu_set_t>())
+        // SAFETY: `cpu` is below the set's capacity.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
+/// Runs `f` on a new thread pinned to `cpu` and returns what it returns;
+/// the calling thread's own affinity is left alone. `Err` (and `f` not
+/// run) if the thread cannot be pinned there (a CPU outside the cpuset or
+/// offline: see [`allowed_cpus`]). A panic in `f` goes on in the caller.
+///
+/// ```
+/// let cpu = vmtask_percpu::allowed_cpus()[0];
+/// let seen = vmtask_percpu::run_on_cpu(cpu, vmtask_percpu::cpu).unwrap();
+/// assert_eq!(seen, cpu);
+/// ```
+pub fn run_on_cpu<R: Send>(cpu: usize, f: impl FnOnce() -> R + Send) -> std::io::Result<R> {
+    std::thread::scope(|s| {
+        let thread = s.spawn(|| pin_current_thread(cpu).map(|()| f()));
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +306,18 @@ mod tests {
         assert_eq!(parse_cpu_list_max("0-1"), Some(1));
         assert_eq!(parse_cpu_list_max("0-3,8,10-11"), Some(11));
         assert_eq!(parse_cpu_list_max("x"), None);
+    }
+
+    #[test]
+    fn run_on_cpu_runs_there_and_names_a_cpu_it_cannot_use() {
+        for cpu in allowed_cpus() {
+            assert_eq!(run_on_cpu(cpu, self::cpu).unwrap(), cpu);
+        }
+        let err = run_on_cpu(8 * std::mem::size_of::<libc::cpu_set_t>(), || {
+            unreachable!("ran although the pin failed")
+        })
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
 
     #[test]

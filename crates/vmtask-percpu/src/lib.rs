@@ -78,5 +78,5 @@ mod slots;
 pub use cache::{
     cache_mode, rseq_cache_supported, CacheAllocError, CacheMode, CpuCache, NO_RSEQ_ENV,
 };
-pub use cpu::{cpu, pin_current_thread, possible_cpus, rseq_available};
+pub use cpu::{allowed_cpus, cpu, pin_current_thread, possible_cpus, rseq_available, run_on_cpu};
 pub use slots::{Contended, PerCpu, SlotGuard};

@@ -145,7 +145,7 @@ fn callbacks_from_one_cpu_run_in_queue_order_before_barrier_returns() {
     let order = Arc::new(Mutex::new(Vec::new()));
     let o = order.clone();
     std::thread::spawn(move || {
-        vmtask_percpu::pin_current_thread(0).unwrap();
+        vmtask_percpu::pin_current_thread(vmtask_percpu::allowed_cpus()[0]).unwrap();
         for i in 0..1000 {
             let o = o.clone();
             call(move || o.lock().unwrap().push(i));

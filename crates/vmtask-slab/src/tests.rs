@@ -55,14 +55,12 @@ fn tracked_cache(config: Config) -> (SlabCache<Tracked>, Arc<AtomicUsize>, Arc<A
 
 /// Runs `f` on a thread pinned to `cpu`.
 fn on_cpu<R: Send>(cpu: usize, f: impl FnOnce() -> R + Send) -> R {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            vmtask_percpu::pin_current_thread(cpu).expect("pin");
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    vmtask_percpu::run_on_cpu(cpu, f).unwrap_or_else(|e| panic!("pin to CPU {cpu}: {e}"))
+}
+
+/// A CPU this process may run on (a cpuset may exclude CPU 0).
+fn home() -> usize {
+    vmtask_percpu::allowed_cpus()[0]
 }
 
 fn torture_secs() -> f64 {
@@ -90,7 +88,7 @@ fn objects_are_constructed_once_per_slab_and_keep_state_across_reuse() {
         ..Config::new("once")
     });
     let per_slab = cache.stats().objects_per_slab;
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let mut first = cache.alloc().unwrap();
         assert_eq!(
             built.load(Relaxed),
@@ -129,15 +127,12 @@ fn objects_are_constructed_once_per_slab_and_keep_state_across_reuse() {
 fn cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot() {
     // Two CPUs this process may run on (a cpuset may allow only one, or
     // not CPU 0 or 1).
-    let Some((home, away)) = std::thread::spawn(|| {
-        let mut usable = (0..vmtask_percpu::possible_cpus())
-            .filter(|&c| vmtask_percpu::pin_current_thread(c).is_ok());
-        Some((usable.next()?, usable.next()?))
-    })
-    .join()
-    .unwrap() else {
-        eprintln!("SKIPPED cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot: needs 2 CPUs");
-        return;
+    let (home, away) = match vmtask_percpu::allowed_cpus()[..] {
+        [a, b, ..] => (a, b),
+        _ => {
+            eprintln!("SKIPPED cross_cpu_frees_conserve_objects_and_move_magazines_through_the_depot: needs 2 CPUs");
+            return;
+        }
     };
     let cache = SlabCache::new(
         Config {
@@ -449,7 +444,7 @@ fn free_rcu_objects_wait_for_readers_then_return_as_a_magazine() {
         obj,
     )
     .unwrap();
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let objects: Vec<_> = (0..9).map(|_| cache.alloc().unwrap()).collect();
         let addrs: Vec<*const Obj> = objects.iter().map(|o| &**o as *const Obj).collect();
         let guard = vmtask_rcu::read_lock();
@@ -530,7 +525,7 @@ fn depot_bound_sends_overflow_to_slabs_but_keeps_rcu_magazines_whole() {
         ..Config::new("bound")
     };
     let cache = SlabCache::new(config, obj).unwrap();
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let objects: Vec<_> = (0..40).map(|_| cache.alloc().unwrap()).collect();
         drop(objects);
         let stats = cache.stats();

@@ -2,21 +2,13 @@
 //! `sigaction` for this test binary: the interposer runs "another thread's"
 //! action at the moment `install_handler` has queried the previous action
 //! and not yet installed its own.
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicU8, Ordering};
 use vmtask_stack::{Config, StackPool};
 
-const CHILD: &str = "VMTASK_STACK_CHILD";
-fn in_child() -> bool {
-    std::env::var_os(CHILD).is_some()
-}
-fn run_child(test: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, test)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::{in_child, run_child};
+
 fn show(out: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",

@@ -4,15 +4,8 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
-#[inline(never)]
-fn recurse(depth: u64) -> u64 {
-    let frame = std::hint::black_box([depth; 64]);
-    if std::hint::black_box(true) {
-        recurse(depth + 1) + frame[3]
-    } else {
-        frame[0]
-    }
-}
+mod common;
+use common::recurse;
 
 fn main() {
     if let Some(mode) = std::env::var_os("VMTASK_MAIN_CHILD") {

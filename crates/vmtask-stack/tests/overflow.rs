@@ -3,26 +3,13 @@
 //! fatal thing, and the parent checks how it died and what it printed.
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use corosensei::Coroutine;
 use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
-
-const CHILD: &str = "VMTASK_STACK_CHILD";
-
-fn in_child() -> bool {
-    std::env::var_os(CHILD).is_some()
-}
-
-fn run_child(test: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, test)
-        .output()
-        .unwrap()
-}
+use common::{in_child, recurse, run_child};
 
 /// The `base..limit` line the child prints before faulting.
 fn bounds(out: &Output) -> String {
@@ -91,16 +78,6 @@ fn mprotect_guard_page_aborts_with_overflow_message() {
     assert_overflow_report(&run_child(
         "mprotect_guard_page_aborts_with_overflow_message",
     ));
-}
-
-#[inline(never)]
-fn recurse(depth: u64) -> u64 {
-    let frame = std::hint::black_box([depth; 64]);
-    if std::hint::black_box(true) {
-        recurse(depth + 1) + frame[3]
-    } else {
-        frame[0]
-    }
 }
 
 fn label_task(_base: *mut u8, out: &mut [u8]) -> usize {

@@ -5,13 +5,13 @@
 use vmtask_stack::{Config, StackPool};
 
 mod common;
-use common::{on_cpu, page, resident_pages, usable_cpus};
+use common::{home, on_cpu, page, resident_pages};
 
 /// Pool P's only stack is parked on this thread while the thread's cached
 /// pool is Q: `P.alloc()` must still find it (not report `Exhausted`).
 #[test]
 fn a_stack_parked_for_a_pool_other_than_the_last_used_is_found() {
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let p = StackPool::new(Config {
             max_stacks: 1,
             ..Config::default()
@@ -48,7 +48,7 @@ fn a_stack_parked_for_a_pool_other_than_the_last_used_is_found() {
 /// A thread alternating between two pools needs one slot of each.
 #[test]
 fn alternating_pools_carve_one_slot_each() {
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let p = StackPool::new(Config::default()).unwrap();
         let q = StackPool::new(Config::default()).unwrap();
         for _ in 0..4 {
@@ -83,7 +83,7 @@ fn stacks_of_exited_threads_enter_the_depot_with_deep_pages_released() {
     let slots = std::sync::Mutex::new(Vec::new());
     // The threads park on one CPU; the alloc below runs on another if this
     // process may use two (every magazine is empty by then either way).
-    let cpus = usable_cpus();
+    let cpus = vmtask_percpu::allowed_cpus();
     let (home, other) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
     std::thread::scope(|s| {
         let threads: Vec<_> = (0..n)

@@ -9,8 +9,8 @@ use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
 use common::{
-    alloc_until_error, batch_populate_supported, on_cpu, page, populate_supported, rerun_in_child,
-    resident_pages, two_cpus, usable_cpus,
+    alloc_until_error, batch_populate_supported, home, on_cpu, page, populate_supported,
+    rerun_in_child, resident_pages, two_cpus,
 };
 
 #[test]
@@ -36,7 +36,7 @@ fn stack_geometry_matches_config() {
 #[test]
 fn stack_is_reused_on_same_cpu() {
     let pool = StackPool::new(Config::default()).unwrap();
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let first = pool.alloc().unwrap();
         let base = first.base();
         drop(first);
@@ -58,7 +58,7 @@ fn cache_hits_of_exited_threads_are_counted() {
     let pool = StackPool::new(Config::default()).unwrap();
     for _ in 0..3 {
         // Each `on_cpu` thread has exited, locals destroyed, when it returns.
-        on_cpu(0, || {
+        on_cpu(home(), || {
             for _ in 0..100 {
                 drop(pool.alloc().unwrap());
             }
@@ -84,7 +84,7 @@ fn thread_whose_first_stack_is_a_cache_hit_gets_an_alt_stack() {
     // CPU 0's magazine: the hit must still prepare it for overflow reports.
     static POOL: std::sync::OnceLock<StackPool> = std::sync::OnceLock::new();
     let pool = POOL.get_or_init(|| StackPool::new(Config::default()).unwrap());
-    on_cpu(0, || {
+    on_cpu(home(), || {
         // The first stack freed is parked on the thread; the second goes
         // to CPU 0's magazine.
         let (a, b) = (pool.alloc().unwrap(), pool.alloc().unwrap());
@@ -92,7 +92,7 @@ fn thread_whose_first_stack_is_a_cache_hit_gets_an_alt_stack() {
         drop(b);
     });
     extern "C" fn body(_: *mut libc::c_void) -> *mut libc::c_void {
-        vmtask_percpu::pin_current_thread(0).expect("pin to CPU 0");
+        vmtask_percpu::pin_current_thread(home()).expect("pin");
         let pool = POOL.get().unwrap();
         let hits = pool.stats().cache_hits;
         let stack = pool.alloc().unwrap();
@@ -139,7 +139,7 @@ fn reused_stack_reads_as_zeros(lock: bool) -> bool {
         ..Config::default()
     })
     .unwrap();
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let stack = pool.alloc().unwrap();
         let (base, limit, size) = (stack.base(), stack.limit(), stack.size());
         if lock && !try_mlock(limit, size) {
@@ -245,7 +245,7 @@ fn full_pool_takes_stacks_freed_on_another_cpu() {
 #[test]
 fn cross_cpu_frees_keep_every_stack_accounted() {
     // Two CPUs if this process may use two, else one CPU twice.
-    let cpus = usable_cpus();
+    let cpus = vmtask_percpu::allowed_cpus();
     let (home, away) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
     let pool = StackPool::new(Config {
         cache_size: 2,
@@ -342,7 +342,7 @@ fn full_depot_gives_stack_memory_back() {
         ..Config::default()
     })
     .unwrap();
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let stacks: Vec<_> = (0..4).map(|_| pool.alloc().unwrap()).collect();
         let slots: Vec<_> = stacks
             .iter()
@@ -479,7 +479,7 @@ fn mprotect_mode_allocates_guarded_stacks() {
 
 #[test]
 fn pool_dropped_with_live_stack_leaks_rather_than_unmaps() {
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let pool = StackPool::new(Config::default()).unwrap();
         let stack = pool.alloc().unwrap();
         // Free stacks with every page touched: the parked one, one in the
@@ -541,7 +541,7 @@ fn a_stack_parked_on_another_live_thread_does_not_keep_a_dropped_pool() {
     let thread = {
         let pool = pool.clone();
         std::thread::spawn(move || {
-            vmtask_percpu::pin_current_thread(0).expect("pin to CPU 0");
+            vmtask_percpu::pin_current_thread(home()).expect("pin");
             let stack = pool.alloc().unwrap();
             let limit = stack.limit() as usize;
             drop(stack); // parked on this thread
@@ -753,7 +753,7 @@ fn every_carved_stack_has_its_guard_across_guard_batches() {
 
 #[test]
 fn hit_rate_is_cache_plus_depot_and_zero_before_any_alloc() {
-    on_cpu(0, || {
+    on_cpu(home(), || {
         let pool = StackPool::new(Config {
             cache_size: 2,
             ..Config::default()

@@ -36,26 +36,7 @@ pub fn run_task<S: corosensei::stack::Stack + 'static>(stack: S) -> S {
     task.into_stack()
 }
 
-/// The CPUs this process may run on (`sched_getaffinity`), in order.
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: a zeroed cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the
-    // calling thread.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    if rc != 0 {
-        return vec![0];
-    }
-    let cpus: Vec<usize> = (0..8 * std::mem::size_of::<libc::cpu_set_t>())
-        // SAFETY: `cpu` is below the set's capacity.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect();
-    if cpus.is_empty() {
-        vec![0]
-    } else {
-        cpus
-    }
-}
+pub use vmtask_percpu::allowed_cpus;
 
 /// Pins the calling thread to `cpu`, naming the CPU on failure.
 pub fn pin(cpu: usize) -> Result<(), Error> {

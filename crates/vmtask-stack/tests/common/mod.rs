@@ -10,30 +10,17 @@ pub fn page() -> usize {
 /// Runs `f` on a thread pinned to `cpu`, so per-CPU caches behave
 /// deterministically.
 pub fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            vmtask_percpu::pin_current_thread(cpu).expect("pin to CPU");
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    vmtask_percpu::run_on_cpu(cpu, f).unwrap_or_else(|e| panic!("pin to CPU {cpu}: {e}"))
 }
 
-/// The CPUs this process may be pinned to (its cpuset may exclude some).
-pub fn usable_cpus() -> Vec<usize> {
-    std::thread::spawn(|| {
-        (0..vmtask_percpu::possible_cpus())
-            .filter(|&c| vmtask_percpu::pin_current_thread(c).is_ok())
-            .collect()
-    })
-    .join()
-    .unwrap()
+/// A CPU this process may run on (a cpuset may exclude CPU 0).
+pub fn home() -> usize {
+    vmtask_percpu::allowed_cpus()[0]
 }
 
-/// Two CPUs this process may be pinned to, if it has two.
+/// Two CPUs this process may run on, if it has two.
 pub fn two_cpus() -> Option<(usize, usize)> {
-    match usable_cpus()[..] {
+    match vmtask_percpu::allowed_cpus()[..] {
         [a, b, ..] => Some((a, b)),
         _ => None,
     }
@@ -70,7 +57,6 @@ pub fn populate_supported() -> bool {
 /// Whether this kernel populates several ranges of our own memory with one
 /// `process_madvise(MADV_POPULATE_WRITE)` (Linux 6.13+), probed on two
 /// scratch pages a page apart.
-#[allow(dead_code)]
 pub fn batch_populate_supported() -> bool {
     if !populate_supported() {
         return false;
@@ -118,25 +104,55 @@ pub fn batch_populate_supported() -> bool {
     }
 }
 
+/// The variable that tells a test binary re-run by [`run_child`] that it
+/// is the child; its value names the test.
+pub const CHILD: &str = "VMTASK_STACK_CHILD";
+
+/// Whether this process is a child [`run_child`] started.
+pub fn in_child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+/// Runs the test `test` of this test binary alone in a child process with
+/// `env` set to `value`, and returns how it ended and what it printed.
+pub fn run_test_in_child(test: &str, env: &str, value: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, value)
+        .output()
+        .unwrap()
+}
+
+/// Runs the test `test` in a child process with [`CHILD`] set.
+pub fn run_child(test: &str) -> std::process::Output {
+    run_test_in_child(test, CHILD, test)
+}
+
 /// Re-runs the test `name` of this test binary in a child process with
 /// `env` set (the child's branch of the test does the work and prints
 /// `CHILD DONE` last), and asserts it succeeded.
-#[allow(dead_code)]
 pub fn rerun_in_child(name: &str, env: &str) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(env, "1")
-        .output()
-        .unwrap();
+    let out = run_test_in_child(name, env, "1");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("CHILD DONE"), "{stdout}\n{stderr}");
 }
 
+/// Recurses without end, 512 bytes of frame per call: overflows whatever
+/// stack it runs on.
+#[inline(never)]
+pub fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    if std::hint::black_box(true) {
+        recurse(depth + 1) + frame[3]
+    } else {
+        frame[0]
+    }
+}
+
 /// Runs `f` with the soft limit of `resource` at 0, then restores it.
 /// `f` must not need what the limit takes away beyond what it tests.
-#[allow(dead_code)]
 pub fn with_zero_soft_limit<T>(resource: libc::__rlimit_resource_t, f: impl FnOnce() -> T) -> T {
     let mut old = libc::rlimit {
         rlim_cur: 0,
