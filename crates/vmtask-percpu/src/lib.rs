@@ -8,6 +8,9 @@
 //! - [`cpu()`] reads the current CPU from the thread's rseq area (glibc
 //!   registers rseq for every thread and exports `__rseq_offset`), which costs
 //!   a load; without rseq it falls back to `sched_getcpu(3)`.
+//!   [`allowed_cpus`], [`pin_current_thread`] and [`run_on_cpu`] place
+//!   threads on CPUs the process may use, for tests and benchmarks that
+//!   need per-CPU caches to behave deterministically.
 //! - [`PerCpu<T>`] holds one cache-padded slot per possible CPU. A slot is
 //!   guarded by an uncontended try-lock: [`PerCpu::try_current`] takes the
 //!   current CPU's slot or reports [`Contended`] (another thread on, or just
