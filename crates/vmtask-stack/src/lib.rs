@@ -71,6 +71,7 @@ mod pool;
 mod stack;
 mod sys;
 mod tally;
+mod transit;
 
 pub use config::{Config, GuardMode};
 pub use ensure::{ensure, remaining};

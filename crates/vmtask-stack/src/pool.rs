@@ -56,7 +56,7 @@
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crossbeam_utils::Backoff;
@@ -67,6 +67,7 @@ use crate::config::{Config, GuardMode, Layout};
 use crate::error::StackError;
 use crate::stack::Stack;
 use crate::tally::Tallies;
+use crate::transit::{Transit, Transits};
 use crate::{overflow, sys};
 
 /// A test-and-test-and-set lock whose release is a single store, so a
@@ -147,81 +148,8 @@ struct Counters {
     failures: AtomicU64,
     stacks_released: AtomicU64,
     pages_trimmed: AtomicU64,
-    /// In-transit sections running now ([`Transit`]: `trim`, a magazine
-    /// on its way to the depot, a depot batch on its way to a magazine,
-    /// stacks taken from magazines, parked places or exited threads on
-    /// their way to the depot), which hold free stacks outside the pool's
-    /// lists (see `take_any_free_after_transits`): the count in the low
-    /// half, the fork generation it belongs to in the high half (a section
-    /// a fork copied into a child never ends there).
-    transits_running: AtomicU64,
-    /// In-transit sections ended (those abandoned because they took no
-    /// stack excepted; a `trim` counts even when it took nothing).
-    transits_ended: AtomicU64,
-}
-
-/// A section in which the calling thread holds free stacks outside the
-/// pool's lists (magazines, depot, released list, parked places): begun
-/// before it takes the first, ended once the last is back in a list (or
-/// handed out). An exhausted alloc that finds nothing waits for the
-/// sections running and looks again after any ends, so it never misses a
-/// stack in transit (see `take_any_free_after_transits`). Slow paths only:
-/// three atomic read-modify-writes and a fence.
-struct Transit<'a>(&'a Counters);
-
-impl Counters {
-    /// Begins an in-transit section: before the first stack is taken.
-    fn begin_transit(&self) -> Transit<'_> {
-        self.transit_running(1);
-        // The count before anything the section does, for a waiter that
-        // sees that through relaxed loads (a magazine's length hint).
-        fence(Ordering::SeqCst);
-        Transit(self)
-    }
-
-    /// In-transit sections running in this fork generation.
-    fn transits_running(&self) -> u64 {
-        let word = self.transits_running.load(Ordering::SeqCst);
-        if (word >> 32) as u32 == crate::park::fork_generation() {
-            word & u64::from(u32::MAX)
-        } else {
-            0
-        }
-    }
-
-    /// Adds `delta` (1 or -1) to the sections running in this generation.
-    fn transit_running(&self, delta: i64) {
-        let generation = u64::from(crate::park::fork_generation()) << 32;
-        let _ = self
-            .transits_running
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
-                let count = if word >> 32 == generation >> 32 {
-                    word & u64::from(u32::MAX)
-                } else {
-                    0
-                };
-                Some(generation | count.saturating_add_signed(delta).min(u64::from(u32::MAX)))
-            });
-    }
-}
-
-impl Transit<'_> {
-    /// Ends a section that took no stack: nothing to look for again.
-    fn abandon(self) {
-        let counters = self.0;
-        std::mem::forget(self);
-        counters.transit_running(-1);
-    }
-}
-
-impl Drop for Transit<'_> {
-    /// Counts the section as ended, and no longer running, even if it
-    /// unwinds: a count left behind would hold up every exhausted alloc.
-    fn drop(&mut self) {
-        // Ended before not running (see `take_any_free_after_transits`).
-        self.0.transits_ended.fetch_add(1, Ordering::SeqCst);
-        self.0.transit_running(-1);
-    }
+    /// In-transit sections (see `take_any_free_after_transits`).
+    transits: Transits,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -286,7 +214,7 @@ impl PoolInner {
             let n = depot.stacks.len();
             let take = n.min(self.layout.cache_size);
             // The stacks beyond the one handed out travel to the magazine.
-            let transit = (take > 1).then(|| self.counters.begin_transit());
+            let transit = (take > 1).then(|| self.counters.transits.begin());
             (depot.stacks.split_off(n - take), transit)
         };
         if let Some(top) = batch.pop() {
@@ -307,7 +235,7 @@ impl PoolInner {
         // Warm stacks parked on threads that have exited, before cold
         // released slots; those not handed out go to the depot as any
         // stack does, their pages below `keep_resident` released.
-        let (mut orphans, transit) = self.hits.reclaim_exited(|| self.counters.begin_transit());
+        let (mut orphans, transit) = self.hits.reclaim_exited(|| self.counters.transits.begin());
         if let Some(top) = orphans.pop() {
             if !orphans.is_empty() {
                 self.to_depot(orphans, transit);
@@ -369,32 +297,14 @@ impl PoolInner {
     fn take_any_free_after_transits(&self) -> Option<NonNull<u8>> {
         const TRANSIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
         let mut deadline = None;
-        // Read before looking: a section that ends after this read has put
-        // its stacks back, possibly where we had already looked.
-        let mut ended = self.counters.transits_ended.load(Ordering::SeqCst);
-        loop {
-            if let Some(top) = self.take_any_free() {
-                return Some(top);
-            }
-            // After the look, some of it relaxed loads (see `begin_transit`).
-            fence(Ordering::SeqCst);
-            // Running first: a section that held a stack while we looked is
-            // either still counted as running, or it ended (its end comes
-            // before its running count drops) and the second read sees it.
-            let running = self.counters.transits_running();
-            let now_ended = self.counters.transits_ended.load(Ordering::SeqCst);
-            let ended_meanwhile = now_ended != ended;
-            ended = now_ended;
-            if !ended_meanwhile && running == 0 {
-                return None;
-            }
-            let deadline =
-                *deadline.get_or_insert_with(|| std::time::Instant::now() + TRANSIT_WAIT);
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::yield_now();
-        }
+        self.counters.transits.search(
+            || self.take_any_free(),
+            || {
+                let deadline =
+                    *deadline.get_or_insert_with(|| std::time::Instant::now() + TRANSIT_WAIT);
+                std::time::Instant::now() >= deadline
+            },
+        )
     }
 
     /// Every slot is carved: before reporting the pool exhausted, takes a
@@ -412,7 +322,7 @@ impl PoolInner {
         let mut transit = None;
         for cpu in 0..self.cache.cpus() {
             if self.cache.len(cpu) != 0 {
-                transit.get_or_insert_with(|| self.counters.begin_transit());
+                transit.get_or_insert_with(|| self.counters.transits.begin());
                 self.cache.drain(cpu, usize::MAX, &mut free);
             }
         }
@@ -444,7 +354,7 @@ impl PoolInner {
             self.populate_top(top);
             return Some(top);
         }
-        let (mut parked, transit) = self.hits.steal_parked(|| self.counters.begin_transit());
+        let (mut parked, transit) = self.hits.steal_parked(|| self.counters.transits.begin());
         let Some(top) = parked.pop() else {
             if let Some(transit) = transit {
                 transit.abandon();
@@ -505,7 +415,7 @@ impl PoolInner {
     /// release stays the last access to the pool).
     #[cold]
     fn free_slow(&self, top: NonNull<u8>) {
-        let transit = self.counters.begin_transit();
+        let transit = self.counters.transits.begin();
         let mut magazine = Vec::with_capacity(self.layout.cache_size + 1);
         self.cache
             .drain(vmtask_percpu::cpu(), self.layout.cache_size, &mut magazine);
@@ -711,7 +621,7 @@ impl StackPool {
     pub fn trim(&self) -> usize {
         let inner = self.inner();
         // Before it takes any stack (see `take_any_free_after_transits`).
-        let _transit = inner.counters.begin_transit();
+        let _transit = inner.counters.transits.begin();
         self.trim_free_stacks()
     }
 
