@@ -781,6 +781,9 @@ fn cache_dropped_inside_a_read_section_is_leaked_not_freed() {
             ..Config::new("dropped-reading")
         });
         let object = cache.alloc().unwrap();
+        // The section from before the free: other tests' grace periods
+        // would otherwise let the magazine land before the count is read.
+        let guard = vmtask_rcu::read_lock();
         if typesafe {
             drop(object);
         } else {
@@ -788,7 +791,6 @@ fn cache_dropped_inside_a_read_section_is_leaked_not_freed() {
             cache.flush_rcu();
             assert_eq!(cache.stats().rcu_magazines_in_flight, 1);
         }
-        let guard = vmtask_rcu::read_lock();
         let dropped = catch_unwind(AssertUnwindSafe(move || drop(cache)));
         drop(guard);
         assert!(dropped.is_ok(), "typesafe {typesafe}: drop must not panic");

@@ -13,9 +13,12 @@ static PANICS: AtomicUsize = AtomicUsize::new(0);
 
 fn cache_with_magazine_in_flight(name: &str) -> SlabCache<u64> {
     let cache = SlabCache::new(Config::new(name), || 0u64).unwrap();
+    // No grace period may end before the count is read.
+    let guard = vmtask_rcu::read_lock();
     cache.free_rcu(cache.alloc().unwrap());
     cache.flush_rcu();
     assert_eq!(cache.stats().rcu_magazines_in_flight, 1);
+    drop(guard);
     cache
 }
 
