@@ -141,10 +141,11 @@ fn call_is_not_held_behind_bags_a_busy_deferring_thread_keeps() {
     );
 }
 
-/// a deferred drop run inside `defer_drop` that itself defers
-/// many objects keeps every bag they fill (the bound of 64 waiting bags
-/// and the hand-over to the callback thread do not apply inside a run):
-/// nothing it defers is freed until it returns.
+/// A deferred drop run inside `defer_drop` that itself defers many
+/// objects hands its surplus bags to the callback thread, as a read-side
+/// section does, so they are freed while it goes on (review finding: it
+/// kept every bag it filled, past the bound of 64 waiting bags, and
+/// nothing it deferred was freed until it returned).
 #[test]
 fn objects_deferred_by_a_running_drop_are_freed_while_it_goes_on() {
     static DROPPED: AtomicUsize = AtomicUsize::new(0);
@@ -168,29 +169,38 @@ fn objects_deferred_by_a_running_drop_are_freed_while_it_goes_on() {
             }
         }
     }
-    let code = in_child(|| {
-        watchdog(60, 42);
-        for i in 0..126 {
-            vmtask_rcu::defer_drop(Box::new(Big(i == 0)));
-        }
-        vmtask_rcu::synchronize();
-        for _ in 0..126 {
+    // The frees need the callback thread to get a CPU during the 30 ms or
+    // so the drop takes, which a loaded machine may not give it: up to five
+    // attempts. The bug freed nothing in any.
+    let mut code = 1;
+    for _ in 0..5 {
+        code = in_child(|| {
+            watchdog(60, 42);
+            for i in 0..126 {
+                vmtask_rcu::defer_drop(Box::new(Big(i == 0)));
+            }
+            vmtask_rcu::synchronize();
+            for _ in 0..126 {
+                vmtask_rcu::defer_drop(Box::new(Big(false)));
+            }
+            // Bag 1 drains one entry per push: this one runs `Big(true)`.
             vmtask_rcu::defer_drop(Box::new(Big(false)));
+            let freed = FREED_DURING.load(Ordering::SeqCst);
+            vmtask_rcu::barrier();
+            if freed == usize::MAX {
+                return 3;
+            }
+            println!("{freed} of {N} freed while the drop deferred them");
+            if freed >= N / 10 {
+                0
+            } else {
+                1
+            }
+        });
+        if code == 0 {
+            break;
         }
-        // Bag 1 drains one entry per push: this one runs `Big(true)`.
-        vmtask_rcu::defer_drop(Box::new(Big(false)));
-        let freed = FREED_DURING.load(Ordering::SeqCst);
-        vmtask_rcu::barrier();
-        if freed == usize::MAX {
-            return 3;
-        }
-        println!("{freed} of {N} freed while the drop deferred them");
-        if freed >= N / 10 {
-            0
-        } else {
-            1
-        }
-    });
+    }
     assert_eq!(
         code, 0,
         "exit {code}: 1 = the running drop's objects all waited for it"
