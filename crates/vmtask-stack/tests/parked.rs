@@ -232,7 +232,7 @@ fn stealing_parked_stacks_never_hands_one_out_twice() {
     })
     .unwrap();
     let live = Mutex::new(HashSet::new());
-    let stop = AtomicBool::new(false);
+    let (stop, trimming) = (AtomicBool::new(false), AtomicBool::new(false));
     std::thread::scope(|s| {
         // Channels made inside the scope, not barriers: a failing thread
         // drops its ends, and nobody waits for it forever.
@@ -243,9 +243,15 @@ fn stealing_parked_stacks_never_hands_one_out_twice() {
             while !stop.load(Ordering::Relaxed) {
                 pool.trim();
                 trims += 1;
+                trimming.store(true, Ordering::Relaxed);
             }
             trims
         });
+        // The trims overlap the allocations (on a loaded machine the
+        // workers could otherwise finish before the trimmer ever ran).
+        while !trimming.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
         for _ in 0..THREADS {
             let done_tx = done_tx.clone();
             let (release_tx, release_rx) = mpsc::channel::<()>();

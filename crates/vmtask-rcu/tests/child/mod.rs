@@ -23,13 +23,47 @@ pub fn in_child(child: impl FnOnce() -> i32) -> i32 {
 
 /// Runs the test `test` of this test binary alone in a new process, with
 /// the environment variable `key` set to `value` (the test's cue to play
-/// the child), and returns what it printed.
+/// the child), and returns what it printed. A child that hangs is killed
+/// after 300 s (its status then says so): one test fails, instead of the
+/// whole binary waiting forever.
 pub fn rerun_test(test: &str, key: &str, value: &str) -> std::process::Output {
-    std::process::Command::new(std::env::current_exe().unwrap())
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    const LIMIT: Duration = Duration::from_secs(300);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(key, value)
-        .output()
-        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > LIMIT {
+            eprintln!("{test}: the re-run child hung for {LIMIT:?}; killed");
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
 
 /// [`rerun_test`], checking that the child succeeded and printed `marker`;
