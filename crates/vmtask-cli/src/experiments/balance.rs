@@ -20,16 +20,11 @@ use std::time::{Duration, Instant};
 
 use vmtask_stack::{Config, PoolStats, Stack, StackPool};
 
-use super::{allowed_cpus, pin, ratio, run_task, CacheUse, Tick};
+use super::{allowed_cpus, pin, ratio, run_task, wait_out_storm, CacheUse, Tick};
 use crate::Error;
 
 /// Tasks a worker has live at once before they exit.
 pub const BURST: usize = 8;
-
-/// Spawns a run makes at the least: where the workers get no CPU for the
-/// run's duration (a loaded machine), it goes on, for at most 10 s more,
-/// until they have made these, so the rates are not those of a cold start.
-const MIN_SPAWNS: u64 = 1024;
 
 /// Where tasks exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,13 +173,9 @@ pub fn storm(duration: Duration, cache_size: usize, exit: Exit) -> Result<Row, E
             let (pool, stop, progress) = (&pool, &stop, &progress);
             s.spawn(move || worker(pool, cpu, exit, tx, rx, stop, progress))
         });
-        while (start.elapsed() < duration
-            || (progress.load(Ordering::Relaxed) < MIN_SPAWNS
-                && start.elapsed() < duration + Duration::from_secs(10)))
-            && !workers.iter().any(|w| w.is_finished())
-        {
-            std::thread::sleep(Duration::from_millis(5).min(duration));
-        }
+        wait_out_storm(start, duration, &progress, || {
+            workers.iter().any(|w| w.is_finished())
+        });
         stop.store(true, Ordering::Relaxed);
         workers
             .into_iter()

@@ -38,6 +38,30 @@ pub fn run_task<S: corosensei::stack::Stack + 'static>(stack: S) -> S {
 
 pub use vmtask_percpu::allowed_cpus;
 
+/// Spawns a storm makes at the least: where its workers get no CPU for the
+/// run's duration (a loaded machine), it goes on, for at most 10 s more,
+/// until they have made these, so the rates are not those of a cold start.
+const MIN_SPAWNS: u64 = 1024;
+
+/// Waits out a storm that began at `start`: `duration`, and longer while
+/// the workers have made fewer than `MIN_SPAWNS` spawns (`progress`), for
+/// at most 10 s more; returns early once `finished` says a worker ended.
+pub fn wait_out_storm(
+    start: std::time::Instant,
+    duration: std::time::Duration,
+    progress: &std::sync::atomic::AtomicU64,
+    finished: impl Fn() -> bool,
+) {
+    use std::time::Duration;
+    while (start.elapsed() < duration
+        || (progress.load(std::sync::atomic::Ordering::Relaxed) < MIN_SPAWNS
+            && start.elapsed() < duration + Duration::from_secs(10)))
+        && !finished()
+    {
+        std::thread::sleep(Duration::from_millis(5).min(duration));
+    }
+}
+
 /// Pins the calling thread to `cpu`, naming the CPU on failure.
 pub fn pin(cpu: usize) -> Result<(), Error> {
     vmtask_percpu::pin_current_thread(cpu).map_err(|source| Error::Pin { cpu, source })

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use vmtask_stack::{Config, PoolStats, StackPool};
 
-use super::{allowed_cpus, pin, run_task, CacheUse, Tick};
+use super::{allowed_cpus, pin, run_task, wait_out_storm, CacheUse, Tick};
 use crate::Error;
 
 /// When a dead task's stack is freed.
@@ -138,10 +138,7 @@ pub fn storm(
     })?;
     let cpus = allowed_cpus();
     let stop = AtomicBool::new(false);
-    // Spawns made so far; a run goes on past `duration` (for at most 10 s
-    // more) until the workers have made `MIN_SPAWNS`, so that workers that
-    // got no CPU meanwhile (a loaded machine) do not leave an empty sample.
-    const MIN_SPAWNS: u64 = 1024;
+    // Spawns made so far (see `wait_out_storm`).
     let progress = AtomicU64::new(0);
     let start = Instant::now();
     let spawns = std::thread::scope(|s| {
@@ -152,13 +149,9 @@ pub fn storm(
                 s.spawn(move || worker(pool, cpu, mode, max_deferred, stop, progress))
             })
             .collect();
-        while (start.elapsed() < duration
-            || (progress.load(Ordering::Relaxed) < MIN_SPAWNS
-                && start.elapsed() < duration + Duration::from_secs(10)))
-            && !workers.iter().any(|w| w.is_finished())
-        {
-            std::thread::sleep(Duration::from_millis(5).min(duration));
-        }
+        wait_out_storm(start, duration, &progress, || {
+            workers.iter().any(|w| w.is_finished())
+        });
         stop.store(true, Ordering::Relaxed);
         workers
             .into_iter()
