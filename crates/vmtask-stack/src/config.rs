@@ -190,10 +190,16 @@ impl Layout {
         // Both at most 2^47: no overflow.
         let slot_size = stack_size + guard_size;
         if slot_size > USER_ADDRESS_SPACE {
+            // Name the larger of the two: the one to make smaller.
+            let (field, size, other, other_size) = if guard_size > stack_size {
+                ("guard_size", guard_size, "stack", stack_size)
+            } else {
+                ("stack_size", stack_size, "guard", guard_size)
+            };
             return invalid(
-                "stack_size",
+                field,
                 format!(
-                    "is {stack_size} bytes, and with the {guard_size}-byte guard exceeds the {USER_SPACE_TIB} TiB user address space"
+                    "is {size} bytes, and with the {other_size}-byte {other} exceeds the {USER_SPACE_TIB} TiB user address space"
                 ),
             );
         }

@@ -8,9 +8,10 @@
 //! rest; failing that take back the stacks parked on threads that have
 //! exited (warm; the ones not handed out go to the depot); failing that
 //! reuse a slot whose memory was given back; failing that carve a fresh
-//! slot; failing that (every slot carved) take a free stack from any
-//! CPU's magazine, or one parked on a live thread (with a `membarrier`,
-//! see [`crate::park`]); failing that, [`StackError::Exhausted`]. Stacks
+//! slot; failing that (every slot carved, or the kernel refused a new
+//! one) take a free stack from any CPU's magazine, or one parked on a live
+//! thread (with a `membarrier`, see [`crate::park`]); failing that,
+//! [`StackError::Exhausted`] (or the kernel's refusal). Stacks
 //! that another thread holds between two of these places at that moment
 //! (a magazine on its way to the depot, a depot batch on its way to a
 //! magazine, a trim) are waited for, for at most a second: each such
@@ -264,17 +265,17 @@ impl PoolInner {
                 }
                 Ok(NonNull::new(top as *mut u8).expect("a slot's top is never null"))
             }
-            Err(e @ StackError::Exhausted { .. }) => match self.take_any_free_after_transits() {
+            // Every slot carved, or the kernel refused a new one (no
+            // address space or mappings left): a free stack elsewhere in
+            // the pool (another CPU's magazine, parked on a live thread)
+            // still serves, rather than an error while the pool has one.
+            Err(e) => match self.take_any_free_after_transits() {
                 Some(top) => Ok(top),
                 None => {
                     bump(&self.counters.failures, 1);
                     Err(e)
                 }
             },
-            Err(e) => {
-                bump(&self.counters.failures, 1);
-                Err(e)
-            }
         }
     }
 
@@ -307,7 +308,8 @@ impl PoolInner {
         )
     }
 
-    /// Every slot is carved: before reporting the pool exhausted, takes a
+    /// Every slot is carved, or the kernel refused a new one: before
+    /// reporting the pool exhausted (or the kernel's refusal), takes a
     /// free stack wherever one is, in the other CPUs' magazines (stacks
     /// freed on another CPU wait there), or in the depot and the released
     /// list, which other threads may have filled since this one looked.
@@ -585,9 +587,11 @@ impl StackPool {
     /// Allocates a stack: the one this thread parked (the last it freed),
     /// else one from the current CPU's magazine, else the depot, else a
     /// stack parked on an exited thread, else a released slot, else a fresh
-    /// slot, else (every slot carved) a free stack wherever it waits: in
-    /// another CPU's magazine or parked on another thread. Also makes sure this thread has an alternate signal stack, so
-    /// an overflow on the new stack can be reported.
+    /// slot, else (every slot carved, or the kernel refuses the address
+    /// space or mappings for a new one) a free stack wherever it waits: in
+    /// another CPU's magazine or parked on another thread. Also makes sure
+    /// this thread has an alternate signal stack, so an overflow on the new
+    /// stack can be reported.
     ///
     /// ```
     /// use vmtask_stack::{Config, StackError, StackPool};
