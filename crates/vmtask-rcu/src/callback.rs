@@ -419,6 +419,10 @@ static DRAIN_WAITERS: CachePadded<AtomicUsize> = CachePadded::new(AtomicUsize::n
 static DRAINED: CachePadded<std::sync::atomic::AtomicU32> =
     CachePadded::new(std::sync::atomic::AtomicU32::new(0));
 
+/// A soft limit below this is checked at every queuing, not once per 256
+/// callbacks queued on a CPU (which could overshoot it many times over).
+const EXACT_LIMITS_BELOW: usize = 4096;
+
 /// Default soft backlog limit: past it, a grace period starts at once.
 pub const DEFAULT_SOFT_LIMIT: usize = 32 * 1024;
 /// Default hard backlog limit: past it, queuing waits for the backlog.
@@ -436,7 +440,10 @@ pub(crate) fn on_callback_thread() -> bool {
     IS_CALLBACK_THREAD.try_with(|c| c.get()).unwrap_or(false)
 }
 
-/// Sets the backlog limits (callbacks queued and not yet invoked).
+/// Sets the backlog limits (callbacks queued and not yet invoked). With a
+/// soft limit of 4096 or more, the limits are checked once per 256
+/// callbacks queued on a CPU, so the backlog may pass them by up to that
+/// many per CPU; with a smaller one, at every queuing.
 ///
 /// # Panics
 /// If `soft` is 0 or `soft > hard`.
@@ -558,8 +565,12 @@ fn after_queue(queued_before: u64, count: u64) {
     if SLEEPING.load(Ordering::SeqCst) {
         wake_thread();
     }
-    // Check the limits once per 256 callbacks queued on this CPU.
-    if (queued_before >> 8) != ((queued_before + count) >> 8) {
+    // Check the limits once per 256 callbacks queued on this CPU; with
+    // limits set below `EXACT_LIMITS_BELOW`, at every queuing, or limits
+    // smaller than that step would never be seen at all.
+    if (queued_before >> 8) != ((queued_before + count) >> 8)
+        || SOFT_LIMIT.load(Ordering::Relaxed) < EXACT_LIMITS_BELOW
+    {
         check_backlog();
     }
 }
