@@ -1,5 +1,6 @@
-//! x86_64 Linux: the restartable-sequence fast paths of [`CpuCache`] and
-//! the membarrier that lets another thread stop a CPU's critical sections.
+//! x86_64 Linux: the restartable-sequence fast paths of
+//! [`CpuCache`](crate::CpuCache) and the membarrier that lets another
+//! thread stop a CPU's critical sections.
 //!
 //! Everything architecture- and kernel-specific lives here; the protocol
 //! these pieces implement is described in `cache.rs`.

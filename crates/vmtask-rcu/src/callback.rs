@@ -54,6 +54,8 @@ use crate::grace::{self, Expedite};
 ///     value: u64,
 /// }
 ///
+/// /// # Safety
+/// /// `head` is the head of a `Box<Node>` leaked below, freed once.
 /// unsafe fn free_node(head: *mut RcuHead) {
 ///     // SAFETY: `head` is the first field of a `Box<Node>` leaked below.
 ///     drop(unsafe { Box::from_raw(head.cast::<Node>()) });

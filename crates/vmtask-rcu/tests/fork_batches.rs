@@ -90,7 +90,7 @@ fn a_fork_from_a_callback_leaves_one_callback_thread_in_the_child() {
             CHILD.store(pid, Ordering::SeqCst);
             return;
         }
-        // SAFETY: as above.
+        // SAFETY: alarm only arms a timer; a hang kills the child.
         unsafe { libc::alarm(10) };
         // In the child, this callback returns and its thread goes on as
         // the callback thread; a new thread checks that it serves.

@@ -83,7 +83,7 @@ fn the_child_finishes_what_other_threads_left_in_flight() {
         });
         deferred.wait();
         let code = in_child(|| {
-            // SAFETY: as above.
+            // SAFETY: alarm only arms a timer; a hang kills the child.
             unsafe { libc::alarm(10) };
             vmtask_rcu::barrier();
             let dropped = DROPPED.load(Ordering::Relaxed);

@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+/// The pthread-key destructor whose thread first uses RCU at exit.
+///
+/// # Safety
+/// Called only by glibc, as this test's key destructor; `_value` is ignored.
 unsafe extern "C" fn first_use_at_exit(_value: *mut libc::c_void) {
     drop(vmtask_rcu::read_lock());
     let mut v = Box::new(7u64);

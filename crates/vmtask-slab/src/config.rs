@@ -45,7 +45,7 @@ pub struct Config {
 /// kernel's largest per-CPU arrays hold a few hundred). The per-CPU arrays
 /// take that per *possible* CPU, twice: where the allocator cannot give it
 /// (a machine that reports thousands of possible CPUs), creating the cache
-/// fails with [`SlabError::Magazines`](crate::SlabError::Magazines).
+/// fails with [`SlabError::Magazines`].
 pub const MAX_MAGAZINE_SIZE: usize = 1 << 16;
 
 impl Config {

@@ -22,7 +22,9 @@ type SigactionFn =
     unsafe extern "C" fn(libc::c_int, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
 
 fn real_sigaction() -> SigactionFn {
-    // SAFETY: looking up libc's own sigaction behind this interposer.
+    // SAFETY: dlsym with RTLD_NEXT only looks the symbol up; the non-null
+    // result (asserted) is libc's own sigaction, whose C signature is
+    // `SigactionFn`.
     unsafe {
         let p = libc::dlsym(libc::RTLD_NEXT, c"sigaction".as_ptr());
         assert!(!p.is_null());
@@ -42,6 +44,8 @@ static FORK_GO: AtomicU8 = AtomicU8::new(0);
 ///
 /// # Safety
 /// As libc's `sigaction`: `act` and `old` null or valid.
+// SAFETY (of the attribute): nothing else in this test binary defines
+// `sigaction`; the interposer has libc's signature and forwards to libc's.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sigaction(
     sig: libc::c_int,
@@ -150,15 +154,21 @@ type KeyCreateFn = unsafe extern "C" fn(
 ///
 /// # Safety
 /// As libc's `pthread_key_create`: `key` valid for a write.
+// SAFETY (of the attribute): nothing else in this test binary defines
+// `pthread_key_create`; the interposer has libc's signature and forwards
+// to libc's.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pthread_key_create(
     key: *mut libc::pthread_key_t,
     dtor: Option<unsafe extern "C" fn(*mut libc::c_void)>,
 ) -> libc::c_int {
-    // SAFETY: libc's own pthread_key_create behind this interposer.
-    let real: KeyCreateFn = unsafe {
-        std::mem::transmute(libc::dlsym(libc::RTLD_NEXT, c"pthread_key_create".as_ptr()))
-    };
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only looks
+    // the symbol up.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_key_create".as_ptr()) };
+    assert!(!p.is_null(), "libc's pthread_key_create not found");
+    // SAFETY: `p` is libc's own pthread_key_create, whose C signature is
+    // `KeyCreateFn`.
+    let real = unsafe { std::mem::transmute::<*mut libc::c_void, KeyCreateFn>(p) };
     if KEY_FORK.swap(0, Ordering::SeqCst) == 1 {
         FORK_GO.store(1, Ordering::SeqCst);
         while FORK_GO.load(Ordering::SeqCst) != 2 {
