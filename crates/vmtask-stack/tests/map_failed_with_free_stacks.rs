@@ -7,18 +7,8 @@ mod common;
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use common::rerun_in_child;
-use vmtask_stack::{Config, GuardMode, Stack, StackError, StackPool};
-
-fn vm_size_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmSize:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmSize in /proc/self/status");
-    kib * 1024
-}
+use common::{alloc_until_error, assert_enomem, limit_address_space, rerun_in_child};
+use vmtask_stack::{Config, GuardMode, Stack, StackPool};
 
 fn run(mode: GuardMode) {
     let pool = Arc::new(
@@ -29,9 +19,9 @@ fn run(mode: GuardMode) {
         })
         .unwrap(),
     );
-    // Everything that needs memory is made before the limit: the helper
-    // thread (its own stack), the hand-over vector, the held stacks'
-    // vector.
+    // The helper thread (its own stack) and the hand-over vector are
+    // made before the limit; the 64 MiB of headroom below leaves room for
+    // the vector of held stacks.
     let handover: Arc<Mutex<Vec<Stack>>> = Arc::new(Mutex::new(Vec::with_capacity(4)));
     let given = Arc::new(Barrier::new(2));
     let dropped = Arc::new(Barrier::new(2));
@@ -61,34 +51,13 @@ fn run(mode: GuardMode) {
             drop(warm);
         })
     };
-    let mut stacks = Vec::with_capacity(4096);
     // The helper's warm stack is out before the limit.
     while pool.stats().live == 0 {
         std::thread::yield_now();
     }
-    let limit = libc::rlimit {
-        rlim_cur: vm_size_bytes() + (64 << 20),
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: lowers this (child) process's own soft limit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
-    let err = loop {
-        match pool.alloc() {
-            Ok(s) => stacks.push(s),
-            Err(e) => break e,
-        }
-        assert!(stacks.len() < 4096, "no limit enforced");
-    };
-    assert!(
-        matches!(
-            err,
-            StackError::MapFailed {
-                errno: libc::ENOMEM,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    limit_address_space(64 << 20);
+    let (mut stacks, err) = alloc_until_error(&pool, 4096);
+    assert_enomem(&err);
     let held = stacks.len();
     {
         let mut h = handover.lock().unwrap();

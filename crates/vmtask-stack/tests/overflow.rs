@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Output;
 
 use corosensei::Coroutine;
-use vmtask_stack::{Config, GuardMode, StackError, StackPool};
+use vmtask_stack::{Config, GuardMode, StackPool};
 
 mod common;
 use common::{in_child, recurse, run_child};
@@ -239,16 +239,7 @@ fn mprotect_mode_reports_the_map_count_limit_as_an_error() {
         let held = stacks.len();
         drop(stacks);
         drop(pool);
-        assert!(
-            matches!(
-                err,
-                StackError::MapFailed {
-                    errno: libc::ENOMEM,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        common::assert_enomem(&err);
         println!("LIMIT {held} stacks: {err}");
         return;
     }

@@ -9,8 +9,8 @@ use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
 use common::{
-    alloc_until_error, batch_populate_supported, home, on_cpu, page, populate_supported,
-    rerun_in_child, resident_pages, two_cpus,
+    alloc_until_error, assert_enomem, batch_populate_supported, home, limit_address_space, on_cpu,
+    page, populate_supported, rerun_in_child, resident_pages, two_cpus,
 };
 
 #[test]
@@ -685,30 +685,10 @@ fn an_address_space_limit_smaller_than_an_arena_still_gives_stacks() {
         ..Config::default()
     })
     .unwrap();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let vm_size: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmSize:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .expect("VmSize in /proc/self/status");
     let headroom = 64 << 20;
-    let limit = libc::rlimit {
-        rlim_cur: vm_size * 1024 + headroom,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: lowers this (child) process's own soft limit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    limit_address_space(headroom);
     let (stacks, err) = alloc_until_error(&pool, 1000);
-    assert!(
-        matches!(
-            err,
-            StackError::MapFailed {
-                errno: libc::ENOMEM,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_enomem(&err);
     assert!(
         stacks.len() >= 16,
         "only {} stacks of 1 MiB under {headroom} bytes of headroom: {err}",

@@ -191,3 +191,36 @@ pub fn alloc_until_error(
         assert!(stacks.len() < max, "no error after {max} stacks");
     }
 }
+
+/// Lowers this process's soft `RLIMIT_AS` to its current size (`VmSize`)
+/// plus `headroom` bytes. For child processes only: the limit stays.
+pub fn limit_address_space(headroom: u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_size_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmSize:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("VmSize in /proc/self/status");
+    let limit = libc::rlimit {
+        rlim_cur: vm_size_kib * 1024 + headroom,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: lowers this process's own soft limit; no pointer but `limit`.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+}
+
+/// Panics unless `err` is the kernel refusing memory or mappings
+/// (`MapFailed` with `ENOMEM`).
+#[track_caller]
+pub fn assert_enomem(err: &vmtask_stack::StackError) {
+    assert!(
+        matches!(
+            err,
+            vmtask_stack::StackError::MapFailed {
+                errno: libc::ENOMEM,
+                ..
+            }
+        ),
+        "expected MapFailed with ENOMEM, got: {err}"
+    );
+}
