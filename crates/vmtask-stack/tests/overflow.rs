@@ -40,8 +40,15 @@ fn touch_below_limit(mode: GuardMode) {
     .unwrap();
     let stack = pool.alloc().unwrap();
     print_bounds(&stack);
-    // SAFETY: deliberately not: this writes the guard page to prove it faults.
-    unsafe { std::ptr::write_volatile(stack.limit().sub(1), 1) };
+    let limit = stack.limit() as usize;
+    // From code running on the stack: a write into the guard of a stack
+    // nothing runs on is a stray pointer, not an overflow.
+    let mut co = Coroutine::with_stack(stack, move |_: &corosensei::Yielder<(), ()>, ()| {
+        // SAFETY: deliberately not: this writes the guard page to prove it
+        // faults.
+        unsafe { std::ptr::write_volatile((limit - 1) as *mut u8, 1) };
+    });
+    co.resume(());
     unreachable!("the guard page did not fault");
 }
 
