@@ -442,6 +442,10 @@ impl CpuCache {
     /// stay in the area, where pops on `cpu` still find them, and a warning
     /// goes to stderr once per process. Keep `membarrier` allowed.
     ///
+    /// Not from a signal handler: it may allocate (`out` grows), and if the
+    /// interrupted code holds `cpu`'s area (another drain, or a try-lock
+    /// push or pop) it waits for it forever.
+    ///
     /// # Panics
     /// If `cpu >= self.cpus()`.
     pub fn drain(&self, cpu: usize, max: usize, out: &mut Vec<NonNull<u8>>) -> usize {

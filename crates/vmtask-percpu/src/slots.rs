@@ -100,7 +100,9 @@ impl<T> PerCpu<T> {
     }
 
     /// Exclusive use of `cpu`'s slot, spinning (with backoff, then
-    /// yielding) until its holder lets go. For drains and statistics.
+    /// yielding) until its holder lets go. For drains and statistics. Not
+    /// from a signal handler: if the interrupted code holds the slot, it
+    /// waits forever.
     ///
     /// # Panics
     /// If `cpu >= self.len()`.
