@@ -22,16 +22,23 @@
 //!   `stack overflow: stack <base>..<limit> of <size> bytes`, then `: ` and
 //!   the label from the hook, if one is set, to stderr with `write(2)` and
 //!   aborts. A fault address in a guard counts only if the interrupted
-//!   stack pointer is in that same slot (its guard or its stack): a stray
-//!   or dangling pointer into the guard of a stack that is free, or that
-//!   code on another stack writes, is an ordinary fault. Reports do not
-//!   interleave: a second thread that overflows while the first reports
-//!   waits (about 2 s at most) for the abort. Everything else is delivered
-//!   to the previous action as the kernel would have delivered it (see
-//!   [`on_fault`]), so Rust's own "has overflowed its stack" report still
-//!   works; a previous handler without `SA_ONSTACK` runs on the
-//!   interrupted stack, as the kernel runs it, not on the alternate stack
-//!   (x86_64 and aarch64; see `call_on_interrupted_stack`).
+//!   stack pointer is in that same slot (its guard or its stack) or less
+//!   than a slot below its guard (a frame bigger than the guard jumped
+//!   it): a stray or dangling pointer into the guard of a stack that is
+//!   free, or that code on another stack writes, is an ordinary fault.
+//!   Reports do not interleave: a second thread that overflows while the
+//!   first reports waits (about 2 s at most) for the abort. Everything else
+//!   is delivered to the previous action as the kernel would have
+//!   delivered it (see [`on_fault`]), so Rust's own "has overflowed its
+//!   stack" report still works. One difference remains: a previous handler
+//!   installed without `SA_ONSTACK` runs on the thread's alternate stack
+//!   (ours is 64 KiB; the one Rust gives its threads is about
+//!   `AT_MINSIGSTKSZ`, 12 KiB on a machine with AMX), not on the
+//!   interrupted stack. Running it there by switching stacks was tried and
+//!   dropped: unwinders (crash reporters' backtraces) could not walk
+//!   through the switch, and a handler leaving with `siglongjmp` left the
+//!   alternate stack cut short. A crash handler that needs more room
+//!   should bring its own alternate stack and use `SA_ONSTACK`.
 //! - A SIGSEGV or SIGBUS action installed after the first pool replaces
 //!   ours: overflows are then reported only if that handler calls the
 //!   action it replaced (ours) with its `(sig, info, context)`, and it has
@@ -237,9 +244,16 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
         // A guard address is an overflow of that stack only if the
         // faulting code runs on it: a stray or dangling pointer into the
         // guard of a stack that is free, or that another thread owns, is
-        // an ordinary fault and goes to the previous action.
+        // an ordinary fault and goes to the previous action. A frame
+        // bigger than the guard (C without stack-clash protection, alloca)
+        // moves the stack pointer past the guard into the slot below
+        // before its first store hits the guard: that stack pointer counts
+        // too, up to a slot below the guard.
         let overflow = hit(addr)
-            .filter(|slot| sp.is_none_or(|sp| (slot.guard..slot.base).contains(&sp)))
+            .filter(|slot| {
+                let below = slot.guard.saturating_sub(slot.base - slot.guard);
+                sp.is_none_or(|sp| (below..slot.base).contains(&sp))
+            })
             .or_else(|| sp.and_then(hit))
             .or_else(|| frame_did_not_fit(sig, code, addr, ctx));
         if let Some(slot) = overflow {
@@ -423,209 +437,22 @@ fn deliver(
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
         }
     }
-    let mut call = || {
-        if prev.sa_flags & libc::SA_SIGINFO != 0 {
-            // SAFETY: with SA_SIGINFO the previous handler has this
-            // signature; we pass it the arguments the kernel gave us.
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                unsafe { std::mem::transmute(handler) };
-            f(sig, info, ctx);
-        } else {
-            // SAFETY: without SA_SIGINFO the previous handler takes the
-            // signal number only.
-            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
-            f(sig);
-        }
-    };
-    // Without SA_ONSTACK the kernel would have run it on the interrupted
-    // stack, which may have far more room than an alternate stack (Rust's
-    // is `AT_MINSIGSTKSZ` bytes, about half of it used by now): a crash
-    // reporter formatting a backtrace there overflowed it and the process
-    // died without its report.
-    if prev.sa_flags & libc::SA_ONSTACK != 0 || !call_on_interrupted_stack(ctx, &mut call) {
-        call();
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: with SA_SIGINFO the previous handler has this signature;
+        // we pass it the arguments the kernel gave us.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { std::mem::transmute(handler) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: without SA_SIGINFO the previous handler takes the signal
+        // number only.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+        f(sig);
     }
     // Back to our own handler's mask; returning restores the interrupted
     // code's. (A handler that leaves with siglongjmp sets its own.)
     // SAFETY: as above; `saved` was filled in by the first call.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
-}
-
-/// `SS_AUTODISARM` (Linux 4.7+), which libc does not name.
-const SS_AUTODISARM: libc::c_int = 1 << 31;
-
-/// What [`off_alt_stack`] needs, on the alternate stack left behind.
-struct OffAltStack<'a> {
-    /// The alternate stack as it was.
-    alt: libc::stack_t,
-    /// The mask to run `call` with.
-    mask: libc::sigset_t,
-    call: &'a mut dyn FnMut(),
-    ran: bool,
-}
-
-/// Runs `call` on the interrupted stack, as the kernel runs a handler
-/// without `SA_ONSTACK`, if this handler runs on an alternate stack the
-/// interrupted code was not on (x86_64 and aarch64); returns whether it did.
-///
-/// While `call` runs there, the alternate stack is cut off below this
-/// handler's frames (and the kernel's frame above them), so that a signal
-/// delivered on it meanwhile cannot overwrite them: the kernel starts a
-/// frame at the top of the alternate stack for a thread not on it. All
-/// signals are blocked while the stack pointer and the alternate stack
-/// change. A `call` that leaves with `siglongjmp` leaves the alternate
-/// stack cut (still enabled, smaller by what this handler used).
-fn call_on_interrupted_stack(ctx: *mut libc::c_void, call: &mut dyn FnMut()) -> bool {
-    if !cfg!(any(
-        all(target_arch = "x86_64", target_os = "linux"),
-        all(target_arch = "aarch64", target_os = "linux")
-    )) {
-        return false;
-    }
-    let Some(sp) = interrupted_sp(ctx) else {
-        return false;
-    };
-    // SAFETY: an all-zero stack_t is a valid value to query into.
-    let mut alt: libc::stack_t = unsafe { std::mem::zeroed() };
-    // SAFETY: querying the alternate stack writes into `alt`.
-    unsafe { libc::sigaltstack(std::ptr::null(), &mut alt) };
-    let lo = alt.ss_sp as usize;
-    if alt.ss_flags & libc::SS_ONSTACK == 0 || (lo..=lo + alt.ss_size).contains(&sp) {
-        // Not on an alternate stack (the interrupted one is this one), or
-        // the interrupted code ran on it: the kernel would have stayed.
-        return false;
-    }
-    // Below the interrupted code's red zone, aligned for a call.
-    let Some(new_sp) = sp.checked_sub(256).map(|s| s & !15) else {
-        return false;
-    };
-    // SAFETY: all-zero sigsets are valid values to fill in.
-    let (mut all, mut mask): (libc::sigset_t, libc::sigset_t) = unsafe { std::mem::zeroed() };
-    // SAFETY: async-signal-safe calls on sigsets on this stack.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut mask);
-    }
-    let mut job = OffAltStack {
-        alt,
-        mask,
-        call,
-        ran: false,
-    };
-    // SAFETY: `new_sp` is below the interrupted code's live data on its own
-    // stack, where the kernel would have put the handler's frame;
-    // `off_alt_stack` has the signature the switch calls, and `job`
-    // outlives the call.
-    unsafe { switch_and_call(new_sp, off_alt_stack, (&raw mut job).cast()) };
-    // SAFETY: restoring the mask `call` was to run with.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &job.mask, std::ptr::null_mut()) };
-    job.ran
-}
-
-/// Runs on the interrupted stack: see [`call_on_interrupted_stack`].
-/// `old_sp` is the stack pointer on the alternate stack at the switch.
-extern "C" fn off_alt_stack(job: *mut libc::c_void, old_sp: usize) {
-    // SAFETY: `call_on_interrupted_stack` passes its live `OffAltStack`.
-    let job = unsafe { &mut *job.cast::<OffAltStack<'_>>() };
-    let lo = job.alt.ss_sp as usize;
-    let keep = old_sp.saturating_sub(512) & !15;
-    let cut = libc::stack_t {
-        ss_sp: job.alt.ss_sp,
-        ss_flags: job.alt.ss_flags & SS_AUTODISARM,
-        ss_size: keep.saturating_sub(lo),
-    };
-    // SAFETY: this thread is off its alternate stack now, so it may change
-    // it; `cut` is the part below everything live on it.
-    if keep <= lo || unsafe { libc::sigaltstack(&cut, std::ptr::null_mut()) } != 0 {
-        return;
-    }
-    // SAFETY: as in `deliver`.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &job.mask, std::ptr::null_mut()) };
-    (job.call)();
-    job.ran = true;
-    let whole = libc::stack_t {
-        ss_sp: job.alt.ss_sp,
-        ss_flags: job.alt.ss_flags & SS_AUTODISARM,
-        ss_size: job.alt.ss_size,
-    };
-    // SAFETY: all signals blocked again before the whole alternate stack,
-    // with this handler's frames on it, is given back.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-        libc::sigaltstack(&whole, std::ptr::null_mut());
-    }
-}
-
-/// Calls `f(job, old_sp)` with the stack pointer at `sp`, and comes back.
-///
-/// # Safety
-/// `sp` is 16-byte aligned, with room below it for `f`, and nothing live
-/// below it.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-unsafe fn switch_and_call(
-    sp: usize,
-    f: extern "C" fn(*mut libc::c_void, usize),
-    job: *mut libc::c_void,
-) {
-    // SAFETY: the caller's contract; r12 is callee-saved, so it holds the
-    // old stack pointer across the call.
-    unsafe {
-        std::arch::asm!(
-            "mov r12, rsp",
-            "mov rsi, rsp",
-            "mov rsp, {sp}",
-            "call {f}",
-            "mov rsp, r12",
-            sp = in(reg) sp,
-            f = in(reg) f,
-            inout("rdi") job => _,
-            out("rsi") _,
-            out("r12") _,
-            clobber_abi("C"),
-        )
-    }
-}
-
-/// As on x86_64.
-///
-/// # Safety
-/// As on x86_64.
-#[cfg(all(target_arch = "aarch64", target_os = "linux"))]
-unsafe fn switch_and_call(
-    sp: usize,
-    f: extern "C" fn(*mut libc::c_void, usize),
-    job: *mut libc::c_void,
-) {
-    // SAFETY: as on x86_64, with x20 callee-saved.
-    unsafe {
-        std::arch::asm!(
-            "mov x20, sp",
-            "mov x1, sp",
-            "mov sp, {sp}",
-            "blr {f}",
-            "mov sp, x20",
-            sp = in(reg) sp,
-            f = in(reg) f,
-            inout("x0") job => _,
-            out("x1") _,
-            out("x20") _,
-            clobber_abi("C"),
-        )
-    }
-}
-
-/// Elsewhere [`call_on_interrupted_stack`] never switches.
-#[cfg(not(any(
-    all(target_arch = "x86_64", target_os = "linux"),
-    all(target_arch = "aarch64", target_os = "linux")
-)))]
-unsafe fn switch_and_call(
-    _sp: usize,
-    _f: extern "C" fn(*mut libc::c_void, usize),
-    _job: *mut libc::c_void,
-) {
 }
 
 /// A fixed buffer for building the report without allocating.
@@ -921,10 +748,8 @@ fn get_alt_stack() -> Option<usize> {
         if map != 0 {
             // SAFETY: a spare is no thread's signal stack, and its first
             // usable word holds the next spare, written by `put_spare`.
-            SPARES.store(
-                unsafe { ((map + page) as *const usize).read() },
-                Ordering::Relaxed,
-            );
+            let next = unsafe { ((map + page) as *const usize).read() };
+            SPARES.store(next, Ordering::Relaxed);
             return Some(map);
         }
     }
