@@ -126,29 +126,40 @@ static FIRED: [AtomicBool; 2] = [const { AtomicBool::new(false) }; 2];
 /// `sys::register_fork_child_handler`); such a child installs again.
 static INSTALL: AtomicU64 = AtomicU64::new(0);
 
-/// Installs the overflow handler for the process (idempotent).
-pub(crate) fn install_handler() {
-    const DONE: u64 = u64::MAX;
+/// Takes `word`, a lock that survives `fork`: 0 when free, else the
+/// pid + 1 of the process whose thread holds it. Waits while a thread of
+/// this process holds it; takes it over from another process (a parent
+/// that forked us while one of its threads held it, a thread the child
+/// does not have). Returns `false`, without taking it, once `word` reads
+/// `done`.
+fn take_fork_safe(word: &AtomicU64, done: u64) -> bool {
     // SAFETY: getpid has no preconditions.
     let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
     loop {
-        let seen = INSTALL.load(Ordering::Acquire);
-        if seen == DONE {
-            return;
+        let seen = word.load(Ordering::Acquire);
+        if seen == done {
+            return false;
         }
         if seen == me {
-            // Another thread of this process is installing.
+            // Another thread of this process holds it.
             std::thread::yield_now();
             continue;
         }
-        if INSTALL
+        if word
             .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            install_actions();
-            INSTALL.store(DONE, Ordering::Release);
-            return;
+            return true;
         }
+    }
+}
+
+/// Installs the overflow handler for the process (idempotent).
+pub(crate) fn install_handler() {
+    const DONE: u64 = u64::MAX;
+    if take_fork_safe(&INSTALL, DONE) {
+        install_actions();
+        INSTALL.store(DONE, Ordering::Release);
     }
 }
 
@@ -716,19 +727,10 @@ struct SparesLock;
 
 impl SparesLock {
     fn lock() -> SparesLock {
-        // SAFETY: getpid has no preconditions.
-        let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
-        loop {
-            let seen = SPARES_LOCK.load(Ordering::Relaxed);
-            if seen != me
-                && SPARES_LOCK
-                    .compare_exchange(seen, me, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                return SparesLock;
-            }
-            std::thread::yield_now();
-        }
+        // The lock word is never `u64::MAX` (a pid + 1 fits in 33 bits).
+        let taken = take_fork_safe(&SPARES_LOCK, u64::MAX);
+        debug_assert!(taken);
+        SparesLock
     }
 }
 
