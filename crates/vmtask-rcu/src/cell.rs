@@ -114,11 +114,21 @@ impl<T: Send + 'static> RcuCell<T> {
     /// to (compared by address; `None` for empty). On failure `new` is
     /// returned. The replaced value is dropped after a grace period, as in
     /// [`store`](Self::store).
+    ///
+    /// # Panics
+    /// If `T` is zero-sized: every box of such a `T` has the same address,
+    /// so a value stored since `current` was loaded could not be told from
+    /// it, and the exchange would succeed when it should fail.
     pub fn compare_and_store(
         &self,
         current: Option<&T>,
         new: Option<Box<T>>,
     ) -> Result<(), Option<Box<T>>> {
+        assert!(
+            size_of::<T>() != 0,
+            "RcuCell::compare_and_store on a zero-sized type: its values all \
+             have one address and cannot be told apart (wrap it in a sized type)"
+        );
         let expected = current.map_or(ptr::null_mut(), |r| r as *const T as *mut T);
         let new_ptr = into_ptr(new);
         match self

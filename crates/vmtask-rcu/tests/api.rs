@@ -453,6 +453,18 @@ fn rcu_cell_swap_hands_back_the_old_value_after_a_grace_period() {
     assert_eq!(cell.load(&g).map(String::as_str), Some("c"));
 }
 
+/// A zero-sized `T` cannot be compared by address (every box of it has the
+/// same one): a stale `current` would match a value stored since.
+#[test]
+#[should_panic(expected = "compare_and_store on a zero-sized type")]
+fn compare_and_store_refuses_zero_sized_values() {
+    let cell = RcuCell::new(Some(Box::new(())));
+    let g = read_lock();
+    let stale = cell.load(&g);
+    cell.store(Some(Box::new(())));
+    let _ = cell.compare_and_store(stale, None);
+}
+
 #[test]
 fn rcu_cell_drop_defers_the_last_value() {
     let dropped = Arc::new(AtomicBool::new(false));
