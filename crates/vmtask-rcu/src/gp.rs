@@ -623,6 +623,17 @@ mod loom_model {
     //! Model: a reader reads a published pointer inside a section and checks
     //! the object has not been freed; the updater unpublishes it, runs a
     //! grace period and frees it. membarrier is modelled as a SeqCst fence.
+    //!
+    //! What the models check, and what they cannot (an audit mutated the
+    //! code and re-ran them): removing either wait of the two-phase flip,
+    //! or the check of the reader's slot, fails them. Removing the
+    //! updater's heavy barriers fails only the `an_earlier_attempt`
+    //! models: the reader's side of a modelled membarrier is a SeqCst fence
+    //! of its own (`reader_barrier`), so the membarrier models run the same
+    //! reader code as the fence ones, and loom does not explore the
+    //! store-buffering reorder that the updater's fences exist to stop. The
+    //! placement of those fences follows liburcu's memb flavor and is
+    //! argued in `two_waits`; the real-thread torture tests run both modes.
     use super::*;
     use loom::sync::atomic::AtomicBool;
     use loom::sync::Arc;

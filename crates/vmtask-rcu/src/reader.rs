@@ -23,6 +23,13 @@ pub struct ReadGuard {
 ///
 /// Two loads and a store on the thread's own thread-local reader; the
 /// first call on a thread registers it as a reader.
+///
+/// A signal handler may take a read lock on a thread that has already
+/// used RCU: that path is a few loads and stores, no lock. Registration is
+/// not async-signal-safe (it takes the registry lock), so take one read
+/// lock on a thread before its signal handlers may. Signals are held back
+/// while the thread registers and unregisters, so a handler that
+/// interrupts either runs once it is done.
 #[inline]
 pub fn read_lock() -> ReadGuard {
     LOCAL.with(|local| {

@@ -91,8 +91,44 @@ struct Registration {
     slot: Option<&'static Slot>,
 }
 
+/// Blocks every signal on the calling thread while it lives. Registration
+/// and unregistration take the crate's locks and publish or unpublish
+/// `LOCAL` in several steps: a signal handler that reads (or makes the
+/// thread's first RCU use) in the middle would re-enter them, and std's
+/// lazy thread-local initialisation is re-entrant, so the thread would be
+/// registered twice and one slot left publishing its `LOCAL` after it
+/// exits. Blocked, the signal is delivered once the thread is registered
+/// (or unregistered).
+struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    fn new() -> Self {
+        // SAFETY: sigset_t is plain data; both are valid out-pointers and
+        // pthread_sigmask only changes the calling thread's mask.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            // Faults stay deliverable (a stack-overflow handler, say).
+            for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+                libc::sigdelset(&mut all, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            SignalsBlocked(old)
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` on this thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, ptr::null_mut()) };
+    }
+}
+
 impl Registration {
     fn new() -> Self {
+        let _blocked = SignalsBlocked::new();
         // Before any lock of the crate is taken (see `fork.rs`).
         crate::fork::register_handlers();
         // Armed first: a `LOCAL` is never published without a way to
@@ -122,6 +158,7 @@ fn unregister(slot: &'static Slot) {
     if UNREGISTERED.with(|u| u.replace(true)) {
         return;
     }
+    let _blocked = SignalsBlocked::new();
     // Other thread-local destructors may still read; they get temporary
     // slots (see `lock_offline`).
     CURRENT.with(|c| c.set(ptr::null()));
