@@ -215,6 +215,10 @@ struct Arena {
     /// With `populate_top`: slots whose top page has been asked for
     /// (`carved <= populated <= guarded`, or 0 without it).
     populated: usize,
+    /// With guard markers: guards made with `mprotect` instead, since the
+    /// kernel refused a marker (a locked mapping); the last `mprotected`
+    /// of the `guarded` slots.
+    mprotected: usize,
     node: &'static Node,
 }
 
@@ -276,26 +280,46 @@ impl Arenas {
         }
         let arena = self.list.last_mut().expect("grow added an arena");
         if arena.carved == arena.guarded {
-            let batch = if markers { GUARD_BATCH } else { 1 };
-            let end = (arena.guarded + batch).min(arena.slots);
-            let guards: Vec<_> = (arena.guarded..end)
+            // With guard markers, a batch of slots at a time. The kernel
+            // refuses markers (`EINVAL`) on a locked mapping
+            // (`mlockall(MCL_FUTURE)`, or `MCL_CURRENT` after the arena was
+            // mapped): such an arena takes `mprotect` guards slot by slot
+            // from then on, each splitting off two more mappings
+            // (`mappings`).
+            let try_markers = markers && arena.mprotected == 0;
+            let batch = if try_markers { GUARD_BATCH } else { 1 };
+            let guards: Vec<_> = (arena.guarded..(arena.guarded + batch).min(arena.slots))
                 .map(|slot| (arena.start + slot * layout.slot_size, layout.guard_size))
                 .collect();
-            let installed = if markers {
-                sys::install_guard_markers(&guards)
+            let marked = try_markers
+                && match sys::install_guard_markers(&guards) {
+                    Ok(()) => true,
+                    Err(libc::EINVAL) => false,
+                    Err(errno) => {
+                        return Err(StackError::MapFailed {
+                            what: "install a guard page (MADV_GUARD_INSTALL)",
+                            bytes: layout.guard_size,
+                            errno,
+                        })
+                    }
+                };
+            if marked {
+                arena.guarded += guards.len();
             } else {
-                sys::install_guard(guards[0].0, layout.guard_size, false)
-            };
-            installed.map_err(|errno| StackError::MapFailed {
-                what: if markers {
-                    "install a guard page (MADV_GUARD_INSTALL)"
-                } else {
-                    "protect a guard page (mprotect PROT_NONE, bounded by vm.max_map_count)"
-                },
-                bytes: layout.guard_size,
-                errno,
-            })?;
-            arena.guarded = end;
+                sys::install_guard(guards[0].0, layout.guard_size, false).map_err(|errno| {
+                    StackError::MapFailed {
+                        what: if markers {
+                            "protect a guard page of a locked arena (mprotect PROT_NONE, bounded by vm.max_map_count)"
+                        } else {
+                            "protect a guard page (mprotect PROT_NONE, bounded by vm.max_map_count)"
+                        },
+                        bytes: layout.guard_size,
+                        errno,
+                    }
+                })?;
+                arena.mprotected += usize::from(markers);
+                arena.guarded += 1;
+            }
         }
         let slot = arena.carved;
         let top = arena.start + (slot + 1) * layout.slot_size;
@@ -347,6 +371,7 @@ impl Arenas {
             carved: 0,
             guarded: 0,
             populated: 0,
+            mprotected: 0,
             node,
         });
         self.reserved_slots += slots;
@@ -368,9 +393,19 @@ impl Arenas {
     /// splits its arena, giving two mappings per carved slot (the uncarved
     /// tail belongs to the last carved stack's mapping: both are read-write
     /// and were never split apart), or one for an arena with nothing carved.
+    /// A marker arena that was locked has its last `mprotected` slots
+    /// guarded by `mprotect`: two more each, one fewer if they start at the
+    /// arena's first slot (nothing below that guard to split off).
     pub(crate) fn mappings(&self, markers: bool) -> usize {
         if markers {
-            return self.list.len();
+            return self
+                .list
+                .iter()
+                .map(|a| {
+                    1 + 2 * a.mprotected
+                        - usize::from(a.mprotected > 0 && a.mprotected == a.guarded)
+                })
+                .sum();
         }
         self.list
             .iter()

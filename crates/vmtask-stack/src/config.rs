@@ -31,6 +31,9 @@ pub enum GuardMode {
     Auto,
     /// `madvise(MADV_GUARD_INSTALL)` (Linux 6.13+): guards live in the page
     /// tables, so an arena stays one mapping however many stacks it holds.
+    /// The kernel refuses markers on locked memory: once the process has
+    /// called `mlockall`, slots carved from then on get `mprotect` guards,
+    /// with that mode's bound (see `Mprotect`).
     GuardMarker,
     /// `mprotect(PROT_NONE)`: every guard splits the arena's mapping, so
     /// live stacks are bounded by `vm.max_map_count` (about 32,000 stacks at

@@ -453,10 +453,19 @@ pub(crate) fn resident_pages(addr: usize, len: usize) -> usize {
 }
 
 /// Whether this kernel supports `MADV_GUARD_INSTALL`, probed on a scratch
-/// mapping (see [`Probe`]).
+/// mapping (see [`Probe`]). The kernel refuses markers on locked memory
+/// with the same `EINVAL` as a kernel without them, so the scratch page is
+/// unlocked first (`mlockall(MCL_FUTURE)` locks it at `mmap`): the probe
+/// answers for the kernel, and carving falls back to `mprotect` slot by
+/// slot where the arena itself is locked (`arena::Arenas::carve`).
 pub(crate) fn guard_markers_supported() -> Result<bool, i32> {
     static PROBE: Probe = Probe::new();
-    PROBE.get(2, |p| madvise(p, page_size(), MADV_GUARD_INSTALL))
+    PROBE.get(2, |p| {
+        // SAFETY: `p` is the probe's own scratch mapping; unlocking it
+        // changes nothing else (and nothing when it is not locked).
+        unsafe { libc::munlock(p as *const libc::c_void, page_size()) };
+        madvise(p, page_size(), MADV_GUARD_INSTALL)
+    })
 }
 
 #[cfg(test)]
