@@ -585,8 +585,10 @@ fn check_backlog() {
     if backlog <= soft as u64 {
         return;
     }
-    EXPEDITED.fetch_add(1, Ordering::Relaxed);
     if !URGENT.load(Ordering::Relaxed) {
+        // Counted only when this check asks for the grace period: one
+        // already asked for (and not yet taken up) is not started again.
+        EXPEDITED.fetch_add(1, Ordering::Relaxed);
         wake_thread_urgent();
     }
     // Waiting inside a read-side section would wait for ourselves, and the
@@ -766,8 +768,11 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
         slot.bag.run_one(entry);
     }
     match pushed {
-        Pushed::Stored { first: false } => {}
-        Pushed::Stored { first: true } => {
+        // Not the bag's first entry: the thread was woken for the bag
+        // already, unless a fork has since left this process without one
+        // (the child restarts it on next use, and this is a use).
+        Pushed::Stored { first: false } if STARTED.load(Ordering::Relaxed) == RUNNING => {}
+        Pushed::Stored { .. } => {
             ensure_thread();
             // Pairs with the thread's SLEEPING store and bag re-check.
             fence(Ordering::SeqCst);

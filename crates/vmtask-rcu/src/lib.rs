@@ -42,10 +42,12 @@
 //!   inside a read-side section would deadlock; they panic instead.
 //!
 //! Threads register as readers on first use and unregister when they exit.
-//! After `fork`, the child starts clean (its callback thread restarts):
-//! callbacks queued before the fork still run in the child, and so do the
-//! deferred drops other threads had in their batches, which go on the
-//! child's callback queues.
+//! After `fork`, the child starts clean: callbacks queued before the fork
+//! still run in the child, and so do the deferred drops other threads had
+//! in their batches, which go on the child's callback queues. They run on
+//! the child's callback thread, which starts at the child's first `call`,
+//! `defer_drop` or `barrier` (a child that only reads and synchronizes
+//! leaves them queued).
 //!
 //! Each thread's reader lives in its own thread-local storage, so the read
 //! side addresses it directly. A section that outlives the thread's

@@ -35,7 +35,8 @@ fn barrier_waits_for_drops_their_own_thread_is_running() {
             }
         }
     });
-    // Wait until this thread is running its first bag.
+    // Wait until the first of its objects has been dropped (by the
+    // callback thread or by the owner).
     while DROPPED.load(Ordering::SeqCst) == 0 {
         std::thread::sleep(Duration::from_micros(100));
     }

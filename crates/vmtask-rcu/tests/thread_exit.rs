@@ -198,15 +198,32 @@ fn grace_periods_racing_thread_exits() {
 
 #[test]
 fn barrier_and_deferral_work_from_a_late_destructor_of_a_thread_that_used_them() {
-    let ok = from_late_destructor(|| {
+    static DROPPED: AtomicBool = AtomicBool::new(false);
+    static CALLED: AtomicBool = AtomicBool::new(false);
+    struct Flag;
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            DROPPED.store(true, Ordering::SeqCst);
+        }
+    }
+    let ran = from_late_destructor(|| {
         // The map `barrier` keeps per thread is gone by now.
-        defer_drop(Box::new(5u64));
-        call(|| {});
+        defer_drop(Box::new(Flag));
+        call(|| CALLED.store(true, Ordering::SeqCst));
         barrier();
+        // `barrier` returned: both ran before it did.
+        let ran = (
+            DROPPED.load(Ordering::SeqCst),
+            CALLED.load(Ordering::SeqCst),
+        );
         synchronize();
-        true
+        ran
     });
-    assert!(ok);
+    assert_eq!(
+        ran,
+        (true, true),
+        "(drop ran, callback ran) when barrier returned"
+    );
 }
 
 #[test]
