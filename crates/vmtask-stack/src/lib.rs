@@ -32,6 +32,13 @@
 //!   or the kernel runs out.
 //! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
 //!   reservation.
+//! - A `fork` child may go on using a pool that other threads were using at
+//!   the fork: the fork waits for their slow paths (which take the pool's
+//!   locks) to finish. The stacks those threads held stay taken in the
+//!   child. One exception: without rseq (the try-lock fallback of
+//!   `vmtask_percpu::CacheMode`), a magazine push or pop in flight at the
+//!   fork can leave that CPU's magazine locked, and a child's free that
+//!   spills to the depot there then hangs.
 //!
 //! With the default `corosensei` feature a [`Stack`] is a
 //! `corosensei::stack::Stack`:
@@ -65,6 +72,7 @@ mod arena;
 mod config;
 mod ensure;
 mod error;
+mod fork;
 mod overflow;
 mod park;
 mod pool;

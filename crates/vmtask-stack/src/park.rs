@@ -52,6 +52,7 @@ pub(crate) fn install_fork_handlers() {
     std::hint::black_box(&INSTALL_AT_START);
     crate::sys::register_fork_child_handler(&STATE, after_fork_child);
     crate::sys::install_pidfd_fork_handler();
+    crate::fork::install_handlers();
 }
 
 /// Installs the fork handlers before `main`, while the process has one

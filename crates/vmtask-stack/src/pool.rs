@@ -69,7 +69,7 @@ use crate::error::StackError;
 use crate::stack::Stack;
 use crate::tally::Tallies;
 use crate::transit::{Transit, Transits};
-use crate::{overflow, sys};
+use crate::{fork, overflow, sys};
 
 /// A test-and-test-and-set lock whose release is a single store, so a
 /// thread that publishes into the depot touches the pool no later than that
@@ -194,12 +194,18 @@ impl PoolInner {
     #[cold]
     fn first_hit(&self) {
         overflow::prepare_thread_once();
+        let _section = fork::section();
         self.hits.hit_slow();
     }
 
     #[cold]
     fn alloc_slow(&self) -> Result<NonNull<u8>, StackError> {
         overflow::prepare_thread_once();
+        // Every path that takes a lock of the pool, drains a magazine or
+        // opens a transit runs in a section (see `fork.rs`); preparing the
+        // thread does none of those (it has fork-safe locks of its own) and
+        // calls into libc, which could wait on a fork: outside.
+        let _section = fork::section();
         // The thread may have a stack of this pool parked while its cache
         // pointed at another pool: make this pool the cached one, and take
         // that stack.
@@ -417,6 +423,7 @@ impl PoolInner {
     /// release stays the last access to the pool).
     #[cold]
     fn free_slow(&self, top: NonNull<u8>) {
+        let _section = fork::section();
         let transit = self.counters.transits.begin();
         let mut magazine = Vec::with_capacity(self.layout.cache_size + 1);
         self.cache
@@ -623,6 +630,7 @@ impl StackPool {
     /// has none, those stay parked). Returns the bytes that were resident
     /// and are now released.
     pub fn trim(&self) -> usize {
+        let _section = fork::section();
         let inner = self.inner();
         // Before it takes any stack (see `take_any_free_after_transits`).
         let _transit = inner.counters.transits.begin();
@@ -652,6 +660,7 @@ impl StackPool {
     /// A snapshot of the pool's counters. Exact when no thread is using the
     /// pool; approximate while it is in use.
     pub fn stats(&self) -> PoolStats {
+        let _section = fork::section();
         let inner = self.inner();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (carved, arenas, mappings, reserved_bytes) = {
@@ -717,6 +726,7 @@ impl StackPool {
 
 impl Drop for StackPool {
     fn drop(&mut self) {
+        let _section = fork::section();
         let inner = self.inner();
         let (mut free, _) = inner.hits.reclaim_exited(|| ());
         free.extend(inner.hits.take_own_parked());

@@ -1,0 +1,92 @@
+//! `fork` while other threads use a pool: the child may go on using it.
+//! Without the fork gate (`src/fork.rs`) a child forked while another
+//! thread held one of the pool's locks (a trim holds the tally registry's
+//! across a `membarrier`) or drained a magazine hung at its first trim or
+//! slow-path alloc or free, every few forks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vmtask_stack::{Config, StackPool};
+
+/// In the child: trims, allocates and frees past a magazine's worth both
+/// ways (depot refills and spills, which drain), reads the stats, and
+/// exits 0; a hang is killed by the alarm.
+fn child_uses(pool: &StackPool) -> ! {
+    // SAFETY: alarm only arms a timer; a hang kills the child.
+    unsafe { libc::alarm(10) };
+    pool.trim();
+    let stacks: Vec<_> = (0..64).map(|_| pool.alloc()).collect();
+    let ok = stacks.iter().all(Result::is_ok);
+    drop(stacks);
+    pool.trim();
+    let _ = pool.stats();
+    // SAFETY: leaves the child without running the parent's destructors
+    // or the test harness.
+    unsafe { libc::_exit(if ok { 0 } else { 3 }) }
+}
+
+#[test]
+fn a_child_forked_while_threads_trim_alloc_and_free_can_use_the_pool() {
+    if vmtask_percpu::cache_mode() != vmtask_percpu::CacheMode::Rseq {
+        // A fast-path push or pop in flight at the fork leaves a try-lock
+        // magazine locked in the child (documented in `src/fork.rs`).
+        println!("per-CPU magazines in try-lock mode: not fork-safe, skipped");
+        return;
+    }
+    let pool = StackPool::new(Config {
+        stack_size: 16 * 1024,
+        cache_size: 4,
+        depot_size: 8,
+        ..Config::default()
+    })
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (forks, failed) = std::thread::scope(|s| {
+        // A thread that keeps a stack parked, so trims steal it; and a
+        // storm past the magazines, so frees spill to the depot (a drain).
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                drop(pool.alloc().unwrap());
+                std::thread::yield_now();
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let held: Vec<_> = (0..12).map(|_| pool.alloc().unwrap()).collect();
+                drop(held);
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                pool.trim();
+                let _ = pool.stats();
+            }
+        });
+        let mut forks = 0;
+        let mut failed = None;
+        while forks < 300 && Instant::now() < deadline {
+            // SAFETY: the child runs `child_uses`, which ends in `_exit`.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                child_uses(&pool);
+            }
+            forks += 1;
+            let mut status = 0;
+            // SAFETY: reaping our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                failed = Some(status);
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        (forks, failed)
+    });
+    assert_eq!(
+        failed, None,
+        "fork {forks}: the child hung or failed (wait status {failed:?}; 14 = SIGALRM, a hang)"
+    );
+    assert!(forks >= 20, "only {forks} forks in 3 s");
+}
