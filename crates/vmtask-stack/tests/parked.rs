@@ -119,7 +119,11 @@ fn stacks_of_exited_threads_enter_the_depot_with_deep_pages_released() {
         eprintln!("{st}");
         (s.limit() as usize, st.in_depot)
     });
-    let _ = held;
+    assert_eq!(
+        held.1,
+        (n - 1) as u64,
+        "the exited threads' other parked stacks went to the depot"
+    );
     let resident: usize = slots
         .lock()
         .unwrap()
