@@ -67,6 +67,21 @@
 //! not a cache-line steal) and report failure if it is taken; drainers
 //! spin for it. Release on unlock orders each holder before the next.
 //!
+//! **Fork.** A holder (a drainer, or a try-lock push or pop) stores the
+//! *mark* of the current fork generation in `stopped`: odd, never 0; every
+//! fork child bumps the generation (a `pthread_atfork` handler registered
+//! when the program starts). A fork copies only the forking thread, so a
+//! mark of an earlier generation is a holder the fork left behind, which
+//! will never release it: the next push, pop or drain takes the area over
+//! with a compare-exchange. That is sound because a holder's writes leave
+//! the area consistent at every step: a push writes the slot, then `len`;
+//! a pop and a drain read the slots, then write `len`. Cut short, a push
+//! leaves garbage at `len` (harmless), and a pop or drain has either taken
+//! its pointers (lost to the child: their holder is gone) or left them in
+//! place. In rseq mode the sequences only test `stopped != 0`, so a drain
+//! cut short by a fork stops that CPU's pushes and pops in the child until
+//! the child's first drain of it takes the area over and releases it.
+//!
 //! `len(cpu)` is a relaxed load of `len` in both modes: a snapshot.
 //!
 //! The areas are reached through raw pointers and atomics; the rseq
@@ -89,6 +104,50 @@ const AREA_ALIGN: usize = 128;
 /// makes [`CpuCache::new`] use [`CacheMode::TryLock`] even where rseq
 /// works.
 pub const NO_RSEQ_ENV: &str = "VMTASK_PERCPU_NO_RSEQ";
+
+/// Forks this process descends through: bumped in each child (see
+/// "Fork" above).
+static FORK_GENERATION: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn after_fork_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Registers `after_fork_child` once per process: when the program starts
+/// (below), while it has one thread, and, should that not have run, when
+/// the first cache is made.
+extern "C" fn register_fork_handler() {
+    static REGISTERED: AtomicU8 = AtomicU8::new(0);
+    if REGISTERED.swap(1, Ordering::AcqRel) == 0 {
+        // SAFETY: registers an `extern "C"` child handler with no
+        // arguments that lives for the whole program.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+        if rc != 0 {
+            REGISTERED.store(0, Ordering::Release);
+        }
+    }
+}
+
+// SAFETY: (of the attribute) `.init_array` holds pointers to functions
+// that take the C start-up arguments; one that ignores them, as this one
+// does, is called correctly under the C ABI.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static REGISTER_AT_START: extern "C" fn() = register_fork_handler;
+
+/// What a holder stores in `stopped` in this fork generation: odd, so
+/// never 0.
+#[inline]
+fn held_mark() -> usize {
+    FORK_GENERATION.load(Ordering::Relaxed).wrapping_mul(2) | 1
+}
+
+/// Whether `stopped` is held by a thread a fork left behind (the mark of
+/// an earlier generation).
+fn left_by_a_fork(stopped: &AtomicUsize) -> bool {
+    let seen = stopped.load(Ordering::Relaxed);
+    seen != 0 && seen != held_mark()
+}
 
 /// How a [`CpuCache`] makes a push or pop exclusive on its CPU's area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -273,6 +332,7 @@ impl CpuCache {
     /// If `capacity` is 0.
     pub fn try_with_mode(capacity: usize, mode: CacheMode) -> Result<Self, CacheAllocError> {
         assert!(capacity > 0, "CpuCache capacity must be at least 1");
+        register_fork_handler();
         let mode = match mode {
             CacheMode::Rseq if rseq_cache_supported() => CacheMode::Rseq,
             _ => CacheMode::TryLock,
@@ -451,8 +511,11 @@ impl CpuCache {
     pub fn drain(&self, cpu: usize, max: usize, out: &mut Vec<NonNull<u8>>) -> usize {
         self.check_cpu(cpu);
         // A hint, read before stopping the area: an empty area needs no
-        // membarrier, and "empty" was true at the moment of this load.
-        if max == 0 || self.head(cpu).len.load(Ordering::Relaxed) == 0 {
+        // membarrier, and "empty" was true at the moment of this load;
+        // unless a holder the fork left behind has it stopped, which the
+        // drain takes over and releases (see "Fork").
+        let head = self.head(cpu);
+        if max == 0 || head.len.load(Ordering::Relaxed) == 0 && !left_by_a_fork(&head.stopped) {
             return 0;
         }
         let Some(area) = self.stop(cpu) else {
@@ -510,12 +573,22 @@ impl CpuCache {
     #[inline]
     fn try_lock(&self, cpu: usize) -> Option<Exclusive<'_>> {
         let stopped = &self.head(cpu).stopped;
+        let mark = held_mark();
         // Test before the read-modify-write: a busy area costs a shared
         // load, not a cache-line steal.
-        if stopped.load(Ordering::Relaxed) != 0 || stopped.swap(1, Ordering::Acquire) != 0 {
-            return None;
-        }
-        Some(Exclusive { cache: self, cpu })
+        let taken = match stopped.load(Ordering::Relaxed) {
+            // Every holder of this generation stores the same mark, so the
+            // swap overwrites a holder that came in between with its own
+            // value.
+            0 => stopped.swap(mark, Ordering::Acquire) == 0,
+            held if held == mark => false,
+            // Left by a thread a fork did not copy (see "Fork").
+            stale => stopped
+                .compare_exchange(stale, mark, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok(),
+        };
+        // Lazily: an `Exclusive` made and dropped would release the area.
+        taken.then(|| Exclusive { cache: self, cpu })
     }
 
     /// Makes `cpu`'s area exclusive to the caller, waiting for other
@@ -524,12 +597,19 @@ impl CpuCache {
     /// the kernel refuses the membarrier that stops them.
     fn stop(&self, cpu: usize) -> Option<Exclusive<'_>> {
         let stopped = &self.head(cpu).stopped;
+        let mark = held_mark();
         let backoff = Backoff::new();
-        while stopped.load(Ordering::Relaxed) != 0
-            || stopped
-                .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
+        // Free (0) or left by a thread a fork did not copy (another mark):
+        // take it; held in this generation: wait.
+        loop {
+            let seen = stopped.load(Ordering::Relaxed);
+            if seen != mark
+                && stopped
+                    .compare_exchange_weak(seen, mark, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break;
+            }
             if backoff.is_completed() {
                 std::thread::yield_now();
             } else {
@@ -787,6 +867,45 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// An area marked by a holder of an earlier fork generation (one the
+    /// fork left behind) is taken over by the next push, pop or drain; one
+    /// marked in this generation is busy.
+    #[test]
+    fn an_area_held_by_a_thread_a_fork_left_behind_is_taken_over() {
+        for mode in MODES {
+            let cache = CpuCache::with_mode(4, mode);
+            std::thread::spawn(move || {
+                let cpu = crate::allowed_cpus()[0];
+                crate::pin_current_thread(cpu).unwrap();
+                cache.push(ptr(1)).unwrap();
+                let stopped = &cache.head(cpu).stopped;
+                let live = held_mark();
+                let stale = live.wrapping_sub(2);
+                if cache.mode() == CacheMode::TryLock {
+                    stopped.store(live, Ordering::Relaxed);
+                    assert_eq!(cache.pop(), None, "held in this generation: busy");
+                    assert_eq!(cache.push(ptr(2)), Err(ptr(2)));
+                    stopped.store(stale, Ordering::Relaxed);
+                    assert_eq!(cache.pop(), Some(ptr(1)), "a stale holder is taken over");
+                    assert_eq!(stopped.load(Ordering::Relaxed), 0, "and released");
+                    cache.push(ptr(1)).unwrap();
+                }
+                stopped.store(stale, Ordering::Relaxed);
+                let mut out = Vec::new();
+                assert_eq!(cache.drain(cpu, usize::MAX, &mut out), 1, "{mode:?}");
+                assert_eq!(out, vec![ptr(1)]);
+                assert_eq!(
+                    cache.push(ptr(3)),
+                    Ok(()),
+                    "{mode:?}: released after the drain"
+                );
+                assert_eq!(cache.pop(), Some(ptr(3)));
+            })
+            .join()
+            .unwrap();
+        }
     }
 
     #[test]

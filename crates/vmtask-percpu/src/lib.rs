@@ -30,17 +30,25 @@
 //!
 //! # After `fork`
 //!
-//! The child of a `fork(2)` has only the forking thread, and this crate
-//! installs no fork handlers: a slot or area that another thread held at
-//! the moment of the fork (a [`PerCpu`] slot lock, a try-lock-mode
-//! [`CpuCache`] push or pop, a [`CpuCache::drain`] in either mode) stays
-//! held forever in the child. There, `try_current`, `try_lock`, `push` and
-//! `pop` on that CPU always fail (callers take their slow path), and
-//! [`PerCpu::lock`] and [`CpuCache::drain`] of that CPU spin forever. An
-//! rseq-mode push or pop in flight is harmless (it never commits). Safe in
-//! the child: structures created after the fork, structures no other thread
-//! was using at the fork (a single-threaded parent, or one that fences its
-//! threads around `fork`), and `exec` (always).
+//! The child of a `fork(2)` has only the forking thread. A [`CpuCache`]
+//! area that another thread held at the moment of the fork (a try-lock
+//! mode push or pop, a [`CpuCache::drain`] in either mode) is taken over
+//! in the child by its next push, pop or drain of that CPU: holders mark
+//! the area with the fork generation, which a `pthread_atfork` child
+//! handler bumps, and a holder's writes leave the area consistent at
+//! every step (see `cache.rs`, "Fork"). The pointers such a holder had
+//! taken are gone with it; in rseq mode, that CPU's pushes and pops fail
+//! in the child until its first drain there. An rseq push or pop in flight
+//! is harmless (it never commits). Not covered: a fork from a signal
+//! handler that interrupted a try-lock push or pop on its own thread.
+//!
+//! A [`PerCpu`] slot has no such recovery (its `T` may be half-updated):
+//! one held at the fork stays held forever in the child, where
+//! `try_current` and `try_lock` on that CPU always fail (callers take
+//! their slow path) and [`PerCpu::lock`] spins forever. Safe in the child:
+//! slots created after the fork, slots no other thread was using at the
+//! fork (a single-threaded parent, or one that fences its threads around
+//! `fork`), and `exec` (always).
 //!
 //! ```
 //! use vmtask_percpu::PerCpu;

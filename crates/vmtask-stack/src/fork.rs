@@ -17,15 +17,10 @@
 //! A section costs two atomic read-modify-writes on one shared word, paid
 //! once per slow path (a magazine's worth of allocations or frees, a trim,
 //! `stats`); the fast paths (the parked stack, the magazine push and pop)
-//! take no section. Those are safe across a fork in rseq mode, where an
-//! interrupted push or pop never commits. In the try-lock fallback (no
-//! rseq: an old glibc, `GLIBC_TUNABLES=glibc.pthread.rseq=0`, or
-//! `VMTASK_PERCPU_NO_RSEQ`) they are not: a push or pop in flight in
-//! another thread at the fork leaves that CPU's magazine locked in the
-//! child, and the child's first free there that spills to the depot waits
-//! for it for ever (see `vmtask_percpu`'s "After `fork`"). The test
-//! (`tests/fork.rs`) found that in 5 runs of 10 in that mode, and none in
-//! 20 with rseq.
+//! take no section: a push or pop in flight in another thread at the fork
+//! is harmless in rseq mode (it never commits), and in the try-lock
+//! fallback the child takes that CPU's magazine over (see
+//! `vmtask_percpu`'s "After `fork`").
 //!
 //! Sections nest on a thread (a thread-local depth), so a slow path that
 //! reaches another never waits for a fork that waits for it; and the

@@ -34,11 +34,9 @@
 //!   reservation.
 //! - A `fork` child may go on using a pool that other threads were using at
 //!   the fork: the fork waits for their slow paths (which take the pool's
-//!   locks) to finish. The stacks those threads held stay taken in the
-//!   child. One exception: without rseq (the try-lock fallback of
-//!   `vmtask_percpu::CacheMode`), a magazine push or pop in flight at the
-//!   fork can leave that CPU's magazine locked, and a child's free that
-//!   spills to the depot there then hangs.
+//!   locks) to finish, and a magazine that a fast-path push or pop held
+//!   at the fork is taken over in the child. The stacks those threads
+//!   held stay taken in the child.
 //!
 //! With the default `corosensei` feature a [`Stack`] is a
 //! `corosensei::stack::Stack`:

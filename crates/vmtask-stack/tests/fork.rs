@@ -1,4 +1,5 @@
-//! `fork` while other threads use a pool: the child may go on using it.
+//! `fork` while other threads use a pool: the child may go on using it
+//! (also with `VMTASK_PERCPU_NO_RSEQ=1`, the try-lock magazines).
 //! Without the fork gate (`src/fork.rs`) a child forked while another
 //! thread held one of the pool's locks (a trim holds the tally registry's
 //! across a `membarrier`) or drained a magazine hung at its first trim or
@@ -27,12 +28,6 @@ fn child_uses(pool: &StackPool) -> ! {
 
 #[test]
 fn a_child_forked_while_threads_trim_alloc_and_free_can_use_the_pool() {
-    if vmtask_percpu::cache_mode() != vmtask_percpu::CacheMode::Rseq {
-        // A fast-path push or pop in flight at the fork leaves a try-lock
-        // magazine locked in the child (documented in `src/fork.rs`).
-        println!("per-CPU magazines in try-lock mode: not fork-safe, skipped");
-        return;
-    }
     let pool = StackPool::new(Config {
         stack_size: 16 * 1024,
         cache_size: 4,
