@@ -4,9 +4,11 @@
 //! drain, in either mode) held at the fork stayed held in the child, whose
 //! drains of that CPU then spun forever.
 
+mod forking;
+
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmtask_percpu::{CacheMode, CpuCache};
 
 fn ptr(n: usize) -> NonNull<u8> {
@@ -14,8 +16,8 @@ fn ptr(n: usize) -> NonNull<u8> {
 }
 
 /// In the child: drains every CPU, then pushes, pops and drains on this
-/// one; exits 0, or is killed by the alarm if an area stays held.
-fn child_uses(cache: &CpuCache) -> ! {
+/// one; 0 if all worked (an area that stays held hangs it: the alarm).
+fn child_uses(cache: &CpuCache) -> i32 {
     // SAFETY: alarm only arms a timer; a hang kills the child.
     unsafe { libc::alarm(10) };
     // One CPU from here on, so the counts below are of one area.
@@ -31,16 +33,17 @@ fn child_uses(cache: &CpuCache) -> ! {
     }
     ok &= cache.pop().is_some();
     ok &= !pinned || cache.drain(here, usize::MAX, &mut out) == cache.capacity() - 1;
-    // SAFETY: leaves the child without running the parent's destructors
-    // or the test harness.
-    unsafe { libc::_exit(if ok { 0 } else { 3 }) }
+    if ok {
+        0
+    } else {
+        3
+    }
 }
 
 fn forks_while_busy(mode: CacheMode) {
     let cache = CpuCache::with_mode(8, mode);
     let stop = AtomicBool::new(false);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let (forks, failed) = std::thread::scope(|s| {
+    let forked = std::thread::scope(|s| {
         for t in 0..2 {
             let (cache, stop) = (&cache, &stop);
             s.spawn(move || {
@@ -63,33 +66,14 @@ fn forks_while_busy(mode: CacheMode) {
                 out.clear();
             }
         });
-        let mut forks = 0;
-        let mut failed = None;
-        while forks < 300 && Instant::now() < deadline {
-            // SAFETY: the child runs `child_uses`, which ends in `_exit`.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                child_uses(&cache);
-            }
-            forks += 1;
-            let mut status = 0;
-            // SAFETY: reaping our own child.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-                failed = Some(status);
-                break;
-            }
-        }
+        let forked =
+            forking::fork_repeatedly(&format!("{mode:?}"), 300, Duration::from_secs(2), || {
+                child_uses(&cache)
+            });
         stop.store(true, Ordering::Relaxed);
-        (forks, failed)
+        forked
     });
-    assert_eq!(
-        failed,
-        None,
-        "{mode:?}, fork {forks}: the child hung or failed (wait status {failed:?}; 14 = SIGALRM, a hang)"
-    );
-    assert!(forks >= 20, "only {forks} forks in 2 s");
+    forked.unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

@@ -5,14 +5,17 @@
 //! across a `membarrier`) or drained a magazine hung at its first trim or
 //! slow-path alloc or free, every few forks.
 
+#[path = "../../vmtask-percpu/tests/forking/mod.rs"]
+mod forking;
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmtask_stack::{Config, StackPool};
 
 /// In the child: trims, allocates and frees past a magazine's worth both
-/// ways (depot refills and spills, which drain), reads the stats, and
-/// exits 0; a hang is killed by the alarm.
-fn child_uses(pool: &StackPool) -> ! {
+/// ways (depot refills and spills, which drain), and reads the stats; 0 if
+/// all worked (a hang is killed by the alarm).
+fn child_uses(pool: &StackPool) -> i32 {
     // SAFETY: alarm only arms a timer; a hang kills the child.
     unsafe { libc::alarm(10) };
     pool.trim();
@@ -21,9 +24,11 @@ fn child_uses(pool: &StackPool) -> ! {
     drop(stacks);
     pool.trim();
     let _ = pool.stats();
-    // SAFETY: leaves the child without running the parent's destructors
-    // or the test harness.
-    unsafe { libc::_exit(if ok { 0 } else { 3 }) }
+    if ok {
+        0
+    } else {
+        3
+    }
 }
 
 #[test]
@@ -36,8 +41,7 @@ fn a_child_forked_while_threads_trim_alloc_and_free_can_use_the_pool() {
     })
     .unwrap();
     let stop = AtomicBool::new(false);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let (forks, failed) = std::thread::scope(|s| {
+    let forked = std::thread::scope(|s| {
         // A thread that keeps a stack parked, so trims steal it; and a
         // storm past the magazines, so frees spill to the depot (a drain).
         s.spawn(|| {
@@ -58,30 +62,10 @@ fn a_child_forked_while_threads_trim_alloc_and_free_can_use_the_pool() {
                 let _ = pool.stats();
             }
         });
-        let mut forks = 0;
-        let mut failed = None;
-        while forks < 300 && Instant::now() < deadline {
-            // SAFETY: the child runs `child_uses`, which ends in `_exit`.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                child_uses(&pool);
-            }
-            forks += 1;
-            let mut status = 0;
-            // SAFETY: reaping our own child.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-                failed = Some(status);
-                break;
-            }
-        }
+        let forked =
+            forking::fork_repeatedly("pool", 300, Duration::from_secs(3), || child_uses(&pool));
         stop.store(true, Ordering::Relaxed);
-        (forks, failed)
+        forked
     });
-    assert_eq!(
-        failed, None,
-        "fork {forks}: the child hung or failed (wait status {failed:?}; 14 = SIGALRM, a hang)"
-    );
-    assert!(forks >= 20, "only {forks} forks in 3 s");
+    forked.unwrap_or_else(|e| panic!("{e}"));
 }
