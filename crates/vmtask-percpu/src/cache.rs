@@ -92,7 +92,7 @@ use crossbeam_utils::Backoff;
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::cpu::{cpu, possible_cpus};
 
@@ -115,16 +115,28 @@ extern "C" fn after_fork_child() {
 
 /// Registers `after_fork_child` once per process: when the program starts
 /// (below), while it has one thread, and, should that not have run, when
-/// the first cache is made.
+/// the first cache is made. The state is 0 (none), the pid + 1 of a
+/// process registering now, or `u64::MAX` (done): a flag, not a `Once`,
+/// so a fork child whose parent was registering at the fork registers
+/// again rather than wait for a thread it does not have (a handler run
+/// twice bumps the generation twice, which is harmless).
 extern "C" fn register_fork_handler() {
-    static REGISTERED: AtomicU8 = AtomicU8::new(0);
-    if REGISTERED.swap(1, Ordering::AcqRel) == 0 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    const DONE: u64 = u64::MAX;
+    // SAFETY: getpid has no preconditions.
+    let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
+    let seen = STATE.load(Ordering::Acquire);
+    if seen == DONE || seen == me {
+        return;
+    }
+    if STATE
+        .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
         // SAFETY: registers an `extern "C"` child handler with no
         // arguments that lives for the whole program.
         let rc = unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
-        if rc != 0 {
-            REGISTERED.store(0, Ordering::Release);
-        }
+        STATE.store(if rc == 0 { DONE } else { 0 }, Ordering::Release);
     }
 }
 
@@ -332,6 +344,9 @@ impl CpuCache {
     /// If `capacity` is 0.
     pub fn try_with_mode(capacity: usize, mode: CacheMode) -> Result<Self, CacheAllocError> {
         assert!(capacity > 0, "CpuCache capacity must be at least 1");
+        // Keeps the start-up registration in the program, and registers
+        // here if it did not run.
+        std::hint::black_box(&REGISTER_AT_START);
         register_fork_handler();
         let mode = match mode {
             CacheMode::Rseq if rseq_cache_supported() => CacheMode::Rseq,
@@ -486,7 +501,10 @@ impl CpuCache {
             return Err(item);
         }
         area.slot(len).store(item.as_ptr(), Ordering::Relaxed);
-        area.head().len.store(len + 1, Ordering::Relaxed);
+        // Release, not for the next holder (the unlock orders that) but for
+        // a fork child that takes the area over from a holder cut short
+        // here: it must not see the new `len` without the slot ("Fork").
+        area.head().len.store(len + 1, Ordering::Release);
         Ok(())
     }
 
@@ -597,11 +615,13 @@ impl CpuCache {
     /// the kernel refuses the membarrier that stops them.
     fn stop(&self, cpu: usize) -> Option<Exclusive<'_>> {
         let stopped = &self.head(cpu).stopped;
-        let mark = held_mark();
         let backoff = Backoff::new();
         // Free (0) or left by a thread a fork did not copy (another mark):
-        // take it; held in this generation: wait.
+        // take it; held in this generation: wait. The mark is read on each
+        // turn: a signal handler on this thread may fork while we wait, and
+        // in the child the holder we waited for is one the fork left behind.
         loop {
+            let mark = held_mark();
             let seen = stopped.load(Ordering::Relaxed);
             if seen != mark
                 && stopped
@@ -1171,5 +1191,92 @@ mod tests {
     #[test]
     fn stress_push_pop_drain_keeps_every_pointer_once_trylock() {
         stress_every_pointer_accounted_once(CacheMode::TryLock);
+    }
+
+    /// A drain that is *waiting* for a holder of this generation
+    /// when a signal handler on its own thread forks. The child returns
+    /// from the handler into the drain's wait loop; the holder it waits for
+    /// is now one the fork left behind, so the drain must take the area
+    /// over. With `mark` read once before the loop, it compares the stale
+    /// holder's mark with its own, equally stale, and spins forever.
+    #[test]
+    fn a_drain_waiting_when_its_signal_handler_forks_takes_over_in_the_child() {
+        use std::sync::atomic::AtomicI32;
+        static CHILD: AtomicI32 = AtomicI32::new(0);
+        static PARENT: AtomicI32 = AtomicI32::new(0);
+        extern "C" fn fork_in_handler(_: libc::c_int) {
+            // SAFETY: fork, alarm and getpid are async-signal-safe here
+            // (the interrupted thread holds no libc lock: it is spinning).
+            unsafe {
+                let pid = libc::fork();
+                if pid == 0 {
+                    // A hang in the child is killed, and reported.
+                    libc::alarm(5);
+                } else {
+                    CHILD.store(pid, Ordering::SeqCst);
+                }
+            }
+        }
+        // SAFETY: installs a handler for SIGUSR2 that only forks.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = fork_in_handler as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        // SAFETY: getpid has no preconditions.
+        PARENT.store(unsafe { libc::getpid() }, Ordering::SeqCst);
+        for mode in MODES {
+            CHILD.store(0, Ordering::SeqCst);
+            let cache = Arc::new(CpuCache::with_mode(4, mode));
+            let cpu = crate::allowed_cpus()[0];
+            {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    crate::pin_current_thread(cpu).unwrap();
+                    cache.push(ptr(1)).unwrap();
+                })
+                .join()
+                .unwrap();
+            }
+            // Another thread of this generation holds the area.
+            cache.head(cpu).stopped.store(held_mark(), Ordering::SeqCst);
+            let drainer = {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    let n = cache.drain(cpu, usize::MAX, &mut out);
+                    // SAFETY: getpid has no preconditions.
+                    if unsafe { libc::getpid() } != PARENT.load(Ordering::SeqCst) {
+                        // SAFETY: ends the fork child, which has only this
+                        // thread, without the test harness.
+                        unsafe { libc::_exit(if n == 1 { 0 } else { 3 }) };
+                    }
+                    n
+                })
+            };
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the drainer is alive: it waits for the area.
+            let sent = unsafe { libc::pthread_kill(drainer.as_pthread_t(), libc::SIGUSR2) };
+            assert_eq!(sent, 0);
+            while CHILD.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let child = CHILD.load(Ordering::SeqCst);
+            let mut status = 0;
+            // SAFETY: reaping our own child.
+            assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+            // The parent's holder lets go; the parent's drain then ends.
+            cache.head(cpu).stopped.store(0, Ordering::Release);
+            assert_eq!(drainer.join().unwrap(), 1);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{mode:?}: the child's drain hung or failed (wait status {status}; 14 = SIGALRM, a hang)"
+            );
+        }
     }
 }

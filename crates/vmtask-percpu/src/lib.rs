@@ -39,8 +39,12 @@
 //! every step (see `cache.rs`, "Fork"). The pointers such a holder had
 //! taken are gone with it; in rseq mode, that CPU's pushes and pops fail
 //! in the child until its first drain there. An rseq push or pop in flight
-//! is harmless (it never commits). Not covered: a fork from a signal
-//! handler that interrupted a try-lock push or pop on its own thread.
+//! is harmless (it never commits). A drain waiting for an area when a
+//! signal handler on its thread forks takes it over in the child. Not
+//! covered: a fork from a signal handler that interrupted a push, pop or
+//! drain holding an area on its own thread, and
+//! forks that run no `pthread_atfork` handlers (`_Fork`, `vfork`, a raw
+//! `clone`), after which the child finds such areas held as before.
 //!
 //! A [`PerCpu`] slot has no such recovery (its `T` may be half-updated):
 //! one held at the fork stays held forever in the child, where

@@ -139,7 +139,7 @@ fn run(mode: CacheMode, secs: u64) {
                 .unwrap()
                 .push((unsafe { libc::pthread_self() }, gettid()));
             let mut held: Vec<NonNull<u8>> = (first..first + PER_WORKER).map(token).collect();
-            let mut rng = 0x1234_5678_9abc_def1u64 ^ (w as u64 * 0x9E37_79B9_7F4A_7C15);
+            let mut rng = 0x1234_5678_9abc_def1u64 ^ (w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut ok = 0usize;
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {

@@ -109,8 +109,18 @@ impl SignalsBlocked {
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
-            // Faults stay deliverable (a stack-overflow handler, say).
-            for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+            // Signals the kernel forces stay deliverable: faults (a
+            // stack-overflow handler, say), a seccomp trap (SIGSYS) and a
+            // breakpoint (SIGTRAP); blocked, the kernel would reset their
+            // handler and kill the process.
+            for sig in [
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGILL,
+                libc::SIGFPE,
+                libc::SIGSYS,
+                libc::SIGTRAP,
+            ] {
                 libc::sigdelset(&mut all, sig);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
@@ -322,7 +332,7 @@ pub(crate) fn lock_offline() {
         unsafe { &*open }.own.lock_nested();
         return;
     }
-    if !UNREGISTERED.with(Cell::get) && REGISTRATION.try_with(|_| ()).is_ok() {
+    if !UNREGISTERED.with(Cell::get) && registration_slot().is_ok() {
         // Registered now, unless the backstop could not be armed.
         let online = LOCAL.with(|local| {
             let online = !ReaderCtr::offline_state(local.state());
@@ -393,7 +403,19 @@ pub(crate) fn current_for_bag() -> Option<&'static Slot> {
     if UNREGISTERED.with(Cell::get) {
         return None;
     }
-    REGISTRATION.try_with(|r| r.slot).ok().flatten()
+    registration_slot().ok().flatten()
+}
+
+/// `REGISTRATION`'s slot, registering the thread if it is not yet. Signals
+/// are blocked before the thread-local is touched: std's lazy
+/// initialisation has begun (the value still absent) before
+/// `Registration::new` runs, so a handler that read in between would make
+/// a whole nested registration, which std then drops when it stores the
+/// outer one (see `SignalsBlocked`). Cold: only reached before the thread
+/// registers.
+fn registration_slot() -> Result<Option<&'static Slot>, std::thread::AccessError> {
+    let _blocked = SignalsBlocked::new();
+    REGISTRATION.try_with(|r| r.slot)
 }
 
 /// Whether any registered thread's bag holds entries (a hint).

@@ -23,17 +23,25 @@
 //! `vmtask_percpu`'s "After `fork`").
 //!
 //! Sections nest on a thread (a thread-local depth), so a slow path that
-//! reaches another never waits for a fork that waits for it; and the
-//! prepare handler does not wait for the sections of the forking thread
-//! itself (a `fork` from a signal handler that interrupted one).
+//! reaches another never waits for a fork that waits for it. The prepare
+//! handler does not wait for the forking thread's own sections, but a
+//! `fork` from a signal handler that interrupted a slow path is not
+//! supported (another thread's section may wait for a lock the
+//! interrupted one holds; glibc's `malloc` has the same limit).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Sections in progress (every thread's), and `CLOSED` while a fork waits
-/// or runs.
+/// Sections in progress (every thread's) in the low bits, and in the high
+/// bits the forks under way (prepare handler run, parent handler not yet):
+/// the gate is closed while any is. A count, not a flag: two threads may
+/// fork at once (glibc 2.36+ lets go of its atfork lock around each
+/// handler), and the first fork's parent handler must not open the gate
+/// while the second is still to copy the process.
 static GATE: AtomicUsize = AtomicUsize::new(0);
-const CLOSED: usize = 1 << (usize::BITS - 1);
+const FORK_SHIFT: u32 = usize::BITS - 16;
+const FORK: usize = 1 << FORK_SHIFT;
+const CLOSED: usize = !(FORK - 1);
 
 thread_local! {
     /// Sections this thread holds (constant-initialised, no destructor:
@@ -79,19 +87,48 @@ impl Drop for Section {
     }
 }
 
+/// How long a prepare handler waits for the sections in progress. The
+/// longest a section waits for other threads is the 1 s an exhausted
+/// alloc may wait for stacks in transit; a section that takes longer is
+/// itself waiting for something the fork holds: another library's prepare
+/// handler that ran before ours and took a lock the section needs (an
+/// allocator's, say: sections allocate). Better a child that may find a
+/// pool lock held, as before the gate, than a parent deadlocked in `fork`.
+const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Prepare handler: closes the gate, then waits for every other thread's
-/// sections to end.
+/// sections to end (at most `PREPARE_WAIT`).
 extern "C" fn prepare() {
     let own = DEPTH.get();
-    GATE.fetch_or(CLOSED, Ordering::Acquire);
+    GATE.fetch_add(FORK, Ordering::Acquire);
+    let mut since = None;
     while GATE.load(Ordering::Acquire) & !CLOSED > own {
+        let since = *since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() > PREPARE_WAIT {
+            gave_up();
+            return;
+        }
         std::thread::yield_now();
     }
 }
 
-/// Parent handler: opens the gate.
+/// Says once per process that a fork went ahead with sections in progress.
+#[cold]
+fn gave_up() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        let text = b"vmtask_stack: fork waited 2 s for stack-pool slow paths in other threads \
+            (blocked on a lock another fork handler holds?) and went ahead: the child may find \
+            a pool lock held\n";
+        // SAFETY: writes our own buffer to stderr; a failed write is
+        // ignored.
+        let _ = unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+    }
+}
+
+/// Parent handler: this fork is done; the gate opens once every fork is.
 extern "C" fn parent() {
-    GATE.fetch_and(!CLOSED, Ordering::Release);
+    GATE.fetch_sub(FORK, Ordering::Release);
 }
 
 /// Child handler: opens the gate; only the forking thread's own sections
@@ -100,11 +137,25 @@ extern "C" fn child() {
     GATE.store(DEPTH.get(), Ordering::Release);
 }
 
-/// Registers the handlers (once per process; see
-/// [`crate::sys::register_fork_handlers`]). Running them twice is
-/// harmless: a second prepare finds the gate closed and nothing in
-/// progress, and the others only open it.
+/// Registers the handlers when the program starts (once per process; see
+/// [`crate::sys::register_fork_handlers`]), so that no fork can begin
+/// before they are in place while a pool is in use.
 pub(crate) fn install_handlers() {
+    static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    crate::sys::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
+}
+
+/// Registers the handlers a second time, when the first pool is made.
+/// Prepare handlers run in the reverse order of registration, so the
+/// start-up registration's prepare runs after that of every library that
+/// registered later: an allocator that registers at its first allocation,
+/// as jemalloc does, takes its locks first, and sections that allocate
+/// could then not finish. This registration's prepare runs before such
+/// handlers and waits out the sections while they can still allocate; the
+/// start-up one then finds nothing in progress. Both pairs balance: each
+/// prepare counts a fork, each parent handler uncounts one, and the child
+/// handler opens the gate outright.
+pub(crate) fn install_handlers_again() {
     static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     crate::sys::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
 }

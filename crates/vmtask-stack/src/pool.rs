@@ -551,6 +551,7 @@ impl StackPool {
         };
         overflow::install_handler();
         crate::park::install_fork_handlers();
+        crate::fork::install_handlers_again();
         let inner = Box::new(PoolInner {
             cache: CpuCache::try_new(layout.cache_size).map_err(|e| StackError::MapFailed {
                 what: "allocate the per-CPU magazines",
