@@ -123,10 +123,13 @@ extern "C" fn after_fork_child() {
 extern "C" fn register_fork_handler() {
     static STATE: AtomicU64 = AtomicU64::new(0);
     const DONE: u64 = u64::MAX;
+    let seen = STATE.load(Ordering::Acquire);
+    if seen == DONE {
+        return;
+    }
     // SAFETY: getpid has no preconditions.
     let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
-    let seen = STATE.load(Ordering::Acquire);
-    if seen == DONE || seen == me {
+    if seen == me {
         return;
     }
     if STATE

@@ -94,6 +94,8 @@ impl Drop for Section {
 /// handler that ran before ours and took a lock the section needs (an
 /// allocator's, say: sections allocate). Better a child that may find a
 /// pool lock held, as before the gate, than a parent deadlocked in `fork`.
+/// The handlers are registered twice (`install_handlers_again`), so a
+/// fork stuck that way waits twice this long.
 const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Prepare handler: closes the gate, then waits for every other thread's

@@ -213,10 +213,13 @@ pub(crate) fn register_fork_handlers(
     child: Option<extern "C" fn()>,
 ) {
     const DONE: u64 = u64::MAX;
+    let seen = state.load(Ordering::Acquire);
+    if seen == DONE {
+        return;
+    }
     // SAFETY: getpid has no preconditions.
     let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
-    let seen = state.load(Ordering::Acquire);
-    if seen == DONE || seen == me {
+    if seen == me {
         return;
     }
     if state
