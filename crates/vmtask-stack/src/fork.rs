@@ -156,7 +156,10 @@ pub(crate) fn install_handlers() {
 /// handlers and waits out the sections while they can still allocate; the
 /// start-up one then finds nothing in progress. Both pairs balance: each
 /// prepare counts a fork, each parent handler uncounts one, and the child
-/// handler opens the gate outright.
+/// handler opens the gate outright. (So the first `StackPool::new` calls
+/// `pthread_atfork`: made from inside another fork handler, on a glibc
+/// before 2.36, which holds its atfork lock through a fork, it would wait
+/// for itself.)
 pub(crate) fn install_handlers_again() {
     static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     crate::sys::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
