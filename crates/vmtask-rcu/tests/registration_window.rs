@@ -15,11 +15,10 @@
 //! asynchronous signal arriving at that instruction would.
 
 mod child;
+mod registration;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 static ARMED: AtomicBool = AtomicBool::new(false);
-static HANDLED: AtomicBool = AtomicBool::new(false);
 
 /// Interposes libc's `sigfillset`: once armed, the first call (the one
 /// `SignalsBlocked` makes) signals this thread before it fills the set.
@@ -45,46 +44,20 @@ pub unsafe extern "C" fn sigfillset(set: *mut libc::sigset_t) -> libc::c_int {
     0
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    drop(vmtask_rcu::read_lock());
-    HANDLED.store(true, Ordering::SeqCst);
-}
+const SCENARIO: &str = "VMTASK_RCU_REGISTRATION_WINDOW_SCENARIO";
 
-const SCENARIO: &str = "REV_REGISTRATION_WINDOW_SCENARIO";
-
+/// In a fresh process (see `registration::run_in_fresh_process`).
 #[test]
 fn a_signal_just_before_the_mask_leaves_no_dangling_reader() {
-    if std::env::var_os(SCENARIO).is_some() {
-        scenario();
-        println!("SCENARIO OK");
-        return;
-    }
-    let out = child::rerun_test(
+    registration::run_in_fresh_process(
         "a_signal_just_before_the_mask_leaves_no_dangling_reader",
         SCENARIO,
-        "1",
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    use std::os::unix::process::ExitStatusExt;
-    let clean = out.status.success() && stdout.contains("SCENARIO OK");
-    let loud = out.status.signal() == Some(libc::SIGABRT) && stderr.contains("vmtask_rcu: ");
-    assert!(
-        clean || loud,
-        "status {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
+        scenario,
     );
 }
 
 fn scenario() {
-    // SAFETY: installs a handler that only takes and drops a read lock.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    registration::install_reading_handler();
     vmtask_rcu::synchronize();
     let before = vmtask_rcu::stats().readers;
     // A big stack, past glibc's stack cache: unmapped when joined, with the
@@ -98,22 +71,5 @@ fn scenario() {
         .unwrap()
         .join()
         .unwrap();
-    assert!(HANDLED.load(Ordering::SeqCst), "the handler ran");
-
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let other = std::thread::spawn(move || {
-        drop(vmtask_rcu::read_lock());
-        let _ = rx.recv();
-    });
-    let start = Instant::now();
-    vmtask_rcu::synchronize();
-    assert!(start.elapsed() < Duration::from_secs(5));
-    drop(tx);
-    other.join().unwrap();
-    let after = vmtask_rcu::stats().readers;
-    eprintln!("registered readers: {before} before, {after} after the thread exited");
-    assert_eq!(
-        after, before,
-        "the exited thread is still published as a reader ({after} vs {before})"
-    );
+    registration::assert_no_reader_left(before);
 }

@@ -14,18 +14,13 @@
 //! before the crate's (so run after it), delivers the signal meanwhile.
 
 mod child;
+mod registration;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static ARMED: AtomicBool = AtomicBool::new(false);
 static GO: AtomicBool = AtomicBool::new(false);
 static TID: AtomicU64 = AtomicU64::new(0);
-static HANDLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    drop(vmtask_rcu::read_lock());
-    HANDLED.store(true, Ordering::SeqCst);
-}
 
 /// Runs after the crate's prepare handler (registered before it), while
 /// the crate holds its registry and backstop-key locks.
@@ -52,45 +47,20 @@ extern "C" fn install_before_the_crate() {
 #[unsafe(link_section = ".preinit_array")]
 static PREINIT: extern "C" fn() = install_before_the_crate;
 
-const SCENARIO: &str = "AUD_SIGNAL_FIRST_USE_SCENARIO";
+const SCENARIO: &str = "VMTASK_RCU_SIGNAL_FIRST_USE_SCENARIO";
 
-/// The scenario runs in a fresh process (this binary re-run on this test):
-/// it passes if that process finished cleanly, or stopped loudly (an abort
-/// with a `vmtask_rcu:` message); a crash (SIGSEGV from the dangling
-/// reader) or the leaked registration fails it.
+/// In a fresh process (see `registration::run_in_fresh_process`).
 #[test]
 fn a_signal_handler_reading_during_registration_leaves_no_dangling_reader() {
-    if std::env::var_os(SCENARIO).is_some() {
-        scenario();
-        println!("SCENARIO OK");
-        return;
-    }
-    let out = child::rerun_test(
+    registration::run_in_fresh_process(
         "a_signal_handler_reading_during_registration_leaves_no_dangling_reader",
         SCENARIO,
-        "1",
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    use std::os::unix::process::ExitStatusExt;
-    let clean = out.status.success() && stdout.contains("SCENARIO OK");
-    let loud = out.status.signal() == Some(libc::SIGABRT) && stderr.contains("vmtask_rcu: ");
-    assert!(
-        clean || loud,
-        "status {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
+        scenario,
     );
 }
 
 fn scenario() {
-    // SAFETY: installs a handler that only takes and drops a read lock.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
-    }
+    registration::install_reading_handler();
     vmtask_rcu::synchronize(); // the fence mode is chosen
     let before = vmtask_rcu::stats().readers;
 
@@ -123,24 +93,5 @@ fn scenario() {
     // SAFETY: our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     t.join().unwrap();
-    assert!(HANDLED.load(Ordering::SeqCst), "the handler ran");
-
-    // And a grace period with another reader registered scans every slot.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let other = std::thread::spawn(move || {
-        drop(vmtask_rcu::read_lock());
-        let _ = rx.recv();
-    });
-    let start = Instant::now();
-    vmtask_rcu::synchronize();
-    assert!(start.elapsed() < Duration::from_secs(5));
-    drop(tx);
-    other.join().unwrap();
-
-    let after = vmtask_rcu::stats().readers;
-    eprintln!("registered readers: {before} before, {after} after the thread exited");
-    assert_eq!(
-        after, before,
-        "the exited thread is still published as a reader ({after} vs {before})"
-    );
+    registration::assert_no_reader_left(before);
 }
