@@ -115,32 +115,11 @@ extern "C" fn after_fork_child() {
 
 /// Registers `after_fork_child` once per process: when the program starts
 /// (below), while it has one thread, and, should that not have run, when
-/// the first cache is made. The state is 0 (none), the pid + 1 of a
-/// process registering now, or `u64::MAX` (done): a flag, not a `Once`,
-/// so a fork child whose parent was registering at the fork registers
-/// again rather than wait for a thread it does not have (a handler run
-/// twice bumps the generation twice, which is harmless).
+/// the first cache is made (a handler run twice bumps the generation
+/// twice, which is harmless).
 extern "C" fn register_fork_handler() {
     static STATE: AtomicU64 = AtomicU64::new(0);
-    const DONE: u64 = u64::MAX;
-    let seen = STATE.load(Ordering::Acquire);
-    if seen == DONE {
-        return;
-    }
-    // SAFETY: getpid has no preconditions.
-    let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
-    if seen == me {
-        return;
-    }
-    if STATE
-        .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-    {
-        // SAFETY: registers an `extern "C"` child handler with no
-        // arguments that lives for the whole program.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
-        STATE.store(if rc == 0 { DONE } else { 0 }, Ordering::Release);
-    }
+    crate::register_fork_handlers(&STATE, None, None, Some(after_fork_child));
 }
 
 // SAFETY: (of the attribute) `.init_array` holds pointers to functions

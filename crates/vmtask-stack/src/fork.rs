@@ -140,11 +140,11 @@ extern "C" fn child() {
 }
 
 /// Registers the handlers when the program starts (once per process; see
-/// [`crate::sys::register_fork_handlers`]), so that no fork can begin
+/// `vmtask_percpu::register_fork_handlers`), so that no fork can begin
 /// before they are in place while a pool is in use.
 pub(crate) fn install_handlers() {
     static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    crate::sys::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
+    vmtask_percpu::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
 }
 
 /// Registers the handlers a second time, when the first pool is made.
@@ -162,7 +162,7 @@ pub(crate) fn install_handlers() {
 /// for itself.)
 pub(crate) fn install_handlers_again() {
     static STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    crate::sys::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
+    vmtask_percpu::register_fork_handlers(&STATE, Some(prepare), Some(parent), Some(child));
 }
 
 #[cfg(test)]

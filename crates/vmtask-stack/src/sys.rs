@@ -192,46 +192,10 @@ fn membarrier(cmd: libc::c_int) -> bool {
 }
 
 /// Registers `child` as a `pthread_atfork` child handler, once per
-/// process (see [`register_fork_handlers`]): `child` must tolerate running
-/// twice.
+/// process (see `vmtask_percpu::register_fork_handlers`): `child` must
+/// tolerate running twice.
 pub(crate) fn register_fork_child_handler(state: &AtomicU64, child: extern "C" fn()) {
-    register_fork_handlers(state, None, None, Some(child));
-}
-
-/// Registers `pthread_atfork` handlers, once per process; `state` is the
-/// caller's own static, zero at first: 0, none; the pid + 1 of a process
-/// registering now; `u64::MAX`, done. A flag, not a `Once`: a fork while
-/// another thread registers would leave the child a `Once` that never
-/// completes. A thread that finds this process registering goes on
-/// without waiting; a child that finds its parent was registering at the
-/// fork registers again, as its parent's call may not have been made: the
-/// handlers must tolerate running twice.
-pub(crate) fn register_fork_handlers(
-    state: &AtomicU64,
-    prepare: Option<extern "C" fn()>,
-    parent: Option<extern "C" fn()>,
-    child: Option<extern "C" fn()>,
-) {
-    const DONE: u64 = u64::MAX;
-    let seen = state.load(Ordering::Acquire);
-    if seen == DONE {
-        return;
-    }
-    // SAFETY: getpid has no preconditions.
-    let me = u64::from(unsafe { libc::getpid() } as u32) + 1;
-    if seen == me {
-        return;
-    }
-    if state
-        .compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-    {
-        let widen = |f: Option<extern "C" fn()>| f.map(|f| f as unsafe extern "C" fn());
-        // SAFETY: registers `extern "C"` handlers with no arguments that
-        // live for the whole program.
-        let rc = unsafe { libc::pthread_atfork(widen(prepare), widen(parent), widen(child)) };
-        state.store(if rc == 0 { DONE } else { 0 }, Ordering::Release);
-    }
+    vmtask_percpu::register_fork_handlers(state, None, None, Some(child));
 }
 
 /// Registers the pidfd's fork child handler (once per process). The
