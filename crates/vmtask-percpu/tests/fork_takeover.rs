@@ -32,7 +32,11 @@ fn child_uses(cache: &CpuCache) -> i32 {
         ok &= cache.push(ptr(i)).is_ok();
     }
     ok &= cache.pop().is_some();
-    ok &= !pinned || cache.drain(here, usize::MAX, &mut out) == cache.capacity() - 1;
+    if pinned {
+        ok &= cache.drain(here, usize::MAX, &mut out) == cache.capacity() - 1;
+    } else {
+        eprintln!("fork child: could not pin to CPU {here}; the drain count is not checked");
+    }
     if ok {
         0
     } else {

@@ -135,13 +135,38 @@ fn run(mode: CacheMode) {
         "{mode:?}: the handler ran {} times in 60 s",
         RUNS.load(Ordering::Relaxed)
     );
-    assert!(
-        pushed == popped,
-        "{:?}: {} pointers pushed, {} popped or drained: lost or duplicated",
-        cache.mode(),
-        pushed.len(),
-        popped.len()
-    );
+    if pushed != popped {
+        // Both sorted: the pointers in one and not the other (counted
+        // with multiplicity), which equal lengths alone would hide.
+        let (mut lost, mut extra): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+        let (mut i, mut j) = (0, 0);
+        while i < pushed.len() || j < popped.len() {
+            match (pushed.get(i), popped.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), b) if b.is_none_or(|b| a < b) => {
+                    lost.push(*a);
+                    i += 1;
+                }
+                (_, b) => {
+                    extra.extend(b);
+                    j += 1;
+                }
+            }
+        }
+        panic!(
+            "{:?}: {} pointers pushed, {} popped or drained; {} lost (first {:x?}), {} duplicated or unknown (first {:x?})",
+            cache.mode(),
+            pushed.len(),
+            popped.len(),
+            lost.len(),
+            &lost[..lost.len().min(8)],
+            extra.len(),
+            &extra[..extra.len().min(8)]
+        );
+    }
 }
 
 #[test]

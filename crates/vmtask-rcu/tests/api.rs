@@ -182,6 +182,57 @@ impl Drop for DropFlag {
     }
 }
 
+/// How long a negative check waits for something that must not happen
+/// while a reader holds its section.
+const HOLD_FOR: Duration = Duration::from_millis(100);
+
+/// A reader thread inside its read-side section until released: no grace
+/// period that begins meanwhile can end. Released on drop too, so that a
+/// failed assertion does not stall the other tests' grace periods.
+struct HeldReader {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeldReader {
+    /// Returns once the reader is inside its section.
+    fn start() -> Self {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _guard = read_lock();
+            entered_tx.send(()).unwrap();
+            // Until the sender is dropped.
+            let _ = released.recv();
+        });
+        entered
+            .recv()
+            .expect("the reader thread entered its section");
+        HeldReader {
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+
+    /// Ends the section and waits for the thread.
+    fn release(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        drop(self.release.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for HeldReader {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 #[test]
 fn defer_drop_waits_for_readers_and_barrier_flushes_partial_bags() {
     let dropped = Arc::new(AtomicBool::new(false));
@@ -424,7 +475,19 @@ fn rcu_cell_swap_hands_back_the_old_value_after_a_grace_period() {
         let g = read_lock();
         assert_eq!(cell.load(&g).map(String::as_str), Some("a"));
     }
-    let old = cell.swap(Some(Box::new(String::from("b"))));
+    // A reader that began before the swap may still hold "a": the swap
+    // must not hand it back before that reader is done.
+    let reader = HeldReader::start();
+    let old = std::thread::scope(|s| {
+        let swapping = s.spawn(|| cell.swap(Some(Box::new(String::from("b")))));
+        std::thread::sleep(HOLD_FOR);
+        assert!(
+            !swapping.is_finished(),
+            "swap handed back the old value while a reader that began before it was inside"
+        );
+        reader.release();
+        swapping.join().unwrap()
+    });
     assert_eq!(old.as_deref().map(String::as_str), Some("a"));
     let current = {
         let g = read_lock();
@@ -469,7 +532,14 @@ fn compare_and_store_refuses_zero_sized_values() {
 fn rcu_cell_drop_defers_the_last_value() {
     let dropped = Arc::new(AtomicBool::new(false));
     let cell = RcuCell::new(Some(Box::new(DropFlag(dropped.clone()))));
+    let reader = HeldReader::start();
     drop(cell);
+    std::thread::sleep(HOLD_FOR);
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "the cell's value was dropped while a reader that began before it was inside"
+    );
+    reader.release();
     barrier();
     assert!(dropped.load(Ordering::SeqCst));
 }
@@ -574,21 +644,44 @@ fn backlog_limits_must_be_ordered() {
 #[test]
 fn retired_values_come_back_only_after_a_grace_period() {
     let cell = RcuCell::new(Some(Box::new(1u32)));
+    // Each way of taking a retired value back, while a reader that began
+    // before the replace is inside: nothing may come back until it is done.
+    let reader = HeldReader::start();
     let retired = cell.replace(Some(Box::new(2))).expect("had a value");
-    assert_eq!(*retired.wait(), 1);
+    let old = std::thread::scope(|s| {
+        let waiting = s.spawn(move || *retired.wait());
+        std::thread::sleep(HOLD_FOR);
+        assert!(
+            !waiting.is_finished(),
+            "Retired::wait returned while a reader that began before the replace was inside"
+        );
+        reader.release();
+        waiting.join().unwrap()
+    });
+    assert_eq!(old, 1);
 
+    let reader = HeldReader::start();
     let seen = Arc::new(AtomicUsize::new(0));
     let s = seen.clone();
     cell.replace(Some(Box::new(3)))
         .expect("had a value")
         .defer(move |old| s.store(*old as usize, Ordering::SeqCst));
-    barrier();
-    assert_eq!(seen.load(Ordering::SeqCst), 2);
-
     let dropped = Arc::new(AtomicBool::new(false));
     let flagged = RcuCell::new(Some(Box::new(DropFlag(dropped.clone()))));
     drop(flagged.replace(None));
+    std::thread::sleep(HOLD_FOR);
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "Retired::defer ran while a reader that began before the replace was inside"
+    );
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "a dropped Retired dropped its value while a reader that began before the replace was inside"
+    );
+    reader.release();
     barrier();
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
     assert!(
         dropped.load(Ordering::SeqCst),
         "a dropped Retired drops its value after a grace period"

@@ -1,4 +1,7 @@
-//! `barrier` waits for deferred drops a thread is running itself.
+//! `barrier` waits for the deferred drops of a bag its thread is draining
+//! itself, one entry per `defer_drop` (the bag is taken from the thread
+//! and run to the end). A drop in progress on the owner while `barrier`
+//! runs is `barrier_running_drop.rs`'s case.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,7 +22,7 @@ impl Drop for Slow {
 }
 
 #[test]
-fn barrier_waits_for_drops_their_own_thread_is_running() {
+fn barrier_waits_for_a_bag_its_own_thread_is_draining() {
     let deferrer = std::thread::spawn(|| {
         for round in 0..2 {
             for _ in 0..126 {

@@ -237,14 +237,20 @@ fn a_fork_during_exit_key_creation_leaves_a_working_child() {
     );
 }
 
-/// Waits up to 10 s for the fork child `pid` and prints `CHILD EXITED n`,
-/// or kills it and prints `CHILD HUNG`.
+/// Waits up to 10 s for the fork child `pid` and prints `CHILD EXITED n`
+/// or `CHILD KILLED BY SIGNAL n`, or kills it and prints `CHILD HUNG`.
 fn report_child(pid: libc::pid_t) {
     let mut status = 0;
     for _ in 0..1000 {
         // SAFETY: reaping our own child.
         if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            println!("CHILD EXITED {}", libc::WEXITSTATUS(status));
+            // A child killed by a signal has no exit status (WEXITSTATUS
+            // reads 0): it must not pass for one that exited with 0.
+            if libc::WIFEXITED(status) {
+                println!("CHILD EXITED {}", libc::WEXITSTATUS(status));
+            } else {
+                println!("CHILD KILLED BY SIGNAL {}", libc::WTERMSIG(status));
+            }
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
