@@ -53,7 +53,8 @@
 //! reference would cost two atomic read-modify-writes per stack), so the
 //! free path's last access to the pool is the publishing store: the park
 //! in the thread's record, the magazine push, or the depot lock's release. A pool dropped while stacks
-//! are out is leaked rather than unmapped under a running stack.
+//! are out is leaked rather than unmapped under a running stack; its
+//! memory still comes back, each stack's as it is freed (`free_orphaned`).
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -166,6 +167,12 @@ pub(crate) struct PoolInner {
     depot: SpinLock<Depot>,
     arenas: Mutex<Arenas>,
     counters: Counters,
+    /// Frees take the cold path (`free_cold`): `zero_on_reuse`, or the
+    /// pool is orphaned. One load on the free path for both.
+    cold_free: AtomicBool,
+    /// The `StackPool` was dropped while stacks were out (see its `Drop`):
+    /// each stack that comes back gives back all its memory.
+    orphaned: AtomicBool,
 }
 
 impl PoolInner {
@@ -392,8 +399,8 @@ impl PoolInner {
     /// Frees the stack whose top is `top`. Nothing may use it afterwards.
     #[inline]
     pub(crate) fn free(&self, top: NonNull<u8>) {
-        if self.layout.zero_on_reuse {
-            self.clear(top);
+        if self.cold_free.load(Ordering::Relaxed) && self.free_cold(top) {
+            return;
         }
         if self.hits.park(top) {
             return;
@@ -401,6 +408,51 @@ impl PoolInner {
         if let Err(top) = self.cache.push(top) {
             self.free_slow(top);
         }
+    }
+
+    /// The cold part of `free`: an orphaned pool takes the stack (true), a
+    /// `zero_on_reuse` one clears it for the usual path (false).
+    #[cold]
+    #[inline(never)]
+    fn free_cold(&self, top: NonNull<u8>) -> bool {
+        if self.orphaned.load(Ordering::Acquire) {
+            self.free_orphaned(top);
+            return true;
+        }
+        if self.layout.zero_on_reuse {
+            self.clear(top);
+        }
+        false
+    }
+
+    /// A stack that came back after its pool was dropped. Nothing will
+    /// allocate from the pool again: the stack gives back all its memory.
+    /// So do stacks that a free racing the pool's drop put in a magazine or
+    /// parked after the drop had taken them, and the stack this thread
+    /// parked if the drop could not take it.
+    fn free_orphaned(&self, top: NonNull<u8>) {
+        let _section = fork::section();
+        let mut free = vec![top];
+        free.extend(self.hits.take_own_parked());
+        free.extend(self.hits.reclaim_exited(|| ()).0);
+        for cpu in 0..self.cache.cpus() {
+            if self.cache.len(cpu) > 0 {
+                self.cache.drain(cpu, usize::MAX, &mut free);
+            }
+        }
+        self.release_orphans(free);
+    }
+
+    /// Gives back all the memory of `free` stacks of an orphaned pool and
+    /// keeps them on the released list, where nothing takes them again.
+    fn release_orphans(&self, free: Vec<NonNull<u8>>) {
+        let size = self.layout.stack_size;
+        let whole: Vec<_> = free
+            .iter()
+            .map(|&top| (top.as_ptr() as usize - size, size))
+            .collect();
+        let _ = sys::release_many(&whole);
+        self.depot.lock().released.extend(free);
     }
 
     /// `zero_on_reuse`: gives every page of the stack back, so its next
@@ -510,8 +562,11 @@ fn released_pages(resident: &[usize], released: &[bool]) -> usize {
 /// A pool of virtually mapped stacks. See the [crate docs](crate).
 ///
 /// `Send + Sync`; share it by reference or `Arc`. Dropping the pool unmaps
-/// its arenas if every stack has been freed, and leaks them otherwise
-/// (better to leak a stack than to unmap it under a running task).
+/// its arenas if every stack has been freed. Otherwise it leaks its
+/// address space and records (better to leak a stack than to unmap it
+/// under a running task) but not its memory: the free stacks' pages are
+/// given back at once, and each stack still out gives back all of its
+/// pages when it is dropped.
 pub struct StackPool {
     inner: NonNull<PoolInner>,
 }
@@ -565,6 +620,8 @@ impl StackPool {
             }),
             arenas: Mutex::new(Arenas::new()),
             counters: Counters::default(),
+            cold_free: AtomicBool::new(layout.zero_on_reuse),
+            orphaned: AtomicBool::new(false),
             layout,
             markers,
         });
@@ -743,18 +800,21 @@ impl Drop for StackPool {
             arenas.carved() == free.len() + parked + depot.stacks.len() + depot.released.len()
         };
         if !all_free {
-            // Some Stack still points here: leak the pool. Its free path
-            // keeps working on the leaked magazines and depot. Nothing
-            // will allocate from it again, so the free stacks it holds now
-            // give back all their memory and wait on the released list.
+            // Some Stack still points here: leak the pool (its address
+            // space and its records), since a task may still run on it.
+            // Nothing will allocate from it again, so its memory goes back:
+            // the free stacks' now, those still out as they come back
+            // (`free_orphaned`, which also catches a stack a racing free
+            // cached after the drains above). Orphaned first, so that a
+            // free after the drains below finds the flag.
+            inner.orphaned.store(true, Ordering::Release);
+            inner.cold_free.store(true, Ordering::Release);
+            free.extend(inner.hits.steal_parked(|| ()).0);
+            for cpu in 0..inner.cache.cpus() {
+                inner.cache.drain(cpu, usize::MAX, &mut free);
+            }
             free.append(&mut inner.depot.lock().stacks);
-            let size = inner.layout.stack_size;
-            let whole: Vec<_> = free
-                .iter()
-                .map(|&top| (top.as_ptr() as usize - size, size))
-                .collect();
-            let _ = sys::release_many(&whole);
-            inner.depot.lock().released.extend(free);
+            inner.release_orphans(free);
             return;
         }
         // SAFETY: every carved stack is free and no `Stack` refers to the
@@ -846,6 +906,19 @@ impl PoolStats {
     }
 }
 
+/// Address space in MiB, or in KiB below one MiB (a small pool's arena).
+struct Reserved(usize);
+
+impl fmt::Display for Reserved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 < 1 << 20 {
+            write!(f, "{} KiB", self.0.div_ceil(1 << 10))
+        } else {
+            write!(f, "{} MiB", self.0 >> 20)
+        }
+    }
+}
+
 impl fmt::Display for PoolStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -872,11 +945,11 @@ impl fmt::Display for PoolStats {
         )?;
         write!(
             f,
-            "arenas: {} slots carved, {} arenas, {} mappings, {} MiB reserved, guards by {}, {} failed allocs",
+            "arenas: {} slots carved, {} arenas, {} mappings, {} reserved, guards by {}, {} failed allocs",
             self.slots_carved,
             self.arenas,
             self.mappings,
-            self.reserved_bytes >> 20,
+            Reserved(self.reserved_bytes),
             self.guard_mode,
             self.failures
         )
