@@ -100,7 +100,7 @@ use crate::cpu::{cpu, possible_cpus};
 /// x86_64, because the adjacent-line prefetcher pairs lines.
 const AREA_ALIGN: usize = 128;
 
-/// Environment variable that, set to a non-empty value other than `0`,
+/// Environment variable that, switched on (`1`, see [`crate::env_switch`]),
 /// makes [`CpuCache::new`] use [`CacheMode::TryLock`] even where rseq
 /// works.
 pub const NO_RSEQ_ENV: &str = "VMTASK_PERCPU_NO_RSEQ";
@@ -185,7 +185,7 @@ pub fn rseq_cache_supported() -> bool {
 
 /// The mode [`CpuCache::new`] uses: [`CacheMode::Rseq`] where
 /// [`rseq_cache_supported`] and the environment variable
-/// `VMTASK_PERCPU_NO_RSEQ` is unset, empty or `0`, otherwise
+/// `VMTASK_PERCPU_NO_RSEQ` is off ([`crate::env_switch`]), otherwise
 /// [`CacheMode::TryLock`]. Decided once per process.
 pub fn cache_mode() -> CacheMode {
     // Not a `OnceLock`: a fork while another thread initialises one leaves
@@ -198,7 +198,7 @@ pub fn cache_mode() -> CacheMode {
         2 => return CacheMode::TryLock,
         _ => {}
     }
-    let forced_off = std::env::var_os(NO_RSEQ_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    let forced_off = crate::env_switch(NO_RSEQ_ENV);
     let mode = if !forced_off && rseq_cache_supported() {
         CacheMode::Rseq
     } else {

@@ -217,7 +217,30 @@ fn parse_cpu_list_max(list: &str) -> Option<usize> {
 
 /// Pins the calling thread to `cpu` (`sched_setaffinity`). For tests and
 /// benchmarks that need threads on distinct CPUs.
+///
+/// # Errors
+/// If the kernel refuses (a CPU outside the thread's cpuset, offline, or
+/// past the largest CPU number): an error of the kernel's kind whose
+/// message names the CPU and the CPUs the thread may run on.
+///
+/// ```
+/// let err = vmtask_percpu::pin_current_thread(1 << 20).unwrap_err();
+/// assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+/// assert!(err.to_string().contains("CPU 1048576"), "{err}");
+/// ```
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    pin(cpu).map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!(
+                "cannot pin the thread to CPU {cpu}: {err} (it may run on CPUs {:?})",
+                allowed_cpus()
+            ),
+        )
+    })
+}
+
+fn pin(cpu: usize) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {

@@ -100,9 +100,13 @@ impl<T> PerCpu<T> {
     }
 
     /// Exclusive use of `cpu`'s slot, spinning (with backoff, then
-    /// yielding) until its holder lets go. For drains and statistics. Not
-    /// from a signal handler: if the interrupted code holds the slot, it
-    /// waits forever.
+    /// yielding) until its holder lets go. For drains and statistics.
+    ///
+    /// # Deadlocks
+    /// Like [`std::sync::Mutex::lock`], it waits forever if the calling
+    /// thread itself holds the slot (a [`SlotGuard`] of it still alive),
+    /// and so from a signal handler whose interrupted code holds it. Use
+    /// [`try_lock`](Self::try_lock) where that can happen.
     ///
     /// # Panics
     /// If `cpu >= self.len()`.

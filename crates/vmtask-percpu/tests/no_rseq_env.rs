@@ -52,8 +52,14 @@ fn env_var_forces_try_lock_mode() {
     if std::env::var_os(CHILD).is_some() {
         return child();
     }
-    assert_eq!(child_mode("1"), "default=try-lock cache=try-lock");
-    // "0" and an empty value leave the choice to the kernel.
+    for on in ["1", "true", "ON", "yes", "anything else"] {
+        assert_eq!(
+            child_mode(on),
+            "default=try-lock cache=try-lock",
+            "with {NO_RSEQ_ENV}={on:?}"
+        );
+    }
+    // Off values leave the choice to the kernel.
     let native = if rseq_cache_supported() {
         CacheMode::Rseq
     } else {
@@ -61,6 +67,7 @@ fn env_var_forces_try_lock_mode() {
         CacheMode::TryLock
     };
     let expected = format!("default={native} cache={native}");
-    assert_eq!(child_mode("0"), expected);
-    assert_eq!(child_mode(""), expected);
+    for off in ["0", "", "false", "No", "off"] {
+        assert_eq!(child_mode(off), expected, "with {NO_RSEQ_ENV}={off:?}");
+    }
 }

@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmtask_percpu::{CacheMode, CpuCache};
 
+#[path = "../../../test-support/knobs.rs"]
+mod knobs;
+
 const WORKERS: usize = 6;
 const PER_WORKER: usize = 40;
 const HANDLER_TOKENS: usize = 16;
@@ -90,7 +93,7 @@ fn xorshift(r: &mut u64) -> u64 {
     *r
 }
 
-fn run(mode: CacheMode, secs: u64) {
+fn run(mode: CacheMode, secs: Duration) {
     let cache: &'static CpuCache = Box::leak(Box::new(CpuCache::with_mode(8, mode)));
     CACHE.store(cache as *const CpuCache as *mut CpuCache, Ordering::SeqCst);
     let mode = cache.mode();
@@ -250,8 +253,8 @@ fn run(mode: CacheMode, secs: u64) {
         .collect();
     let start = Instant::now();
     let progress = || HOPS.load(Ordering::Relaxed) > 0 && drained.load(Ordering::Relaxed) > 0;
-    while start.elapsed() < Duration::from_secs(secs)
-        || (!progress() && start.elapsed() < Duration::from_secs(secs + 60))
+    while start.elapsed() < secs
+        || (!progress() && start.elapsed() < secs + Duration::from_secs(60))
     {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -276,7 +279,7 @@ fn run(mode: CacheMode, secs: u64) {
     all.extend(rest.iter().map(|p| p.as_ptr() as usize));
     let total = WORKERS * (PER_WORKER + HANDLER_TOKENS);
     eprintln!(
-        "{mode}: {}s, fast-path ok {}, handler runs {} ops {}, signals {sent}, moves {moves}, drained {}, tokens {} of {total}",
+        "{mode}: {:?}, fast-path ok {}, handler runs {} ops {}, signals {sent}, moves {moves}, drained {}, tokens {} of {total}",
         secs,
         fast_ok.load(Ordering::Relaxed),
         HRUNS.load(Ordering::Relaxed),
@@ -300,11 +303,8 @@ fn run(mode: CacheMode, secs: u64) {
     );
 }
 
-fn secs() -> u64 {
-    std::env::var("VMTASK_PERCPU_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2)
+fn secs() -> Duration {
+    knobs::seconds("VMTASK_PERCPU_STRESS_SECS", 2.0)
 }
 
 #[test]

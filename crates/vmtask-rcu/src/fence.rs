@@ -23,9 +23,10 @@ static MODE: CachePadded<AtomicU8> = CachePadded::new(AtomicU8::new(0));
 /// Held while the mode is chosen, and across `fork`.
 static CHOOSE: crate::sync::Mutex<()> = crate::sync::Mutex::new(());
 
-/// Environment variable that forces the SeqCst-fence fallback when set to
-/// anything but an empty string or `0` (read once, at initialisation), as
-/// `VMTASK_PERCPU_NO_RSEQ` does for vmtask-percpu.
+/// Environment variable that forces the SeqCst-fence fallback when
+/// switched on (`1`; see [`vmtask_percpu::env_switch`] for the values it
+/// takes; read once, at initialisation), as `VMTASK_PERCPU_NO_RSEQ` does
+/// for vmtask-percpu.
 pub const FORCE_FENCE_ENV: &str = "VMTASK_RCU_FORCE_FENCE";
 
 /// [`force_fence_fallback`] came too late: the mode was already chosen.
@@ -97,7 +98,7 @@ pub(crate) fn mode() -> FenceMode {
     // Read before taking `CHOOSE`: std holds its environment lock across
     // the `fork` of some `Command::spawn`s, whose prepare handler (ours)
     // waits for `CHOOSE`.
-    let env_forced = std::env::var_os(FORCE_FENCE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+    let env_forced = vmtask_percpu::env_switch(FORCE_FENCE_ENV);
     // Never taken with another of the crate's locks held: callers under a
     // lock (grace periods, flushes) have registered readers, so the mode
     // was chosen before and they return above.

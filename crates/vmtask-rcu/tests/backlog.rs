@@ -7,6 +7,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[path = "../../../test-support/knobs.rs"]
+mod knobs;
+
 fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -22,10 +25,15 @@ fn status_kib(field: &str) -> u64 {
 /// bound in the same loop.
 #[test]
 fn fifty_million_deferred_drops_stay_under_64_mib() {
-    let total: u64 = std::env::var("VMTASK_BACKLOG_OBJECTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50_000_000);
+    let total: u64 = knobs::knob(
+        "VMTASK_BACKLOG_OBJECTS",
+        50_000_000,
+        "a whole number of objects, at least 2",
+    );
+    assert!(
+        total >= 2,
+        "VMTASK_BACKLOG_OBJECTS={total}: expected at least 2 (the objects are split between 2 threads)"
+    );
     // Count frees without an Arc clone per object: a static counter.
     static FREED: AtomicU64 = AtomicU64::new(0);
     struct Obj(#[allow(dead_code)] u64);

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use vmtask_rcu::*;
 
 mod child;
+#[path = "../../../test-support/knobs.rs"]
+mod knobs;
 use child::in_child;
 
 /// Runs `f` from a thread-local destructor of a fresh thread that is
@@ -129,10 +131,7 @@ impl Drop for Checked {
 /// leaving, and no reader may see a freed element.
 #[test]
 fn grace_periods_racing_thread_exits() {
-    let secs: f64 = std::env::var("VMTASK_RCU_EXIT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.5);
+    let secs = knobs::seconds("VMTASK_RCU_EXIT_SECS", 1.5);
     let cell = Arc::new(RcuCell::new(Some(Box::new(Checked(AtomicU64::new(MAGIC))))));
     let stop = Arc::new(AtomicBool::new(false));
     let threads = Arc::new(AtomicUsize::new(0));
@@ -164,7 +163,6 @@ fn grace_periods_racing_thread_exits() {
     // thread that may wait long for a CPU on a loaded machine, has run
     // some grace periods.
     let start = Instant::now();
-    let secs = Duration::from_secs_f64(secs);
     while start.elapsed() < secs
         || (done.load(Ordering::Relaxed) < 10 && start.elapsed() < secs + Duration::from_secs(30))
     {

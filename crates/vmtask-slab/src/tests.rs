@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::{AtomicSlabArc, Config, SlabArc, SlabBox, SlabCache, SlabError};
 
+#[path = "../../../test-support/knobs.rs"]
+mod knobs;
+
 const MAGIC: u64 = 0x5eed_cafe_f00d_d00d;
 
 /// A type-stable object: `magic` is set by the constructor only, so any
@@ -63,11 +66,8 @@ fn home() -> usize {
     vmtask_percpu::allowed_cpus()[0]
 }
 
-fn torture_secs() -> f64 {
-    std::env::var("VMTASK_TORTURE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0)
+fn torture_secs() -> Duration {
+    knobs::seconds("VMTASK_TORTURE_SECS", 2.0)
 }
 
 struct Rng(u64);
@@ -742,7 +742,7 @@ fn typesafe_lookup_torture_never_returns_a_wrong_key_or_released_memory() {
         // The run's time, and on (for at most 30 s more) until readers and
         // the shrinking writer have made progress: new threads may wait
         // long for a CPU on a loaded machine.
-        let (start, secs) = (Instant::now(), Duration::from_secs_f64(torture_secs()));
+        let (start, secs) = (Instant::now(), torture_secs());
         while start.elapsed() < secs
             || ((found.load(Relaxed) <= 1000 || shrunk.load(Relaxed) == 0)
                 && start.elapsed() < secs + Duration::from_secs(30))

@@ -601,6 +601,23 @@ fn stats_display_names_every_counter() {
     }
 }
 
+/// A small pool's reservation, under one MiB, is shown in KiB, not as
+/// "0 MiB".
+#[test]
+fn stats_display_shows_a_small_reservation() {
+    let pool = StackPool::new(Config {
+        max_stacks: 1,
+        ..Config::default()
+    })
+    .unwrap();
+    let _stack = pool.alloc().unwrap();
+    let stats = pool.stats();
+    assert!(stats.reserved_bytes > 0 && stats.reserved_bytes < 1 << 20);
+    let text = stats.to_string();
+    let shown = format!("{} KiB reserved", stats.reserved_bytes.div_ceil(1024));
+    assert!(text.contains(&shown), "{shown:?} missing from:\n{text}");
+}
+
 #[test]
 fn ensure_succeeds_within_the_slot_and_errs_past_it() {
     let pool = StackPool::new(Config {

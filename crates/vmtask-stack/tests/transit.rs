@@ -9,6 +9,8 @@
 //! hold at most `max_stacks - k` and the worker itself `k - 1`, and at
 //! least one stack is free at every instant. Every `Exhausted` is false.
 
+#[path = "../../../test-support/knobs.rs"]
+mod knobs;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -142,10 +144,7 @@ fn run(s: &Scenario, time: Duration) -> (u64, u64) {
 
 #[test]
 fn no_false_exhaustion_while_stacks_are_in_transit() {
-    let secs: u64 = std::env::var("VMTASK_TORTURE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let secs = knobs::seconds("VMTASK_TORTURE_SECS", 1.0);
     let scenarios = [
         Scenario {
             name: "churn, 4 threads x 4 of 16",
@@ -196,7 +195,7 @@ fn no_false_exhaustion_while_stacks_are_in_transit() {
     let mut report = String::new();
     let mut total_false = 0;
     for s in &scenarios {
-        let (allocs, exhausted) = run(s, Duration::from_secs(secs));
+        let (allocs, exhausted) = run(s, secs);
         total_false += exhausted;
         report += &format!(
             "{:45} {:>10} allocs {:>8} false Exhausted ({:.2e} per alloc)\n",

@@ -17,6 +17,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../../test-support/knobs.rs"]
+mod knobs;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,11 +56,7 @@ pub enum Wait {
 
 /// Seconds per torture run: `VMTASK_TORTURE_SECS`, default 1.
 pub fn torture_duration() -> Duration {
-    let secs = std::env::var("VMTASK_TORTURE_SECS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(1.0);
-    Duration::from_secs_f64(secs)
+    knobs::seconds("VMTASK_TORTURE_SECS", 1.0)
 }
 
 impl Shared {

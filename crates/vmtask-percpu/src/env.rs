@@ -1,0 +1,31 @@
+//! On/off switches read from the environment (`VMTASK_PERCPU_NO_RSEQ`,
+//! vmtask-rcu's `VMTASK_RCU_FORCE_FENCE`).
+
+/// Whether the switch `name` is on: `1`, `true`, `yes` or `on` (in any
+/// case) turn it on; unset, empty, `0`, `false`, `no` or `off` leave it
+/// off. Any other value turns it on, as the switches always did for
+/// values other than empty and `0`, with a warning on stderr that names
+/// the variable and the values it takes.
+///
+/// ```
+/// std::env::set_var("VMTASK_EXAMPLE_SWITCH", "off");
+/// assert!(!vmtask_percpu::env_switch("VMTASK_EXAMPLE_SWITCH"));
+/// std::env::set_var("VMTASK_EXAMPLE_SWITCH", "1");
+/// assert!(vmtask_percpu::env_switch("VMTASK_EXAMPLE_SWITCH"));
+/// ```
+pub fn env_switch(name: &str) -> bool {
+    let Some(value) = std::env::var_os(name) else {
+        return false;
+    };
+    let text = value.to_string_lossy();
+    match text.trim().to_ascii_lowercase().as_str() {
+        "" | "0" | "false" | "no" | "off" => false,
+        "1" | "true" | "yes" | "on" => true,
+        _ => {
+            eprintln!(
+                "{name}={text:?} is not a switch value; taken as on (on: 1, true, yes, on; off: 0, false, no, off or empty)"
+            );
+            true
+        }
+    }
+}
