@@ -58,7 +58,7 @@
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crossbeam_utils::Backoff;
@@ -171,8 +171,21 @@ pub(crate) struct PoolInner {
     /// pool is orphaned. One load on the free path for both.
     cold_free: AtomicBool,
     /// The `StackPool` was dropped while stacks were out (see its `Drop`):
-    /// each stack that comes back gives back all its memory.
+    /// each stack that comes back gives back all its memory, and the one
+    /// that completes the released list destroys the pool.
     orphaned: AtomicBool,
+    /// Slots carved when the pool was orphaned (published by `orphaned`).
+    orphan_carved: AtomicUsize,
+}
+
+/// What the cold part of a free did.
+enum ColdFree {
+    /// Go on with the usual free.
+    Continue,
+    /// The orphaned pool took the stack.
+    Taken,
+    /// It took the last stack out: the caller destroys the pool.
+    Last,
 }
 
 impl PoolInner {
@@ -397,62 +410,113 @@ impl PoolInner {
     }
 
     /// Frees the stack whose top is `top`. Nothing may use it afterwards.
+    /// A raw pointer, not `&self`: the last stack of an orphaned pool
+    /// destroys it here.
+    ///
+    /// # Safety
+    /// `pool` is the stack's pool, valid until this call (a `Stack` keeps
+    /// its pool alive; see `StackPool`'s `Drop`).
     #[inline]
-    pub(crate) fn free(&self, top: NonNull<u8>) {
-        if self.cold_free.load(Ordering::Relaxed) && self.free_cold(top) {
+    pub(crate) unsafe fn free(pool: NonNull<PoolInner>, top: NonNull<u8>) {
+        // SAFETY: the caller's contract.
+        let this = unsafe { pool.as_ref() };
+        if this.cold_free.load(Ordering::Relaxed) {
+            match this.free_cold(top) {
+                ColdFree::Continue => {}
+                ColdFree::Taken => return,
+                ColdFree::Last => {
+                    // SAFETY: every carved stack is back on the released
+                    // list: no `Stack` and no other free can reach the
+                    // pool (`free_orphaned`). `this` is not used again.
+                    unsafe { PoolInner::destroy(pool) };
+                    return;
+                }
+            }
+        }
+        if this.hits.park(top) {
             return;
         }
-        if self.hits.park(top) {
-            return;
-        }
-        if let Err(top) = self.cache.push(top) {
-            self.free_slow(top);
+        if let Err(top) = this.cache.push(top) {
+            if this.free_slow(top) {
+                // SAFETY: as above: the magazine this free handed over
+                // completed an orphaned pool's released list.
+                unsafe { PoolInner::destroy(pool) };
+            }
         }
     }
 
-    /// The cold part of `free`: an orphaned pool takes the stack (true), a
-    /// `zero_on_reuse` one clears it for the usual path (false).
+    /// The cold part of `free`: an orphaned pool takes the stack, a
+    /// `zero_on_reuse` one clears it for the usual path.
     #[cold]
     #[inline(never)]
-    fn free_cold(&self, top: NonNull<u8>) -> bool {
+    fn free_cold(&self, top: NonNull<u8>) -> ColdFree {
         if self.orphaned.load(Ordering::Acquire) {
-            self.free_orphaned(top);
-            return true;
+            return if self.free_orphaned(top) {
+                ColdFree::Last
+            } else {
+                ColdFree::Taken
+            };
         }
         if self.layout.zero_on_reuse {
             self.clear(top);
         }
-        false
+        ColdFree::Continue
+    }
+
+    /// Unmaps the arenas and frees the pool.
+    ///
+    /// # Safety
+    /// Every carved stack is free, no `Stack` refers to the pool, and no
+    /// thread will touch it again; `pool` came from `Box::leak` in `new`.
+    unsafe fn destroy(pool: NonNull<PoolInner>) {
+        // SAFETY: the caller's contract.
+        let mut inner = unsafe { Box::from_raw(pool.as_ptr()) };
+        let layout = inner.layout.clone();
+        let arenas = inner.arenas.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: no stack of these arenas is in use (the caller's
+        // contract).
+        unsafe { arenas.unmap_all(&layout) };
     }
 
     /// A stack that came back after its pool was dropped. Nothing will
     /// allocate from the pool again: the stack gives back all its memory.
     /// So do stacks that a free racing the pool's drop put in a magazine or
     /// parked after the drop had taken them, and the stack this thread
-    /// parked if the drop could not take it.
-    fn free_orphaned(&self, top: NonNull<u8>) {
+    /// parked if the drop could not take it. Returns true if this completed
+    /// the released list (see `release_orphans`).
+    fn free_orphaned(&self, top: NonNull<u8>) -> bool {
         let _section = fork::section();
         let mut free = vec![top];
         free.extend(self.hits.take_own_parked());
         free.extend(self.hits.reclaim_exited(|| ()).0);
+        free.extend(self.hits.steal_parked(|| ()).0);
         for cpu in 0..self.cache.cpus() {
             if self.cache.len(cpu) > 0 {
                 self.cache.drain(cpu, usize::MAX, &mut free);
             }
         }
-        self.release_orphans(free);
+        self.release_orphans(free)
     }
 
     /// Gives back all the memory of `free` stacks of an orphaned pool and
     /// keeps them on the released list, where nothing takes them again.
-    fn release_orphans(&self, free: Vec<NonNull<u8>>) {
+    /// Returns true if the list now holds every carved stack: then no
+    /// `Stack` is left, and every free that published a stack (the
+    /// publishing store, a free's last access to the pool) has been seen
+    /// to do so, so nothing but the caller can reach the pool any more.
+    /// True once at most: the list only grows, under the depot lock.
+    fn release_orphans(&self, free: Vec<NonNull<u8>>) -> bool {
         let size = self.layout.stack_size;
         let whole: Vec<_> = free
             .iter()
             .map(|&top| (top.as_ptr() as usize - size, size))
             .collect();
         let _ = sys::release_many(&whole);
-        self.depot.lock().released.extend(free);
+        let mut depot = self.depot.lock();
+        let had = depot.released.len();
+        depot.released.extend(free);
+        let carved = self.orphan_carved.load(Ordering::Relaxed);
+        had < carved && depot.released.len() == carved
     }
 
     /// `zero_on_reuse`: gives every page of the stack back, so its next
@@ -472,9 +536,10 @@ impl PoolInner {
 
     /// The local magazine is full (or busy): hand it to the depot whole,
     /// in transit meanwhile (it ends under the depot lock: the lock's
-    /// release stays the last access to the pool).
+    /// release stays the last access to the pool). True if the pool was
+    /// orphaned meanwhile and these were its last stacks out (`stash`).
     #[cold]
-    fn free_slow(&self, top: NonNull<u8>) {
+    fn free_slow(&self, top: NonNull<u8>) -> bool {
         let _section = fork::section();
         let transit = self.counters.transits.begin();
         let mut magazine = Vec::with_capacity(self.layout.cache_size + 1);
@@ -482,19 +547,19 @@ impl PoolInner {
             .drain(vmtask_percpu::cpu(), self.layout.cache_size, &mut magazine);
         magazine.push(top);
         bump(&self.counters.depot_transfers, 1);
-        self.to_depot(magazine, Some(transit));
+        self.to_depot(magazine, Some(transit))
     }
 
     /// Sends free stacks to the depot: their pages below `keep_resident`
     /// released in one batch (already gone with `zero_on_reuse`), then
-    /// `stash`, which ends `transit`.
-    fn to_depot(&self, stacks: Vec<NonNull<u8>>, transit: Option<Transit<'_>>) {
+    /// `stash`, which ends `transit` (and returns its `last`).
+    fn to_depot(&self, stacks: Vec<NonNull<u8>>, transit: Option<Transit<'_>>) -> bool {
         if !self.layout.zero_on_reuse {
             let deep: Vec<_> = stacks.iter().map(|&top| self.deep_range(top)).collect();
             // Pages the kernel keeps (locked) merely stay resident.
             let _ = sys::release_many(&deep);
         }
-        self.stash(stacks, false, transit);
+        self.stash(stacks, false, transit).1
     }
 
     /// The pages of a free stack below `keep_resident`, as `(addr, len)`.
@@ -508,21 +573,32 @@ impl PoolInner {
     /// resident pages given back. Ends `transit` once every stack is in a
     /// list, under the depot lock: the last access to the pool is the
     /// depot lock's release.
+    ///
+    /// A free that began before its pool was orphaned may get here after:
+    /// then every stack goes to the released list (the depot is no longer
+    /// swept), and the second value tells whether that completed it, as
+    /// `release_orphans` does.
     fn stash(
         &self,
         mut stacks: Vec<NonNull<u8>>,
         count: bool,
         transit: Option<Transit<'_>>,
-    ) -> usize {
+    ) -> (usize, bool) {
         {
             let mut depot = self.depot.lock();
-            let room = self.layout.depot_size.saturating_sub(depot.stacks.len());
+            // Under the lock that the drop takes after orphaning the pool,
+            // to empty the depot one last time.
+            let room = if self.orphaned.load(Ordering::Relaxed) {
+                0
+            } else {
+                self.layout.depot_size.saturating_sub(depot.stacks.len())
+            };
             let fits = room.min(stacks.len());
             depot.stacks.extend(stacks.drain(..fits));
             if stacks.is_empty() {
                 drop(transit);
                 drop(depot);
-                return 0;
+                return (0, false);
             }
         }
         let size = self.layout.stack_size;
@@ -541,10 +617,15 @@ impl PoolInner {
         let pages = released_pages(&resident, &sys::release_many(&whole));
         bump(&self.counters.stacks_released, stacks.len() as u64);
         let mut depot = self.depot.lock();
+        let had = depot.released.len();
         depot.released.extend(stacks);
+        let last = self.orphaned.load(Ordering::Relaxed) && {
+            let carved = self.orphan_carved.load(Ordering::Relaxed);
+            had < carved && depot.released.len() == carved
+        };
         drop(transit);
         drop(depot);
-        pages
+        (pages, last)
     }
 }
 
@@ -622,6 +703,7 @@ impl StackPool {
             counters: Counters::default(),
             cold_free: AtomicBool::new(layout.zero_on_reuse),
             orphaned: AtomicBool::new(false),
+            orphan_carved: AtomicUsize::new(0),
             layout,
             markers,
         });
@@ -710,7 +792,7 @@ impl StackPool {
             .map(|&(addr, len)| sys::resident_pages(addr, len))
             .collect();
         let mut pages = released_pages(&resident, &sys::release_many(&deep));
-        pages += inner.stash(free, true, None);
+        pages += inner.stash(free, true, None).0;
         bump(&inner.counters.pages_trimmed, pages as u64);
         pages * sys::page_size()
     }
@@ -794,19 +876,26 @@ impl Drop for StackPool {
         // Stacks parked on other live threads are free too; those threads
         // never touch them again once the pool is gone (see `tally.rs`).
         let parked = inner.hits.parked();
-        let all_free = {
+        let (carved, all_free) = {
             let depot = inner.depot.lock();
             let arenas = inner.arenas.lock().unwrap_or_else(|e| e.into_inner());
-            arenas.carved() == free.len() + parked + depot.stacks.len() + depot.released.len()
+            let carved = arenas.carved();
+            (
+                carved,
+                carved == free.len() + parked + depot.stacks.len() + depot.released.len(),
+            )
         };
         if !all_free {
-            // Some Stack still points here: leak the pool (its address
-            // space and its records), since a task may still run on it.
-            // Nothing will allocate from it again, so its memory goes back:
-            // the free stacks' now, those still out as they come back
-            // (`free_orphaned`, which also catches a stack a racing free
-            // cached after the drains above). Orphaned first, so that a
-            // free after the drains below finds the flag.
+            // Some Stack still points here, and a task may still run on
+            // it: the pool is orphaned, not destroyed. Nothing will
+            // allocate from it again, so its memory goes back: the free
+            // stacks' now, those still out as they come back
+            // (`free_orphaned`, which also catches a stack that a free
+            // racing this drop published after the drains above). The
+            // free that brings the last stack back destroys the pool.
+            // Orphaned first, so that a free after the drains below finds
+            // the flag.
+            inner.orphan_carved.store(carved, Ordering::Relaxed);
             inner.orphaned.store(true, Ordering::Release);
             inner.cold_free.store(true, Ordering::Release);
             free.extend(inner.hits.steal_parked(|| ()).0);
@@ -814,21 +903,15 @@ impl Drop for StackPool {
                 inner.cache.drain(cpu, usize::MAX, &mut free);
             }
             free.append(&mut inner.depot.lock().stacks);
-            inner.release_orphans(free);
-            return;
+            if !inner.release_orphans(free) {
+                return;
+            }
+            // The stacks that were out came back during this drop.
         }
         // SAFETY: every carved stack is free and no `Stack` refers to the
         // pool, so nothing can reach `inner` or its arenas any more; `inner`
         // came from Box::leak in `new`.
-        unsafe {
-            let mut inner = Box::from_raw(self.inner.as_ptr());
-            let layout = inner.layout.clone();
-            inner
-                .arenas
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .unmap_all(&layout);
-        }
+        unsafe { PoolInner::destroy(self.inner) };
     }
 }
 

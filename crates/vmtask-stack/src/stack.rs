@@ -40,7 +40,7 @@ impl Stack {
 
     fn pool(&self) -> &PoolInner {
         // SAFETY: the pool outlives its stacks (`from_raw`'s contract; a
-        // pool dropped with stacks out is leaked).
+        // pool dropped with stacks out lives on until the last comes back).
         unsafe { self.pool.as_ref() }
     }
 
@@ -68,7 +68,9 @@ impl Stack {
 impl Drop for Stack {
     #[inline]
     fn drop(&mut self) {
-        self.pool().free(self.top);
+        // SAFETY: `pool` is this stack's pool, valid while the stack lives
+        // (`from_raw`'s contract); the stack is not used after.
+        unsafe { PoolInner::free(self.pool, self.top) };
     }
 }
 
