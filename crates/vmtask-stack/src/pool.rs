@@ -178,16 +178,6 @@ pub(crate) struct PoolInner {
     orphan_carved: AtomicUsize,
 }
 
-/// What the cold part of a free did.
-enum ColdFree {
-    /// Go on with the usual free.
-    Continue,
-    /// The orphaned pool took the stack.
-    Taken,
-    /// It took the last stack out: the caller destroys the pool.
-    Last,
-}
-
 impl PoolInner {
     /// The fast path: a pop from this CPU's magazine and a plain increment
     /// of this thread's hit tally. A thread reaches the slow paths, which
@@ -420,47 +410,63 @@ impl PoolInner {
     pub(crate) unsafe fn free(pool: NonNull<PoolInner>, top: NonNull<u8>) {
         // SAFETY: the caller's contract.
         let this = unsafe { pool.as_ref() };
-        if this.cold_free.load(Ordering::Relaxed) {
-            match this.free_cold(top) {
-                ColdFree::Continue => {}
-                ColdFree::Taken => return,
-                ColdFree::Last => {
-                    // SAFETY: every carved stack is back on the released
-                    // list: no `Stack` and no other free can reach the
-                    // pool (`free_orphaned`). `this` is not used again.
-                    unsafe { PoolInner::destroy(pool) };
-                    return;
-                }
-            }
+        if this.cold_free.load(Ordering::Relaxed)
+            // SAFETY: the caller's contract; `this` is not used after.
+            && unsafe { PoolInner::free_cold(pool, top) }
+        {
+            return;
         }
         if this.hits.park(top) {
             return;
         }
         if let Err(top) = this.cache.push(top) {
-            if this.free_slow(top) {
-                // SAFETY: as above: the magazine this free handed over
-                // completed an orphaned pool's released list.
-                unsafe { PoolInner::destroy(pool) };
-            }
+            // SAFETY: the caller's contract; `this` is not used after.
+            unsafe { PoolInner::free_slow_or_destroy(pool, top) };
         }
     }
 
-    /// The cold part of `free`: an orphaned pool takes the stack, a
-    /// `zero_on_reuse` one clears it for the usual path.
+    /// The cold part of `free`: an orphaned pool takes the stack (true),
+    /// and the free that brings its last stack back destroys it; a
+    /// `zero_on_reuse` pool clears the stack for the usual path (false).
+    ///
+    /// # Safety
+    /// As `free`.
     #[cold]
     #[inline(never)]
-    fn free_cold(&self, top: NonNull<u8>) -> ColdFree {
-        if self.orphaned.load(Ordering::Acquire) {
-            return if self.free_orphaned(top) {
-                ColdFree::Last
-            } else {
-                ColdFree::Taken
-            };
+    unsafe fn free_cold(pool: NonNull<PoolInner>, top: NonNull<u8>) -> bool {
+        let last = {
+            // SAFETY: the caller's contract.
+            let this = unsafe { pool.as_ref() };
+            if !this.orphaned.load(Ordering::Acquire) {
+                if this.layout.zero_on_reuse {
+                    this.clear(top);
+                }
+                return false;
+            }
+            this.free_orphaned(top)
+        };
+        if last {
+            // SAFETY: every carved stack is back on the released list: no
+            // `Stack` and no other free can reach the pool
+            // (`release_orphans`), and no reference to it is left here.
+            unsafe { PoolInner::destroy(pool) };
         }
-        if self.layout.zero_on_reuse {
-            self.clear(top);
+        true
+    }
+
+    /// `free_slow`, and the pool's destruction if the magazine it handed
+    /// over completed an orphaned pool's released list (`stash`).
+    ///
+    /// # Safety
+    /// As `free`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_slow_or_destroy(pool: NonNull<PoolInner>, top: NonNull<u8>) {
+        // SAFETY: the caller's contract.
+        if unsafe { pool.as_ref() }.free_slow(top) {
+            // SAFETY: as in `free_cold`.
+            unsafe { PoolInner::destroy(pool) };
         }
-        ColdFree::Continue
     }
 
     /// Unmaps the arenas and frees the pool.
