@@ -136,6 +136,10 @@ struct Depot {
     stacks: Vec<NonNull<u8>>,
     /// Slots whose memory was given back entirely.
     released: Vec<NonNull<u8>>,
+    /// The drop of an orphaned pool has added its last stacks to
+    /// `released` and touches the pool no more: only from then on may a
+    /// free that completes the list destroy the pool.
+    sealed: bool,
 }
 
 // SAFETY: the pointers are addresses of free stacks that the depot owns;
@@ -434,6 +438,10 @@ impl PoolInner {
     #[cold]
     #[inline(never)]
     unsafe fn free_cold(pool: NonNull<PoolInner>, top: NonNull<u8>) -> bool {
+        // Pairs with the drop's release store of `cold_free`, which the
+        // caller's relaxed load read: the `orphaned` stored before it is
+        // seen below.
+        std::sync::atomic::fence(Ordering::Acquire);
         let last = {
             // SAFETY: the caller's contract.
             let this = unsafe { pool.as_ref() };
@@ -501,17 +509,20 @@ impl PoolInner {
                 self.cache.drain(cpu, usize::MAX, &mut free);
             }
         }
-        self.release_orphans(free)
+        self.release_orphans(free, false)
     }
 
     /// Gives back all the memory of `free` stacks of an orphaned pool and
-    /// keeps them on the released list, where nothing takes them again.
-    /// Returns true if the list now holds every carved stack: then no
-    /// `Stack` is left, and every free that published a stack (the
-    /// publishing store, a free's last access to the pool) has been seen
-    /// to do so, so nothing but the caller can reach the pool any more.
-    /// True once at most: the list only grows, under the depot lock.
-    fn release_orphans(&self, free: Vec<NonNull<u8>>) -> bool {
+    /// keeps them on the released list, where nothing takes them again;
+    /// `seal` for the pool's drop, whose last access to the pool this is.
+    /// Returns true if the caller is to destroy the pool: the list now holds
+    /// every carved stack, so no `Stack` is left and every free that
+    /// published a stack (the publishing store, a free's last access to
+    /// the pool) has been seen to do so, and the drop is done with the pool
+    /// (the seal; if the list was complete before it, the drop destroys).
+    /// True for one caller at most: the list only grows and is sealed
+    /// once, under the depot lock.
+    fn release_orphans(&self, free: Vec<NonNull<u8>>, seal: bool) -> bool {
         let size = self.layout.stack_size;
         let whole: Vec<_> = free
             .iter()
@@ -521,8 +532,19 @@ impl PoolInner {
         let mut depot = self.depot.lock();
         let had = depot.released.len();
         depot.released.extend(free);
+        self.completes(&mut depot, had, seal)
+    }
+
+    /// See `release_orphans`; `had`: the list's length before the caller's
+    /// stacks were added.
+    fn completes(&self, depot: &mut Depot, had: usize, seal: bool) -> bool {
         let carved = self.orphan_carved.load(Ordering::Relaxed);
-        had < carved && depot.released.len() == carved
+        if seal {
+            depot.sealed = true;
+            depot.released.len() == carved
+        } else {
+            depot.sealed && had < carved && depot.released.len() == carved
+        }
     }
 
     /// `zero_on_reuse`: gives every page of the stack back, so its next
@@ -594,7 +616,7 @@ impl PoolInner {
             let mut depot = self.depot.lock();
             // Under the lock that the drop takes after orphaning the pool,
             // to empty the depot one last time.
-            let room = if self.orphaned.load(Ordering::Relaxed) {
+            let room = if self.orphaned.load(Ordering::Acquire) {
                 0
             } else {
                 self.layout.depot_size.saturating_sub(depot.stacks.len())
@@ -625,10 +647,8 @@ impl PoolInner {
         let mut depot = self.depot.lock();
         let had = depot.released.len();
         depot.released.extend(stacks);
-        let last = self.orphaned.load(Ordering::Relaxed) && {
-            let carved = self.orphan_carved.load(Ordering::Relaxed);
-            had < carved && depot.released.len() == carved
-        };
+        // Acquire: `orphan_carved`, stored before, is read in `completes`.
+        let last = self.orphaned.load(Ordering::Acquire) && self.completes(&mut depot, had, false);
         drop(transit);
         drop(depot);
         (pages, last)
@@ -704,6 +724,7 @@ impl StackPool {
             depot: SpinLock::new(Depot {
                 stacks: Vec::new(),
                 released: Vec::new(),
+                sealed: false,
             }),
             arenas: Mutex::new(Arenas::new()),
             counters: Counters::default(),
@@ -909,7 +930,9 @@ impl Drop for StackPool {
                 inner.cache.drain(cpu, usize::MAX, &mut free);
             }
             free.append(&mut inner.depot.lock().stacks);
-            if !inner.release_orphans(free) {
+            // Until this seal, a free that brings the last stack back
+            // leaves the destroy to this drop, which still uses the pool.
+            if !inner.release_orphans(free, true) {
                 return;
             }
             // The stacks that were out came back during this drop.
