@@ -221,7 +221,8 @@ fn parse_cpu_list_max(list: &str) -> Option<usize> {
 /// # Errors
 /// If the kernel refuses (a CPU outside the thread's cpuset, offline, or
 /// past the largest CPU number): an error of the kernel's kind whose
-/// message names the CPU and the CPUs the thread may run on.
+/// message names the CPU and the CPUs the thread may run on, and whose
+/// [`source`](std::error::Error::source) is the system call's own error.
 ///
 /// ```
 /// let err = vmtask_percpu::pin_current_thread(1 << 20).unwrap_err();
@@ -229,15 +230,41 @@ fn parse_cpu_list_max(list: &str) -> Option<usize> {
 /// assert!(err.to_string().contains("CPU 1048576"), "{err}");
 /// ```
 pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    pin(cpu).map_err(|err| {
+    pin(cpu).map_err(|os| {
         std::io::Error::new(
-            err.kind(),
-            format!(
-                "cannot pin the thread to CPU {cpu}: {err} (it may run on CPUs {:?})",
-                allowed_cpus()
-            ),
+            os.kind(),
+            PinError {
+                cpu,
+                allowed: allowed_cpus(),
+                os,
+            },
         )
     })
+}
+
+/// Why [`pin_current_thread`] failed: the CPU, the CPUs allowed, and the
+/// kernel's error (the source).
+#[derive(Debug)]
+struct PinError {
+    cpu: usize,
+    allowed: Vec<usize>,
+    os: std::io::Error,
+}
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot pin the thread to CPU {}: {} (it may run on CPUs {:?})",
+            self.cpu, self.os, self.allowed
+        )
+    }
+}
+
+impl std::error::Error for PinError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.os)
+    }
 }
 
 fn pin(cpu: usize) -> std::io::Result<()> {
@@ -336,11 +363,14 @@ mod tests {
         for cpu in allowed_cpus() {
             assert_eq!(run_on_cpu(cpu, self::cpu).unwrap(), cpu);
         }
-        let err = run_on_cpu(8 * std::mem::size_of::<libc::cpu_set_t>(), || {
-            unreachable!("ran although the pin failed")
-        })
-        .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let past = 8 * std::mem::size_of::<libc::cpu_set_t>();
+        let err = run_on_cpu(past, || unreachable!("ran although the pin failed")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains(&format!("CPU {past}")), "{err}");
+        let os = std::error::Error::source(err.get_ref().expect("a wrapped error"))
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .and_then(std::io::Error::raw_os_error);
+        assert_eq!(os, Some(libc::EINVAL));
     }
 
     #[test]
