@@ -4,12 +4,8 @@
 
 use vmtask_stack::{Config, GuardMode, StackPool};
 
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
+mod common;
+use common::maps_lines as mappings;
 
 #[test]
 fn live_stacks_add_no_mappings_with_guard_markers() {

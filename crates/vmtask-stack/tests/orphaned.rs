@@ -15,7 +15,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 use vmtask_stack::{Config, Stack, StackPool};
 
 mod common;
-use common::{page, resident_pages};
+use common::{maps_lines, page, resident_pages};
 
 /// Writes every byte of the stack, so all its pages are resident.
 fn touch(stack: &Stack) {
@@ -41,13 +41,6 @@ fn mapped(addr: usize, len: usize) -> bool {
     let err = std::io::Error::last_os_error();
     assert_eq!(err.raw_os_error(), Some(libc::ENOMEM), "mincore: {err}");
     false
-}
-
-fn maps_lines() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
 }
 
 #[test]

@@ -26,6 +26,14 @@ pub fn two_cpus() -> Option<(usize, usize)> {
     }
 }
 
+/// Lines of `/proc/self/maps`: the process's mappings.
+pub fn maps_lines() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
 pub fn resident_pages(addr: usize, len: usize) -> usize {
     let mut vec = vec![0u8; len / page()];
     // SAFETY: one byte per page of a page-aligned range.
