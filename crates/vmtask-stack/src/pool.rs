@@ -449,7 +449,13 @@ impl PoolInner {
                 if this.layout.zero_on_reuse {
                     this.clear(top);
                 }
-                return false;
+                // The clear is a system call: a drop may have orphaned the
+                // pool and swept it meanwhile, and a stack published now
+                // would keep it alive (review finding: a third of the
+                // `zero_on_reuse` pools raced so were never destroyed).
+                if !this.orphaned.load(Ordering::Acquire) {
+                    return false;
+                }
             }
             this.free_orphaned(top)
         };

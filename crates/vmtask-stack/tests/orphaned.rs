@@ -7,6 +7,7 @@
 //! The tests run one at a time (`SERIAL`): they look at which addresses
 //! are mapped, and a pool made by another test could map them again.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -151,15 +152,32 @@ fn membarrier_available() -> bool {
 /// Frees racing the pool's drop on other threads: whichever free brings
 /// the last stack back destroys the pool, once, and none touches it after
 /// (a use after free here would crash or corrupt the next rounds' pools).
+/// With `zero_on_reuse` too, whose frees clear the stack (a system call)
+/// before they publish it.
 #[test]
 fn frees_racing_the_drop_destroy_the_pool_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for zero_on_reuse in [false, true] {
+        let destroyed = race_frees_and_drops(zero_on_reuse);
+        eprintln!(
+            "zero_on_reuse {zero_on_reuse}: {destroyed} of 300 pools destroyed by their last free"
+        );
+        assert!(
+            destroyed >= 240,
+            "zero_on_reuse {zero_on_reuse}: only {destroyed} of 300 pools were destroyed by their last free"
+        );
+    }
+}
+
+/// 300 rounds; returns how many pools were destroyed.
+fn race_frees_and_drops(zero_on_reuse: bool) -> usize {
     const THREADS: usize = 3;
     const STACKS: usize = 6;
     let mut destroyed = 0;
     for round in 0..300 {
         let pool = StackPool::new(Config {
             cache_size: 2,
+            zero_on_reuse,
             ..Config::default()
         })
         .unwrap();
@@ -198,9 +216,65 @@ fn frees_racing_the_drop_destroy_the_pool_once() {
             destroyed += 1;
         }
     }
-    eprintln!("{destroyed} of 300 pools destroyed by their last free");
+    destroyed
+}
+
+/// A `zero_on_reuse` pool's only stack freed on another thread while the
+/// pool is dropped: the free clears the stack first (a system call on the
+/// whole stack), and the drop may orphan and sweep the pool meanwhile; the
+/// free must then bring the stack to the orphaned pool, not publish it
+/// where nothing looks any more (review finding: a third of these pools
+/// were never destroyed).
+#[test]
+fn a_cleared_stack_freed_during_the_drop_still_destroys_the_pool() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const ROUNDS: usize = 300;
+    static GO: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let spin = |ns: u64| {
+        let start = std::time::Instant::now();
+        while (start.elapsed().as_nanos() as u64) < ns {
+            std::hint::spin_loop();
+        }
+    };
+    let (send, stacks) = mpsc::channel::<(usize, Stack, u64)>();
+    let (freed, wait_freed) = mpsc::channel::<()>();
+    let freer = std::thread::spawn(move || {
+        for (round, stack, delay) in stacks {
+            while GO.load(Ordering::Acquire) != round {
+                std::hint::spin_loop();
+            }
+            spin(delay);
+            drop(stack);
+            freed.send(()).unwrap();
+        }
+    });
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut kept = 0;
+    for round in 1..=ROUNDS {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let pool = StackPool::new(Config {
+            stack_size: 1 << 20,
+            zero_on_reuse: true,
+            ..Config::default()
+        })
+        .unwrap();
+        let stack = pool.alloc().unwrap();
+        touch(&stack);
+        let (at, size) = range(&stack);
+        send.send((round, stack, seed % 200_000)).unwrap();
+        GO.store(round, Ordering::Release);
+        spin((seed >> 20) % 200_000);
+        drop(pool);
+        wait_freed.recv().unwrap();
+        kept += usize::from(mapped(at, size));
+    }
+    drop(send);
+    freer.join().unwrap();
+    eprintln!("{kept} of {ROUNDS} zero_on_reuse pools outlived their last stack");
     assert!(
-        destroyed >= 240,
-        "only {destroyed} of 300 pools were destroyed by their last free"
+        kept <= ROUNDS / 10,
+        "{kept} of {ROUNDS} zero_on_reuse pools outlived their last stack"
     );
 }
