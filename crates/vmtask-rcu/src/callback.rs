@@ -22,10 +22,13 @@
 //! Backlog. Producers count what they queue per CPU, the thread counts
 //! what it invoked. Past `soft` queued-but-not-invoked callbacks the
 //! thread is woken at once; past `hard`, `call` and friends wait for the
-//! backlog to drain to half of `hard` (or `soft`, if higher) — unless the
-//! caller is the callback thread or inside a read-side section, where
-//! waiting would deadlock. They never run other threads' callbacks: they
-//! may hold locks those callbacks take.
+//! backlog to drain to half of `hard` (or `soft`, if higher), or, if other
+//! threads keep it up (a thread retiring inside read-side sections, which
+//! cannot be made to wait), until as many callbacks as it was over that
+//! mark when they came have been invoked — unless the caller is the
+//! callback thread or inside a read-side section, where waiting would
+//! deadlock. They never run other threads' callbacks: they may hold locks
+//! those callbacks take.
 
 use crate::sync::Mutex;
 use crossbeam_utils::CachePadded;
@@ -610,13 +613,21 @@ fn check_backlog() {
     // Resume half-way down, not at the soft limit: queuing then overlaps
     // with the callback thread's invoking instead of taking turns.
     let resume = (soft as u64).max(hard as u64 / 2);
+    // Or once the excess this caller found has been invoked: a producer
+    // that cannot be throttled (a thread retiring inside read-side
+    // sections) may keep the backlog above `resume` for as long as it
+    // runs, and this caller would wait for all of it (a review of a flaky
+    // test: 1,024 `call`s stuck for 30 s behind such a thread).
+    let enough = INVOKED
+        .load(Ordering::Relaxed)
+        .saturating_add(backlog.saturating_sub(resume));
     loop {
         // Read before the backlog: progress after this read changes the
         // word, and the wait below returns at once.
         let seen = DRAINED.load(Ordering::SeqCst);
         // See `report_progress`.
         fence(Ordering::SeqCst);
-        if self::backlog() <= resume {
+        if self::backlog() <= resume || INVOKED.load(Ordering::Relaxed) >= enough {
             break;
         }
         crate::sync::futex_wait(&DRAINED, seen, Some(Duration::from_millis(1)));
@@ -659,8 +670,10 @@ pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
 /// waiting in [`barrier`], which helps it).
 ///
 /// Past the hard backlog limit ([`set_backlog_limits`]) the call waits for
-/// the backlog to drain, unless the caller is inside a read-side section or
-/// is the callback thread. A callback that needs a lock the caller holds
+/// the backlog to drain (to half the hard limit, or until as many
+/// callbacks as it was over that mark have been invoked, should other
+/// threads keep queuing), unless the caller is inside a read-side section
+/// or is the callback thread. A callback that needs a lock the caller holds
 /// while it queues can therefore stall at that limit: queue such callbacks
 /// outside the lock. The wait also needs grace periods to complete, so at
 /// that limit `call` is like [`synchronize`](crate::synchronize): do not
