@@ -507,15 +507,22 @@ impl PoolInner {
     fn free_orphaned(&self, top: NonNull<u8>) -> bool {
         let _section = fork::section();
         let mut free = vec![top];
+        self.sweep_orphans(&mut free);
+        self.release_orphans(free, false)
+    }
+
+    /// Adds to `free` the free stacks of an orphaned pool still parked or
+    /// cached: this thread's parked stack, exited threads', live threads'
+    /// (taken with a membarrier), and the magazines'.
+    fn sweep_orphans(&self, free: &mut Vec<NonNull<u8>>) {
         free.extend(self.hits.take_own_parked());
         free.extend(self.hits.reclaim_exited(|| ()).0);
         free.extend(self.hits.steal_parked(|| ()).0);
         for cpu in 0..self.cache.cpus() {
             if self.cache.len(cpu) > 0 {
-                self.cache.drain(cpu, usize::MAX, &mut free);
+                self.cache.drain(cpu, usize::MAX, free);
             }
         }
-        self.release_orphans(free, false)
     }
 
     /// Gives back all the memory of `free` stacks of an orphaned pool and
@@ -529,11 +536,7 @@ impl PoolInner {
     /// True for one caller at most: the list only grows and is sealed
     /// once, under the depot lock.
     fn release_orphans(&self, free: Vec<NonNull<u8>>, seal: bool) -> bool {
-        let size = self.layout.stack_size;
-        let whole: Vec<_> = free
-            .iter()
-            .map(|&top| (top.as_ptr() as usize - size, size))
-            .collect();
+        let whole: Vec<_> = free.iter().map(|&top| self.whole_range(top)).collect();
         let _ = sys::release_many(&whole);
         let mut depot = self.depot.lock();
         let had = depot.released.len();
@@ -560,8 +563,8 @@ impl PoolInner {
     /// default free path short.
     #[cold]
     fn clear(&self, top: NonNull<u8>) {
-        let limit = top.as_ptr() as usize - self.layout.stack_size;
-        if !sys::release(limit, self.layout.stack_size) {
+        let (limit, size) = self.whole_range(top);
+        if !sys::release(limit, size) {
             // SAFETY: the stack is free and ours: `[limit, top)` is its
             // usable range, mapped read-write, and nothing else uses it.
             unsafe { std::ptr::write_bytes(limit as *mut u8, 0, self.layout.stack_size) };
@@ -594,6 +597,12 @@ impl PoolInner {
             let _ = sys::release_many(&deep);
         }
         self.stash(stacks, false, transit).1
+    }
+
+    /// Every page of a stack, as `(addr, len)`.
+    fn whole_range(&self, top: NonNull<u8>) -> (usize, usize) {
+        let size = self.layout.stack_size;
+        (top.as_ptr() as usize - size, size)
     }
 
     /// The pages of a free stack below `keep_resident`, as `(addr, len)`.
@@ -635,11 +644,7 @@ impl PoolInner {
                 return (0, false);
             }
         }
-        let size = self.layout.stack_size;
-        let whole: Vec<_> = stacks
-            .iter()
-            .map(|&top| (top.as_ptr() as usize - size, size))
-            .collect();
+        let whole: Vec<_> = stacks.iter().map(|&top| self.whole_range(top)).collect();
         let resident: Vec<_> = if count {
             whole
                 .iter()
@@ -931,10 +936,7 @@ impl Drop for StackPool {
             inner.orphan_carved.store(carved, Ordering::Relaxed);
             inner.orphaned.store(true, Ordering::Release);
             inner.cold_free.store(true, Ordering::Release);
-            free.extend(inner.hits.steal_parked(|| ()).0);
-            for cpu in 0..inner.cache.cpus() {
-                inner.cache.drain(cpu, usize::MAX, &mut free);
-            }
+            inner.sweep_orphans(&mut free);
             free.append(&mut inner.depot.lock().stacks);
             // Until this seal, a free that brings the last stack back
             // leaves the destroy to this drop, which still uses the pool.
