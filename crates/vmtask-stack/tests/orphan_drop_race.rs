@@ -12,9 +12,12 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmtask_stack::{Config, Stack, StackPool};
+
+mod common;
+use common::spin_ns;
 
 /// The system allocator, writing 0xa5 over every block it frees.
 struct Poisoning;
@@ -66,13 +69,6 @@ extern "C" fn pause(_: libc::c_int) {
     };
     // SAFETY: nanosleep is async-signal-safe; `ts` is valid.
     unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
-}
-
-fn spin_ns(ns: u64) {
-    let start = Instant::now();
-    while (start.elapsed().as_nanos() as u64) < ns {
-        std::hint::spin_loop();
-    }
 }
 
 #[test]

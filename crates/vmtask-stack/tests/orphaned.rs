@@ -16,7 +16,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 use vmtask_stack::{Config, Stack, StackPool};
 
 mod common;
-use common::{maps_lines, page, resident_pages};
+use common::{maps_lines, page, resident_pages, spin_ns};
 
 /// Writes every byte of the stack, so all its pages are resident.
 fn touch(stack: &Stack) {
@@ -230,12 +230,6 @@ fn a_cleared_stack_freed_during_the_drop_still_destroys_the_pool() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const ROUNDS: usize = 300;
     static GO: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let spin = |ns: u64| {
-        let start = std::time::Instant::now();
-        while (start.elapsed().as_nanos() as u64) < ns {
-            std::hint::spin_loop();
-        }
-    };
     let (send, stacks) = mpsc::channel::<(usize, Stack, u64)>();
     let (freed, wait_freed) = mpsc::channel::<()>();
     let freer = std::thread::spawn(move || {
@@ -243,7 +237,7 @@ fn a_cleared_stack_freed_during_the_drop_still_destroys_the_pool() {
             while GO.load(Ordering::Acquire) != round {
                 std::hint::spin_loop();
             }
-            spin(delay);
+            spin_ns(delay);
             drop(stack);
             freed.send(()).unwrap();
         }
@@ -265,7 +259,7 @@ fn a_cleared_stack_freed_during_the_drop_still_destroys_the_pool() {
         let (at, size) = range(&stack);
         send.send((round, stack, seed % 200_000)).unwrap();
         GO.store(round, Ordering::Release);
-        spin((seed >> 20) % 200_000);
+        spin_ns((seed >> 20) % 200_000);
         drop(pool);
         wait_freed.recv().unwrap();
         kept += usize::from(mapped(at, size));

@@ -26,6 +26,14 @@ pub fn two_cpus() -> Option<(usize, usize)> {
     }
 }
 
+/// Busy-waits `ns` nanoseconds (for races timed below a sleep's grain).
+pub fn spin_ns(ns: u64) {
+    let start = std::time::Instant::now();
+    while (start.elapsed().as_nanos() as u64) < ns {
+        std::hint::spin_loop();
+    }
+}
+
 /// Lines of `/proc/self/maps`: the process's mappings.
 pub fn maps_lines() -> usize {
     std::fs::read_to_string("/proc/self/maps")
