@@ -9,10 +9,11 @@
 //!   phase plus the nesting depth in the low bits.
 //! - `GpWord::futex`: -1 while an updater sleeps waiting for readers.
 //!
-//! Reader, outermost `lock`: `slot = gp.ctr` (relaxed), then a compiler
-//! barrier. Nested lock/unlock only count in a thread-private word. The
-//! unlock that ends the section: barrier, `slot = 0`, barrier, and wake the
-//! updater if `futex == -1`. No read-modify-write and no hardware fence.
+//! Reader, outermost `lock`: `slot = gp.ctr` (a release store), then a
+//! compiler barrier. Nested lock/unlock only count in a thread-private
+//! word. The unlock that ends the section: `slot = 0` (a release store),
+//! barrier, and wake the updater if `futex == -1`. No read-modify-write and
+//! no hardware fence: on x86-64 a release store is a plain `mov`.
 //!
 //! A registered thread's `ReaderCtr` lives in its thread-local storage
 //! (`registry::LOCAL`), so the fast path addresses it directly: four loads
@@ -33,9 +34,17 @@
 //! 2. wait until no reader is *old*: active with a phase different from
 //!    `gp.ctr`'s;
 //! 3. flip the phase;
-//! 4. wait again until no reader is old;
-//! 5. heavy barrier, so the caller's frees come after every old reader's
-//!    last access.
+//! 4. wait again until no reader is old.
+//!
+//! The updater reads the slots with acquire loads, so a slot value that
+//! shows an old reader gone (zero, or a later section's phase) was stored
+//! by a release store after that reader's section: the section's loads and
+//! stores happen before the updater's next step, and so before the
+//! caller's frees. liburcu issues a second heavy barrier at the end of the
+//! grace period for this; the release stores give the same order for
+//! nothing on x86-64 (and for an `stlr` on AArch64), and save one
+//! `membarrier`, an interrupt of every CPU running a reader, per grace
+//! period. `loom_model` checks the order with a cell the updater frees.
 //!
 //! Why two waits: a reader may load `gp.ctr`, be preempted, and store the
 //! value much later. With one flip, such a reader could carry a stale phase
@@ -153,6 +162,20 @@ pub(crate) fn reader_barrier(mode: FenceMode) {
     }
 }
 
+/// `reader_barrier` between an unlock's slot store and its futex load.
+/// It pairs with the heavy barrier of an updater that goes to sleep, and
+/// the loom models never sleep (`Scan::spins`), so there it is modelled
+/// as nothing in membarrier mode: a fence would hide from the models
+/// whether the next section's slot store must be a release store.
+#[inline(always)]
+fn futex_barrier(mode: FenceMode) {
+    #[cfg(all(loom, test))]
+    if mode == FenceMode::Membarrier {
+        return;
+    }
+    reader_barrier(mode);
+}
+
 /// The reader's own fence in SeqCst mode, out of the fast path's way.
 #[cold]
 #[inline(never)]
@@ -237,7 +260,9 @@ impl ReaderCtr {
     #[inline(always)]
     pub(crate) fn begin(&self, gp: &GpWord) {
         let gp_ctr = gp.ctr.load(Ordering::Relaxed);
-        self.ctr.store(gp_ctr, Ordering::Relaxed);
+        // Release: an updater that reads this value, waiting for the
+        // section before it to end, is ordered after that section too.
+        self.ctr.store(gp_ctr, Ordering::Release);
         // Orders the slot store before the section's data loads (with the
         // updater's membarrier; see the module header). The mode comes
         // with the word just loaded.
@@ -312,13 +337,13 @@ impl ReaderCtr {
 
     #[inline(always)]
     fn end_section(&self, gp: &GpWord, mode: FenceMode) -> bool {
-        // The section's data loads complete before the slot says
-        // "quiescent".
-        reader_barrier(mode);
-        self.ctr.store(0, Ordering::Relaxed);
+        // Release: the section's loads and stores happen before whatever
+        // an updater does after reading "quiescent" (see the module
+        // header).
+        self.ctr.store(0, Ordering::Release);
         // The slot store is ordered before the futex load, pairing with the
         // updater's "futex = -1; heavy barrier; re-check slot".
-        reader_barrier(mode);
+        futex_barrier(mode);
         gp.futex.load(Ordering::Relaxed) == -1
     }
 
@@ -355,7 +380,9 @@ impl ReaderCtr {
     /// (its phase differs from `gp_ctr`'s).
     #[inline]
     pub(crate) fn is_old(&self, gp_ctr: usize) -> bool {
-        let v = self.ctr.load(Ordering::Relaxed);
+        // Acquire, pairing with the release stores of `begin` and
+        // `end_section`.
+        let v = self.ctr.load(Ordering::Acquire);
         v & NEST_MASK != 0 && v & OFFLINE == 0 && (v ^ gp_ctr) & GP_PHASE != 0
     }
 }
@@ -426,8 +453,8 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
         }
         let since = *first_sleep.get_or_insert_with(Instant::now);
         if napping {
-            // A scan after a nap sees the slots as the spinning scans do:
-            // the grace period's closing heavy barrier orders the rest.
+            // A scan after a nap sees the slots as the spinning scans do
+            // (acquire loads of release stores: see the module header).
             updater.nap((since.elapsed() / 4).clamp(SHORTEST_NAP, LONGEST_NAP));
         } else {
             // Announce that we sleep, then re-check: a reader that
@@ -477,11 +504,9 @@ fn two_waits<U: Updater>(gp: &GpWord, updater: &U, mut wait: impl FnMut() -> boo
     // An RMW, so that a concurrent `set_mode` is not lost.
     gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
     fence(Ordering::SeqCst);
-    if !wait() {
-        return false;
-    }
-    updater.heavy_barrier();
-    true
+    // No closing heavy barrier: the waits' acquire loads order the
+    // caller's next steps after every old section (module header).
+    wait()
 }
 
 /// Scans `readers` until none is old, at most `scans` times; never
@@ -634,7 +659,15 @@ mod loom_model {
     //! store-buffering reorder that the updater's fences exist to stop. The
     //! placement of those fences follows liburcu's memb flavor and is
     //! argued in `two_waits`; the real-thread torture tests run both modes.
+    //!
+    //! The reader also reads the object's contents, a loom `UnsafeCell`
+    //! that the updater overwrites when it frees the object: loom fails the
+    //! model unless the section's read happens before the free. That is
+    //! the order liburcu's closing heavy barrier gives and the slot's
+    //! release stores and acquire loads give here; with those relaxed, the
+    //! models fail.
     use super::*;
+    use loom::cell::UnsafeCell;
     use loom::sync::atomic::AtomicBool;
     use loom::sync::Arc;
 
@@ -672,6 +705,9 @@ mod loom_model {
         /// Which object is published: 0 or 1.
         published: AtomicUsize,
         freed: [AtomicBool; 2],
+        /// The objects' contents: the updater writes object 0's when it
+        /// frees it.
+        contents: [UnsafeCell<usize>; 2],
     }
 
     /// How the model's updater waits for its grace period.
@@ -711,6 +747,7 @@ mod loom_model {
                 },
                 published: AtomicUsize::new(0),
                 freed: [AtomicBool::new(false), AtomicBool::new(false)],
+                contents: [UnsafeCell::new(0), UnsafeCell::new(1)],
             });
             let r = s.clone();
             let reader = loom::thread::spawn(move || {
@@ -721,6 +758,9 @@ mod loom_model {
                         !r.freed[obj].load(Ordering::Relaxed),
                         "reader saw a freed object"
                     );
+                    // SAFETY: loom checks this read against the free.
+                    let value = r.contents[obj].with(|v| unsafe { *v });
+                    assert_eq!(value, obj, "reader saw a freed object's contents");
                     let _ = r.reader.unlock(&r.gp);
                 }
             });
@@ -740,6 +780,8 @@ mod loom_model {
                 grace_period(&s.gp, &[()], &scan);
             }
             s.freed[0].store(true, Ordering::Relaxed);
+            // SAFETY: loom checks this write against the reader's reads.
+            s.contents[0].with_mut(|v| unsafe { *v = usize::MAX });
             reader.join().unwrap();
         });
     }
@@ -752,6 +794,13 @@ mod loom_model {
     #[test]
     fn loom_reader_never_sees_freed_object_two_sections() {
         run(FenceMode::SeqCst, 2);
+    }
+
+    /// The updater may see the reader's first section end through the
+    /// second section's slot store: that store must be a release store.
+    #[test]
+    fn loom_reader_never_sees_freed_object_two_sections_membarrier() {
+        run(FenceMode::Membarrier, 2);
     }
 
     /// A grace period given up part-way (`grace::try_expedite`), then a
