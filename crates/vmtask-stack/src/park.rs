@@ -41,6 +41,8 @@ static FORK_GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::Atomic
 
 extern "C" fn after_fork_child() {
     FORK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The child's one thread, which forked: its mark follows.
+    refresh_busy_mark();
 }
 
 /// Installs this crate's fork handlers (once per process): when the
@@ -82,6 +84,22 @@ pub(crate) fn fork_generation() -> u32 {
 #[inline(always)]
 fn busy_mark() -> u32 {
     fork_generation().wrapping_mul(2) | 1
+}
+
+thread_local! {
+    /// This thread's copy of `busy_mark()`, for `unpark`: one `%fs` load
+    /// where the global is a load through the GOT and two instructions
+    /// more. 0 until `refresh_busy_mark`, which runs before the thread
+    /// first selects a pool (`Tallies::select`: no `unpark` reaches a
+    /// record before) and in the fork child (`after_fork_child`, the
+    /// same handler that moves the generation on), so it is
+    /// `busy_mark()` whenever `unpark` runs.
+    static BUSY_MARK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets this thread's `BUSY_MARK` to the current generation's.
+pub(crate) fn refresh_busy_mark() {
+    BUSY_MARK.set(busy_mark());
 }
 
 /// One thread's parked stack of one pool (the top of a free stack, or
@@ -131,7 +149,9 @@ impl Parked {
     /// work, which the caller treats as none).
     #[inline]
     pub(crate) fn unpark(&self) -> *mut u8 {
-        self.busy.store(busy_mark(), Ordering::Relaxed);
+        let mark = BUSY_MARK.get();
+        debug_assert_eq!(mark, busy_mark(), "unpark before refresh_busy_mark");
+        self.busy.store(mark, Ordering::Relaxed);
         owner_barrier();
         // Acquire: reading a taker's final `steal = 0` makes its swap of
         // `top` visible below (relaxed, this load could see `steal = 0`
@@ -192,6 +212,24 @@ fn spin() {
     std::thread::yield_now();
 }
 
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A taker in a fork child waits only for marks of the child's
+    /// generation: the forking thread's cached mark must follow it there,
+    /// or its `unpark` would go unseen.
+    #[test]
+    fn the_forking_threads_busy_mark_follows_it_into_the_child() {
+        refresh_busy_mark();
+        let parent = BUSY_MARK.get();
+        assert_eq!(parent, busy_mark());
+        crate::sys::tests::in_fork_child("the child's cached busy mark is stale", || {
+            BUSY_MARK.get() == busy_mark() && busy_mark() != parent
+        });
+    }
+}
+
 #[cfg(all(loom, test))]
 mod loom_models {
     //! The owner's unpark against a taker. Not modelled: a park racing a
@@ -211,7 +249,10 @@ mod loom_models {
             assert!(slot.park(0x1000 as *mut u8));
             let owner = {
                 let slot = slot.clone();
-                loom::thread::spawn(move || !slot.unpark().is_null())
+                loom::thread::spawn(move || {
+                    refresh_busy_mark();
+                    !slot.unpark().is_null()
+                })
             };
             slot.mark();
             fence(Ordering::SeqCst); // the membarrier

@@ -68,7 +68,7 @@ use crate::arena::Arenas;
 use crate::config::{Config, GuardMode, Layout};
 use crate::error::StackError;
 use crate::stack::Stack;
-use crate::tally::Tallies;
+use crate::tally::{self, Tallies};
 use crate::transit::{Transit, Transits};
 use crate::{fork, overflow, sys};
 
@@ -162,6 +162,10 @@ fn bump(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// `PoolInner::free_id` of a pool whose frees take the cold path: an id
+/// no pool has ([`Tallies`] count up from 1).
+const COLD_FREE: u64 = u64::MAX;
+
 pub(crate) struct PoolInner {
     pub(crate) layout: Layout,
     markers: bool,
@@ -171,9 +175,13 @@ pub(crate) struct PoolInner {
     depot: SpinLock<Depot>,
     arenas: Mutex<Arenas>,
     counters: Counters,
-    /// Frees take the cold path (`free_cold`): `zero_on_reuse`, or the
-    /// pool is orphaned. One load on the free path for both.
-    cold_free: AtomicBool,
+    /// The pool's tally id (`Tallies::id`) while frees take the usual
+    /// path, or [`COLD_FREE`] once they take the cold one (`free_cold`):
+    /// `zero_on_reuse`, or the pool is orphaned. The free path loads it
+    /// once, and compares it with the thread's cached pool id: a match
+    /// parks the stack, so the common free checks for the cold path and
+    /// for the thread's cache with one compare.
+    free_id: AtomicU64,
     /// The `StackPool` was dropped while stacks were out (see its `Drop`):
     /// each stack that comes back gives back all its memory, and the one
     /// that completes the released list destroys the pool.
@@ -414,13 +422,13 @@ impl PoolInner {
     pub(crate) unsafe fn free(pool: NonNull<PoolInner>, top: NonNull<u8>) {
         // SAFETY: the caller's contract.
         let this = unsafe { pool.as_ref() };
-        if this.cold_free.load(Ordering::Relaxed)
-            // SAFETY: the caller's contract; `this` is not used after.
-            && unsafe { PoolInner::free_cold(pool, top) }
-        {
+        let id = this.free_id.load(Ordering::Relaxed);
+        // Never parks on a cold pool: no thread caches `COLD_FREE`.
+        if tally::park_as(id, top) {
             return;
         }
-        if this.hits.park(top) {
+        // SAFETY: the caller's contract; `this` is not used after.
+        if id == COLD_FREE && unsafe { PoolInner::free_cold(pool, top) } {
             return;
         }
         if let Err(top) = this.cache.push(top) {
@@ -431,14 +439,15 @@ impl PoolInner {
 
     /// The cold part of `free`: an orphaned pool takes the stack (true),
     /// and the free that brings its last stack back destroys it; a
-    /// `zero_on_reuse` pool clears the stack for the usual path (false).
+    /// `zero_on_reuse` pool clears the stack and parks it (true), or
+    /// leaves it to the magazine (false) if the thread's place is taken.
     ///
     /// # Safety
     /// As `free`.
     #[cold]
     #[inline(never)]
     unsafe fn free_cold(pool: NonNull<PoolInner>, top: NonNull<u8>) -> bool {
-        // Pairs with the drop's release store of `cold_free`, which the
+        // Pairs with the drop's release store of `free_id`, which the
         // caller's relaxed load read: the `orphaned` stored before it is
         // seen below.
         std::sync::atomic::fence(Ordering::Acquire);
@@ -454,7 +463,8 @@ impl PoolInner {
                 // would keep it alive (review finding: a third of the
                 // `zero_on_reuse` pools raced so were never destroyed).
                 if !this.orphaned.load(Ordering::Acquire) {
-                    return false;
+                    // The usual free of a cleared stack, from its park.
+                    return this.hits.park(top);
                 }
             }
             this.free_orphaned(top)
@@ -725,13 +735,19 @@ impl StackPool {
         overflow::install_handler();
         crate::park::install_fork_handlers();
         crate::fork::install_handlers_again();
+        let hits = Tallies::new();
+        let free_id = if layout.zero_on_reuse {
+            COLD_FREE
+        } else {
+            hits.id()
+        };
         let inner = Box::new(PoolInner {
             cache: CpuCache::try_new(layout.cache_size).map_err(|e| StackError::MapFailed {
                 what: "allocate the per-CPU magazines",
                 bytes: e.bytes.unwrap_or(usize::MAX),
                 errno: libc::ENOMEM,
             })?,
-            hits: Tallies::new(),
+            hits,
             depot: SpinLock::new(Depot {
                 stacks: Vec::new(),
                 released: Vec::new(),
@@ -739,7 +755,7 @@ impl StackPool {
             }),
             arenas: Mutex::new(Arenas::new()),
             counters: Counters::default(),
-            cold_free: AtomicBool::new(layout.zero_on_reuse),
+            free_id: AtomicU64::new(free_id),
             orphaned: AtomicBool::new(false),
             orphan_carved: AtomicUsize::new(0),
             layout,
@@ -935,7 +951,7 @@ impl Drop for StackPool {
             // the flag.
             inner.orphan_carved.store(carved, Ordering::Relaxed);
             inner.orphaned.store(true, Ordering::Release);
-            inner.cold_free.store(true, Ordering::Release);
+            inner.free_id.store(COLD_FREE, Ordering::Release);
             inner.sweep_orphans(&mut free);
             free.append(&mut inner.depot.lock().stacks);
             // Until this seal, a free that brings the last stack back

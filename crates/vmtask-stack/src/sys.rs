@@ -449,7 +449,7 @@ pub(crate) fn guard_markers_supported() -> Result<bool, i32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The process a pidfd names, from `/proc/self/fdinfo`.
@@ -461,7 +461,7 @@ mod tests {
     }
 
     /// Runs `child` in a fork child and asserts it returned true.
-    fn in_fork_child(what: &str, child: impl FnOnce() -> bool) {
+    pub(crate) fn in_fork_child(what: &str, child: impl FnOnce() -> bool) {
         // SAFETY: the child makes system calls, reads files and leaves
         // with `_exit`; glibc's fork handlers keep its allocator usable.
         let pid = unsafe { libc::fork() };

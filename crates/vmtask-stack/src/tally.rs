@@ -95,6 +95,22 @@ pub(crate) struct Tallies {
     retired: AtomicU64,
 }
 
+/// [`Tallies::park`] for the pool whose id is `id`: parks `top` if that
+/// pool is the thread's cached one and its place is empty. `id` is a
+/// pool's id or `u64::MAX`, which no pool has and which parks nothing
+/// (`CURRENT_ID` holds a pool's id or 0). For a caller that has the id at
+/// hand already (`PoolInner::free`).
+#[inline(always)]
+pub(crate) fn park_as(id: u64, top: NonNull<u8>) -> bool {
+    debug_assert_ne!(id, 0, "0 is no pool's id");
+    if CURRENT_ID.get() != id {
+        return false;
+    }
+    // SAFETY: as in `Tallies::current`: CURRENT_ID is this pool's id (not
+    // 0), so CURRENT_TALLY points into this thread's live OWNED list.
+    unsafe { &*CURRENT_TALLY.get() }.parked.park(top.as_ptr())
+}
+
 /// Counts one hit in the calling thread's own record.
 #[inline(always)]
 fn count(tally: &Tally) {
@@ -201,8 +217,12 @@ impl Tallies {
     /// last access to the pool's memory (the record belongs to the thread).
     #[inline]
     pub(crate) fn park(&self, top: NonNull<u8>) -> bool {
-        self.current()
-            .is_some_and(|tally| tally.parked.park(top.as_ptr()))
+        park_as(self.id, top)
+    }
+
+    /// This pool's id: never 0 (no pool) nor `u64::MAX`.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// Stacks parked on threads that have exited: the pool takes them back
@@ -272,6 +292,8 @@ impl Tallies {
                     }
                 };
                 CURRENT_TALLY.set(Arc::as_ptr(&tally));
+                // Before the record can be unparked through the cache.
+                crate::park::refresh_busy_mark();
                 CURRENT_ID.set(self.id);
             })
             .is_ok()
