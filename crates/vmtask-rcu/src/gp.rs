@@ -649,16 +649,19 @@ mod loom_model {
     //! the object has not been freed; the updater unpublishes it, runs a
     //! grace period and frees it. membarrier is modelled as a SeqCst fence.
     //!
-    //! What the models check, and what they cannot (an audit mutated the
+    //! What the models check, and what they cannot (audits mutated the
     //! code and re-ran them): removing either wait of the two-phase flip,
     //! or the check of the reader's slot, fails them. Removing the
-    //! updater's heavy barriers fails only the `an_earlier_attempt`
-    //! models: the reader's side of a modelled membarrier is a SeqCst fence
-    //! of its own (`reader_barrier`), so the membarrier models run the same
-    //! reader code as the fence ones, and loom does not explore the
-    //! store-buffering reorder that the updater's fences exist to stop. The
-    //! placement of those fences follows liburcu's memb flavor and is
-    //! argued in `two_waits`; the real-thread torture tests run both modes.
+    //! updater's heavy barrier (at the start of `two_waits`) fails only
+    //! the `an_earlier_attempt` models: the reader's side of a modelled
+    //! membarrier is a SeqCst fence of its own after the lock's slot store
+    //! (`reader_barrier`), so the membarrier models run the same lock as
+    //! the fence ones, and loom does not explore the store-buffering
+    //! reorder that the updater's barrier exists to stop. Its placement
+    //! follows liburcu's memb flavor and is argued in the module header;
+    //! the real-thread torture tests run both modes. At unlock the models
+    //! differ: in membarrier mode the reader issues no fence there
+    //! (`futex_barrier`), as on the real fast path.
     //!
     //! The reader also reads the object's contents, a loom `UnsafeCell`
     //! that the updater overwrites when it frees the object: loom fails the

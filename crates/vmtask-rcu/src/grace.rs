@@ -204,7 +204,7 @@ pub(crate) static OWNER_GIVEN_UP: CachePadded<AtomicU64> = CachePadded::new(Atom
 ///
 /// Why: a deferring thread whose batches are due would otherwise wake the
 /// callback thread, and that thread's grace period interrupts the
-/// deferring thread twice (`membarrier`). Run by the deferring thread,
+/// deferring thread (`membarrier`). Run by the deferring thread,
 /// the grace period skips that thread's own slot, and with no other
 /// reader registered it costs no barrier at all. Measured on the
 /// project's machine: 3.7–7 µs of the deferring thread's time per grace
@@ -297,9 +297,10 @@ pub(crate) fn assert_not_reading(what: &str) {
 /// ended (`synchronize_rcu`).
 ///
 /// Concurrent callers share grace periods. With no other registered
-/// thread it returns in about 0.2 µs; otherwise a grace period costs two
-/// `membarrier` calls (a few µs on a 2-CPU machine) plus the wait for
-/// readers.
+/// thread it returns in about 0.2 µs; otherwise a grace period costs one
+/// `membarrier` call (an interrupt of every CPU running one of our
+/// threads: 0.2 µs alone, 1–20 µs with a reader running on the other CPU
+/// of the project's machine) plus the wait for readers.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicPtr, Ordering};

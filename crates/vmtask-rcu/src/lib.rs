@@ -29,7 +29,7 @@
 //!   batches the callback thread runs their grace period lazily; at 32,
 //!   that thread runs it itself if it can finish one without waiting for
 //!   a reader, instead of waking the callback thread, whose grace period
-//!   would interrupt it twice (`membarrier`).
+//!   would interrupt it (`membarrier`).
 //! - **Bounded memory.** Callbacks on the shared queues: past a soft
 //!   backlog a grace period starts at once; past a hard limit, queuing
 //!   waits for the backlog to drain ([`set_backlog_limits`]). Deferred

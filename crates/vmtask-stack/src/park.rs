@@ -93,7 +93,9 @@ thread_local! {
     /// first selects a pool (`Tallies::select`: no `unpark` reaches a
     /// record before) and in the fork child (`after_fork_child`, the
     /// same handler that moves the generation on), so it is
-    /// `busy_mark()` whenever `unpark` runs.
+    /// `busy_mark()` whenever `unpark` runs. (A fork from a signal handler
+    /// that interrupted `refresh_busy_mark` could leave the child's copy
+    /// stale: that is the unsupported fork of `fork.rs`'s header.)
     static BUSY_MARK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
