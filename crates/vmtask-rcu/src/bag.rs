@@ -259,7 +259,12 @@ impl LocalBag {
             if may_run && !self.running.load(Ordering::Relaxed) {
                 if let Some(bag) = &mut owned.draining {
                     if bag.start < bag.len {
-                        ready = Some(bag.entries[bag.start]);
+                        debug_assert!(bag.len <= BAG_CAPACITY);
+                        // SAFETY: `start < len <= BAG_CAPACITY`: `len`
+                        // grows only here, one past an entry stored below
+                        // while it was under the capacity (no bounds check
+                        // on the path every `defer_drop` takes).
+                        ready = Some(*unsafe { bag.entries.get_unchecked(bag.start) });
                         // Counted as invoked when the bag leaves
                         // `draining` (`take_draining`).
                         bag.start += 1;
@@ -273,7 +278,11 @@ impl LocalBag {
                 Some(bag) => bag,
                 empty => empty.insert(owned.spare.pop().unwrap_or_else(Bag::new)),
             };
-            bag.entries[bag.len] = entry;
+            debug_assert!(bag.len < BAG_CAPACITY);
+            // SAFETY: the current bag is never full: the push that fills it
+            // takes it out of `current` (below), and a bag put back there
+            // is new or emptied (`recycle`).
+            *unsafe { bag.entries.get_unchecked_mut(bag.len) } = entry;
             bag.len += 1;
             if bag.len == BAG_CAPACITY {
                 let full = owned.current.take();

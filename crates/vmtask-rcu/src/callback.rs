@@ -291,19 +291,27 @@ unsafe fn invoke_one(node: *mut RcuHead, func: Option<unsafe fn(*mut RcuHead)>) 
 }
 
 /// Runs `f`, reporting instead of propagating a panic.
+#[inline(always)]
 pub(crate) fn contain_panic(f: impl FnOnce()) {
     if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        crate::sync::warn(format_args!(
-            "vmtask_rcu: an RCU callback panicked; its object may have leaked"
-        ));
-        // The payload's own drop may panic too: contained here (that
-        // second payload leaked), or it would unwind out of the callback
-        // thread, or out of a `defer_drop` with its bag's run still marked
-        // in progress, and every later `barrier` would wait forever.
-        let drop_payload = std::panic::AssertUnwindSafe(move || drop(payload));
-        if let Err(again) = std::panic::catch_unwind(drop_payload) {
-            std::mem::forget(again);
-        }
+        panicked(payload);
+    }
+}
+
+/// `contain_panic`'s report of a panic, out of the callers' way.
+#[cold]
+#[inline(never)]
+fn panicked(payload: Box<dyn std::any::Any + Send>) {
+    crate::sync::warn(format_args!(
+        "vmtask_rcu: an RCU callback panicked; its object may have leaked"
+    ));
+    // The payload's own drop may panic too: contained here (that second
+    // payload leaked), or it would unwind out of the callback thread, or
+    // out of a `defer_drop` with its bag's run still marked in progress,
+    // and every later `barrier` would wait forever.
+    let drop_payload = std::panic::AssertUnwindSafe(move || drop(payload));
+    if let Err(again) = std::panic::catch_unwind(drop_payload) {
+        std::mem::forget(again);
     }
 }
 
@@ -766,8 +774,35 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     };
     // Frees may not run inside a read-side section (a drop could wait for
     // a grace period) nor from a callback.
-    let may_run = !crate::in_read_section() && !on_callback_thread();
+    let may_run = !crate::registry::registered_in_section() && !on_callback_thread();
     let (pushed, ready) = slot.bag.push((data, drop_fn), may_run);
+    // The common case: not the bag's first entry, so the thread was woken
+    // for the bag already, unless a fork has since left this process
+    // without one (the child restarts it on next use, and this is a use).
+    // The drop runs last, out of line, so that this path saves few
+    // registers.
+    if let Pushed::Stored { first: false } = pushed {
+        if STARTED.load(Ordering::Relaxed) == RUNNING {
+            if let Some(entry) = ready {
+                slot.bag.run_one(entry);
+            }
+            return;
+        }
+    }
+    pushed_slow(slot, pushed, ready, data, drop_fn);
+}
+
+/// `defer_raw` past its common case: the bag's first entry, a bag that
+/// filled, a callback thread to start, or bags a flusher holds.
+#[cold]
+#[inline(never)]
+fn pushed_slow(
+    slot: &'static crate::registry::Slot,
+    pushed: Pushed,
+    ready: Option<crate::bag::DropEntry>,
+    data: *mut (),
+    drop_fn: unsafe fn(*mut ()),
+) {
     if let Pushed::Filled = pushed {
         // Before the drop below, which may fork: a child must find the
         // full bag counted as queued, as its recount assumes. Not before
@@ -781,10 +816,6 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
         slot.bag.run_one(entry);
     }
     match pushed {
-        // Not the bag's first entry: the thread was woken for the bag
-        // already, unless a fork has since left this process without one
-        // (the child restarts it on next use, and this is a use).
-        Pushed::Stored { first: false } if STARTED.load(Ordering::Relaxed) == RUNNING => {}
         Pushed::Stored { .. } => {
             ensure_thread();
             // Pairs with the thread's SLEEPING store and bag re-check.

@@ -379,6 +379,18 @@ pub(crate) fn exiting() -> bool {
     UNREGISTERED.with(Cell::get)
 }
 
+/// `in_read_section`, for a thread that `current_for_bag` found
+/// registered: its `LOCAL` is then online (`CURRENT` is set after the
+/// reader is prepared and cleared before it goes offline, with signals
+/// blocked both times), so the section is its slot's nesting alone.
+#[inline(always)]
+pub(crate) fn registered_in_section() -> bool {
+    LOCAL.with(|local| {
+        debug_assert!(!ReaderCtr::offline_state(local.state()));
+        local.active()
+    })
+}
+
 /// Whether the calling thread is inside a read-side section.
 #[inline]
 pub(crate) fn in_read_section() -> bool {
