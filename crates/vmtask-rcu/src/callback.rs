@@ -532,9 +532,73 @@ fn try_ensure_thread() -> std::io::Result<()> {
     }
 }
 
+/// Set in a fork child (and inherited by its own children): the callback
+/// thread restarts through `pthread_create` directly, not through std.
+///
+/// Why: std's thread start-up (and exit) takes a process-wide lock of its
+/// own (the stack-overflow handler's thread registry). A fork taken while
+/// another thread of the parent was starting or exiting copies that lock
+/// held, with no thread left to release it and no fork handler that can
+/// reach it; a callback thread spawned by std in the child then blocks on
+/// it for good, and `barrier` with it. Found as a rare hang of
+/// `fork_from_drops` in CI (one run in hundreds): the test thread that
+/// had just finished was exiting when the other one forked.
+static IN_FORK_CHILD: AtomicBool = AtomicBool::new(false);
+
+/// The callback thread's stack, as std gives its threads by default.
+const RAW_THREAD_STACK: usize = 2 << 20;
+
+/// The callback thread's entry point when it starts through
+/// `pthread_create` (`start_thread_raw`).
+extern "C" fn raw_callback_thread(_: *mut libc::c_void) -> *mut libc::c_void {
+    // Wakers find the handle once it is here; one that came before found
+    // none and needs none: the loop looks for work before it first parks.
+    *THREAD.lock() = Some(std::thread::current());
+    if std::panic::catch_unwind(callback_thread).is_err() {
+        crate::sync::warn(format_args!("vmtask_rcu: the callback thread panicked"));
+        std::process::abort();
+    }
+    ptr::null_mut()
+}
+
+/// `start_thread` in a fork child: a detached pthread, outside std's
+/// thread start-up (see `IN_FORK_CHILD`).
+#[cold]
+fn start_thread_raw() -> std::io::Result<()> {
+    // SAFETY: pthread calls on a local attribute object, initialised
+    // before use and destroyed after; the entry point is an `extern "C"`
+    // function that lives as long as the program and ignores its argument.
+    let rc = unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        let mut rc = libc::pthread_attr_init(&mut attr);
+        if rc == 0 {
+            libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+            libc::pthread_attr_setstacksize(&mut attr, RAW_THREAD_STACK);
+            let mut thread: libc::pthread_t = 0;
+            rc = libc::pthread_create(&mut thread, &attr, raw_callback_thread, ptr::null_mut());
+            libc::pthread_attr_destroy(&mut attr);
+            if rc == 0 {
+                // The name std gives it, cut to the kernel's 15 bytes.
+                libc::pthread_setname_np(thread, c"vmtask-rcu-call".as_ptr());
+            }
+        }
+        rc
+    };
+    if rc != 0 {
+        // Not started: the next caller tries again.
+        STARTED.store(NOT_STARTED, Ordering::Release);
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    STARTED.store(RUNNING, Ordering::Release);
+    Ok(())
+}
+
 /// Spawns the callback thread; the caller moved `STARTED` to `STARTING`.
 #[cold]
 fn start_thread() -> std::io::Result<()> {
+    if IN_FORK_CHILD.load(Ordering::Relaxed) {
+        return start_thread_raw();
+    }
     let spawned = std::thread::Builder::new()
         .name("vmtask-rcu-callbacks".into())
         .spawn(callback_thread);
@@ -1318,6 +1382,7 @@ pub(crate) fn after_fork_child() {
         *THREAD.lock() = None;
         STARTED.store(NOT_STARTED, Ordering::SeqCst);
     }
+    IN_FORK_CHILD.store(true, Ordering::Relaxed);
 }
 
 /// In the fork child, once the bags of the threads that did not survive
