@@ -843,21 +843,33 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     // The common case: not the bag's first entry, so the thread was woken
     // for the bag already, unless a fork has since left this process
     // without one (the child restarts it on next use, and this is a use).
-    // The drop runs last, out of line, so that this path saves few
-    // registers.
+    // Checked after the drop, which may itself have forked. Everything
+    // else is out of line, so that this path saves few registers.
     if let Pushed::Stored { first: false } = pushed {
-        if STARTED.load(Ordering::Relaxed) == RUNNING {
-            if let Some(entry) = ready {
-                slot.bag.run_one(entry);
-            }
-            return;
+        if let Some(entry) = ready {
+            slot.bag.run_one(entry);
         }
+        if STARTED.load(Ordering::Relaxed) != RUNNING {
+            wake_for_bag();
+        }
+        return;
     }
     pushed_slow(slot, pushed, ready, data, drop_fn);
 }
 
+/// Wakes the callback thread for a bag that holds entries, starting it
+/// first where it is not running (not yet, or in a fork child).
+#[cold]
+#[inline(never)]
+fn wake_for_bag() {
+    ensure_thread();
+    // Pairs with the thread's SLEEPING store and bag re-check.
+    fence(Ordering::SeqCst);
+    wake_thread();
+}
+
 /// `defer_raw` past its common case: the bag's first entry, a bag that
-/// filled, a callback thread to start, or bags a flusher holds.
+/// filled, or bags a flusher holds.
 #[cold]
 #[inline(never)]
 fn pushed_slow(
@@ -880,12 +892,7 @@ fn pushed_slow(
         slot.bag.run_one(entry);
     }
     match pushed {
-        Pushed::Stored { .. } => {
-            ensure_thread();
-            // Pairs with the thread's SLEEPING store and bag re-check.
-            fence(Ordering::SeqCst);
-            wake_thread();
-        }
+        Pushed::Stored { .. } => wake_for_bag(),
         Pushed::Filled => bag_filled(slot),
         Pushed::Busy => defer_one(data, drop_fn),
     }
