@@ -545,8 +545,28 @@ fn try_ensure_thread() -> std::io::Result<()> {
 /// had just finished was exiting when the other one forked.
 static IN_FORK_CHILD: AtomicBool = AtomicBool::new(false);
 
-/// The callback thread's stack, as std gives its threads by default.
+/// The callback thread's stack where `RUST_MIN_STACK` does not say: what
+/// std gives its threads by default.
 const RAW_THREAD_STACK: usize = 2 << 20;
+
+/// The stack std would give a thread it spawns: `RUST_MIN_STACK` if set to
+/// a number, else 2 MiB; at least `PTHREAD_STACK_MIN`. Read with `getenv`,
+/// not through std, whose environment lock a fork may have copied held
+/// (see `IN_FORK_CHILD`); in the child nothing can be changing the
+/// environment before this runs but the program's own fork child code.
+fn raw_thread_stack() -> usize {
+    // SAFETY: getenv with a NUL-terminated name; the value, if any, is a
+    // NUL-terminated string that stays valid while nobody sets the
+    // variable, and it is copied at once.
+    let value = unsafe {
+        let ptr = libc::getenv(c"RUST_MIN_STACK".as_ptr());
+        (!ptr.is_null()).then(|| std::ffi::CStr::from_ptr(ptr).to_string_lossy().into_owned())
+    };
+    value
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(RAW_THREAD_STACK)
+        .max(libc::PTHREAD_STACK_MIN)
+}
 
 /// The callback thread's entry point when it starts through
 /// `pthread_create` (`start_thread_raw`).
@@ -573,7 +593,7 @@ fn start_thread_raw() -> std::io::Result<()> {
         let mut rc = libc::pthread_attr_init(&mut attr);
         if rc == 0 {
             libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-            libc::pthread_attr_setstacksize(&mut attr, RAW_THREAD_STACK);
+            libc::pthread_attr_setstacksize(&mut attr, raw_thread_stack());
             let mut thread: libc::pthread_t = 0;
             rc = libc::pthread_create(&mut thread, &attr, raw_callback_thread, ptr::null_mut());
             libc::pthread_attr_destroy(&mut attr);
@@ -795,6 +815,15 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// give those to [`call`], whose callbacks never run inside the call that
 /// queued them (they run on the callback thread or a thread waiting in
 /// [`barrier`]).
+///
+/// Memory stays bounded because a thread keeps at most 64 full batches
+/// (8,064 objects) waiting: past that, `defer_drop` waits for a grace
+/// period itself (except inside a read-side section or a callback, where
+/// it hands the surplus to the callback thread). So, as with
+/// [`synchronize`](crate::synchronize), do not defer thousands of objects
+/// in a row while holding a lock that a reader may take inside its
+/// read-side section: with that reader waiting for the lock, both wait for
+/// each other forever (a stall report goes to stderr after 1 s).
 ///
 /// ```
 /// use std::sync::atomic::{AtomicUsize, Ordering};

@@ -75,8 +75,10 @@ impl<T: Send + 'static> RcuCell<T> {
     }
 
     /// Publishes `value`; the old value is dropped after a grace period,
-    /// through [`defer_drop`](crate::defer_drop) (whose lock caveat applies:
-    /// drops deferred earlier by this thread may run inside this call).
+    /// through [`defer_drop`](crate::defer_drop), whose caveats apply:
+    /// drops deferred earlier by this thread may run inside this call, and
+    /// after thousands of stores in a row with no grace period completing
+    /// it waits for one (so not while holding a lock that readers take).
     pub fn store(&self, value: Option<Box<T>>) {
         let old = self.ptr.swap(into_ptr(value), Ordering::AcqRel);
         // SAFETY: `old` is unpublished now and owned by us.

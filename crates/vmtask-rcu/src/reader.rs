@@ -28,8 +28,10 @@ pub struct ReadGuard {
 /// used RCU: that path is a few loads and stores, no lock. Registration is
 /// not async-signal-safe (it takes the registry lock), so take one read
 /// lock on a thread before its signal handlers may. Signals are held back
-/// while the thread registers and unregisters, so a handler that
-/// interrupts either runs once it is done.
+/// while the thread registers and unregisters, and while a thread past
+/// its registration (in its thread-local destructors) opens or closes a
+/// section in a temporary slot, which takes the registry lock: a handler
+/// that interrupts any of these runs once it is done.
 #[inline]
 pub fn read_lock() -> ReadGuard {
     LOCAL.with(|local| {

@@ -345,6 +345,9 @@ pub(crate) fn lock_offline() {
             return;
         }
     }
+    // Until the section is published in OFFLINE_SLOT: a signal handler's
+    // `read_lock` would otherwise wait for the registry lock held here.
+    let _blocked = SignalsBlocked::new();
     let slot = acquire_slot(Reader::Temporary);
     slot.own.begin(&GP);
     OFFLINE_SLOT.with(|o| o.set(slot));
@@ -362,6 +365,11 @@ pub(crate) fn unlock_offline() {
     );
     // SAFETY: OFFLINE_SLOT only holds null or a leaked `&'static Slot`.
     let slot: &'static Slot = unsafe { &*open };
+    // Until OFFLINE_SLOT is cleared and the slot released: a signal
+    // handler's `read_lock` would otherwise nest in a section that has
+    // ended (its slot already says quiescent: an unprotected read), or
+    // wait for the registry lock held here.
+    let _blocked = SignalsBlocked::new();
     let state = slot.own.state();
     if let Some(ended) = slot.own.unlock_slow(&GP, state) {
         if ended.wake {

@@ -44,7 +44,10 @@ pub struct Stats {
     pub gp_latency_mean: Duration,
     /// Longest grace period.
     pub gp_latency_max: Duration,
-    /// Callbacks queued (`call`, `call_intrusive`, `defer_drop` entries).
+    /// Callbacks queued: `call` and `call_intrusive` callbacks as they are
+    /// queued, `defer_drop` entries a batch at a time, when a thread's
+    /// batch fills (126) or is handed over (a thread exiting, `barrier`),
+    /// so the few entries of a batch still filling are not counted yet.
     pub callbacks_queued: u64,
     /// Callbacks invoked.
     pub callbacks_invoked: u64,

@@ -52,9 +52,11 @@
 //! A `Stack` points at its pool without counting references (a counted
 //! reference would cost two atomic read-modify-writes per stack), so the
 //! free path's last access to the pool is the publishing store: the park
-//! in the thread's record, the magazine push, or the depot lock's release. A pool dropped while stacks
-//! are out is leaked rather than unmapped under a running stack; its
-//! memory still comes back, each stack's as it is freed (`free_orphaned`).
+//! in the thread's record, the magazine push, or the depot lock's release.
+//! A pool dropped while stacks are out is orphaned rather than unmapped
+//! under a running stack: its memory still comes back, each stack's as it
+//! is freed (`free_orphaned`), and the free of its last stack destroys it,
+//! except after the one race described on [`StackPool`].
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -690,11 +692,20 @@ fn released_pages(resident: &[usize], released: &[bool]) -> usize {
 /// A pool of virtually mapped stacks. See the [crate docs](crate).
 ///
 /// `Send + Sync`; share it by reference or `Arc`. Dropping the pool unmaps
-/// its arenas if every stack has been freed. Otherwise it leaks its
-/// address space and records (better to leak a stack than to unmap it
-/// under a running task) but not its memory: the free stacks' pages are
-/// given back at once, and each stack still out gives back all of its
-/// pages when it is dropped.
+/// its arenas if every stack has been freed. Otherwise the pool is
+/// *orphaned* (better than unmapping a stack under a running task): the
+/// free stacks' pages are given back at once, each stack still out gives
+/// back all of its pages when it is dropped, and the drop of the last one
+/// unmaps the arenas and frees the pool's records.
+///
+/// One race is left open: a stack dropped on another thread at the very
+/// moment of the pool's drop (between its free's one check of the pool
+/// and the store that parks or caches it, a few instructions) can land in
+/// the orphaned pool's caches after the drop's last sweep. That stack's
+/// pages and the pool's address space then stay until the process exits
+/// (a leak, never an unmap under a stack). Closing it would cost the free
+/// path a handshake with the drop on every call. Dropping a pool after
+/// the threads that use its stacks are done with them never meets it.
 pub struct StackPool {
     inner: NonNull<PoolInner>,
 }
@@ -997,7 +1008,9 @@ pub struct PoolStats {
     /// another CPU's magazine, or parked on another thread (an exited one,
     /// or, when every slot is carved, a live one).
     pub depot_hits: u64,
-    /// Magazines moved to or from the depot.
+    /// Batches moved to or from the depot: a full magazine handed over by
+    /// a free, or up to a magazine's worth taken by an allocation that
+    /// missed its magazine (one stack counts, when the depot holds one).
     pub depot_transfers: u64,
     /// Fresh slots carved from the arenas.
     pub slots_carved: u64,
