@@ -5,41 +5,15 @@
 //! path checked for a running callback thread before the drop, so a child
 //! forked from the drop waited for its next call).
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod child;
-use child::wait_exit_code;
+use child::{wait_exit_code, Forker};
 
-thread_local! {
-    static IS_OWNER: Cell<bool> = const { Cell::new(false) };
-}
-static ARMED: AtomicBool = AtomicBool::new(false);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD_PID: AtomicI32 = AtomicI32::new(0);
 /// Counted objects deferred, and dropped.
 static DEFERRED: AtomicU64 = AtomicU64::new(0);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Forks when dropped on the test's thread, once armed.
-struct Forker;
-
-impl Drop for Forker {
-    fn drop(&mut self) {
-        if !IS_OWNER.with(Cell::get) || !ARMED.swap(false, Ordering::SeqCst) {
-            return;
-        }
-        // SAFETY: the child goes on only to `child_waits` and _exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            IN_CHILD.store(true, Ordering::SeqCst);
-        } else {
-            CHILD_PID.store(pid, Ordering::SeqCst);
-        }
-    }
-}
 
 struct Counted;
 
@@ -71,7 +45,7 @@ fn defer_counted(n: usize) {
     for _ in 0..n {
         DEFERRED.fetch_add(1, Ordering::SeqCst);
         vmtask_rcu::defer_drop(Box::new(Counted));
-        if IN_CHILD.load(Ordering::SeqCst) {
+        if Forker::in_child() {
             child_waits();
         }
     }
@@ -79,13 +53,13 @@ fn defer_counted(n: usize) {
 
 #[test]
 fn a_fork_from_a_drop_run_by_an_ordinary_push_restarts_the_callback_thread() {
-    IS_OWNER.with(|c| c.set(true));
+    Forker::own_this_thread();
     // Whole bags, all run: the thread's current bag is empty.
     defer_counted(126 * 4);
     vmtask_rcu::barrier();
     // Bag A: 124 objects, the Forker, one more object. Once its grace
     // period has passed, bag B fills and A becomes the draining bag.
-    ARMED.store(true, Ordering::SeqCst);
+    Forker::arm();
     defer_counted(124);
     vmtask_rcu::defer_drop(Box::new(Forker));
     defer_counted(1);
@@ -94,7 +68,7 @@ fn a_fork_from_a_drop_run_by_an_ordinary_push_restarts_the_callback_thread() {
     // Each push now runs one entry of A: the 125th runs the Forker, and
     // stores the 125th entry of bag C (neither its first nor its last).
     defer_counted(125);
-    let code = wait_exit_code(CHILD_PID.swap(0, Ordering::SeqCst));
+    let code = wait_exit_code(Forker::take_child());
     vmtask_rcu::barrier();
     assert_eq!(
         code, 0,

@@ -3,40 +3,12 @@
 //! findings: a bag filled by the push that ran the drop was not counted
 //! yet, and a bag `collect` was running was counted twice).
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 
 mod child;
-use child::{stats_balance, wait_exit_code};
+use child::{stats_balance, wait_exit_code, Forker};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-thread_local! {
-    static IS_OWNER: Cell<bool> = const { Cell::new(false) };
-}
-static ARMED: AtomicBool = AtomicBool::new(false);
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
-static CHILD_PID: AtomicI32 = AtomicI32::new(0);
-
-/// Forks when dropped on the test's thread, once armed.
-struct Forker;
-
-impl Drop for Forker {
-    fn drop(&mut self) {
-        if !IS_OWNER.with(Cell::get) || !ARMED.swap(false, Ordering::SeqCst) {
-            return;
-        }
-        // SAFETY: the child goes on only to `child_checks` and _exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            IN_CHILD.store(true, Ordering::SeqCst);
-        } else {
-            CHILD_PID.store(pid, Ordering::SeqCst);
-        }
-    }
-}
 
 fn child_checks() -> ! {
     // SAFETY: alarm only arms a timer; a hang kills the child.
@@ -49,16 +21,14 @@ fn child_checks() -> ! {
 
 /// Waits for the child and returns its exit code.
 fn wait_child() -> i32 {
-    let pid = CHILD_PID.swap(0, Ordering::SeqCst);
-    assert!(pid > 0, "setup: the Forker did not run on this thread");
-    wait_exit_code(pid)
+    wait_exit_code(Forker::take_child())
 }
 
 /// Defers `n` drops that do nothing; in the child, goes to the checks.
 fn defer_plain(n: usize) {
     for i in 0..n {
         vmtask_rcu::defer_drop(Box::new(i as u64));
-        if IN_CHILD.load(Ordering::SeqCst) {
+        if Forker::in_child() {
             child_checks();
         }
     }
@@ -67,10 +37,10 @@ fn defer_plain(n: usize) {
 /// Bag A holds 125 plain drops and the Forker; after its grace period,
 /// bag B fills and A becomes the draining bag.
 fn a_draining_bag_ending_with_the_forker() {
-    IS_OWNER.with(|c| c.set(true));
+    Forker::own_this_thread();
     defer_plain(126 * 4);
     vmtask_rcu::barrier();
-    ARMED.store(true, Ordering::SeqCst);
+    Forker::arm();
     defer_plain(125);
     vmtask_rcu::defer_drop(Box::new(Forker));
     vmtask_rcu::synchronize();

@@ -110,3 +110,60 @@ pub fn wait_exit_code(pid: libc::pid_t) -> i32 {
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
     libc::WEXITSTATUS(status)
 }
+
+/// A value whose drop forks, once: on the thread marked as the owner
+/// ([`Forker::own_this_thread`]) and after [`Forker::arm`]. For tests that
+/// fork from inside a deferred drop; the child learns it is one from
+/// [`Forker::in_child`], the parent finds the child in [`Forker::take_child`].
+pub struct Forker;
+
+std::thread_local! {
+    static IS_OWNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+static ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static IN_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static CHILD_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+impl Forker {
+    /// Forkers dropped on the calling thread may fork.
+    pub fn own_this_thread() {
+        IS_OWNER.with(|c| c.set(true));
+    }
+
+    /// The next Forker dropped on the owner thread forks.
+    pub fn arm() {
+        ARMED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this process is the child of a Forker's fork.
+    pub fn in_child() -> bool {
+        IN_CHILD.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// In the parent: the child's pid, once.
+    ///
+    /// # Panics
+    /// If no Forker has forked since the last call.
+    pub fn take_child() -> libc::pid_t {
+        let pid = CHILD_PID.swap(0, std::sync::atomic::Ordering::SeqCst);
+        assert!(pid > 0, "setup: the Forker did not run on this thread");
+        pid
+    }
+}
+
+impl Drop for Forker {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !IS_OWNER.with(std::cell::Cell::get) || !ARMED.swap(false, SeqCst) {
+            return;
+        }
+        // SAFETY: the tests' children go on only to their checks and _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            IN_CHILD.store(true, SeqCst);
+        } else {
+            CHILD_PID.store(pid, SeqCst);
+        }
+    }
+}
