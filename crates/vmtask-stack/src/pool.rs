@@ -55,8 +55,9 @@
 //! in the thread's record, the magazine push, or the depot lock's release.
 //! A pool dropped while stacks are out is orphaned rather than unmapped
 //! under a running stack: its memory still comes back, each stack's as it
-//! is freed (`free_orphaned`), and the free of its last stack destroys it,
-//! except after the one race described on [`StackPool`].
+//! is freed (`free_orphaned`), and the free of its last stack destroys it
+//! (or, after the one race described on [`StackPool`], the next pool
+//! creation or drop: `reap_orphans`).
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -167,6 +168,56 @@ fn bump(counter: &AtomicU64, n: u64) {
 /// `PoolInner::free_id` of a pool whose frees take the cold path: an id
 /// no pool has ([`Tallies`] count up from 1).
 const COLD_FREE: u64 = u64::MAX;
+
+/// An orphaned pool, as registered in [`ORPHANS`].
+struct Orphan(NonNull<PoolInner>);
+
+// SAFETY: a pointer to a `Sync` pool, used only under `ORPHANS`' lock,
+// which `PoolInner::destroy` takes to unregister the pool before it frees
+// it.
+unsafe impl Send for Orphan {}
+
+/// Orphaned pools not yet destroyed. A free racing a pool's drop can
+/// publish its stack (park it, or push it on a magazine) after the drop's
+/// last sweep, with no later free of that pool to find it; the pool would
+/// then wait for that stack for good. So later pool creations and drops
+/// sweep these pools again (`reap_orphans`), and destroy one whose
+/// released list that completes. Taken only inside a fork section; before
+/// a pool's depot lock when both are held.
+static ORPHANS: Mutex<Vec<Orphan>> = Mutex::new(Vec::new());
+
+/// Sweeps every registered orphaned pool that holds a cached or parked
+/// stack (the only ones a racing free can have left behind), and destroys
+/// those this completes.
+fn reap_orphans() {
+    let _section = fork::section();
+    let mut orphans = ORPHANS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut destroy = Vec::new();
+    orphans.retain(|orphan| {
+        // SAFETY: registered, so not destroyed: `destroy` unregisters under
+        // this lock first.
+        let inner = unsafe { orphan.0.as_ref() };
+        let cached = (0..inner.cache.cpus()).any(|cpu| inner.cache.len(cpu) > 0);
+        if !cached && inner.hits.parked() == 0 {
+            return true;
+        }
+        let mut free = Vec::new();
+        inner.sweep_orphans(&mut free);
+        if free.is_empty() || !inner.release_orphans(free, false) {
+            return true;
+        }
+        destroy.push(orphan.0);
+        false
+    });
+    drop(orphans);
+    for pool in destroy {
+        // SAFETY: this sweep completed the sealed released list: every
+        // carved stack is back, no `Stack` and no free can reach the pool,
+        // the drop is done with it (the seal), and it is no longer
+        // registered, so no other sweep can reach it either.
+        unsafe { PoolInner::destroy_unregistered(pool) };
+    }
+}
 
 pub(crate) struct PoolInner {
     pub(crate) layout: Layout,
@@ -502,6 +553,24 @@ impl PoolInner {
     /// thread will touch it again; `pool` came from `Box::leak` in `new`.
     unsafe fn destroy(pool: NonNull<PoolInner>) {
         // SAFETY: the caller's contract.
+        if unsafe { pool.as_ref() }.orphaned.load(Ordering::Acquire) {
+            // Waits out a sweep of `reap_orphans` in progress on it.
+            let _section = fork::section();
+            ORPHANS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|orphan| orphan.0 != pool);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { PoolInner::destroy_unregistered(pool) };
+    }
+
+    /// `destroy` of a pool not in `ORPHANS`.
+    ///
+    /// # Safety
+    /// As `destroy`, and the pool is not registered in `ORPHANS`.
+    unsafe fn destroy_unregistered(pool: NonNull<PoolInner>) {
+        // SAFETY: the caller's contract.
         let mut inner = unsafe { Box::from_raw(pool.as_ptr()) };
         let layout = inner.layout.clone();
         let arenas = inner.arenas.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -698,14 +767,17 @@ fn released_pages(resident: &[usize], released: &[bool]) -> usize {
 /// back all of its pages when it is dropped, and the drop of the last one
 /// unmaps the arenas and frees the pool's records.
 ///
-/// One race is left open: a stack dropped on another thread at the very
-/// moment of the pool's drop (between its free's one check of the pool
-/// and the store that parks or caches it, a few instructions) can land in
-/// the orphaned pool's caches after the drop's last sweep. That stack's
-/// pages and the pool's address space then stay until the process exits
-/// (a leak, never an unmap under a stack). Closing it would cost the free
-/// path a handshake with the drop on every call. Dropping a pool after
-/// the threads that use its stacks are done with them never meets it.
+/// One race needs a later event: a stack dropped on another thread at the
+/// very moment of the pool's drop (between its free's one check of the
+/// pool and the store that parks or caches it, a few instructions) can
+/// land in the orphaned pool's caches after the drop's last sweep, with
+/// no later free of that pool to find it. The next creation or drop of
+/// any pool sweeps the orphaned pools again and destroys those it
+/// completes (closing the race on the free path itself would cost every
+/// free a handshake with the drop). Until then that stack keeps its
+/// pages; if no pool is created or dropped again, until the process
+/// exits. Dropping a pool after the threads that use its stacks are done
+/// with them never meets it.
 pub struct StackPool {
     inner: NonNull<PoolInner>,
 }
@@ -730,6 +802,7 @@ impl StackPool {
     /// rather than guess, and the next call probes again.
     pub fn new(config: Config) -> Result<StackPool, StackError> {
         let layout = Layout::new(&config)?;
+        reap_orphans();
         let probe = || {
             sys::guard_markers_supported().map_err(|errno| StackError::MapFailed {
                 what: "probe for MADV_GUARD_INSTALL on a scratch mapping",
@@ -931,6 +1004,7 @@ impl StackPool {
 
 impl Drop for StackPool {
     fn drop(&mut self) {
+        reap_orphans();
         let _section = fork::section();
         let inner = self.inner();
         let (mut free, _) = inner.hits.reclaim_exited(|| ());
@@ -965,6 +1039,12 @@ impl Drop for StackPool {
             inner.free_id.store(COLD_FREE, Ordering::Release);
             inner.sweep_orphans(&mut free);
             free.append(&mut inner.depot.lock().stacks);
+            // Registered before the seal, while no free can destroy the
+            // pool yet; `destroy` unregisters it.
+            ORPHANS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Orphan(self.inner));
             // Until this seal, a free that brings the last stack back
             // leaves the destroy to this drop, which still uses the pool.
             if !inner.release_orphans(free, true) {
@@ -1102,5 +1182,82 @@ impl fmt::Display for PoolStats {
             self.guard_mode,
             self.failures
         )
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Whether `addr` lies in a mapping of this process.
+    fn mapped(addr: usize) -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split(' ').next()?.split_once('-'))
+            .filter_map(|(start, end)| {
+                Some((
+                    usize::from_str_radix(start, 16).ok()?,
+                    usize::from_str_radix(end, 16).ok()?,
+                ))
+            })
+            .any(|(start, end)| (start..end).contains(&addr))
+    }
+
+    fn registered(pool: NonNull<PoolInner>) -> bool {
+        ORPHANS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|orphan| orphan.0 == pool)
+    }
+
+    /// The race a review reproduced with a hardware breakpoint: the last
+    /// stack's free read the pool's id before the drop orphaned it, and
+    /// pushed the stack on a magazine after the drop's last sweep. Played
+    /// here step by step: the pool waits for that stack, registered as an
+    /// orphan, until a later sweep finds it and destroys the pool.
+    #[test]
+    fn a_stack_cached_after_the_drops_last_sweep_is_reaped_by_a_later_sweep() {
+        let pool = StackPool::new(Config {
+            max_stacks: 4,
+            ..Config::default()
+        })
+        .unwrap();
+        let (top, inner) = pool.alloc().unwrap().into_raw();
+        drop(pool);
+        assert!(registered(inner), "the pool was not orphaned");
+        // The racing free's publishing store, after the drop's sweep.
+        // SAFETY: the pool lives on, orphaned, until the stack is back:
+        // the stack is still out as far as it knows.
+        assert!(unsafe { inner.as_ref() }.cache.push(top).is_ok());
+        let addr = top.as_ptr() as usize - 1;
+        // (Another test's pool creation may reap it first: also fine.)
+        reap_orphans();
+        assert!(!registered(inner), "the orphaned pool is still registered");
+        assert!(!mapped(addr), "the orphaned pool's arena is still mapped");
+    }
+
+    /// The same race, the late free parking its stack on its thread.
+    #[test]
+    fn a_stack_parked_after_the_drops_last_sweep_is_reaped_by_a_later_sweep() {
+        let pool = StackPool::new(Config {
+            max_stacks: 4,
+            ..Config::default()
+        })
+        .unwrap();
+        let (top, inner) = pool.alloc().unwrap().into_raw();
+        // SAFETY: the pool lives until the drop below, and on after it.
+        let id = unsafe { inner.as_ref() }.hits.id();
+        // SAFETY: as above.
+        assert!(unsafe { inner.as_ref() }.hits.select());
+        drop(pool);
+        assert!(registered(inner), "the pool was not orphaned");
+        // The racing free's park, with the id it read before the drop.
+        assert!(tally::park_as(id, top));
+        let addr = top.as_ptr() as usize - 1;
+        reap_orphans();
+        assert!(!registered(inner), "the orphaned pool is still registered");
+        assert!(!mapped(addr), "the orphaned pool's arena is still mapped");
     }
 }

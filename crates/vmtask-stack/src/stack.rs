@@ -38,6 +38,14 @@ impl Stack {
         Stack { top, pool }
     }
 
+    /// The stack's top and pool, without freeing it: the caller now owns
+    /// the slot (for tests that play a free's steps by hand).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn into_raw(self) -> (NonNull<u8>, NonNull<PoolInner>) {
+        let this = std::mem::ManuallyDrop::new(self);
+        (this.top, this.pool)
+    }
+
     fn pool(&self) -> &PoolInner {
         // SAFETY: the pool outlives its stacks (`from_raw`'s contract; a
         // pool dropped with stacks out lives on until the last comes back).
