@@ -572,6 +572,11 @@ impl PoolInner {
     unsafe fn destroy_unregistered(pool: NonNull<PoolInner>) {
         // SAFETY: the caller's contract.
         let mut inner = unsafe { Box::from_raw(pool.as_ptr()) };
+        #[cfg(all(test, not(loom)))]
+        tests::DESTROYED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(inner.hits.id());
         let layout = inner.layout.clone();
         let arenas = inner.arenas.get_mut().unwrap_or_else(|e| e.into_inner());
         // SAFETY: no stack of these arenas is in use (the caller's
@@ -774,7 +779,9 @@ fn released_pages(resident: &[usize], released: &[bool]) -> usize {
 /// no later free of that pool to find it. The next creation or drop of
 /// any pool sweeps the orphaned pools again and destroys those it
 /// completes (closing the race on the free path itself would cost every
-/// free a handshake with the drop). Until then that stack keeps its
+/// free a handshake with the drop). A stack parked on a live thread is
+/// taken only where the kernel has `membarrier`; elsewhere it waits for
+/// that thread to exit. Until then that stack keeps its
 /// pages; if no pool is created or dropped again, until the process
 /// exits. Dropping a pool after the threads that use its stacks are done
 /// with them never meets it.
@@ -1188,28 +1195,39 @@ impl fmt::Display for PoolStats {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
-    /// Whether `addr` lies in a mapping of this process.
-    fn mapped(addr: usize) -> bool {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .filter_map(|line| line.split(' ').next()?.split_once('-'))
-            .filter_map(|(start, end)| {
-                Some((
-                    usize::from_str_radix(start, 16).ok()?,
-                    usize::from_str_radix(end, 16).ok()?,
-                ))
-            })
-            .any(|(start, end)| (start..end).contains(&addr))
-    }
+    /// Ids of the pools destroyed so far (ids are never reused, where
+    /// addresses are: a pool's `Box` and arenas are, at once).
+    pub(super) static DESTROYED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
-    fn registered(pool: NonNull<PoolInner>) -> bool {
+    fn registered(id: u64) -> bool {
+        let _section = fork::section();
         ORPHANS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|orphan| orphan.0 == pool)
+            // SAFETY: registered, so not destroyed (see `ORPHANS`).
+            .any(|orphan| unsafe { orphan.0.as_ref() }.hits.id() == id)
+    }
+
+    /// Waits (up to 10 s) until the pool `id` has been destroyed: by this
+    /// test's sweep, or by another test's pool creation or drop, whose
+    /// sweep may still be unmapping it.
+    fn wait_destroyed(id: u64) {
+        let start = Instant::now();
+        while !DESTROYED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the orphaned pool {id} was not destroyed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!registered(id), "a destroyed pool is still registered");
     }
 
     /// The race a review reproduced with a hardware breakpoint: the last
@@ -1224,18 +1242,16 @@ mod tests {
             ..Config::default()
         })
         .unwrap();
+        let id = pool.inner().hits.id();
         let (top, inner) = pool.alloc().unwrap().into_raw();
         drop(pool);
-        assert!(registered(inner), "the pool was not orphaned");
+        assert!(registered(id), "the pool was not orphaned");
         // The racing free's publishing store, after the drop's sweep.
         // SAFETY: the pool lives on, orphaned, until the stack is back:
         // the stack is still out as far as it knows.
         assert!(unsafe { inner.as_ref() }.cache.push(top).is_ok());
-        let addr = top.as_ptr() as usize - 1;
-        // (Another test's pool creation may reap it first: also fine.)
         reap_orphans();
-        assert!(!registered(inner), "the orphaned pool is still registered");
-        assert!(!mapped(addr), "the orphaned pool's arena is still mapped");
+        wait_destroyed(id);
     }
 
     /// The same race, the late free parking its stack on its thread.
@@ -1246,18 +1262,15 @@ mod tests {
             ..Config::default()
         })
         .unwrap();
+        let id = pool.inner().hits.id();
         let (top, inner) = pool.alloc().unwrap().into_raw();
         // SAFETY: the pool lives until the drop below, and on after it.
-        let id = unsafe { inner.as_ref() }.hits.id();
-        // SAFETY: as above.
         assert!(unsafe { inner.as_ref() }.hits.select());
         drop(pool);
-        assert!(registered(inner), "the pool was not orphaned");
+        assert!(registered(id), "the pool was not orphaned");
         // The racing free's park, with the id it read before the drop.
         assert!(tally::park_as(id, top));
-        let addr = top.as_ptr() as usize - 1;
         reap_orphans();
-        assert!(!registered(inner), "the orphaned pool is still registered");
-        assert!(!mapped(addr), "the orphaned pool's arena is still mapped");
+        wait_destroyed(id);
     }
 }
