@@ -259,11 +259,11 @@ impl LocalBag {
             if may_run && !self.running.load(Ordering::Relaxed) {
                 if let Some(bag) = &mut owned.draining {
                     if bag.start < bag.len {
+                        // No bounds check on the path every `defer_drop`
+                        // takes: `len` grows only below, one past an entry
+                        // stored while it was under the capacity.
                         debug_assert!(bag.len <= BAG_CAPACITY);
-                        // SAFETY: `start < len <= BAG_CAPACITY`: `len`
-                        // grows only here, one past an entry stored below
-                        // while it was under the capacity (no bounds check
-                        // on the path every `defer_drop` takes).
+                        // SAFETY: `start < len <= BAG_CAPACITY` (above).
                         ready = Some(*unsafe { bag.entries.get_unchecked(bag.start) });
                         // Counted as invoked when the bag leaves
                         // `draining` (`take_draining`).

@@ -211,10 +211,10 @@ fn reap_orphans() {
     });
     drop(orphans);
     for pool in destroy {
-        // SAFETY: this sweep completed the sealed released list: every
-        // carved stack is back, no `Stack` and no free can reach the pool,
-        // the drop is done with it (the seal), and it is no longer
-        // registered, so no other sweep can reach it either.
+        // This sweep completed the sealed released list: every carved stack
+        // is back, no `Stack` and no free can reach the pool, the drop is
+        // done with it (the seal), and no other sweep can reach it.
+        // SAFETY: as just said; and it is no longer registered.
         unsafe { PoolInner::destroy_unregistered(pool) };
     }
 }
@@ -1230,13 +1230,11 @@ mod tests {
         assert!(!registered(id), "a destroyed pool is still registered");
     }
 
-    /// The race a review reproduced with a hardware breakpoint: the last
-    /// stack's free read the pool's id before the drop orphaned it, and
-    /// pushed the stack on a magazine after the drop's last sweep. Played
-    /// here step by step: the pool waits for that stack, registered as an
-    /// orphan, until a later sweep finds it and destroys the pool.
-    #[test]
-    fn a_stack_cached_after_the_drops_last_sweep_is_reaped_by_a_later_sweep() {
+    /// A small pool, `before_drop` run on it, dropped while one stack is
+    /// out: the pool's id, that stack's top and the orphaned pool.
+    fn orphan_with_a_stack_out(
+        before_drop: impl FnOnce(&StackPool),
+    ) -> (u64, NonNull<u8>, NonNull<PoolInner>) {
         let pool = StackPool::new(Config {
             max_stacks: 4,
             ..Config::default()
@@ -1244,8 +1242,20 @@ mod tests {
         .unwrap();
         let id = pool.inner().hits.id();
         let (top, inner) = pool.alloc().unwrap().into_raw();
+        before_drop(&pool);
         drop(pool);
         assert!(registered(id), "the pool was not orphaned");
+        (id, top, inner)
+    }
+
+    /// The race a review reproduced with a hardware breakpoint: the last
+    /// stack's free read the pool's id before the drop orphaned it, and
+    /// pushed the stack on a magazine after the drop's last sweep. Played
+    /// here step by step: the pool waits for that stack, registered as an
+    /// orphan, until a later sweep finds it and destroys the pool.
+    #[test]
+    fn a_stack_cached_after_the_drops_last_sweep_is_reaped_by_a_later_sweep() {
+        let (id, top, inner) = orphan_with_a_stack_out(|_| ());
         // The racing free's publishing store, after the drop's sweep.
         // SAFETY: the pool lives on, orphaned, until the stack is back:
         // the stack is still out as far as it knows.
@@ -1257,17 +1267,7 @@ mod tests {
     /// The same race, the late free parking its stack on its thread.
     #[test]
     fn a_stack_parked_after_the_drops_last_sweep_is_reaped_by_a_later_sweep() {
-        let pool = StackPool::new(Config {
-            max_stacks: 4,
-            ..Config::default()
-        })
-        .unwrap();
-        let id = pool.inner().hits.id();
-        let (top, inner) = pool.alloc().unwrap().into_raw();
-        // SAFETY: the pool lives until the drop below, and on after it.
-        assert!(unsafe { inner.as_ref() }.hits.select());
-        drop(pool);
-        assert!(registered(id), "the pool was not orphaned");
+        let (id, top, _) = orphan_with_a_stack_out(|pool| assert!(pool.inner().hits.select()));
         // The racing free's park, with the id it read before the drop.
         assert!(tally::park_as(id, top));
         reap_orphans();
