@@ -568,9 +568,32 @@ fn raw_thread_stack() -> usize {
         .max(libc::PTHREAD_STACK_MIN)
 }
 
+/// The signal mask the callback thread should run with, where it differs
+/// from the starting thread's: started while the crate holds signals back
+/// on that thread (an exiting thread's unregistration hands its drops over
+/// with every signal blocked), it takes the program's mask of that thread
+/// instead, as it would have inherited anywhere else.
+fn mask_for_callback_thread() -> Option<libc::sigset_t> {
+    crate::registry::mask_outside_blocks()
+}
+
+/// First thing in the callback thread: sets the mask chosen by
+/// `mask_for_callback_thread`.
+fn set_callback_thread_mask(mask: Option<libc::sigset_t>) {
+    if let Some(mask) = mask {
+        // SAFETY: sets the calling thread's mask from a valid sigset.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask, ptr::null_mut()) };
+    }
+}
+
 /// The callback thread's entry point when it starts through
-/// `pthread_create` (`start_thread_raw`).
-extern "C" fn raw_callback_thread(_: *mut libc::c_void) -> *mut libc::c_void {
+/// `pthread_create` (`start_thread_raw`). `mask` is a leaked
+/// `Box<Option<sigset_t>>` (`mask_for_callback_thread`), taken back here.
+extern "C" fn raw_callback_thread(mask: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: `start_thread_raw` passes a `Box<Option<sigset_t>>` leaked
+    // for this thread alone, and no other code holds it.
+    let mask = *unsafe { Box::from_raw(mask.cast::<Option<libc::sigset_t>>()) };
+    set_callback_thread_mask(mask);
     // Wakers find the handle once it is here; one that came before found
     // none and needs none: the loop looks for work before it first parks.
     *THREAD.lock() = Some(std::thread::current());
@@ -585,9 +608,11 @@ extern "C" fn raw_callback_thread(_: *mut libc::c_void) -> *mut libc::c_void {
 /// thread start-up (see `IN_FORK_CHILD`).
 #[cold]
 fn start_thread_raw() -> std::io::Result<()> {
+    let mask = Box::into_raw(Box::new(mask_for_callback_thread())).cast::<libc::c_void>();
     // SAFETY: pthread calls on a local attribute object, initialised
     // before use and destroyed after; the entry point is an `extern "C"`
-    // function that lives as long as the program and ignores its argument.
+    // function that lives as long as the program and takes `mask` over
+    // (freed below if the thread is not created).
     let rc = unsafe {
         let mut attr: libc::pthread_attr_t = std::mem::zeroed();
         let mut rc = libc::pthread_attr_init(&mut attr);
@@ -595,7 +620,7 @@ fn start_thread_raw() -> std::io::Result<()> {
             libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
             libc::pthread_attr_setstacksize(&mut attr, raw_thread_stack());
             let mut thread: libc::pthread_t = 0;
-            rc = libc::pthread_create(&mut thread, &attr, raw_callback_thread, ptr::null_mut());
+            rc = libc::pthread_create(&mut thread, &attr, raw_callback_thread, mask);
             libc::pthread_attr_destroy(&mut attr);
             if rc == 0 {
                 // The name std gives it, cut to the kernel's 15 bytes.
@@ -605,6 +630,8 @@ fn start_thread_raw() -> std::io::Result<()> {
         rc
     };
     if rc != 0 {
+        // SAFETY: no thread was created to take `mask` over.
+        drop(unsafe { Box::from_raw(mask.cast::<Option<libc::sigset_t>>()) });
         // Not started: the next caller tries again.
         STARTED.store(NOT_STARTED, Ordering::Release);
         return Err(std::io::Error::from_raw_os_error(rc));
@@ -619,9 +646,13 @@ fn start_thread() -> std::io::Result<()> {
     if IN_FORK_CHILD.load(Ordering::Relaxed) {
         return start_thread_raw();
     }
+    let mask = mask_for_callback_thread();
     let spawned = std::thread::Builder::new()
         .name("vmtask-rcu-callbacks".into())
-        .spawn(callback_thread);
+        .spawn(move || {
+            set_callback_thread_mask(mask);
+            callback_thread();
+        });
     match spawned {
         Ok(handle) => {
             *THREAD.lock() = Some(handle.thread().clone());

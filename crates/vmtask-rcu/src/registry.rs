@@ -83,6 +83,9 @@ thread_local! {
     static UNREGISTERED: Cell<bool> = const { Cell::new(false) };
     /// Owns the registration; releases the slot when the thread exits.
     static REGISTRATION: Registration = Registration::new();
+    /// The thread's signal mask from before the outermost `SignalsBlocked`
+    /// that is alive, if one is (`mask_outside_blocks`).
+    static MASK_OUTSIDE: Cell<Option<libc::sigset_t>> = const { Cell::new(None) };
 }
 
 struct Registration {
@@ -99,7 +102,15 @@ struct Registration {
 /// registered twice and one slot left publishing its `LOCAL` after it
 /// exits. Blocked, the signal is delivered once the thread is registered
 /// (or unregistered).
-struct SignalsBlocked(libc::sigset_t);
+///
+/// Nestable: the outermost one records the mask it saved in
+/// `MASK_OUTSIDE`, so that a thread started meanwhile (the callback
+/// thread, started by an unregistration that hands drops over) gets the
+/// program's mask, not this one.
+struct SignalsBlocked {
+    old: libc::sigset_t,
+    outermost: bool,
+}
 
 impl SignalsBlocked {
     fn new() -> Self {
@@ -124,16 +135,31 @@ impl SignalsBlocked {
                 libc::sigdelset(&mut all, sig);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-            SignalsBlocked(old)
+            // Signals are blocked now: no handler runs between the two.
+            let outermost = MASK_OUTSIDE.with(|m| m.get().is_none());
+            if outermost {
+                MASK_OUTSIDE.with(|m| m.set(Some(old)));
+            }
+            SignalsBlocked { old, outermost }
         }
     }
 }
 
 impl Drop for SignalsBlocked {
     fn drop(&mut self) {
+        if self.outermost {
+            MASK_OUTSIDE.with(|m| m.set(None));
+        }
         // SAFETY: restores the mask saved by `new` on this thread.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, ptr::null_mut()) };
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, ptr::null_mut()) };
     }
+}
+
+/// The calling thread's signal mask as the program set it, if the crate
+/// has blocked signals on it for now (`SignalsBlocked`); `None` when the
+/// thread's mask is the program's own.
+pub(crate) fn mask_outside_blocks() -> Option<libc::sigset_t> {
+    MASK_OUTSIDE.with(Cell::get)
 }
 
 impl Registration {
