@@ -64,6 +64,10 @@ struct Node {
     end: AtomicUsize,
     slot_size: AtomicUsize,
     guard_size: AtomicUsize,
+    /// Slots carved from the arena so far. Not under the sequence count:
+    /// it only grows while the node's geometry stays (set to 0 by `write`,
+    /// under the count), and a stale value is an older, smaller one.
+    carved: AtomicUsize,
     next: AtomicPtr<Node>,
 }
 
@@ -95,6 +99,7 @@ fn register(start: usize, len: usize, layout: &Layout) -> &'static Node {
                 end: AtomicUsize::new(0),
                 slot_size: AtomicUsize::new(0),
                 guard_size: AtomicUsize::new(0),
+                carved: AtomicUsize::new(0),
                 next: AtomicPtr::new(ptr::null_mut()),
             }));
             let mut head = REGISTRY.load(Ordering::Acquire);
@@ -134,12 +139,15 @@ impl Node {
         self.end.store(end, Ordering::Relaxed);
         self.slot_size.store(slot_size, Ordering::Relaxed);
         self.guard_size.store(guard_size, Ordering::Relaxed);
+        self.carved.store(0, Ordering::Relaxed);
         self.seq.store(seq + 2, Ordering::Release);
     }
 
-    /// A consistent `(start, end, slot_size, guard_size)`, or `None` while
-    /// the claimer writes. Async-signal-safe, never waits.
-    fn read(&self) -> Option<(usize, usize, usize, usize)> {
+    /// A consistent `(start, end, slot_size, guard_size, carved)`, or
+    /// `None` while the claimer writes. `carved` may be older than the
+    /// latest carve, never from another geometry. Async-signal-safe, never
+    /// waits.
+    fn read(&self) -> Option<(usize, usize, usize, usize, usize)> {
         loop {
             let seq = self.seq.load(Ordering::Acquire);
             if seq % 2 == 1 {
@@ -150,6 +158,9 @@ impl Node {
                 self.end.load(Ordering::Relaxed),
                 self.slot_size.load(Ordering::Relaxed),
                 self.guard_size.load(Ordering::Relaxed),
+                // Acquire: pairs with the carve's release store, for a
+                // reader that got the new stack from its carver.
+                self.carved.load(Ordering::Acquire),
             );
             // Orders the loads above before the second load of the count.
             fence(Ordering::Acquire);
@@ -180,17 +191,24 @@ pub(crate) enum Place {
     Stack(Slot),
 }
 
-/// Finds the slot holding `addr`, in any pool. Async-signal-safe: atomic
-/// loads and arithmetic only.
+/// Finds the slot holding `addr`, in any pool, among the slots carved so
+/// far: the rest of an arena (whose guards may be installed ahead of the
+/// carve) has never been a stack, and an address there is `None`, as one
+/// outside every arena is. Async-signal-safe: atomic loads and arithmetic
+/// only.
 pub(crate) fn lookup(addr: usize) -> Option<Place> {
     for node in nodes() {
-        let Some((start, end, slot_size, guard_size)) = node.read() else {
+        let Some((start, end, slot_size, guard_size, carved)) = node.read() else {
             continue;
         };
         if addr < start || addr >= end {
             continue;
         }
-        let guard = start + (addr - start) / slot_size * slot_size;
+        let index = (addr - start) / slot_size;
+        if index >= carved {
+            return None;
+        }
+        let guard = start + index * slot_size;
         let slot = Slot {
             guard,
             limit: guard + guard_size,
@@ -324,6 +342,8 @@ impl Arenas {
         let slot = arena.carved;
         let top = arena.start + (slot + 1) * layout.slot_size;
         arena.carved += 1;
+        // Release: the stack is handed out after this (see `Node::read`).
+        arena.node.carved.store(arena.carved, Ordering::Release);
         let populate = (layout.populate_top && slot >= arena.populated).then(|| {
             let end = (slot + POPULATE_BATCH).min(arena.guarded);
             arena.populated = end;
@@ -478,8 +498,14 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut rounds = 0u32;
+                // Registered with every slot carved, as a full arena is.
+                let register_carved = |start: usize, layout: &Layout| {
+                    let node = register(start, end - start, layout);
+                    node.carved.store(64, Ordering::Release);
+                    node
+                };
                 while !stop.load(Ordering::Relaxed) {
-                    let node = register(start_a, end - start_a, &a);
+                    let node = register_carved(start_a, &a);
                     // Now and then, give the CPU away with a geometry
                     // registered: a reader that shares this CPU (one CPU,
                     // or a loaded machine) otherwise only ever runs where
@@ -490,7 +516,7 @@ mod tests {
                         std::thread::yield_now();
                     }
                     unregister(node);
-                    unregister(register(start_b, end - start_b, &b));
+                    unregister(register_carved(start_b, &b));
                 }
             });
             // At least 300 ms, and on until the reader has seen a node
@@ -516,5 +542,37 @@ mod tests {
                 "the reader never saw a registered node: {seen:?}"
             );
         });
+    }
+
+    /// Slots not carved yet are no stack: their guards (installed ahead of
+    /// the carve) are not a stack's guard, so a stray write there is not
+    /// reported as that slot's overflow (review finding: a write just past
+    /// the top of a pool's only stack was reported as an overflow of the
+    /// next slot, never allocated).
+    #[test]
+    fn lookup_knows_only_carved_slots() {
+        let layout = Layout::new(&Config::default()).unwrap();
+        let markers = sys::guard_markers_supported().is_ok();
+        let mut arenas = Arenas::new();
+        let (top, _) = arenas.carve(&layout, markers).unwrap();
+        let first = top - layout.slot_size;
+        assert_eq!(
+            lookup(first),
+            Some(Place::Guard(Slot {
+                guard: first,
+                limit: first + layout.guard_size,
+                base: top,
+            }))
+        );
+        assert!(matches!(lookup(top - 1), Some(Place::Stack(_))));
+        // The next slot's guard (installed with the first carve's batch)
+        // and stack: not carved.
+        assert_eq!(lookup(top), None);
+        assert_eq!(lookup(top + layout.guard_size), None);
+        let (second, _) = arenas.carve(&layout, markers).unwrap();
+        assert_eq!(second, top + layout.slot_size);
+        assert!(matches!(lookup(top), Some(Place::Guard(_))));
+        // SAFETY: neither stack was handed out.
+        unsafe { arenas.unmap_all(&layout) };
     }
 }

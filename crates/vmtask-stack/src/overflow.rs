@@ -24,8 +24,13 @@
 //!   aborts. A fault address in a guard counts only if the interrupted
 //!   stack pointer is in that same slot (its guard or its stack) or less
 //!   than a slot below its guard (a frame bigger than the guard jumped
-//!   it): a stray or dangling pointer into the guard of a stack that is
-//!   free, or that code on another stack writes, is an ordinary fault.
+//!   it), and the slot has been carved: a stray or dangling pointer into
+//!   the guard of a slot never carved (guards are installed ahead of the
+//!   carve), or into a guard from code on a stack more than a slot below,
+//!   is an ordinary fault. One case cannot be told apart by addresses:
+//!   code on a stack that writes just past its own top hits the guard of
+//!   the slot above, as a frame of that slot's stack that jumped its guard
+//!   would, and is reported as that stack's overflow if it was carved.
 //!   Reports do not interleave: a second thread that overflows while the
 //!   first reports waits (about 2 s at most) for the abort. Everything else
 //!   is delivered to the previous action as the kernel would have
@@ -253,13 +258,15 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
         };
         let sp = interrupted_sp(ctx);
         // A guard address is an overflow of that stack only if the
-        // faulting code runs on it: a stray or dangling pointer into the
-        // guard of a stack that is free, or that another thread owns, is
-        // an ordinary fault and goes to the previous action. A frame
-        // bigger than the guard (C without stack-clash protection, alloca)
-        // moves the stack pointer past the guard into the slot below
-        // before its first store hits the guard: that stack pointer counts
-        // too, up to a slot below the guard.
+        // faulting code runs on it (as far as the stack pointer tells) and
+        // the slot was carved (`lookup` knows no other): a stray or
+        // dangling pointer into the guard of a slot never carved, or of a
+        // stack far from the one the code runs on, is an ordinary fault
+        // and goes to the previous action. A frame bigger than the guard
+        // (C without stack-clash protection, alloca) moves the stack
+        // pointer past the guard into the slot below before its first
+        // store hits the guard: that stack pointer counts too, up to a
+        // slot below the guard.
         let overflow = hit(addr)
             .filter(|slot| {
                 let below = slot.guard.saturating_sub(slot.base - slot.guard);

@@ -60,9 +60,9 @@
 //! creation or drop: `reap_orphans`).
 
 use std::fmt;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crossbeam_utils::Backoff;
 use vmtask_percpu::CpuCache;
@@ -859,15 +859,38 @@ impl StackPool {
 
     /// The process-wide pool with the default [`Config`].
     ///
+    /// Fork-safe: a child forked while another thread was creating it
+    /// creates its own. (Not a `OnceLock`, whose initialisation, copied
+    /// mid-way by a fork, would keep the child waiting for a thread it
+    /// does not have.) Threads that race to create it each build a pool;
+    /// one is kept, and the others are dropped at once.
+    ///
     /// # Panics
     /// If the default pool cannot be created (see [`StackPool::new`]: no
     /// memory or address space for its probe mapping or its magazines, or
     /// a broken kernel).
     pub fn global() -> &'static StackPool {
-        static GLOBAL: OnceLock<StackPool> = OnceLock::new();
-        GLOBAL.get_or_init(|| {
-            StackPool::new(Config::default()).expect("cannot create the global stack pool")
-        })
+        static GLOBAL: AtomicPtr<StackPool> = AtomicPtr::new(ptr::null_mut());
+        let current = GLOBAL.load(Ordering::Acquire);
+        // SAFETY: a non-null GLOBAL is a leaked box, never freed.
+        if let Some(pool) = unsafe { current.as_ref() } {
+            return pool;
+        }
+        let built = Box::into_raw(Box::new(
+            StackPool::new(Config::default()).expect("cannot create the global stack pool"),
+        ));
+        match GLOBAL.compare_exchange(ptr::null_mut(), built, Ordering::AcqRel, Ordering::Acquire) {
+            // SAFETY: ours, now published and never freed.
+            Ok(_) => unsafe { &*built },
+            Err(winner) => {
+                // SAFETY: ours, never published: no stack was allocated
+                // from it. The winner is a leaked box, never freed.
+                unsafe {
+                    drop(Box::from_raw(built));
+                    &*winner
+                }
+            }
+        }
     }
 
     fn inner(&self) -> &PoolInner {

@@ -6,25 +6,30 @@
 //! failure; callers turn that into a [`StackError`](crate::StackError) that
 //! names what was being done.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// `MADV_GUARD_INSTALL` (Linux 6.13+): turn a range into guard markers that
 /// fault on access without splitting the mapping.
 pub(crate) const MADV_GUARD_INSTALL: libc::c_int = 102;
 
 /// The system page size.
+///
+/// Cached in an atomic, 0 until known, not a `OnceLock`: a fork while
+/// another thread held a `OnceLock`'s initialisation would leave the
+/// child waiting for it for ever (see `StackPool::global`).
 pub(crate) fn page_size() -> usize {
-    static PAGE: OnceLock<usize> = OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if page > 0 {
-            page as usize
-        } else {
-            4096
-        }
-    })
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    let page = PAGE.load(Ordering::Relaxed);
+    if page != 0 {
+        return page;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        page if page > 0 => page as usize,
+        _ => 4096,
+    };
+    PAGE.store(page, Ordering::Relaxed);
+    page
 }
 
 /// `n` rounded up to a whole number of pages. For addresses and sizes

@@ -201,6 +201,33 @@ fn other_faults_go_to_the_previous_handler() {
     assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
 }
 
+/// A write just past the top of a pool's only stack lands in the guard of
+/// the next slot, never carved (guards are installed ahead of the carve):
+/// an ordinary fault, not an overflow of a stack nobody has (review
+/// finding: it was reported as one).
+#[test]
+fn a_write_past_the_top_into_an_uncarved_slots_guard_is_an_ordinary_fault() {
+    if in_child() {
+        let pool = StackPool::new(Config::default()).unwrap();
+        let stack = pool.alloc().unwrap();
+        let top = stack.base() as usize;
+        let mut co = Coroutine::with_stack(stack, move |_: &corosensei::Yielder<(), ()>, ()| {
+            // SAFETY: deliberately not: eight bytes past this stack's top.
+            unsafe { std::ptr::write_volatile(top as *mut u64, 1) };
+        });
+        co.resume(());
+        unreachable!("the next slot's guard did not fault");
+    }
+    let out = run_child("a_write_past_the_top_into_an_uncarved_slots_guard_is_an_ordinary_fault");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
+}
+
 #[test]
 fn thread_stack_overflow_is_still_reported_by_rust() {
     if in_child() {
