@@ -181,6 +181,17 @@ fn a_label_hook_that_faults_loses_only_the_label() {
     );
 }
 
+/// The child died of SIGSEGV, the default action, with no overflow report.
+fn assert_ordinary_segv(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
+}
+
 #[test]
 fn other_faults_go_to_the_previous_handler() {
     if in_child() {
@@ -191,14 +202,7 @@ fn other_faults_go_to_the_previous_handler() {
         unsafe { std::ptr::write_volatile(16 as *mut u8, 1) };
         unreachable!("writing address 16 did not fault");
     }
-    let out = run_child("other_faults_go_to_the_previous_handler");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGSEGV),
-        "stderr:\n{stderr}"
-    );
-    assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
+    assert_ordinary_segv(&run_child("other_faults_go_to_the_previous_handler"));
 }
 
 /// A write just past the top of a pool's only stack lands in the guard of
@@ -218,14 +222,9 @@ fn a_write_past_the_top_into_an_uncarved_slots_guard_is_an_ordinary_fault() {
         co.resume(());
         unreachable!("the next slot's guard did not fault");
     }
-    let out = run_child("a_write_past_the_top_into_an_uncarved_slots_guard_is_an_ordinary_fault");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGSEGV),
-        "stderr:\n{stderr}"
-    );
-    assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
+    assert_ordinary_segv(&run_child(
+        "a_write_past_the_top_into_an_uncarved_slots_guard_is_an_ordinary_fault",
+    ));
 }
 
 #[test]
@@ -489,14 +488,7 @@ fn ignored_sigsegv_from_a_real_fault_still_kills() {
         unsafe { std::ptr::write_volatile(16 as *mut u8, 1) };
         unreachable!("writing address 16 did not fault");
     }
-    let out = run_child("ignored_sigsegv_from_a_real_fault_still_kills");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGSEGV),
-        "stderr:\n{stderr}"
-    );
-    assert!(!stderr.contains("stack overflow:"), "stderr:\n{stderr}");
+    assert_ordinary_segv(&run_child("ignored_sigsegv_from_a_real_fault_still_kills"));
 }
 
 /// A thread-local whose destructor runs a coroutine that recurses without
