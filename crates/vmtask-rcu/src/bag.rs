@@ -245,7 +245,12 @@ impl LocalBag {
     }
 
     /// Owner only: adds an entry and, with `may_run`, takes one entry of
-    /// the draining bag for the caller to run with `run_one`.
+    /// the draining bag for the caller to run with `run_one`. `filled`
+    /// runs when the entry fills the bag, before the bag is released to
+    /// flushers: it counts the bag's entries as queued, which must come
+    /// before anyone can run them and count them invoked (review finding:
+    /// counted after the hand-off, a flusher that took and ran the bag in
+    /// between showed `stats()` with invoked above queued by a bag).
     ///
     /// Why one at a time: running a whole bag frees 126 objects at once,
     /// more than the allocator's per-thread cache holds (glibc's tcache
@@ -253,7 +258,12 @@ impl LocalBag {
     /// allocator's slow path. Freeing one object per object retired keeps
     /// the two in step, so each allocation reuses the chunk just freed.
     #[inline]
-    pub(crate) fn push(&self, entry: DropEntry, may_run: bool) -> (Pushed, Option<DropEntry>) {
+    pub(crate) fn push(
+        &self,
+        entry: DropEntry,
+        may_run: bool,
+        filled: impl FnOnce(),
+    ) -> (Pushed, Option<DropEntry>) {
         let mut ready = None;
         let pushed = self.with_owned(|owned| {
             if may_run && !self.running.load(Ordering::Relaxed) {
@@ -292,6 +302,7 @@ impl LocalBag {
                 // next: take the larger, which only waits longer.
                 let snap = grace::snapshot().max(owned.waiting.back().map_or(0, |&(s, _)| s));
                 owned.waiting.extend(full.map(|bag| (snap, bag)));
+                filled();
                 Pushed::Filled
             } else {
                 Pushed::Stored {
@@ -621,7 +632,7 @@ mod tests {
     /// during the pushes.
     fn fill(bag: &LocalBag) {
         for _ in 0..BAG_CAPACITY {
-            let (_, ready) = bag.push((std::ptr::null_mut(), count_run), false);
+            let (_, ready) = bag.push((std::ptr::null_mut(), count_run), false, || {});
             assert!(ready.is_none());
         }
     }
@@ -703,7 +714,7 @@ mod tests {
         // Pushes run its entries one each (and fill a third bag, which
         // waits); once it is empty, the next ready bag takes its place.
         for _ in 0..BAG_CAPACITY {
-            let (_, ready) = bag.push((std::ptr::null_mut(), count_run), true);
+            let (_, ready) = bag.push((std::ptr::null_mut(), count_run), true, || {});
             bag.run_one(ready.expect("an entry of the draining bag"));
         }
         bag.start_draining();

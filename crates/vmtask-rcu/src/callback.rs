@@ -899,7 +899,7 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     // Frees may not run inside a read-side section (a drop could wait for
     // a grace period) nor from a callback.
     let may_run = !crate::registry::registered_in_section() && !on_callback_thread();
-    let (pushed, ready) = slot.bag.push((data, drop_fn), may_run);
+    let (pushed, ready) = slot.bag.push((data, drop_fn), may_run, count_filled_bag);
     // The common case: not the bag's first entry, so the thread was woken
     // for the bag already, unless a fork has since left this process
     // without one (the child restarts it on next use, and this is a use).
@@ -939,15 +939,6 @@ fn pushed_slow(
     data: *mut (),
     drop_fn: unsafe fn(*mut ()),
 ) {
-    if let Pushed::Filled = pushed {
-        // Before the drop below, which may fork: a child must find the
-        // full bag counted as queued, as its recount assumes. Not before
-        // the push: a flusher that steals the bag and runs it between the
-        // two (the owner preempted for a whole grace period) counts it as
-        // invoked first, and `stats()` may then show invoked above queued
-        // by one bag for that moment (review note; left as is).
-        count_filled_bag();
-    }
     if let Some(entry) = ready {
         slot.bag.run_one(entry);
     }
@@ -958,7 +949,11 @@ fn pushed_slow(
     }
 }
 
-/// Counts a bag that just filled as queued (its entries).
+/// Counts a bag that just filled as queued (its entries): in the push
+/// that fills it, while the bag is still the owner's (so before a flusher
+/// can run it and count it invoked), and before that push's drop, which
+/// may fork (a child must find the full bag counted, as its recount
+/// assumes).
 #[cold]
 fn count_filled_bag() {
     callbacks().queues[cpu()]
@@ -1298,8 +1293,12 @@ pub fn barrier_allowed() -> bool {
 /// ```
 ///
 /// # Panics
-/// Inside a read-side section, or from an RCU callback: both would wait
-/// for themselves forever.
+/// Inside a read-side section, from an RCU callback, or from a deferred
+/// drop that `defer_drop` (or `RcuCell::store`) runs on the calling
+/// thread: each would wait for itself forever ([`barrier_allowed`] tells
+/// whether a call may). Also if the callback thread cannot be started
+/// (the system refuses a new thread), as nothing could then run what it
+/// waits for.
 pub fn barrier() {
     crate::grace::assert_not_reading("barrier");
     assert!(

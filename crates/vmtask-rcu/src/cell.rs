@@ -115,7 +115,8 @@ impl<T: Send + 'static> RcuCell<T> {
     /// Publishes `new` if the cell still holds the value `current` points
     /// to (compared by address; `None` for empty). On failure `new` is
     /// returned. The replaced value is dropped after a grace period, as in
-    /// [`store`](Self::store).
+    /// [`store`](Self::store), with the same caveats (earlier deferred
+    /// drops of this thread may run inside this call).
     ///
     /// # Panics
     /// If `T` is zero-sized: every box of such a `T` has the same address,
@@ -150,6 +151,9 @@ impl<T: Send + 'static> RcuCell<T> {
     }
 }
 
+/// The cell's last value is dropped after a grace period, through
+/// [`defer_drop`](crate::defer_drop), whose caveats apply: drops deferred
+/// earlier by this thread may run inside the cell's drop.
 impl<T: Send + 'static> Drop for RcuCell<T> {
     fn drop(&mut self) {
         // Readers may hold `&'g T` from `load` beyond the cell's own
@@ -189,7 +193,9 @@ unsafe fn from_ptr<T>(p: *mut T) -> Option<Box<T>> {
 }
 
 /// A value unpublished from an [`RcuCell`] that readers may still see.
-/// It hands the value over only after a grace period.
+/// It hands the value over only after a grace period. Dropping it defers
+/// the value's drop with [`defer_drop`](crate::defer_drop), whose caveats
+/// apply.
 #[must_use = "dropping a Retired drops its value after a grace period; use wait or defer to get it back"]
 pub struct Retired<T: Send + 'static> {
     old: Option<Box<T>>,

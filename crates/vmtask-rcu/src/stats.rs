@@ -65,7 +65,9 @@ pub struct Stats {
     /// interrupt on every CPU running one of the process's threads (or
     /// SeqCst fences in the fallback mode).
     pub heavy_barriers: u64,
-    /// Threads registered as readers now.
+    /// Reader slots in use now: threads registered as readers, plus the
+    /// slots holding a section that outlived its thread's registration or
+    /// that a thread-local destructor opened after it (see `read_lock`).
     pub readers: usize,
     /// The barrier in use.
     pub mode: BarrierMode,

@@ -62,16 +62,19 @@ fn one_round() -> i32 {
             let expected = mask.clone();
             std::thread::spawn(move || {
                 let start = Instant::now();
+                // The thread sets its mask first thing, but may be seen
+                // before it has: a wrong mask must last a while to count.
+                let mut seen: Option<Instant> = None;
                 let code = loop {
                     if let Some(tid) = callback_thread() {
-                        let got = blocked_of(&tid).unwrap_or_default();
-                        if got == expected {
+                        if blocked_of(&tid).is_some_and(|got| got == expected) {
                             break SAME_MASK;
                         }
-                        println!("callback thread SigBlk {got}, program threads {expected}");
-                        break OTHER_MASK;
-                    }
-                    if start.elapsed() > Duration::from_secs(5) {
+                        if seen.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1)
+                        {
+                            break OTHER_MASK;
+                        }
+                    } else if start.elapsed() > Duration::from_secs(5) {
                         break NO_THREAD;
                     }
                     std::thread::sleep(Duration::from_millis(1));
