@@ -92,7 +92,7 @@ use crossbeam_utils::Backoff;
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::cpu::{cpu, possible_cpus};
 
@@ -633,16 +633,20 @@ impl CpuCache {
             // begins; the membarrier orders it before every later sequence
             // on `cpu` and aborts the ones in flight.
             if let Err(error) = crate::rseq::fence_cpu(cpu) {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| {
-                    // Not `eprintln!`, which panics if stderr is closed.
-                    use std::io::Write;
-                    let _ = writeln!(
-                        std::io::stderr(),
+                // The area first: the warning's write may block (a full
+                // pipe), and the CPU's pushes wait for the area meanwhile.
+                drop(area);
+                // Once per process. Not a `Once`, nor std's stderr: a fork
+                // while another thread is in either leaves them held in
+                // the child (review finding: the child's next drain whose
+                // membarrier failed hung).
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    crate::warn(format_args!(
                         "vmtask_percpu: membarrier(PRIVATE_EXPEDITED_RSEQ, cpu {cpu}) failed ({error}); \
                          drains of rseq CpuCaches now leave their pointers in place"
-                    );
-                });
+                    ));
+                }
                 return None;
             }
         }
@@ -786,13 +790,14 @@ mod tests {
         for mode in MODES {
             let cache = CpuCache::with_mode(2, mode);
             std::thread::spawn(move || {
-                crate::pin_current_thread(crate::allowed_cpus()[0]).unwrap();
+                let cpu = crate::allowed_cpus()[0];
+                crate::pin_current_thread(cpu).unwrap();
                 cache.push(ptr(1)).unwrap();
                 cache.push(ptr(2)).unwrap();
                 assert_eq!(cache.push(ptr(3)), Err(ptr(3)));
-                assert_eq!(cache.len(0), 2);
+                assert_eq!(cache.len(cpu), 2);
                 let mut out = Vec::new();
-                assert_eq!(cache.drain(0, 10, &mut out), 2);
+                assert_eq!(cache.drain(cpu, 10, &mut out), 2);
                 assert_eq!(out, vec![ptr(2), ptr(1)]);
                 assert_eq!(cache.total_len(), 0);
             })
@@ -806,16 +811,17 @@ mod tests {
         for mode in MODES {
             let cache = CpuCache::with_mode(8, mode);
             std::thread::spawn(move || {
-                crate::pin_current_thread(crate::allowed_cpus()[0]).unwrap();
+                let cpu = crate::allowed_cpus()[0];
+                crate::pin_current_thread(cpu).unwrap();
                 for i in 1..=5 {
                     cache.push(ptr(i)).unwrap();
                 }
                 let mut out = Vec::new();
-                assert_eq!(cache.drain(0, 0, &mut out), 0);
-                assert_eq!(cache.drain(0, 2, &mut out), 2);
+                assert_eq!(cache.drain(cpu, 0, &mut out), 0);
+                assert_eq!(cache.drain(cpu, 2, &mut out), 2);
                 assert_eq!(out, vec![ptr(5), ptr(4)]);
                 assert_eq!(cache.pop(), Some(ptr(3)));
-                assert_eq!(cache.len(0), 2);
+                assert_eq!(cache.len(cpu), 2);
             })
             .join()
             .unwrap();
@@ -852,19 +858,20 @@ mod tests {
         }
         let cache = CpuCache::with_mode(4, CacheMode::Rseq);
         std::thread::spawn(move || {
-            crate::pin_current_thread(crate::allowed_cpus()[0]).unwrap();
+            let cpu = crate::allowed_cpus()[0];
+            crate::pin_current_thread(cpu).unwrap();
             cache.push(ptr(1)).unwrap();
             crate::rseq::REFUSE_NEXT_FENCE.with(|refuse| refuse.set(true));
             let mut out = Vec::new();
             assert_eq!(
-                cache.drain(0, usize::MAX, &mut out),
+                cache.drain(cpu, usize::MAX, &mut out),
                 0,
                 "a refused membarrier moves nothing"
             );
             assert!(out.is_empty());
-            assert_eq!(cache.push(ptr(2)), Ok(()), "CPU 0 left stopped");
+            assert_eq!(cache.push(ptr(2)), Ok(()), "the CPU left stopped");
             assert_eq!(cache.pop(), Some(ptr(2)));
-            assert_eq!(cache.drain(0, usize::MAX, &mut out), 1);
+            assert_eq!(cache.drain(cpu, usize::MAX, &mut out), 1);
             assert_eq!(out, vec![ptr(1)]);
         })
         .join()
@@ -915,11 +922,12 @@ mod tests {
         for mode in MODES {
             let cache = CpuCache::with_mode(4, mode);
             std::thread::spawn(move || {
-                crate::pin_current_thread(crate::allowed_cpus()[0]).unwrap();
+                let cpu = crate::allowed_cpus()[0];
+                crate::pin_current_thread(cpu).unwrap();
                 let mut out = Vec::new();
                 for round in 0..100 {
                     cache.push(ptr(round + 1)).unwrap();
-                    assert_eq!(cache.drain(0, usize::MAX, &mut out), 1);
+                    assert_eq!(cache.drain(cpu, usize::MAX, &mut out), 1);
                 }
                 assert_eq!(out.len(), 100);
                 cache.push(ptr(7)).unwrap();

@@ -22,13 +22,12 @@ pub fn env_switch(name: &str) -> bool {
         "" | "0" | "false" | "no" | "off" => false,
         "1" | "true" | "yes" | "on" => true,
         _ => {
-            // Not `eprintln!`, which panics if stderr is gone (a closed
-            // pipe): this runs inside `StackPool::new` and `read_lock`.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
+            // `warn`, not `eprintln!`: this runs inside `StackPool::new`
+            // and `read_lock`, where neither a panic (closed stderr) nor
+            // std's stderr lock (see `warn`) may get in.
+            crate::warn(format_args!(
                 "{name}={text:?} is not a switch value; taken as on (on: 1, true, yes, on; off: 0, false, no, off or empty)"
-            );
+            ));
             true
         }
     }

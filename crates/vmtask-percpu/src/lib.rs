@@ -82,6 +82,7 @@
 
 mod cache;
 mod cpu;
+mod diag;
 mod env;
 mod fork;
 #[cfg(all(
@@ -96,6 +97,7 @@ pub use cache::{
     cache_mode, rseq_cache_supported, CacheAllocError, CacheMode, CpuCache, NO_RSEQ_ENV,
 };
 pub use cpu::{allowed_cpus, cpu, pin_current_thread, possible_cpus, rseq_available, run_on_cpu};
+pub use diag::{warn, WARN_MAX};
 pub use env::env_switch;
 pub use fork::{register_fork_handlers, ForkHandler};
 pub use slots::{Contended, PerCpu, SlotGuard};

@@ -202,9 +202,10 @@ mod tests {
 
 /// Writes a diagnostic to stderr, ignoring failure. `eprintln!` panics
 /// when stderr is gone (a closed pipe), and a panic in the grace-period or
-/// callback machinery would take it down with it.
+/// callback machinery would take it down with it; and std's stderr lock,
+/// which a fork may copy held, would hang a fork child's report (see
+/// `vmtask_percpu::warn`).
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn warn(message: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_fmt(format_args!("{message}\n"));
+    vmtask_percpu::warn(message);
 }

@@ -2,7 +2,6 @@
 //! and the slabs together.
 
 use std::fmt;
-use std::io::Write;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -301,13 +300,12 @@ impl<T> SlabCache<T> {
         let slabs = shared.slabs.counts().slabs;
         // Not `eprintln!`, which panics if stderr is closed: a panic in
         // `drop` while unwinding aborts.
-        let _ = writeln!(
-            std::io::stderr(),
+        vmtask_percpu::warn(format_args!(
             "vmtask_slab: cache `{}` dropped {why}; leaking its {slabs} slabs ({} bytes) \
              rather than freeing memory that RCU readers or callbacks may still reach",
             shared.name,
             slabs * shared.slabs.slab_bytes(),
-        );
+        ));
     }
 }
 
