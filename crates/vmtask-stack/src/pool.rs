@@ -504,7 +504,7 @@ impl PoolInner {
         // caller's relaxed load read: the `orphaned` stored before it is
         // seen below.
         std::sync::atomic::fence(Ordering::Acquire);
-        let last = {
+        let (last, _section) = {
             // SAFETY: the caller's contract.
             let this = unsafe { pool.as_ref() };
             if !this.orphaned.load(Ordering::Acquire) {
@@ -520,8 +520,17 @@ impl PoolInner {
                     return this.hits.park(top);
                 }
             }
-            this.free_orphaned(top)
+            // One section from the choice of this free as the destroyer
+            // to the destroy: a fork between the two would leave the child
+            // a finished pool that no thread of its own destroys (review
+            // finding: `reap_orphans` skips it, holding nothing, for good).
+            let section = fork::section();
+            (this.free_orphaned(top), section)
         };
+        #[cfg(all(test, not(loom)))]
+        if last {
+            tests::chosen_to_destroy();
+        }
         if last {
             // SAFETY: every carved stack is back on the released list: no
             // `Stack` and no other free can reach the pool
@@ -539,6 +548,8 @@ impl PoolInner {
     #[cold]
     #[inline(never)]
     unsafe fn free_slow_or_destroy(pool: NonNull<PoolInner>, top: NonNull<u8>) {
+        // Through the destroy, as in `free_cold`.
+        let _section = fork::section();
         // SAFETY: the caller's contract.
         if unsafe { pool.as_ref() }.free_slow(top) {
             // SAFETY: as in `free_cold`.
@@ -1224,6 +1235,19 @@ mod tests {
     /// addresses are: a pool's `Box` and arenas are, at once).
     pub(super) static DESTROYED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
+    thread_local! {
+        /// Run by a free chosen to destroy its orphaned pool, just
+        /// before the destroy (`free_cold`).
+        static CHOSEN_TO_DESTROY: std::cell::Cell<Option<fn()>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    pub(super) fn chosen_to_destroy() {
+        if let Some(hook) = CHOSEN_TO_DESTROY.with(|h| h.take()) {
+            hook();
+        }
+    }
+
     fn registered(id: u64) -> bool {
         let _section = fork::section();
         ORPHANS
@@ -1295,5 +1319,57 @@ mod tests {
         assert!(tally::park_as(id, top));
         reap_orphans();
         wait_destroyed(id);
+    }
+
+    /// A fork while the free that brings an orphaned pool's last stack
+    /// back is about to destroy it: the child must not get the pool
+    /// undestroyed (review finding, forced with gdb: the free chose
+    /// itself as the destroyer in one fork section and destroyed in
+    /// another, and a fork in between left the child the finished pool
+    /// for good, as `reap_orphans` skips a pool that holds nothing).
+    #[test]
+    fn a_fork_between_choosing_the_destroyer_and_the_destroy_waits_for_it() {
+        use std::sync::atomic::AtomicBool;
+        static CHOSEN: AtomicBool = AtomicBool::new(false);
+        fn pause_chosen() {
+            CHOSEN.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let (id, top, inner) = orphan_with_a_stack_out(|_| ());
+        let (top, inner) = (top.as_ptr() as usize, inner.as_ptr() as usize);
+        let last_free = std::thread::spawn(move || {
+            CHOSEN_TO_DESTROY.with(|h| h.set(Some(pause_chosen)));
+            // SAFETY: the stack taken out by `orphan_with_a_stack_out`,
+            // freed once, into its (orphaned) pool.
+            unsafe {
+                PoolInner::free(
+                    NonNull::new(inner as *mut PoolInner).unwrap(),
+                    NonNull::new(top as *mut u8).unwrap(),
+                )
+            };
+        });
+        while !CHOSEN.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // SAFETY: the child only reads a list and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let destroyed = DESTROYED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&id);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(if destroyed { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        last_free.join().unwrap();
+        wait_destroyed(id);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the fork child got the orphaned pool undestroyed (status {status:#x})"
+        );
     }
 }
