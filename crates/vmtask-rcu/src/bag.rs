@@ -533,10 +533,14 @@ impl LocalBag {
         // A run the owner had in progress never ends in the child (its
         // entry is lost, like other work in flight at a fork): end it, or a
         // `barrier` would wait for it forever and the slot's next owner
-        // could never run its drops.
-        if self.running.load(Ordering::Relaxed) {
-            self.end_run();
-        }
+        // could never run its drops. Always, not only if `running` is
+        // still set: an owner stopped inside `end_run`, between its two
+        // stores, left `running` clear and the run uncounted, and a
+        // `barrier` that saw the run in progress (one that forked from a
+        // callback it helped run) waited for the count for good (review
+        // finding, forced with gdb). A count too many is harmless: a
+        // barrier waits for the count to pass the one it read.
+        self.end_run();
     }
 
     /// The owner is running one of its drops (see `running`).
@@ -724,5 +728,23 @@ mod tests {
         );
         assert_eq!(owned(&bag).waiting.len(), 1);
         assert!(RUNS.load(Ordering::Relaxed) - before >= BAG_CAPACITY);
+    }
+
+    /// The child's reset of a slot whose owner the fork stopped inside
+    /// `end_run`, with `running` cleared and the run not yet counted,
+    /// counts the run: a barrier that saw it in progress returns.
+    #[test]
+    fn a_run_cut_between_its_two_end_stores_is_counted_in_the_child() {
+        let bag = LocalBag::new();
+        bag.running.store(true, Ordering::Relaxed);
+        let done = bag.runs();
+        // The owner's `end_run`, stopped after its first store.
+        bag.running.store(false, Ordering::Release);
+        bag.reset_after_fork();
+        assert!(
+            bag.runs() > done,
+            "the cut run was never counted: a barrier waiting for it hangs"
+        );
+        assert!(!bag.running());
     }
 }

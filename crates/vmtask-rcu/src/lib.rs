@@ -60,7 +60,9 @@
 //! moment of a `fork` (being queued, run, or added to its batch) are lost
 //! in the child (never run; the parent is unaffected), and so are those
 //! the forking thread queued behind a push another thread had not
-//! finished; a fork from a callback leaves the child's callback thread
+//! finished (a `barrier` that forks from a callback it helps run has
+//! queued its markers that way too, and may then not return in the
+//! child); a fork from a callback leaves the child's callback thread
 //! to the forking thread, which serves again once that callback
 //! returns; the read-side
 //! sections of the threads a fork leaves behind end in the child, so a
