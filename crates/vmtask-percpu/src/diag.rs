@@ -25,7 +25,8 @@ pub fn warn(message: fmt::Arguments<'_>) {
     write_all(Line::format(message).finish());
 }
 
-/// A line being formatted: up to `WARN_MAX - 1` bytes, then `cut`.
+/// A line being formatted: up to `WARN_MAX - 4` bytes of message (room
+/// for `...` and the newline), cut at a character boundary.
 struct Line {
     buf: [u8; WARN_MAX],
     len: usize,
@@ -48,7 +49,6 @@ impl Line {
     /// The line's bytes, newline included, `...` ending a cut one.
     fn finish(&mut self) -> &[u8] {
         if self.cut {
-            self.len = WARN_MAX - 4;
             self.buf[self.len..self.len + 3].copy_from_slice(b"...");
             self.len += 3;
         }
@@ -59,11 +59,17 @@ impl Line {
 
 impl fmt::Write for Line {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let room = WARN_MAX - 1 - self.len;
-        let take = s.len().min(room);
+        if self.cut {
+            return Ok(());
+        }
+        let room = WARN_MAX - 4 - self.len;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
         self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
         self.len += take;
-        self.cut |= take < s.len();
+        self.cut = take < s.len();
         Ok(())
     }
 }
@@ -103,6 +109,17 @@ mod tests {
         let out = line.finish();
         assert_eq!(out.len(), WARN_MAX);
         assert!(out.ends_with(b"x...\n"));
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_character() {
+        // Three-byte characters, after one byte that shifts them off the
+        // cut.
+        let long = format!("a{}", "€".repeat(WARN_MAX));
+        let mut line = Line::format(format_args!("{long}"));
+        let out = std::str::from_utf8(line.finish()).expect("valid UTF-8");
+        assert!(out.ends_with("€...\n"), "{out:?}");
+        assert!(out.len() <= WARN_MAX);
     }
 
     /// `warn` writes while another thread holds std's stderr lock, as a
