@@ -922,6 +922,11 @@ pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
 #[cold]
 #[inline(never)]
 fn wake_for_bag() {
+    // Built here, on every thread's first entry (of its first bag, and of
+    // a bag after a fork), so that a bag that fills never builds it:
+    // `count_filled_bag` runs inside the owner's hand-off, where a panic
+    // (building may panic) would leave flushers waiting for good.
+    callbacks();
     ensure_thread();
     // Pairs with the thread's SLEEPING store and bag re-check.
     fence(Ordering::SeqCst);

@@ -25,9 +25,10 @@
 //!   stack pointer is in that same slot (its guard or its stack) or less
 //!   than a slot below its guard (a frame bigger than the guard jumped
 //!   it), and the slot has been carved: a stray or dangling pointer into
-//!   the guard of a slot never carved (guards are installed ahead of the
-//!   carve), or into a guard from code on a stack more than a slot below,
-//!   is an ordinary fault. One case cannot be told apart by addresses:
+//!   the guard of a slot never carved (guard markers are installed ahead
+//!   of the carve; `mprotect` guards are made one per carve, and an
+//!   uncarved slot's memory is then plain read-write), or into a guard
+//!   from code on a stack more than a slot below, is an ordinary fault. One case cannot be told apart by addresses:
 //!   code on a stack that writes just past its own top hits the guard of
 //!   the slot above, as a frame of that slot's stack that jumped its guard
 //!   would, and is reported as that stack's overflow if it was carved.

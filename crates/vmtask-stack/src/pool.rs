@@ -887,9 +887,17 @@ impl StackPool {
         if let Some(pool) = unsafe { current.as_ref() } {
             return pool;
         }
-        let built = Box::into_raw(Box::new(
-            StackPool::new(Config::default()).expect("cannot create the global stack pool"),
-        ));
+        let built = match StackPool::new(Config::default()) {
+            Ok(pool) => Box::into_raw(Box::new(pool)),
+            Err(err) => {
+                // Another thread's pool may have been published meanwhile.
+                // SAFETY: as above.
+                if let Some(pool) = unsafe { GLOBAL.load(Ordering::Acquire).as_ref() } {
+                    return pool;
+                }
+                panic!("cannot create the global stack pool: {err}");
+            }
+        };
         match GLOBAL.compare_exchange(ptr::null_mut(), built, Ordering::AcqRel, Ordering::Acquire) {
             // SAFETY: ours, now published and never freed.
             Ok(_) => unsafe { &*built },
@@ -1263,11 +1271,16 @@ mod tests {
     /// sweep may still be unmapping it.
     fn wait_destroyed(id: u64) {
         let start = Instant::now();
-        while !DESTROYED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
-        {
+        // In a fork section, as `destroy` takes the lock: a fork (the
+        // test below forks) waits for it, so no child inherits it held.
+        let destroyed = || {
+            let _section = fork::section();
+            DESTROYED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&id)
+        };
+        while !destroyed() {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "the orphaned pool {id} was not destroyed"
@@ -1355,6 +1368,8 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
+            // SAFETY: alarm only arms a timer; a hang kills the child.
+            unsafe { libc::alarm(10) };
             let destroyed = DESTROYED
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
