@@ -568,17 +568,11 @@ fn raw_thread_stack() -> usize {
         .max(libc::PTHREAD_STACK_MIN)
 }
 
-/// The signal mask the callback thread should run with, where it differs
-/// from the starting thread's: started while the crate holds signals back
-/// on that thread (an exiting thread's unregistration hands its drops over
-/// with every signal blocked), it takes the program's mask of that thread
-/// instead, as it would have inherited anywhere else.
-fn mask_for_callback_thread() -> Option<libc::sigset_t> {
-    crate::registry::mask_outside_blocks()
-}
-
-/// First thing in the callback thread: sets the mask chosen by
-/// `mask_for_callback_thread`.
+/// First thing in the callback thread: sets the mask of the thread that
+/// started it as the program had it, where the crate held signals back on
+/// that thread meanwhile (`registry::mask_outside_blocks`: an exiting
+/// thread's unregistration hands its drops over, and so may start this
+/// thread, with every signal blocked); otherwise the inherited mask stays.
 fn set_callback_thread_mask(mask: Option<libc::sigset_t>) {
     if let Some(mask) = mask {
         // SAFETY: sets the calling thread's mask from a valid sigset.
@@ -588,7 +582,7 @@ fn set_callback_thread_mask(mask: Option<libc::sigset_t>) {
 
 /// The callback thread's entry point when it starts through
 /// `pthread_create` (`start_thread_raw`). `mask` is a leaked
-/// `Box<Option<sigset_t>>` (`mask_for_callback_thread`), taken back here.
+/// `Box<Option<sigset_t>>` (`registry::mask_outside_blocks`), taken back here.
 extern "C" fn raw_callback_thread(mask: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: `start_thread_raw` passes a `Box<Option<sigset_t>>` leaked
     // for this thread alone, and no other code holds it.
@@ -608,11 +602,13 @@ extern "C" fn raw_callback_thread(mask: *mut libc::c_void) -> *mut libc::c_void 
 /// thread start-up (see `IN_FORK_CHILD`).
 #[cold]
 fn start_thread_raw() -> std::io::Result<()> {
-    let mask = Box::into_raw(Box::new(mask_for_callback_thread())).cast::<libc::c_void>();
-    // SAFETY: pthread calls on a local attribute object, initialised
-    // before use and destroyed after; the entry point is an `extern "C"`
-    // function that lives as long as the program and takes `mask` over
-    // (freed below if the thread is not created).
+    let mask =
+        Box::into_raw(Box::new(crate::registry::mask_outside_blocks())).cast::<libc::c_void>();
+    // The attribute object is local, initialised before use and destroyed
+    // after; the entry point is an `extern "C"` function that lives as
+    // long as the program and takes `mask` over (freed below if the
+    // thread is not created).
+    // SAFETY: pthread calls on valid objects, as just said.
     let rc = unsafe {
         let mut attr: libc::pthread_attr_t = std::mem::zeroed();
         let mut rc = libc::pthread_attr_init(&mut attr);
@@ -646,7 +642,7 @@ fn start_thread() -> std::io::Result<()> {
     if IN_FORK_CHILD.load(Ordering::Relaxed) {
         return start_thread_raw();
     }
-    let mask = mask_for_callback_thread();
+    let mask = crate::registry::mask_outside_blocks();
     let spawned = std::thread::Builder::new()
         .name("vmtask-rcu-callbacks".into())
         .spawn(move || {
