@@ -24,6 +24,14 @@ struct Slot<T> {
 }
 
 /// One `T` per possible CPU, each on its own cache line(s).
+///
+/// Shared between threads only for `T: Send` (each value is reached by one
+/// thread at a time, as in a `Mutex`):
+///
+/// ```compile_fail,E0277
+/// fn sync<T: Sync>(_: &T) {}
+/// sync(&vmtask_percpu::PerCpu::new(|_| std::rc::Rc::new(0u64)));
+/// ```
 pub struct PerCpu<T> {
     slots: Box<[CachePadded<Slot<T>>]>,
 }
@@ -140,6 +148,16 @@ impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
 }
 
 /// Exclusive access to one CPU's slot; unlocks on drop.
+///
+/// It stays on the thread that took it (`!Send`), like a `MutexGuard`:
+///
+/// ```compile_fail,E0277
+/// let slots = vmtask_percpu::PerCpu::new(|_| 0u64);
+/// let guard = slots.lock(0);
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(guard));
+/// });
+/// ```
 pub struct SlotGuard<'a, T> {
     slot: &'a Slot<T>,
     cpu: usize,

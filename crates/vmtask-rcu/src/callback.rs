@@ -775,9 +775,11 @@ unsafe fn queue_node(node: *mut RcuHead, count: u64) {
 /// # Safety
 /// - `head` points to a valid `RcuHead` that is not queued, and stays
 ///   valid and untouched until `f` is called with it;
-/// - `f(head)` is sound to call on another thread once every read-side
-///   section that began before this call has ended (the object must be
-///   `Send` in spirit).
+/// - `f(head)` is sound to call once every read-side section that began
+///   before this call has ended, on any thread (the object must be `Send`
+///   in spirit): usually the callback thread, but also any thread waiting
+///   in [`barrier`], the caller's own included, in the middle of that
+///   call. Never inside a read-side section.
 pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
     // SAFETY: the caller owns the head until the callback.
     unsafe { *(*head).func.get() = Some(f) };
@@ -886,8 +888,15 @@ pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
 /// [`defer_drop`].
 ///
 /// # Safety
-/// `drop_fn(data)` must be sound to call once, on another thread, once
-/// every read-side section that began before this call has ended.
+/// `drop_fn(data)` must be sound to call once, once every read-side
+/// section that began before this call has ended, on any thread. That is
+/// usually *this* thread, in the middle of one of its later calls that
+/// defer (`defer_raw`, [`defer_drop`], [`RcuCell`](crate::RcuCell)'s
+/// `store`, `compare_and_store` and drop, [`Retired`](crate::Retired)'s
+/// drop): a `drop_fn` must not need state that such a call's caller holds
+/// borrowed (a `RefCell` borrowed across it, a `&mut` to a thread-local).
+/// It may also run on the callback thread or on any thread waiting in
+/// [`barrier`]; never inside a read-side section.
 pub unsafe fn defer_raw(data: *mut (), drop_fn: unsafe fn(*mut ())) {
     let Some(slot) = crate::registry::current_for_bag() else {
         return defer_one(data, drop_fn);
@@ -1278,7 +1287,10 @@ pub fn barrier_allowed() -> bool {
 
 /// Waits until every callback queued (by any thread) before this call has
 /// been invoked (`rcu_barrier`), and every object deferred before it has
-/// been dropped. Callbacks queued by those callbacks may still be pending.
+/// been dropped. Callbacks queued by those callbacks may still be pending,
+/// and so may drops deferred by those drops (the values of `RcuCell`s
+/// inside a dropped object, one level per grace period, unless its drop
+/// takes them: [`RcuCell::take_unchecked`](crate::RcuCell::take_unchecked)).
 ///
 /// While it waits, the calling thread helps run callbacks whose grace
 /// period has passed (any thread's): they see this thread's thread-locals,

@@ -33,9 +33,25 @@ use crate::ReadGuard;
 /// `T: Send + Sync`: moving it to another thread would otherwise share a
 /// `!Sync` value between threads.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// fn send<T: Send>(_: T) {}
 /// send(vmtask_rcu::RcuCell::new(Some(Box::new(std::cell::Cell::new(0u64)))));
+/// ```
+///
+/// ```compile_fail,E0277
+/// fn sync<T: Sync>(_: &T) {}
+/// sync(&vmtask_rcu::RcuCell::new(Some(Box::new(std::cell::Cell::new(0u64)))));
+/// ```
+///
+/// A loaded reference does not outlive its guard:
+///
+/// ```compile_fail,E0597
+/// let cell = vmtask_rcu::RcuCell::new(Some(Box::new(1u64)));
+/// let value = {
+///     let guard = vmtask_rcu::read_lock();
+///     cell.load(&guard)
+/// };
+/// assert_eq!(value, Some(&1));
 /// ```
 pub struct RcuCell<T: Send + 'static> {
     ptr: AtomicPtr<T>,
@@ -85,6 +101,62 @@ impl<T: Send + 'static> RcuCell<T> {
         if let Some(old) = unsafe { from_ptr(old) } {
             crate::defer_drop(old);
         }
+    }
+
+    /// Takes the value out with no grace period, leaving the cell empty:
+    /// for a cell no reader can reach any more, such as the cells inside
+    /// an object that RCU itself is dropping.
+    ///
+    /// An object dropped through [`store`](Self::store), the cell's drop or
+    /// [`defer_drop`](crate::defer_drop) is dropped a grace period after it
+    /// was unpublished, and the objects reachable only through its own
+    /// cells went unreachable with it: its drop may free them at once. The
+    /// cell's own drop cannot know that, and defers its value by another
+    /// grace period, so a linked structure would be freed one level per
+    /// grace period ([`barrier`](crate::barrier) waits for one level only).
+    /// Take the values instead, in a loop rather than by recursion, which
+    /// a long list would overflow the stack with:
+    ///
+    /// ```
+    /// use vmtask_rcu::RcuCell;
+    ///
+    /// struct Node {
+    ///     next: RcuCell<Node>,
+    /// }
+    ///
+    /// impl Drop for Node {
+    ///     fn drop(&mut self) {
+    ///         // SAFETY: a node is dropped only once no reader can reach it
+    ///         // (a published node by RCU, a grace period after it was
+    ///         // unpublished), and its successors were reachable only
+    ///         // through it.
+    ///         let mut next = unsafe { self.next.take_unchecked() };
+    ///         while let Some(mut node) = next {
+    ///             // SAFETY: as above; `node` is dropped with an empty cell.
+    ///             next = unsafe { node.next.take_unchecked() };
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let mut list = None;
+    /// for _ in 0..100_000 {
+    ///     list = Some(Box::new(Node { next: RcuCell::new(list) }));
+    /// }
+    /// let head = RcuCell::new(list);
+    /// head.store(None);
+    /// vmtask_rcu::barrier(); // the whole list has been dropped
+    /// ```
+    ///
+    /// # Safety
+    /// No reader may hold a reference into the value: no read-side section
+    /// that could have reached this cell is still running (a grace period
+    /// has passed since the cell was last reachable by readers, or it
+    /// never was).
+    pub unsafe fn take_unchecked(&mut self) -> Option<Box<T>> {
+        let old = std::mem::replace(self.ptr.get_mut(), ptr::null_mut());
+        // SAFETY: owned by the cell, which `&mut self` keeps from any
+        // writer; no reader holds it (the caller's contract).
+        unsafe { from_ptr(old) }
     }
 
     /// Publishes `value` and returns the old one once a grace period has
@@ -153,7 +225,9 @@ impl<T: Send + 'static> RcuCell<T> {
 
 /// The cell's last value is dropped after a grace period, through
 /// [`defer_drop`](crate::defer_drop), whose caveats apply: drops deferred
-/// earlier by this thread may run inside the cell's drop.
+/// earlier by this thread may run inside the cell's drop. Cells inside an
+/// object that RCU drops add a grace period per level unless that object's
+/// drop takes their values ([`RcuCell::take_unchecked`]).
 impl<T: Send + 'static> Drop for RcuCell<T> {
     fn drop(&mut self) {
         // Readers may hold `&'g T` from `load` beyond the cell's own

@@ -9,10 +9,28 @@ use crate::registry::{self, LOCAL};
 /// Proof that the current thread is in a read-side critical section;
 /// ends the section (or one nesting level) when dropped.
 ///
-/// Neither `Send` nor `Sync`: the section belongs to the thread. Guards
+/// Neither `Send` nor `Sync`: the section belongs to the thread.
+///
+/// ```compile_fail,E0277
+/// fn send<T: Send>(_: T) {}
+/// send(vmtask_rcu::read_lock());
+/// ```
+///
+/// ```compile_fail,E0277
+/// fn sync<T: Sync>(_: &T) {}
+/// sync(&vmtask_rcu::read_lock());
+/// ```
+///
+/// Guards
 /// count: the section ends when the last guard of the thread is dropped,
 /// in whatever order they go. The guard itself is empty; the section's
 /// state is in the thread's reader.
+///
+/// A guard that is never dropped (leaked with `mem::forget`, or alive in
+/// a coroutine that is never resumed) keeps its thread in the section:
+/// every later grace period waits for it, forever, so `synchronize`,
+/// `barrier` and the deferred frees stop. A grace period that has waited
+/// a second says so on stderr, once per process.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct ReadGuard {
     /// A raw pointer, so the guard is `!Send` and `!Sync`.

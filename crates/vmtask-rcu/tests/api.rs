@@ -10,6 +10,14 @@ mod child;
 use child::in_child;
 
 #[test]
+fn cells_of_shareable_values_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RcuCell<u64>>();
+    send_sync::<RcuCell<Vec<String>>>();
+    send_sync::<Stats>();
+}
+
+#[test]
 fn the_guard_is_empty() {
     // The section's state is in the thread's reader; nothing to carry.
     assert_eq!(std::mem::size_of::<ReadGuard>(), 0);
@@ -526,6 +534,61 @@ fn compare_and_store_refuses_zero_sized_values() {
     let stale = cell.load(&g);
     cell.store(Some(Box::new(())));
     let _ = cell.compare_and_store(stale, None);
+}
+
+/// A list linked through `RcuCell`s whose nodes take their successors in
+/// their drop: one grace period for the whole list, not one per node
+/// (review finding: 10,000 barriers freed 11,061 nodes of 200,000), and no
+/// recursion as deep as the list.
+#[test]
+fn a_list_whose_drop_takes_its_cells_is_freed_within_one_barrier() {
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+    struct Node {
+        next: RcuCell<Node>,
+    }
+    impl Drop for Node {
+        fn drop(&mut self) {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: a node is dropped a grace period after it became
+            // unreachable (or never was reachable), and so were the
+            // nodes behind it.
+            let mut next = unsafe { self.next.take_unchecked() };
+            while let Some(mut node) = next {
+                // SAFETY: as above.
+                next = unsafe { node.next.take_unchecked() };
+            }
+        }
+    }
+    const NODES: usize = 200_000;
+    let mut list = None;
+    for _ in 0..NODES {
+        list = Some(Box::new(Node {
+            next: RcuCell::new(list),
+        }));
+    }
+    let head = RcuCell::new(list);
+    let reader = HeldReader::start();
+    head.store(None);
+    std::thread::sleep(HOLD_FOR);
+    assert_eq!(
+        DROPPED.load(Ordering::Relaxed),
+        0,
+        "a node was dropped under a reader that began before the list was unpublished"
+    );
+    reader.release();
+    barrier();
+    assert_eq!(DROPPED.load(Ordering::Relaxed), NODES);
+}
+
+#[test]
+fn take_unchecked_empties_the_cell() {
+    let mut cell = RcuCell::new(Some(Box::new(7u32)));
+    // SAFETY: the cell was never shared with a reader.
+    assert_eq!(unsafe { cell.take_unchecked() }.as_deref(), Some(&7));
+    // SAFETY: as above.
+    assert!(unsafe { cell.take_unchecked() }.is_none());
+    let g = read_lock();
+    assert!(cell.load(&g).is_none());
 }
 
 #[test]

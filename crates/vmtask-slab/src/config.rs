@@ -104,7 +104,11 @@ impl Config {
             return Err(invalid(
                 "slab_bytes",
                 self.slab_bytes,
-                format!("at most {} objects per slab", u32::MAX),
+                format!(
+                    "at most {} bytes: room for at most {} objects of {slot_bytes} bytes per slab",
+                    u32::MAX as usize * slot_bytes,
+                    u32::MAX
+                ),
             ));
         }
         if self.max_bytes < self.slab_bytes {

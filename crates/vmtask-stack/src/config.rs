@@ -177,11 +177,11 @@ impl Layout {
         // Each size alone, rounded up to pages, must fit in the address
         // space (checked: a rounding that wrapped would give 0, a stack
         // without memory or without a guard).
-        let fits = |n: usize| sys::checked_page_ceil(n).filter(|&n| n <= USER_ADDRESS_SPACE);
+        let fits = |n: usize| sys::checked_page_ceil(n).filter(|&n| n < USER_ADDRESS_SPACE);
         let too_big = |field, n: usize| {
             invalid(
                 field,
-                format!("is {n} bytes, more than the {USER_SPACE_TIB} TiB user address space"),
+                format!("is {n} bytes; it must be less than the {USER_SPACE_TIB} TiB user address space"),
             )
         };
         let Some(stack_size) = fits(config.stack_size) else {
@@ -190,9 +190,9 @@ impl Layout {
         let Some(guard_size) = fits(config.guard_size) else {
             return too_big("guard_size", config.guard_size);
         };
-        // Both at most 2^47: no overflow.
+        // Both below 2^47: no overflow.
         let slot_size = stack_size + guard_size;
-        if slot_size > USER_ADDRESS_SPACE {
+        if slot_size >= USER_ADDRESS_SPACE {
             // Name the larger of the two: the one to make smaller.
             let (field, size, other, other_size) = if guard_size > stack_size {
                 ("guard_size", guard_size, "stack", stack_size)
@@ -202,21 +202,21 @@ impl Layout {
             return invalid(
                 field,
                 format!(
-                    "is {size} bytes, and with the {other_size}-byte {other} exceeds the {USER_SPACE_TIB} TiB user address space"
+                    "is {size} bytes, and with the {other_size}-byte {other} does not fit below the {USER_SPACE_TIB} TiB user address space"
                 ),
             );
         }
         if slot_size
             .checked_mul(config.max_stacks)
-            .is_none_or(|total| total > USER_ADDRESS_SPACE)
+            .is_none_or(|total| total >= USER_ADDRESS_SPACE)
         {
             return invalid(
                 "max_stacks",
                 format!(
-                    "is {}: that many slots of {} KiB (stack_size + guard_size) do not fit in the {USER_SPACE_TIB} TiB user address space (at most {})",
+                    "is {}: that many slots of {} KiB (stack_size + guard_size) do not fit below the {USER_SPACE_TIB} TiB user address space (at most {})",
                     config.max_stacks,
                     slot_size / 1024,
-                    USER_ADDRESS_SPACE / slot_size
+                    (USER_ADDRESS_SPACE - 1) / slot_size
                 ),
             );
         }
@@ -326,6 +326,27 @@ mod tests {
                     stack_size: 1 << 47,
                     guard_size: 1,
                     max_stacks: 1,
+                    ..Config::default()
+                },
+            ),
+            // Halves that add up to the whole space: no mapping can hold
+            // it (review finding: accepted, then refused by `mmap` at the
+            // first `alloc`).
+            (
+                "stack_size",
+                Config {
+                    stack_size: 1 << 46,
+                    guard_size: 1 << 46,
+                    max_stacks: 1,
+                    ..Config::default()
+                },
+            ),
+            (
+                "max_stacks",
+                Config {
+                    stack_size: (1 << 46) - 4096,
+                    guard_size: 4096,
+                    max_stacks: 2,
                     ..Config::default()
                 },
             ),

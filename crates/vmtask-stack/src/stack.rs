@@ -84,13 +84,13 @@ impl Drop for Stack {
 
 impl fmt::Debug for Stack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Stack({:p}..{:p}, {} bytes)",
-            self.base(),
-            self.limit(),
-            self.size()
-        )
+        // Lowest address first, as a Rust range reads (the overflow report
+        // keeps the issue's `base..limit` order, top first).
+        f.debug_struct("Stack")
+            .field("limit", &self.limit())
+            .field("base", &self.base())
+            .field("size", &self.size())
+            .finish()
     }
 }
 

@@ -13,6 +13,27 @@ use common::{
     page, populate_supported, rerun_in_child, resident_pages, two_cpus,
 };
 
+/// The promise: a pool may be shared by `Arc`, and a stack may
+/// move to the thread that runs it.
+#[test]
+fn pools_and_stacks_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<StackPool>();
+    send_sync::<vmtask_stack::Stack>();
+    send_sync::<StackError>();
+}
+
+#[test]
+fn stack_debug_lists_the_range_lowest_address_first() {
+    let pool = StackPool::new(Config::default()).unwrap();
+    let stack = pool.alloc().unwrap();
+    let text = format!("{stack:?}");
+    let limit = text.find("limit").expect(&text);
+    let base = text.find("base").expect(&text);
+    assert!(limit < base, "{text}");
+    assert!(text.contains(&format!("{:p}", stack.limit())), "{text}");
+}
+
 #[test]
 fn stack_geometry_matches_config() {
     let pool = StackPool::new(Config {
