@@ -843,7 +843,12 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// takes a lock the deferring thread may hold while it calls `defer_drop`;
 /// give those to [`call`], whose callbacks never run inside the call that
 /// queued them (they run on the callback thread or a thread waiting in
-/// [`barrier`]).
+/// [`barrier`]). That later `defer_drop` may come from one of the thread's
+/// own thread-local destructors (a structure that retires its nodes as it
+/// is dropped), where thread-locals destroyed before it are gone: a `Drop`
+/// of a deferred object that uses a thread-local should reach it with
+/// `try_with`, or `with` panics there and the object leaks (the panic is
+/// caught and reported).
 ///
 /// Memory stays bounded because a thread keeps at most 64 full batches
 /// (8,064 objects) waiting: past that, `defer_drop` waits for a grace
@@ -1108,11 +1113,14 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
     let cpu = cpu();
     let mut queued = Vec::new();
     let mut runs = Vec::new();
-    let mut flush = |last: &mut std::collections::HashMap<usize, (u64, Instant)>| {
+    let mut flush = |mut last: Option<&mut std::collections::HashMap<usize, (u64, Instant)>>| {
         // Queued inside the steal (see `steal`); the wake-up and the
         // backlog check, which may block, come after it.
         let queue = |bag| queued.push(push_bag(cpu, bag));
         crate::bag::steal(queue, all.then_some(&mut runs), |slot| {
+            let Some(last) = last.as_deref_mut() else {
+                return true;
+            };
             let key = slot as *const crate::registry::Slot as usize;
             let filled = slot.bag.filled();
             let seen = last.entry(key).or_insert((filled, now));
@@ -1122,13 +1130,19 @@ fn flush_bags(all: bool) -> Vec<crate::bag::RunInProgress> {
             all || now.duration_since(seen.1) >= IDLE_AFTER
         });
     };
-    if LAST_FILLED
-        .try_with(|last| flush(&mut last.borrow_mut()))
+    if !on_callback_thread() {
+        // `barrier`, which takes every bag: no idle tracking, and so no
+        // map, which a `barrier` from a pthread-key destructor (past the
+        // thread's Rust destructors) would create and leak (review
+        // finding).
+        debug_assert!(all, "only the callback thread looks for idle bags");
+        flush(None);
+    } else if LAST_FILLED
+        .try_with(|last| flush(Some(&mut last.borrow_mut())))
         .is_err()
     {
-        // `barrier` from a thread-local destructor after the map's: a
-        // fresh map sees no thread idle yet, which only `all` overrides.
-        flush(&mut std::collections::HashMap::new());
+        // Past the map's destructor: a fresh map sees no thread idle yet.
+        flush(Some(&mut std::collections::HashMap::new()));
     }
     for (before, count) in queued {
         after_queue(before, count);

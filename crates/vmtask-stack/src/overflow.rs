@@ -692,30 +692,9 @@ fn arm() {
 
 /// The pthread key whose destructor, [`put_alt_stack`], takes back a
 /// thread's alternate stack of ours; its value is the stack's mapping.
-/// Not a `OnceLock`: a fork while another thread creates the key would
-/// leave the child one that never completes. Threads that race here each
-/// create a key; the first published wins and the others delete theirs.
 fn exit_key() -> Option<libc::pthread_key_t> {
-    /// The key + 1, or 0 before it is created.
     static KEY: AtomicUsize = AtomicUsize::new(0);
-    let published = KEY.load(Ordering::Acquire);
-    if published != 0 {
-        return Some((published - 1) as libc::pthread_key_t);
-    }
-    let mut key = 0;
-    // SAFETY: `put_alt_stack` has the destructor signature and accepts
-    // any value `arm` sets.
-    if unsafe { libc::pthread_key_create(&mut key, Some(put_alt_stack)) } != 0 {
-        return None;
-    }
-    match KEY.compare_exchange(0, key as usize + 1, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => Some(key),
-        Err(winner) => {
-            // SAFETY: our own key, which no thread has a value for.
-            unsafe { libc::pthread_key_delete(key) };
-            Some((winner - 1) as libc::pthread_key_t)
-        }
-    }
+    sys::lazy_key(&KEY, put_alt_stack)
 }
 
 /// Alternate stacks of exited threads, for the next threads to take: a

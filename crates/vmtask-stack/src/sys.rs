@@ -199,6 +199,36 @@ fn membarrier(cmd: libc::c_int) -> bool {
 /// Registers `child` as a `pthread_atfork` child handler, once per
 /// process (see `vmtask_percpu::register_fork_handlers`): `child` must
 /// tolerate running twice.
+/// The pthread key kept in `slot` (the key + 1, or 0 before it is made),
+/// made on first use with `destructor`; `None` if the process has no key
+/// left (the next call tries again). Not a `OnceLock`: a fork while
+/// another thread creates the key would leave the child one that never
+/// completes. Threads that race here each create a key; the first
+/// published wins and the others delete theirs.
+pub(crate) fn lazy_key(
+    slot: &AtomicUsize,
+    destructor: extern "C" fn(*mut libc::c_void),
+) -> Option<libc::pthread_key_t> {
+    let published = slot.load(Ordering::Acquire);
+    if published != 0 {
+        return Some((published - 1) as libc::pthread_key_t);
+    }
+    let mut key = 0;
+    // SAFETY: `key` is a valid out-pointer; `destructor` has the
+    // destructor signature and lives for the whole program.
+    if unsafe { libc::pthread_key_create(&mut key, Some(destructor)) } != 0 {
+        return None;
+    }
+    match slot.compare_exchange(0, key as usize + 1, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(key),
+        Err(winner) => {
+            // SAFETY: our own key, which no thread has a value for.
+            unsafe { libc::pthread_key_delete(key) };
+            Some((winner - 1) as libc::pthread_key_t)
+        }
+    }
+}
+
 pub(crate) fn register_fork_child_handler(state: &AtomicU64, child: extern "C" fn()) {
     vmtask_percpu::register_fork_handlers(state, None, None, Some(child));
 }

@@ -30,6 +30,15 @@
 //! - When the thread's list is destroyed at thread exit it clears the cache
 //!   first; hits counted after that (from other thread-local destructors)
 //!   go to `retired` with an atomic add.
+//! - A thread whose first use of a pool comes from a pthread-key
+//!   destructor is past its Rust thread-local destructors (glibc runs those
+//!   first): the list's destructor would never run, and the pool would
+//!   count the thread's parked stack as cached forever (review finding:
+//!   20,000 such threads carved 20,000 slots). So registering a record
+//!   also sets a pthread key, whose destructor ([`drop_owned_at_exit`])
+//!   empties the list if its own destructor has not run, as vmtask-rcu's
+//!   registration backstop does. Only a first use in glibc's last round of
+//!   key destructors (the fourth) escapes it.
 //!
 //! The same per-thread record holds the thread's *parked* stack: the last
 //! stack it freed to this pool, kept for its next allocation (plain loads
@@ -83,6 +92,42 @@ impl Drop for Owned {
         // The tallies may die with this list; later hits must not use them.
         CURRENT_ID.set(0);
         CURRENT_TALLY.set(ptr::null());
+    }
+}
+
+/// The destructor of the pthread key that `Tallies::select` sets with each
+/// record it registers (see the module header): empties the thread's list
+/// of records, if it is still alive, as its own destructor would have.
+/// After `Owned::drop` the list is gone and this does nothing.
+extern "C" fn drop_owned_at_exit(_armed: *mut libc::c_void) {
+    CURRENT_ID.set(0);
+    CURRENT_TALLY.set(ptr::null());
+    let records = OWNED
+        .try_with(|owned| {
+            owned
+                .0
+                .try_borrow_mut()
+                .map(|mut records| std::mem::take(&mut *records))
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    // The pools see these threads' records as exited ones (only the pool
+    // side holds them now) and take their parked stacks back.
+    drop(records);
+}
+
+/// Sets the calling thread's value of the backstop key, so that
+/// [`drop_owned_at_exit`] runs when it exits (after its thread-local
+/// destructors, and in the next round of key destructors if this runs in
+/// one). Without a key left the thread goes on as before: only a thread
+/// whose first use of a pool is in a key destructor then keeps its
+/// parked stack.
+fn arm_backstop() {
+    static KEY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if let Some(key) = crate::sys::lazy_key(&KEY, drop_owned_at_exit) {
+        // Any non-null value: glibc calls the destructor only for those.
+        // SAFETY: a key of ours; the value is never dereferenced.
+        unsafe { libc::pthread_setspecific(key, ptr::dangling::<u8>().cast()) };
     }
 }
 
@@ -288,6 +333,7 @@ impl Tallies {
                         let tally = Arc::new(Tally::default());
                         self.register(Arc::clone(&tally));
                         owned.push((self.id, Arc::clone(&tally)));
+                        arm_backstop();
                         tally
                     }
                 };
