@@ -9,8 +9,8 @@ use vmtask_stack::{Config, GuardMode, StackError, StackPool};
 
 mod common;
 use common::{
-    alloc_until_error, assert_enomem, batch_populate_supported, home, limit_address_space, on_cpu,
-    page, populate_supported, rerun_in_child, resident_pages, two_cpus,
+    alloc_until_error, assert_enomem, home, limit_address_space, on_cpu, page, populate_supported,
+    rerun_in_child, resident_pages, two_cpus,
 };
 
 /// The promise: a pool may be shared by `Arc`, and a stack may
@@ -435,18 +435,20 @@ fn a_fresh_stack_has_no_memory_or_with_populate_top_its_top_page() {
         }
         assert_eq!(pool.stats().slots_carved, 41);
         // Fresh slots have their top pages populated eight at a time, when
-        // the first of them is carved (with guard markers, where the kernel
-        // batches the call): the 41st stack's carve did the next seven, and
-        // no more.
+        // the first of them is carved (with guard markers; in one call where
+        // the kernel batches it, one call a page where it cannot): the 41st
+        // stack's carve did the next seven, and no more. (Review finding:
+        // this expected none ahead without batching, which valgrind, whose
+        // `process_madvise` is ENOSYS, showed wrong.)
         let last = stacks[40].base() as usize;
         let stride = last - stacks[39].base() as usize;
         let ahead: Vec<usize> = (1..=8)
             .map(|k| resident_pages(last + k * stride - page(), page()))
             .collect();
         let batched = populate_top
+            && populate_supported()
             && guard_mode == GuardMode::Auto
-            && pool.guard_mode() == GuardMode::GuardMarker
-            && batch_populate_supported();
+            && pool.guard_mode() == GuardMode::GuardMarker;
         let mut expected = vec![usize::from(batched); 7];
         expected.push(0);
         assert_eq!(

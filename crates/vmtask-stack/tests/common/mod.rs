@@ -70,56 +70,6 @@ pub fn populate_supported() -> bool {
     }
 }
 
-/// Whether this kernel populates several ranges of our own memory with one
-/// `process_madvise(MADV_POPULATE_WRITE)` (Linux 6.13+), probed on two
-/// scratch pages a page apart.
-pub fn batch_populate_supported() -> bool {
-    if !populate_supported() {
-        return false;
-    }
-    // SAFETY: a fresh anonymous mapping of three pages, ours until the
-    // munmap below; the iovecs describe two of its pages; the pidfd is
-    // closed below.
-    unsafe {
-        let len = 3 * page();
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        // No huge page may back the scratch pages (the count below would
-        // then see all three).
-        libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0);
-        let iov = [0, 2].map(|i| libc::iovec {
-            iov_base: p.cast::<u8>().add(i * page()).cast(),
-            iov_len: page(),
-        });
-        let done = pidfd >= 0
-            && libc::syscall(
-                libc::SYS_process_madvise,
-                pidfd,
-                iov.as_ptr(),
-                2,
-                libc::MADV_POPULATE_WRITE,
-                0,
-            ) == 2 * page() as libc::c_long;
-        let resident = [0, 2]
-            .iter()
-            .map(|&i| resident_pages(p as usize + i * page(), page()))
-            .sum::<usize>();
-        if pidfd >= 0 {
-            libc::close(pidfd as libc::c_int);
-        }
-        libc::munmap(p, len);
-        done && resident == 2
-    }
-}
-
 /// The variable that tells a test binary re-run by [`run_child`] that it
 /// is the child; its value names the test.
 pub const CHILD: &str = "VMTASK_STACK_CHILD";
