@@ -7,6 +7,14 @@
 //! - flusher: `steal = 1`; heavy barrier (membarrier: a full fence on every
 //!   CPU running the owner); wait while `busy` (acquire); own the data
 //!   until `steal = 0` (release).
+//!
+//! Only the owner sets `busy`, and it is clear whenever the owner is
+//! outside: an owner that finds it set has re-entered itself, from a
+//! signal handler that interrupted its push (`defer_drop` is not
+//! async-signal-safe). Going on would hand it a second `&mut` to the bags
+//! and clear `busy` under the interrupted push (review finding: a bag's
+//! length ran past its capacity, then glibc reported a corrupted heap), so
+//! it aborts with a message instead, for the price of one load.
 
 use crate::gp::{reader_barrier, FenceMode};
 use crate::sync::{AtomicBool, Ordering};
@@ -28,6 +36,9 @@ impl Handoff {
     /// `owner_exit` when done.
     #[inline(always)]
     pub(crate) fn owner_enter(&self, mode: FenceMode) -> bool {
+        if self.busy.load(Ordering::Relaxed) {
+            reentered();
+        }
         self.busy.store(true, Ordering::Relaxed);
         reader_barrier(mode);
         if self.steal.load(Ordering::Acquire) {
@@ -83,6 +94,17 @@ impl Handoff {
         self.busy.store(false, Ordering::Relaxed);
         self.steal.store(false, Ordering::Relaxed);
     }
+}
+
+/// An owner found its own `busy` set (see the module header).
+#[cold]
+#[inline(never)]
+fn reentered() -> ! {
+    crate::sync::warn(format_args!(
+        "vmtask_rcu: defer_drop (or defer_raw, or an RcuCell write) re-entered on one thread, \
+         from a signal handler that interrupted it: they are not async-signal-safe; aborting"
+    ));
+    std::process::abort();
 }
 
 #[cfg(all(loom, test))]

@@ -41,6 +41,16 @@
 //! - **Misuse is loud.** `synchronize`, `barrier` and [`RcuCell::swap`]
 //!   inside a read-side section would deadlock; they panic instead.
 //!
+//! Signal handlers: only [`read_lock`] and dropping its guard are
+//! async-signal-safe, on a thread that has taken a read lock before (see
+//! [`read_lock`]). The rest takes locks or allocates, or owns the thread's
+//! batches while it runs: `synchronize`, `barrier`, `call`,
+//! `call_intrusive`, `defer_drop`, `defer_raw`, the writes of [`RcuCell`]
+//! and [`stats`] must not run in a handler that may interrupt the same
+//! thread inside one of them. Where a re-entry would corrupt the batches
+//! (`defer_drop` and the cell writes interrupted inside their push), it
+//! aborts with a message; elsewhere it may deadlock.
+//!
 //! Threads register as readers on first use and unregister when they exit.
 //! After `fork`, the child starts clean: callbacks queued before the fork
 //! still run in the child, and so do the deferred drops other threads had

@@ -49,7 +49,12 @@ pub struct ReadGuard {
 /// while the thread registers and unregisters, and while a thread past
 /// its registration (in its thread-local destructors) opens or closes a
 /// section in a temporary slot, which takes the registry lock: a handler
-/// that interrupts any of these runs once it is done.
+/// that interrupts any of these runs once it is done. On such a thread,
+/// past its registration, a handler's read lock takes the registry lock
+/// too: it deadlocks if it interrupts that thread inside `synchronize`,
+/// `barrier` or a deferral (which take that lock without blocking
+/// signals), so do not take read locks in signal handlers of threads that
+/// call those from their thread-local destructors.
 #[inline]
 pub fn read_lock() -> ReadGuard {
     LOCAL.with(|local| {

@@ -32,6 +32,15 @@
 //!   or the kernel runs out.
 //! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
 //!   reservation.
+//! - Pools are not async-signal-safe, as `malloc` is not: `alloc`, the free
+//!   of a [`Stack`], `trim` and `stats` must not run in a signal handler
+//!   that may interrupt the same thread inside one of them (they share the
+//!   thread's parked stack and the CPU's magazine with plain loads and
+//!   stores, and their slow paths take locks). An `alloc` re-entered
+//!   inside the interrupted one's take of the parked stack aborts with a
+//!   message, rather than hand one stack to two owners; other re-entries
+//!   can deadlock or lose a stack. Only the overflow report runs in a
+//!   handler, and it is async-signal-safe.
 //! - A `fork` child may go on using a pool that other threads were using at
 //!   the fork: the fork waits for their slow paths (which take the pool's
 //!   locks) to finish, and a magazine that a fast-path push or pop held

@@ -149,10 +149,19 @@ impl Parked {
 
     /// Owner: takes the parked stack (null if none, or if a taker is at
     /// work, which the caller treats as none).
+    ///
+    /// `busy` is clear whenever the owner is outside: set, the owner has
+    /// re-entered itself from a signal handler that interrupted its
+    /// `unpark` (`alloc` is not async-signal-safe), and both calls could
+    /// take the same stack (review finding: two owners of one stack). One
+    /// load turns that into an abort with a message.
     #[inline]
     pub(crate) fn unpark(&self) -> *mut u8 {
         let mark = BUSY_MARK.get();
         debug_assert_eq!(mark, busy_mark(), "unpark before refresh_busy_mark");
+        if self.busy.load(Ordering::Relaxed) != 0 {
+            reentered();
+        }
         self.busy.store(mark, Ordering::Relaxed);
         owner_barrier();
         // Acquire: reading a taker's final `steal = 0` makes its swap of
@@ -205,6 +214,17 @@ impl Parked {
         self.steal.store(false, Ordering::Release);
         top
     }
+}
+
+/// An owner found its own `busy` set (see `Parked::unpark`).
+#[cold]
+#[inline(never)]
+fn reentered() -> ! {
+    vmtask_percpu::warn(format_args!(
+        "vmtask_stack: StackPool::alloc re-entered on one thread, from a signal handler that \
+         interrupted it: pools are not async-signal-safe; aborting"
+    ));
+    std::process::abort();
 }
 
 fn spin() {
