@@ -501,12 +501,13 @@ const RUNNING: u8 = 2;
 ///
 /// # Panics
 /// If the thread cannot be spawned (without it no memory would ever be
-/// reclaimed), except on a thread that is exiting, where a panic would
-/// abort the process: there the work stays queued for the next caller,
-/// who tries again.
+/// reclaimed), except on a thread that is exiting or unwinding from a
+/// panic (an `RcuCell` dropped on the way out), where a panic would abort
+/// the process: there the work stays queued for the next caller, who
+/// tries again.
 fn ensure_thread() {
     if let Err(err) = try_ensure_thread() {
-        if !crate::registry::exiting() {
+        if !crate::registry::exiting() && !std::thread::panicking() {
             panic!("vmtask_rcu: cannot start the callback thread: {err}");
         }
     }
@@ -816,6 +817,12 @@ pub unsafe fn call_intrusive(head: *mut RcuHead, f: unsafe fn(*mut RcuHead)) {
 /// vmtask_rcu::barrier(); // waits for the callback
 /// assert!(done.load(Ordering::Relaxed));
 /// ```
+///
+/// # Panics
+/// If the callback thread cannot be started (the system refuses a new
+/// thread: `RLIMIT_NPROC`, no memory), as nothing could then run the work
+/// queued; except on a thread that is exiting or unwinding from a panic,
+/// where the work stays queued for the next call, which tries again.
 pub fn call<F: FnOnce() + Send + 'static>(f: F) {
     let node = Box::into_raw(Box::new(CallNode {
         head: RcuHead::new(),
@@ -877,6 +884,12 @@ pub fn call<F: FnOnce() + Send + 'static>(f: F) {
 /// vmtask_rcu::barrier(); // every deferred drop has run
 /// assert_eq!(DROPPED.load(Ordering::Relaxed), 1000);
 /// ```
+///
+/// # Panics
+/// If the callback thread cannot be started (the system refuses a new
+/// thread: `RLIMIT_NPROC`, no memory), as nothing could then run the work
+/// queued; except on a thread that is exiting or unwinding from a panic,
+/// where the work stays queued for the next call, which tries again.
 pub fn defer_drop<T: Send + 'static>(value: Box<T>) {
     /// # Safety
     /// `data` is a `Box<T>` leaked with `Box::into_raw`, dropped once.

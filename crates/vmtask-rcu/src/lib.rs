@@ -66,6 +66,12 @@
 //! destructor) takes a temporary one: both still hold grace periods, and
 //! [`in_read_section`] and the misuse panics see them.
 //!
+//! A kernel that offers `membarrier` and accepts its registration, but
+//! then refuses a barrier (a seccomp filter that lets the query and the
+//! registration through), aborts the process with a message: readers skip
+//! their fences because of that barrier, and going on without it could
+//! free memory under a reader.
+//!
 //! Known limits: callbacks and drops in flight in another thread at the
 //! moment of a `fork` (being queued, run, or added to its batch) are lost
 //! in the child (never run; the parent is unaffected), and so are those

@@ -8,6 +8,14 @@ mod child;
 use child::in_child;
 
 static RAN: AtomicBool = AtomicBool::new(false);
+static DROPPED: AtomicBool = AtomicBool::new(false);
+
+struct Flagged;
+impl Drop for Flagged {
+    fn drop(&mut self) {
+        DROPPED.store(true, Ordering::SeqCst);
+    }
+}
 
 #[test]
 fn a_failed_start_of_the_callback_thread_is_reported_and_retried() {
@@ -47,6 +55,16 @@ fn a_failed_start_of_the_callback_thread_is_reported_and_retried() {
         if !message.contains("cannot start the callback thread") {
             return 2;
         }
+        // A cell dropped while a panic unwinds defers its value, and may
+        // not panic again there, which would abort the process (review
+        // finding): its value waits for the thread like the callback.
+        let unwound = std::panic::catch_unwind(|| {
+            let _cell = vmtask_rcu::RcuCell::new(Some(Box::new(Flagged)));
+            panic!("on the way out");
+        });
+        if unwound.is_ok() {
+            return 4;
+        }
         // Threads can be made again: the next caller starts it, and the
         // callback queued above was kept.
         limit.rlim_cur = hard;
@@ -57,6 +75,9 @@ fn a_failed_start_of_the_callback_thread_is_reported_and_retried() {
         if !RAN.load(Ordering::SeqCst) {
             return 3;
         }
+        if !DROPPED.load(Ordering::SeqCst) {
+            return 5;
+        }
         0
     });
     match code {
@@ -65,6 +86,8 @@ fn a_failed_start_of_the_callback_thread_is_reported_and_retried() {
         1 => panic!("call did not report the failed spawn"),
         2 => panic!("the panic message does not name the failed spawn"),
         3 => panic!("the callback queued while the thread could not start was lost"),
+        4 => unreachable!("the unwinding closure returned"),
+        5 => panic!("the value of the cell dropped while unwinding was lost"),
         c => panic!("child exited with {c}"),
     }
 }

@@ -43,6 +43,14 @@ use crate::sys;
 /// Slots in a pool's first arena; each later arena doubles the previous.
 const FIRST_ARENA_SLOTS: usize = 256;
 
+/// Address space a new arena must leave free for the rest of the program:
+/// its heap, its threads' stacks, and the pool's own lists, which a free
+/// may grow. An arena that took the last of an `RLIMIT_AS` would turn the
+/// frees after it into allocation failures, which abort (review finding:
+/// dropping 23,712 stacks after the limit aborted in `malloc`). So the
+/// pool meets its limit this much earlier.
+const HEADROOM: usize = 64 << 20;
+
 /// Guard markers installed ahead of the carving cursor with one system
 /// call. A system call costs about as much as the first touch of the new
 /// stack here, so doing one per carve doubled the cost of a fresh stack; 32
@@ -368,20 +376,30 @@ impl Arenas {
         let mut slots = want.min(left);
         let start = loop {
             let len = slots * layout.slot_size;
-            match sys::reserve(len) {
-                Ok(start) => break start,
-                // An address-space limit (`RLIMIT_AS`) or strict overcommit
-                // can refuse the whole arena and accept a smaller one:
-                // halve down to one slot before failing.
-                Err(libc::ENOMEM) if slots > 1 => slots /= 2,
-                Err(errno) => {
-                    return Err(StackError::MapFailed {
-                        what: "reserve a stack arena (mmap MAP_NORESERVE)",
-                        bytes: len,
-                        errno,
-                    })
+            let (what, errno) = match sys::reserve(len) {
+                Ok(start) if sys::room_for(HEADROOM) => break start,
+                Ok(start) => {
+                    // SAFETY: just reserved, and nothing uses it yet.
+                    unsafe { sys::unmap(start, len) };
+                    (
+                        "reserve a stack arena and leave 64 MiB of address space to the rest of the program (mmap MAP_NORESERVE)",
+                        libc::ENOMEM,
+                    )
                 }
+                Err(errno) => ("reserve a stack arena (mmap MAP_NORESERVE)", errno),
+            };
+            // An address-space limit (`RLIMIT_AS`) or strict overcommit
+            // can refuse the whole arena and accept a smaller one: halve
+            // down to one slot before failing.
+            if errno == libc::ENOMEM && slots > 1 {
+                slots /= 2;
+                continue;
             }
+            return Err(StackError::MapFailed {
+                what,
+                bytes: len,
+                errno,
+            });
         };
         let len = slots * layout.slot_size;
         let node = register(start, len, layout);

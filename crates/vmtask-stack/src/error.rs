@@ -56,11 +56,22 @@ pub enum StackError {
 impl fmt::Display for StackError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StackError::Exhausted { max_stacks, stack_size } => write!(
-                f,
-                "stack arena exhausted: all {max_stacks} slots of {} KiB are in use (max_stacks)",
-                stack_size / 1024
-            ),
+            StackError::Exhausted { max_stacks, stack_size } => {
+                write!(
+                    f,
+                    "stack arena exhausted: all {max_stacks} slots of {} KiB are in use (max_stacks)",
+                    stack_size / 1024
+                )?;
+                if !crate::sys::heavy_barrier_available() {
+                    // Review finding: the message said "in use" of stacks
+                    // that were free, parked where the pool cannot reach.
+                    f.write_str(
+                        " or parked on other live threads, which this kernel offers no \
+                         membarrier to take them back from",
+                    )?;
+                }
+                Ok(())
+            }
             StackError::MapFailed { what, bytes, errno } => {
                 write!(
                     f,

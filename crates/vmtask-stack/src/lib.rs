@@ -29,7 +29,9 @@
 //!   depot keep only their top `keep_resident` bytes, a full depot gives
 //!   stacks' memory back entirely, and [`StackPool::trim`] does it on demand.
 //! - Allocation fails with a [`StackError`], never a crash, when the pool
-//!   or the kernel runs out.
+//!   or the kernel runs out. Under an address-space limit (`RLIMIT_AS`)
+//!   the pool leaves the last 64 MiB to the rest of the program, so that
+//!   its heap, and the pool's own frees, can still allocate.
 //! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
 //!   reservation.
 //! - Pools are not async-signal-safe, as `malloc` is not: `alloc`, the free

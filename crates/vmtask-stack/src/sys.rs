@@ -82,6 +82,29 @@ pub(crate) fn reserve(len: usize) -> Result<usize, i32> {
     Ok(p as usize)
 }
 
+/// Whether `len` more bytes of address space can still be mapped: maps
+/// them (`PROT_NONE`, nothing touched) and unmaps them at once.
+pub(crate) fn room_for(len: usize) -> bool {
+    // SAFETY: a fresh anonymous mapping of the kernel's choosing, unmapped
+    // below; nothing reads or writes it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return false;
+    }
+    // SAFETY: just mapped above, and unused.
+    unsafe { unmap(p as usize, len) };
+    true
+}
+
 /// Unmaps a range obtained from [`reserve`].
 ///
 /// # Safety

@@ -16,7 +16,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 use vmtask_stack::{Config, Stack, StackPool};
 
 mod common;
-use common::{maps_lines, page, resident_pages, spin_ns};
+use common::{maps_lines, membarrier_available, page, resident_pages, spin_ns};
 
 /// Writes every byte of the stack, so all its pages are resident.
 fn touch(stack: &Stack) {
@@ -140,13 +140,6 @@ fn free_stacks_of_a_pool_dropped_with_stacks_out_give_their_memory_back() {
     if membarrier_available() {
         assert!(!mapped(out_at, size), "the pool outlived its last stack");
     }
-}
-
-/// Whether the kernel offers `MEMBARRIER_CMD_PRIVATE_EXPEDITED`.
-fn membarrier_available() -> bool {
-    // SAFETY: MEMBARRIER_CMD_QUERY only reads the supported commands.
-    let cmds = unsafe { libc::syscall(libc::SYS_membarrier, 0, 0, 0) };
-    cmds > 0 && cmds & (1 << 3) != 0
 }
 
 /// Frees racing the pool's drop on other threads: whichever free brings

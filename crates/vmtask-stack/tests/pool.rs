@@ -709,8 +709,9 @@ fn ensure_accepts_the_room_remaining_reports() {
 /// Under an address-space limit (`ulimit -v`) with room for dozens of
 /// 1 MiB stacks but not for a whole 256-slot arena, the pool hands out
 /// what fits, then fails with a clear `MapFailed` (review finding: it
-/// reserved only whole arenas and handed out none). In a child process:
-/// the limit would starve the other tests.
+/// reserved only whole arenas and handed out none). The pool leaves the
+/// last 64 MiB to the rest of the program: 128 MiB of room give 64 or so
+/// stacks. In a child process: the limit would starve the other tests.
 #[test]
 fn an_address_space_limit_smaller_than_an_arena_still_gives_stacks() {
     const ENV: &str = "VMTASK_TEST_RLIMIT_AS_CHILD";
@@ -725,7 +726,7 @@ fn an_address_space_limit_smaller_than_an_arena_still_gives_stacks() {
         ..Config::default()
     })
     .unwrap();
-    let headroom = 64 << 20;
+    let headroom = 128 << 20;
     limit_address_space(headroom);
     let (stacks, err) = alloc_until_error(&pool, 1000);
     assert_enomem(&err);

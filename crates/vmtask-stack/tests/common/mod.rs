@@ -159,7 +159,9 @@ pub fn alloc_until_error(
 }
 
 /// Lowers this process's soft `RLIMIT_AS` to its current size (`VmSize`)
-/// plus `headroom` bytes. For child processes only: the limit stays.
+/// plus `headroom` bytes (at most the hard limit, which stays: raising it
+/// needs a privilege a test may not have). For child processes only: the
+/// limit stays.
 pub fn limit_address_space(headroom: u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let vm_size_kib: u64 = status
@@ -167,10 +169,13 @@ pub fn limit_address_space(headroom: u64) {
         .find_map(|line| line.strip_prefix("VmSize:"))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .expect("VmSize in /proc/self/status");
-    let limit = libc::rlimit {
-        rlim_cur: vm_size_kib * 1024 + headroom,
-        rlim_max: libc::RLIM_INFINITY,
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
+    // SAFETY: reads this process's own limit into `limit`.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) }, 0);
+    limit.rlim_cur = (vm_size_kib * 1024 + headroom).min(limit.rlim_max);
     // SAFETY: lowers this process's own soft limit; no pointer but `limit`.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
 }
@@ -189,4 +194,13 @@ pub fn assert_enomem(err: &vmtask_stack::StackError) {
         ),
         "expected MapFailed with ENOMEM, got: {err}"
     );
+}
+
+/// Whether the kernel offers `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, without
+/// which a pool cannot take a stack parked on another live thread (a
+/// documented limit: tests of that skip).
+pub fn membarrier_available() -> bool {
+    // SAFETY: MEMBARRIER_CMD_QUERY only reads the supported commands.
+    let cmds = unsafe { libc::syscall(libc::SYS_membarrier, 0, 0, 0) };
+    cmds > 0 && cmds & (1 << 3) != 0
 }
