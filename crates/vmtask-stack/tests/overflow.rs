@@ -151,6 +151,58 @@ fn a_fault_with_the_stack_pointer_in_the_guard_is_reported() {
     ));
 }
 
+/// A stack pointer up to a slot below a guard counts as an overflow only
+/// in the slot below, of the same arenas: a thread whose own stack lies
+/// just below an arena, writing stray into the lowest slot's guard, gets
+/// the ordinary fault (review finding: found under valgrind, which puts
+/// thread stacks there).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn a_stray_write_from_memory_just_below_an_arena_is_not_an_overflow() {
+    if in_child() {
+        let pool = StackPool::new(Config::default()).unwrap();
+        // A fresh pool's first stack is its first arena's lowest slot.
+        let stack = pool.alloc().unwrap();
+        let guard = stack.guard_range().start as usize;
+        let len = 64 * 1024;
+        // SAFETY: maps fresh memory just below the arena, only where
+        // nothing is mapped (MAP_FIXED_NOREPLACE).
+        let below = unsafe {
+            libc::mmap(
+                (guard - len) as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if below as usize != guard - len {
+            println!("SKIP: the address space below the arena is taken");
+            std::process::exit(0);
+        }
+        let sp = guard - 256;
+        // SAFETY: deliberately not: the stack pointer moves into the
+        // memory below the arena, and a store hits the guard above it;
+        // nothing returns from here.
+        unsafe {
+            std::arch::asm!(
+                "mov rsp, {sp}",
+                "mov qword ptr [{guard}], 1",
+                "ud2",
+                sp = in(reg) sp,
+                guard = in(reg) guard,
+                options(noreturn)
+            )
+        }
+    }
+    let out = run_child("a_stray_write_from_memory_just_below_an_arena_is_not_an_overflow");
+    if String::from_utf8_lossy(&out.stdout).contains("SKIP") {
+        return;
+    }
+    assert_ordinary_segv(&out);
+}
+
 fn faulting_label(_base: *mut u8, _out: &mut [u8]) -> usize {
     // SAFETY: deliberately not: a label hook that faults.
     unsafe { std::ptr::read_volatile(std::ptr::null::<usize>()) }
