@@ -249,7 +249,7 @@ impl PoolInner {
     /// prepare it for overflow reports, before its first stack: a miss goes
     /// to `alloc_slow`, and a hit on a pool the thread has not counted
     /// before to `first_hit`.
-    #[inline]
+    #[inline(always)]
     fn alloc(&self) -> Result<NonNull<u8>, StackError> {
         if let Some(top) = self.hits.unpark() {
             return Ok(top);
