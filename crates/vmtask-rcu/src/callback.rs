@@ -1316,8 +1316,9 @@ pub fn barrier_allowed() -> bool {
 /// been invoked (`rcu_barrier`), and every object deferred before it has
 /// been dropped. Callbacks queued by those callbacks may still be pending,
 /// and so may drops deferred by those drops (the values of `RcuCell`s
-/// inside a dropped object, one level per grace period, unless its drop
-/// takes them: [`RcuCell::take_unchecked`](crate::RcuCell::take_unchecked)).
+/// inside a dropped object, one level per grace period, unless the code
+/// run after the first takes them:
+/// [`RcuCell::take_unchecked`](crate::RcuCell::take_unchecked)).
 ///
 /// While it waits, the calling thread helps run callbacks whose grace
 /// period has passed (any thread's): they see this thread's thread-locals,

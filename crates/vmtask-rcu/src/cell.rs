@@ -104,18 +104,15 @@ impl<T: Send + 'static> RcuCell<T> {
     }
 
     /// Takes the value out with no grace period, leaving the cell empty:
-    /// for a cell no reader can reach any more, such as the cells inside
-    /// an object that RCU itself is dropping.
+    /// for a cell no reader can reach any more.
     ///
-    /// An object dropped through [`store`](Self::store), the cell's drop or
-    /// [`defer_drop`](crate::defer_drop) is dropped a grace period after it
-    /// was unpublished, and the objects reachable only through its own
-    /// cells went unreachable with it: its drop may free them at once. The
-    /// cell's own drop cannot know that, and defers its value by another
-    /// grace period, so a linked structure would be freed one level per
-    /// grace period ([`barrier`](crate::barrier) waits for one level only).
-    /// Take the values instead, in a loop rather than by recursion, which
-    /// a long list would overflow the stack with:
+    /// A structure linked through cells, once unpublished, is freed one
+    /// level per grace period by the cells' own drops: each defers its
+    /// value by another grace period, not knowing that readers cannot
+    /// reach it ([`barrier`](crate::barrier) waits for one level only).
+    /// Freeing the whole structure takes one grace period if the code that
+    /// runs after it takes the values out of the cells, in a loop rather
+    /// than by recursion, which a long list would overflow the stack with:
     ///
     /// ```
     /// use vmtask_rcu::RcuCell;
@@ -124,28 +121,32 @@ impl<T: Send + 'static> RcuCell<T> {
     ///     next: RcuCell<Node>,
     /// }
     ///
-    /// impl Drop for Node {
-    ///     fn drop(&mut self) {
-    ///         // SAFETY: a node is dropped only once no reader can reach it
-    ///         // (a published node by RCU, a grace period after it was
-    ///         // unpublished), and its successors were reachable only
-    ///         // through it.
-    ///         let mut next = unsafe { self.next.take_unchecked() };
-    ///         while let Some(mut node) = next {
-    ///             // SAFETY: as above; `node` is dropped with an empty cell.
-    ///             next = unsafe { node.next.take_unchecked() };
-    ///         }
-    ///     }
-    /// }
-    ///
     /// let mut list = None;
     /// for _ in 0..100_000 {
     ///     list = Some(Box::new(Node { next: RcuCell::new(list) }));
     /// }
     /// let head = RcuCell::new(list);
-    /// head.store(None);
+    /// if let Some(old) = head.replace(None) {
+    ///     // Runs after a grace period: no reader holds a reference into
+    ///     // the unpublished list.
+    ///     old.defer(|mut node| {
+    ///         // SAFETY: a grace period has passed since the list went
+    ///         // unreachable, and its nodes were reachable only through it.
+    ///         let mut next = unsafe { node.next.take_unchecked() };
+    ///         while let Some(mut node) = next {
+    ///             // SAFETY: as above.
+    ///             next = unsafe { node.next.take_unchecked() };
+    ///         }
+    ///     });
+    /// }
     /// vmtask_rcu::barrier(); // the whole list has been dropped
     /// ```
+    ///
+    /// Do not do this in the node type's own `Drop`: safe code can build
+    /// a node, load its successor under a guard and drop the node, and
+    /// the successor must then outlive the guard (review finding: a `Drop`
+    /// that freed successors at once let safe code keep a dangling
+    /// reference).
     ///
     /// # Safety
     /// No reader may hold a reference into the value: no read-side section
@@ -226,8 +227,9 @@ impl<T: Send + 'static> RcuCell<T> {
 /// The cell's last value is dropped after a grace period, through
 /// [`defer_drop`](crate::defer_drop), whose caveats apply: drops deferred
 /// earlier by this thread may run inside the cell's drop. Cells inside an
-/// object that RCU drops add a grace period per level unless that object's
-/// drop takes their values ([`RcuCell::take_unchecked`]).
+/// object that RCU drops add a grace period per level, unless the code
+/// run after the first one takes their values
+/// ([`RcuCell::take_unchecked`]).
 impl<T: Send + 'static> Drop for RcuCell<T> {
     fn drop(&mut self) {
         // Readers may hold `&'g T` from `load` beyond the cell's own

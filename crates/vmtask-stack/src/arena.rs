@@ -231,6 +231,16 @@ pub(crate) fn lookup(addr: usize) -> Option<Place> {
     None
 }
 
+/// Whether `addr` lies in a registered arena, carved or not (a thread's
+/// own stack, the heap and the rest never do). Async-signal-safe, as
+/// [`lookup`].
+pub(crate) fn in_arenas(addr: usize) -> bool {
+    nodes().any(|node| {
+        node.read()
+            .is_some_and(|(start, end, ..)| (start..end).contains(&addr))
+    })
+}
+
 struct Arena {
     start: usize,
     slots: usize,

@@ -267,20 +267,16 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
         // (C without stack-clash protection, alloca) moves the stack
         // pointer past the guard into the slot below before its first
         // store hits the guard: that stack pointer counts too, up to a
-        // slot below the guard, if that is a slot of the arenas (below an
-        // arena's lowest slot lies other memory, a thread's own stack say,
-        // whose stray writes are no overflow: a review finding).
+        // slot below the guard, if that is arena memory, carved or not
+        // (below an arena's lowest slot lies other memory, a thread's own
+        // stack say, whose stray writes are no overflow: a review finding;
+        // another arena may lie there too, its top slot not carved yet).
         let overflow = hit(addr)
             .filter(|slot| {
                 let below = slot.guard.saturating_sub(slot.base - slot.guard);
                 sp.is_none_or(|sp| {
                     (slot.guard..slot.base).contains(&sp)
-                        || ((below..slot.guard).contains(&sp)
-                            && matches!(
-                                arena::lookup(sp),
-                                Some(Place::Stack(under) | Place::Guard(under))
-                                    if under.base == slot.guard
-                            ))
+                        || ((below..slot.guard).contains(&sp) && arena::in_arenas(sp))
                 })
             })
             .or_else(|| sp.and_then(hit))

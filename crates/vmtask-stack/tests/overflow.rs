@@ -203,6 +203,59 @@ fn a_stray_write_from_memory_just_below_an_arena_is_not_an_overflow() {
     assert_ordinary_segv(&out);
 }
 
+/// A frame bigger than the guard that jumps from an arena's lowest slot
+/// into the arena just below, whose top slot is not carved yet, is still
+/// an overflow (review finding: a check that asked for a carved slot
+/// there missed it).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn a_frame_that_jumps_into_an_adjacent_arena_is_an_overflow() {
+    if in_child() {
+        // The thread's first stack maps its alternate signal stack: before
+        // the arenas, not between them.
+        let warm = StackPool::new(Config::default()).unwrap();
+        drop(warm.alloc().unwrap());
+        let upper = StackPool::new(Config::default()).unwrap();
+        let stack = upper.alloc().unwrap();
+        let guard = stack.guard_range().start as usize;
+        let slot = stack.base() as usize - guard;
+        // Another pool's first arena (256 slots), mapped next, usually
+        // lands just below; a few tries, the pools kept, find one that does.
+        let mut lower = Vec::new();
+        let adjacent = (0..8).any(|_| {
+            let pool = StackPool::new(Config::default()).unwrap();
+            let first = pool.alloc().unwrap();
+            let end = first.guard_range().start as usize + 256 * slot;
+            lower.push((pool, first));
+            end == guard
+        });
+        if !adjacent {
+            println!("SKIP: no arena was mapped just below the first");
+            std::process::exit(0);
+        }
+        print_bounds(&stack);
+        let sp = guard - 256;
+        // SAFETY: deliberately not: the stack pointer moves into the lower
+        // arena's top slot (mapped, never carved), and a store hits the
+        // guard above it; nothing returns from here.
+        unsafe {
+            std::arch::asm!(
+                "mov rsp, {sp}",
+                "mov qword ptr [{guard}], 1",
+                "ud2",
+                sp = in(reg) sp,
+                guard = in(reg) guard,
+                options(noreturn)
+            )
+        }
+    }
+    let out = run_child("a_frame_that_jumps_into_an_adjacent_arena_is_an_overflow");
+    if String::from_utf8_lossy(&out.stdout).contains("SKIP") {
+        return;
+    }
+    assert_overflow_report(&out);
+}
+
 fn faulting_label(_base: *mut u8, _out: &mut [u8]) -> usize {
     // SAFETY: deliberately not: a label hook that faults.
     unsafe { std::ptr::read_volatile(std::ptr::null::<usize>()) }
