@@ -392,7 +392,7 @@ impl Arenas {
                     // SAFETY: just reserved, and nothing uses it yet.
                     unsafe { sys::unmap(start, len) };
                     (
-                        "reserve a stack arena and leave 64 MiB of address space to the rest of the program (mmap MAP_NORESERVE)",
+                        "reserve a stack arena and leave 64 MiB of address space, in one more mapping, to the rest of the program (mmap MAP_NORESERVE)",
                         libc::ENOMEM,
                     )
                 }

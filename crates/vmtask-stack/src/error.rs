@@ -62,7 +62,7 @@ impl fmt::Display for StackError {
                     "stack arena exhausted: all {max_stacks} slots of {} KiB are in use (max_stacks)",
                     stack_size / 1024
                 )?;
-                if !crate::sys::heavy_barrier_available() {
+                if crate::sys::heavy_barrier_found_unavailable() {
                     // Review finding: the message said "in use" of stacks
                     // that were free, parked where the pool cannot reach.
                     f.write_str(

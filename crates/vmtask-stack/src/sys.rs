@@ -194,16 +194,21 @@ pub(crate) fn heavy_barrier() -> bool {
     heavy_barrier_available() && membarrier(PRIVATE_EXPEDITED)
 }
 
+/// [`heavy_barrier_available`]'s answer, once known. Not a `OnceLock`: a
+/// fork during its first call would leave the child one that never
+/// completes. Registering twice is harmless.
+static REGISTERED: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Whether an earlier [`heavy_barrier_available`] found no membarrier (no
+/// system call: for messages).
+pub(crate) fn heavy_barrier_found_unavailable() -> bool {
+    REGISTERED.load(Ordering::Acquire) == NO
+}
+
 /// Whether [`heavy_barrier`] can work: the process is registered for it
 /// (registering on first use).
 pub(crate) fn heavy_barrier_available() -> bool {
     const REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
-    const UNKNOWN: u8 = 0;
-    const YES: u8 = 1;
-    const NO: u8 = 2;
-    // Not a `OnceLock`: a fork during its first call would leave the child
-    // one that never completes. Registering twice is harmless.
-    static REGISTERED: AtomicU8 = AtomicU8::new(UNKNOWN);
     match REGISTERED.load(Ordering::Acquire) {
         UNKNOWN => {
             let yes = membarrier(REGISTER_PRIVATE_EXPEDITED);
@@ -219,9 +224,6 @@ fn membarrier(cmd: libc::c_int) -> bool {
     unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) == 0 }
 }
 
-/// Registers `child` as a `pthread_atfork` child handler, once per
-/// process (see `vmtask_percpu::register_fork_handlers`): `child` must
-/// tolerate running twice.
 /// The pthread key kept in `slot` (the key + 1, or 0 before it is made),
 /// made on first use with `destructor`; `None` if the process has no key
 /// left (the next call tries again). Not a `OnceLock`: a fork while
@@ -252,6 +254,9 @@ pub(crate) fn lazy_key(
     }
 }
 
+/// Registers `child` as a `pthread_atfork` child handler, once per
+/// process (see `vmtask_percpu::register_fork_handlers`): `child` must
+/// tolerate running twice.
 pub(crate) fn register_fork_child_handler(state: &AtomicU64, child: extern "C" fn()) {
     vmtask_percpu::register_fork_handlers(state, None, None, Some(child));
 }
