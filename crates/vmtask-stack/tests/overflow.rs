@@ -151,6 +151,31 @@ fn a_fault_with_the_stack_pointer_in_the_guard_is_reported() {
     ));
 }
 
+/// Moves the stack pointer 256 bytes below `guard`, into whatever memory
+/// lies there, and stores into the guard, as a frame bigger than the guard
+/// does; never returns.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn store_into_guard_from_below(guard: usize) -> ! {
+    let sp = guard - 256;
+    // SAFETY: deliberately not: the store faults, and nothing returns.
+    unsafe {
+        std::arch::asm!(
+            "mov rsp, {sp}",
+            "mov qword ptr [{guard}], 1",
+            "ud2",
+            sp = in(reg) sp,
+            guard = in(reg) guard,
+            options(noreturn)
+        )
+    }
+}
+
+/// `run_child`, or `None` if the child printed that it skipped.
+fn run_child_unless_skipped(test: &str) -> Option<Output> {
+    let out = run_child(test);
+    (!String::from_utf8_lossy(&out.stdout).contains("SKIP")).then_some(out)
+}
+
 /// A stack pointer up to a slot below a guard counts as an overflow only
 /// in the slot below, of the same arenas: a thread whose own stack lies
 /// just below an arena, writing stray into the lowest slot's guard, gets
@@ -181,26 +206,13 @@ fn a_stray_write_from_memory_just_below_an_arena_is_not_an_overflow() {
             println!("SKIP: the address space below the arena is taken");
             std::process::exit(0);
         }
-        let sp = guard - 256;
-        // SAFETY: deliberately not: the stack pointer moves into the
-        // memory below the arena, and a store hits the guard above it;
-        // nothing returns from here.
-        unsafe {
-            std::arch::asm!(
-                "mov rsp, {sp}",
-                "mov qword ptr [{guard}], 1",
-                "ud2",
-                sp = in(reg) sp,
-                guard = in(reg) guard,
-                options(noreturn)
-            )
-        }
+        store_into_guard_from_below(guard);
     }
-    let out = run_child("a_stray_write_from_memory_just_below_an_arena_is_not_an_overflow");
-    if String::from_utf8_lossy(&out.stdout).contains("SKIP") {
-        return;
+    if let Some(out) =
+        run_child_unless_skipped("a_stray_write_from_memory_just_below_an_arena_is_not_an_overflow")
+    {
+        assert_ordinary_segv(&out);
     }
-    assert_ordinary_segv(&out);
 }
 
 /// A frame bigger than the guard that jumps from an arena's lowest slot
@@ -234,26 +246,13 @@ fn a_frame_that_jumps_into_an_adjacent_arena_is_an_overflow() {
             std::process::exit(0);
         }
         print_bounds(&stack);
-        let sp = guard - 256;
-        // SAFETY: deliberately not: the stack pointer moves into the lower
-        // arena's top slot (mapped, never carved), and a store hits the
-        // guard above it; nothing returns from here.
-        unsafe {
-            std::arch::asm!(
-                "mov rsp, {sp}",
-                "mov qword ptr [{guard}], 1",
-                "ud2",
-                sp = in(reg) sp,
-                guard = in(reg) guard,
-                options(noreturn)
-            )
-        }
+        store_into_guard_from_below(guard);
     }
-    let out = run_child("a_frame_that_jumps_into_an_adjacent_arena_is_an_overflow");
-    if String::from_utf8_lossy(&out.stdout).contains("SKIP") {
-        return;
+    if let Some(out) =
+        run_child_unless_skipped("a_frame_that_jumps_into_an_adjacent_arena_is_an_overflow")
+    {
+        assert_overflow_report(&out);
     }
-    assert_overflow_report(&out);
 }
 
 fn faulting_label(_base: *mut u8, _out: &mut [u8]) -> usize {
