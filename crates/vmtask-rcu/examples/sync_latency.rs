@@ -7,7 +7,8 @@
 //! cargo run --release -p vmtask-rcu --example sync_latency [ROUNDS]
 //! ```
 //!
-//! Prints each round's mean per call and the medians; in fence mode
+//! Prints each round's mean per call, the medians, and how many grace
+//! periods took the fast path (no heavy barrier); in fence mode
 //! (`VMTASK_RCU_FORCE_FENCE=1`) the bare `membarrier` is skipped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,8 +72,13 @@ fn main() {
     }
     let membarrier = vmtask_rcu::stats().mode == vmtask_rcu::BarrierMode::Membarrier;
     let (mut sync, mut bare) = (Vec::new(), Vec::new());
+    let (mut gps, mut fast) = (0, 0);
     for r in 1..=rounds {
+        let before = vmtask_rcu::stats();
         sync.push(round(vmtask_rcu::synchronize));
+        let after = vmtask_rcu::stats();
+        gps += after.grace_periods - before.grace_periods;
+        fast += after.fast_grace_periods - before.fast_grace_periods;
         if membarrier {
             bare.push(round(membarrier_expedited));
         }
@@ -84,6 +90,10 @@ fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
+    println!(
+        "grace periods: {gps}, of which {fast} ({:.1}%) without a heavy barrier",
+        100.0 * fast as f64 / gps.max(1) as f64
+    );
     let (s, b) = (median(sync), (!bare.is_empty()).then(|| median(bare)));
     match b {
         Some(b) => println!(

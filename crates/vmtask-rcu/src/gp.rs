@@ -2,15 +2,16 @@
 //!
 //! Shared state:
 //! - `GpWord::ctr`, written only by the updater holding the grace-period
-//!   lock: a phase bit (`GP_PHASE`) and a constant count of one
-//!   (`GP_COUNT`), so a reader can copy it into its slot as "nesting 1".
+//!   lock: a flip counter whose parity is the phase (`GP_PHASE` is its
+//!   low bit) and a constant count of one (`GP_COUNT`), so a reader can
+//!   copy it into its slot as "nesting 1".
 //! - `ReaderCtr::ctr`, one per registered thread, written only by that
 //!   thread: zero when outside a read-side section, otherwise the copied
 //!   phase plus the nesting depth in the low bits.
 //! - `GpWord::futex`: -1 while an updater sleeps waiting for readers.
 //!
-//! Reader, outermost `lock`: `slot = gp.ctr` (a release store), then a
-//! compiler barrier. Nested lock/unlock only count in a thread-private
+//! Reader, outermost `lock`: `slot = gp.ctr` (an acquire load and a
+//! release store), then a compiler barrier. Nested lock/unlock only count in a thread-private
 //! word. The unlock that ends the section: `slot = 0` (a release store),
 //! barrier, and wake the updater if `futex == -1`. No read-modify-write and
 //! no hardware fence: on x86-64 a release store is a plain `mov`.
@@ -27,7 +28,11 @@
 //! lock, which a thread takes to unregister: a thread-local `ctr` is never
 //! read after its thread has gone (see `registry.rs`).
 //!
-//! Updater, one grace period (`grace_period`):
+//! Updater, one grace period (`grace_period`). First the fast path
+//! (`fast_grace_period`): flip, and if every reader's slot is then seen to
+//! hold exactly the new `gp.ctr` within a few scans, that is the whole
+//! grace period, with no heavy barrier (readers that run sections back to
+//! back). Otherwise liburcu's protocol:
 //! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
 //!    of the process executes a full fence, so each reader's plain stores
 //!    and loads are ordered as if the reader had fenced itself);
@@ -66,14 +71,30 @@ use std::time::{Duration, Instant};
 
 /// One reader nesting level.
 pub(crate) const GP_COUNT: usize = 1;
-/// The phase bit, above the nesting bits.
-pub(crate) const GP_PHASE: usize = 1 << (usize::BITS / 2);
+/// The low bit of the flip counter, above the nesting bits: the counter's
+/// parity is the phase. A slot's nesting field only ever holds one (the
+/// section's depth lives in the owner's private word) or all ones (an
+/// offline reader), so on 64-bit targets it is 8 bits wide and the counter
+/// has 54 (`GP_FLIPS`).
+pub(crate) const GP_PHASE: usize = if usize::BITS == 64 {
+    1 << 8
+} else {
+    1 << (usize::BITS / 2)
+};
 /// The nesting depth of a reader slot.
 pub(crate) const NEST_MASK: usize = GP_PHASE - 1;
 /// Set in `GpWord::ctr` (never cleared) when readers must issue their own
 /// SeqCst fence ([`FenceMode::SeqCst`]): the outermost lock learns the
 /// mode from the word it loads anyway, instead of from a second global.
 pub(crate) const GP_SEQCST: usize = 1 << (usize::BITS - 2);
+/// The flip counter's field of `GpWord::ctr`, from `GP_PHASE` up to
+/// `GP_SEQCST`; flips wrap within it.
+const GP_FLIPS: usize = (GP_SEQCST - 1) & !NEST_MASK;
+/// Whether grace periods try `fast_grace_period` first. It needs the flip
+/// counter not to wrap while a reader sits between two instructions: 2^54
+/// flips on 64-bit targets (57 years at ten million a second), but only
+/// 2^14 on 32-bit ones, where it stays off.
+const FAST_PATH: bool = usize::BITS == 64;
 
 /// The global grace-period state.
 pub(crate) struct GpWord {
@@ -259,10 +280,7 @@ impl ReaderCtr {
     /// store-to-load dependency from one to the next.
     #[inline(always)]
     pub(crate) fn begin(&self, gp: &GpWord) {
-        let gp_ctr = gp.ctr.load(Ordering::Relaxed);
-        // Release: an updater that reads this value, waiting for the
-        // section before it to end, is ordered after that section too.
-        self.ctr.store(gp_ctr, Ordering::Release);
+        let gp_ctr = self.publish_section(gp);
         // Orders the slot store before the section's data loads (with the
         // updater's membarrier; see the module header). The mode comes
         // with the word just loaded.
@@ -270,6 +288,22 @@ impl ReaderCtr {
             seqcst_reader_fence();
         }
         reader_barrier(FenceMode::Membarrier);
+    }
+
+    /// `begin`'s copy of `gp.ctr` into the slot, without its barrier
+    /// (which only the full protocol needs: the fast-path models run
+    /// this alone). Returns the value copied.
+    #[inline(always)]
+    pub(crate) fn publish_section(&self, gp: &GpWord) -> usize {
+        // Acquire (a plain `mov` on x86-64, as relaxed): an updater that
+        // reads back exactly the value it flipped `gp.ctr` to knows this
+        // section read the flip, and so sees every store made before it
+        // (`fast_grace_period`).
+        let gp_ctr = gp.ctr.load(Ordering::Acquire);
+        // Release: an updater that reads this value, waiting for the
+        // section before it to end, is ordered after that section too.
+        self.ctr.store(gp_ctr, Ordering::Release);
+        gp_ctr
     }
 
     /// A lock inside an open section: counts the nesting.
@@ -376,14 +410,43 @@ impl ReaderCtr {
         self.ctr.store(0, Ordering::Release);
     }
 
-    /// Whether this reader is in a section that began before the last flip
-    /// (its phase differs from `gp_ctr`'s).
+    /// The published slot value, for an updater.
     #[inline]
-    pub(crate) fn is_old(&self, gp_ctr: usize) -> bool {
+    pub(crate) fn slot(&self) -> usize {
         // Acquire, pairing with the release stores of `begin` and
         // `end_section`.
-        let v = self.ctr.load(Ordering::Acquire);
-        v & NEST_MASK != 0 && v & OFFLINE == 0 && (v ^ gp_ctr) & GP_PHASE != 0
+        self.ctr.load(Ordering::Acquire)
+    }
+
+    /// Whether this reader is in a section that began before the last flip
+    /// (its phase differs from `gp_ctr`'s).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn is_old(&self, gp_ctr: usize) -> bool {
+        slot_is_old(self.slot(), gp_ctr)
+    }
+}
+
+/// Whether a reader whose slot holds `v` is in a section that began
+/// before the last flip of `gp_ctr` (active, with the other phase).
+#[inline]
+pub(crate) fn slot_is_old(v: usize, gp_ctr: usize) -> bool {
+    v & NEST_MASK != 0 && v & OFFLINE == 0 && (v ^ gp_ctr) & GP_PHASE != 0
+}
+
+/// Advances `gp.ctr`'s flip counter by one, which flips the phase. The
+/// caller holds the grace-period lock: the only concurrent writer is
+/// `set_mode`, whose RMW a compare-exchange cannot lose.
+fn flip(gp: &GpWord) {
+    let mut v = gp.ctr.load(Ordering::Relaxed);
+    loop {
+        let next = (v & !GP_FLIPS) | (v.wrapping_add(GP_PHASE) & GP_FLIPS);
+        match gp
+            .ctr
+            .compare_exchange(v, next, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => return,
+            Err(now) => v = now,
+        }
     }
 }
 
@@ -394,10 +457,11 @@ pub(crate) trait Updater {
     type Reader: Copy;
     /// `smp_mb_master()`: a full fence on every thread that may read.
     fn heavy_barrier(&self);
-    /// Keeps in `pending` the readers in a section that began before the
-    /// last flip of `gp_ctr` (`ReaderCtr::is_old`); a reader that has left
-    /// (its thread unregistered) is done.
-    fn retain_old(&self, pending: &mut Vec<Self::Reader>, gp_ctr: usize);
+    /// Runs `scan` with the readers readable: `scan` is given a function
+    /// that reads one reader's slot value, `None` if the reader has left
+    /// (its thread unregistered: done). The real updater holds the
+    /// registry lock throughout, so `scan` must be short.
+    fn scan_readers<R>(&self, scan: impl FnOnce(&dyn Fn(Self::Reader) -> Option<usize>) -> R) -> R;
     /// Sleep while `futex` is -1 (a reader or a timeout wakes us).
     /// Returns false if the timeout ended it, true if anything else did.
     fn sleep(&self, futex: &AtomicI32) -> bool;
@@ -405,6 +469,9 @@ pub(crate) trait Updater {
     fn nap(&self, time: Duration);
     /// How many scans before sleeping.
     fn spins(&self) -> usize;
+    /// How many scans in which no pending reader's slot changes before
+    /// `fast_grace_period` gives up (`FAST_IDLE_SCANS`).
+    fn fast_idle_scans(&self) -> usize;
     /// Called once per wait that has lasted `stall_after` since its first
     /// sleep.
     fn report_stall(&self);
@@ -442,7 +509,7 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
     let mut reported = false;
     let mut napping = false;
     loop {
-        updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+        retain_old(updater, &mut pending, gp);
         if pending.is_empty() {
             return;
         }
@@ -463,7 +530,7 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             // wake us.
             gp.futex.store(-1, Ordering::Relaxed);
             updater.heavy_barrier();
-            updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+            retain_old(updater, &mut pending, gp);
             if pending.is_empty() {
                 gp.futex.store(0, Ordering::Relaxed);
                 return;
@@ -471,7 +538,7 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             let before = pending.len();
             let woken = updater.sleep(&gp.futex);
             gp.futex.store(0, Ordering::Relaxed);
-            updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+            retain_old(updater, &mut pending, gp);
             // Woken by a reader we do not wait for: poll from now on.
             napping = woken && pending.len() == before;
         }
@@ -483,13 +550,119 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
     }
 }
 
+/// Keeps in `pending` the readers in a section older than `gp.ctr`'s
+/// phase.
+fn retain_old<U: Updater>(updater: &U, pending: &mut Vec<U::Reader>, gp: &GpWord) {
+    let gp_ctr = gp.ctr.load(Ordering::Relaxed);
+    updater.scan_readers(|read| {
+        pending.retain(|r| read(*r).is_some_and(|v| slot_is_old(v, gp_ctr)));
+    });
+}
+
+/// How a grace period completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Completed {
+    /// By `fast_grace_period`: no heavy barrier.
+    Fast,
+    /// By the full protocol.
+    Full,
+}
+
 /// One full grace period over `readers` (a snapshot of the registry).
 /// The caller holds the grace-period lock, so `gp.ctr` has one writer.
-pub(crate) fn grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
+pub(crate) fn grace_period<U: Updater>(
+    gp: &GpWord,
+    readers: &[U::Reader],
+    updater: &U,
+) -> Completed {
+    if fast_grace_period(gp, readers, updater) {
+        return Completed::Fast;
+    }
     two_waits(gp, updater, || {
         wait_for_readers(gp, readers, updater);
         true
     });
+    Completed::Full
+}
+
+/// Scans in which no pending reader's slot changes before
+/// `fast_grace_period` gives up: its readers look idle (or stay in one
+/// old section), and only the heavy barrier can end the wait for them.
+/// A reader that runs sections back to back changes its slot every few
+/// nanoseconds; a scan takes tens.
+#[cfg_attr(all(loom, test), allow(dead_code))]
+pub(crate) const FAST_IDLE_SCANS: usize = 8;
+/// Scans `fast_grace_period` makes at most, per idle scan allowed.
+const FAST_MAX_SCANS_PER_IDLE: usize = 8;
+
+/// A grace period without the heavy barrier, for readers that are busy:
+/// flip the phase, then wait until every reader's slot holds exactly the
+/// new `gp.ctr`. Gives up (false) when readers look idle, since a slot
+/// that reads "outside a section" proves nothing without the heavy
+/// barrier: its owner's next slot store may still sit in its CPU's store
+/// buffer while the section's loads go ahead.
+///
+/// Why a slot equal to the new `gp.ctr` proves the reader done with
+/// everything unlinked before the flip, in the language's memory model
+/// (no store-buffer argument, no fence on the reader side):
+/// - The flip is a relaxed RMW after a SeqCst (so release) fence. The
+///   flip counter makes the value unique (it cannot come back for 2^54
+///   flips), so the reader's `begin` load read this flip: an acquire load
+///   that synchronizes with the fence. Every store before the flip (the
+///   caller's unlinks) happens before that section's loads, and before
+///   those of every later section of that reader, whose `begin` loads
+///   read this flip or a later one (coherence; later flips and
+///   `set_mode` are RMWs, which continue the release sequence).
+/// - The updater read the value with an acquire load, from the release
+///   store in `begin`: every earlier section of that reader (ended by an
+///   earlier release store) happens before the updater's next steps, and
+///   so before the caller's frees.
+///
+/// Readers that leave meanwhile are done, as in the full protocol. Giving
+/// up leaves the phase flipped once, which is harmless (see
+/// `try_grace_period`): the full protocol that follows is self-contained.
+/// Only in membarrier mode: with fence mode readers, the full protocol
+/// costs no interrupt anyway.
+fn fast_grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) -> bool {
+    if !FAST_PATH || gp.ctr.load(Ordering::Relaxed) & GP_SEQCST != 0 {
+        return false;
+    }
+    fence(Ordering::SeqCst);
+    flip(gp);
+    // The slot loads below read values stored after the flip's.
+    fence(Ordering::SeqCst);
+    let now = gp.ctr.load(Ordering::Relaxed);
+    let mut pending = readers.to_vec();
+    let idle_scans = updater.fast_idle_scans();
+    // One hold of the registry lock for every scan: a few µs at most.
+    updater.scan_readers(|read| {
+        let mut last = None;
+        let mut unchanged = 0;
+        for _ in 0..idle_scans * FAST_MAX_SCANS_PER_IDLE {
+            // What the pending readers' slots hold, folded into one word.
+            let mut seen = pending.len();
+            pending.retain(|r| {
+                read(*r).is_some_and(|v| {
+                    seen = seen.rotate_left(7) ^ v;
+                    v != now
+                })
+            });
+            if pending.is_empty() {
+                return true;
+            }
+            if last == Some(seen) {
+                unchanged += 1;
+                if unchanged >= idle_scans {
+                    return false;
+                }
+            } else {
+                last = Some(seen);
+                unchanged = 0;
+            }
+            spin();
+        }
+        false
+    })
 }
 
 /// The steps of a grace period around its two waits for readers; stops
@@ -501,8 +674,7 @@ fn two_waits<U: Updater>(gp: &GpWord, updater: &U, mut wait: impl FnMut() -> boo
     }
     // The first wait's slot loads complete before the flip is published.
     fence(Ordering::SeqCst);
-    // An RMW, so that a concurrent `set_mode` is not lost.
-    gp.ctr.fetch_xor(GP_PHASE, Ordering::Relaxed);
+    flip(gp);
     fence(Ordering::SeqCst);
     // No closing heavy barrier: the waits' acquire loads order the
     // caller's next steps after every old section (module header).
@@ -519,7 +691,7 @@ fn readers_done_within<U: Updater>(
 ) -> bool {
     let mut pending = readers.to_vec();
     for _ in 0..scans {
-        updater.retain_old(&mut pending, gp.ctr.load(Ordering::Relaxed));
+        retain_old(updater, &mut pending, gp);
         if pending.is_empty() {
             return true;
         }
@@ -674,17 +846,16 @@ mod loom_model {
     use loom::sync::atomic::AtomicBool;
     use loom::sync::Arc;
 
-    /// The models' updater: `is_old` says whether the one reader is in a
-    /// section older than the phase it is given.
+    /// The models' updater: the closure reads the one reader's slot
+    /// (`None`: it has left).
     struct Scan<F>(F);
-    impl<F: Fn(usize) -> bool> Updater for Scan<F> {
+    impl<F: Fn() -> Option<usize>> Updater for Scan<F> {
         type Reader = ();
         fn heavy_barrier(&self) {
             fence(Ordering::SeqCst);
         }
-        fn retain_old(&self, pending: &mut Vec<()>, gp_ctr: usize) {
-            let old = (self.0)(gp_ctr);
-            pending.retain(|()| old);
+        fn scan_readers<R>(&self, scan: impl FnOnce(&dyn Fn(()) -> Option<usize>) -> R) -> R {
+            scan(&|()| (self.0)())
         }
         fn sleep(&self, _futex: &AtomicI32) -> bool {
             loom::thread::yield_now();
@@ -695,6 +866,9 @@ mod loom_model {
         }
         fn spins(&self) -> usize {
             usize::MAX
+        }
+        fn fast_idle_scans(&self) -> usize {
+            1
         }
         fn report_stall(&self) {}
         fn stall_after(&self) -> Duration {
@@ -767,7 +941,7 @@ mod loom_model {
                     let _ = r.reader.unlock(&r.gp);
                 }
             });
-            let scan = Scan(|g| s.reader.is_old(g));
+            let scan = Scan(|| Some(s.reader.slot()));
             if let Wait::TryBeforeFull | Wait::TryBeforeTryThenFull = wait {
                 // Some earlier grace period, finished or given up.
                 let _ = try_grace_period(&s.gp, &[()], &scan, 1);
@@ -832,6 +1006,85 @@ mod loom_model {
         run_waiting(FenceMode::SeqCst, 1, Wait::TryBeforeTryThenFull);
     }
 
+    /// The fast path alone, against a reader with no barrier at all: the
+    /// reader copies `gp.ctr` into its slot (`publish_section`, without
+    /// `begin`'s barrier, which stands for the membarrier the fast path
+    /// does without), reads the object, and ends the section. The updater
+    /// unlinks, tries `fast_grace_period`, and frees only if it completed.
+    /// Relaxing the reader's acquire load of `gp.ctr`, or counting a slot
+    /// outside a section as done, fails these models.
+    fn run_fast(reader_sections: usize, attempt_before_unlink: bool) {
+        // Whether some execution completed the fast path (and freed): the
+        // models would prove nothing if it always gave up.
+        let completed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let completed_in_model = completed.clone();
+        loom::model(move || {
+            let s = Arc::new(Shared {
+                gp: GpWord::new(),
+                reader: {
+                    let reader = ReaderCtr::new();
+                    reader.prepare(FenceMode::Membarrier, false);
+                    reader
+                },
+                published: AtomicUsize::new(0),
+                freed: [AtomicBool::new(false), AtomicBool::new(false)],
+                contents: [UnsafeCell::new(0), UnsafeCell::new(1)],
+            });
+            let r = s.clone();
+            let reader = loom::thread::spawn(move || {
+                for _ in 0..reader_sections {
+                    r.reader.publish_section(&r.gp);
+                    let obj = r.published.load(Ordering::Acquire);
+                    assert!(
+                        !r.freed[obj].load(Ordering::Relaxed),
+                        "reader saw a freed object"
+                    );
+                    // SAFETY: loom checks this read against the free.
+                    let value = r.contents[obj].with(|v| unsafe { *v });
+                    assert_eq!(value, obj, "reader saw a freed object's contents");
+                    let _ = r.reader.unlock(&r.gp);
+                }
+            });
+            let scan = Scan(|| Some(s.reader.slot()));
+            if attempt_before_unlink {
+                // Some earlier grace period, finished or given up.
+                let _ = fast_grace_period(&s.gp, &[()], &scan);
+            }
+            s.published.store(1, Ordering::Release);
+            if fast_grace_period(&s.gp, &[()], &scan) {
+                completed_in_model.store(true, std::sync::atomic::Ordering::Relaxed);
+                s.freed[0].store(true, Ordering::Relaxed);
+                // SAFETY: loom checks this write against the reader's reads.
+                s.contents[0].with_mut(|v| unsafe { *v = usize::MAX });
+            }
+            reader.join().unwrap();
+        });
+        assert!(
+            completed.load(std::sync::atomic::Ordering::Relaxed),
+            "no execution completed the fast path"
+        );
+    }
+
+    #[test]
+    fn loom_the_fast_path_frees_only_after_the_reader_read_the_flip() {
+        run_fast(1, false);
+    }
+
+    #[test]
+    fn loom_the_fast_path_frees_only_after_the_reader_read_the_flip_two_sections() {
+        run_fast(2, false);
+    }
+
+    /// An attempt before the unlink flips the phase once more: a reader
+    /// that copied `gp.ctr` before both flips and publishes it after them
+    /// holds the current phase, and must not pass for having read the
+    /// flip. Only the exact flip count tells them apart (a check of the
+    /// phase bit alone fails this model).
+    #[test]
+    fn loom_the_fast_path_is_not_fooled_by_a_value_from_two_flips_ago() {
+        run_fast(2, true);
+    }
+
     /// Which reader the slot publishes (`registry::Slot::reader`).
     const LOCAL: usize = 0;
     const OWN: usize = 1;
@@ -847,12 +1100,12 @@ mod loom_model {
 
     /// The real updater's scan: under the registry lock, through the
     /// published reader.
-    fn locked_is_old(reg: &Registry, gp_ctr: usize) -> bool {
+    fn locked_slot(reg: &Registry) -> Option<usize> {
         let _registry = reg.lock.lock().unwrap();
         match reg.published.load(Ordering::Relaxed) {
-            LOCAL => reg.local.is_old(gp_ctr),
-            OWN => reg.own.is_old(gp_ctr),
-            _ => false,
+            LOCAL => Some(reg.local.slot()),
+            OWN => Some(reg.own.slot()),
+            _ => None,
         }
     }
 
@@ -896,7 +1149,7 @@ mod loom_model {
                 r.published.store(NONE, Ordering::Relaxed);
             });
             obj.0.store(1, Ordering::Release);
-            grace_period(&gp, &[()], &Scan(|g| locked_is_old(&reg, g)));
+            grace_period(&gp, &[()], &Scan(|| locked_slot(&reg)));
             obj.1[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();
         });

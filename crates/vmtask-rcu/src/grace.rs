@@ -45,8 +45,8 @@ impl Updater for Real {
         crate::fence::heavy_barrier();
     }
 
-    fn retain_old(&self, pending: &mut Vec<Self::Reader>, gp_ctr: usize) {
-        registry::retain_old(pending, gp_ctr);
+    fn scan_readers<R>(&self, scan: impl FnOnce(&dyn Fn(Self::Reader) -> Option<usize>) -> R) -> R {
+        registry::scan_readers(scan)
     }
 
     fn sleep(&self, futex: &AtomicI32) -> bool {
@@ -75,6 +75,10 @@ impl Updater for Real {
 
     fn spins(&self) -> usize {
         SPINS
+    }
+
+    fn fast_idle_scans(&self) -> usize {
+        gp::FAST_IDLE_SCANS
     }
 
     fn report_stall(&self) {
@@ -193,6 +197,9 @@ pub(crate) enum Expedite {
 /// giving up (a few µs at most: each scan ends with a spin hint).
 const EXPEDITE_SCANS: usize = 32;
 
+/// Grace periods that completed by `gp::fast_grace_period`.
+pub(crate) static FAST_GRACE_PERIODS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+
 /// Grace periods run by [`try_expedite`], and those it gave up.
 pub(crate) static OWNER_GRACE_PERIODS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
 pub(crate) static OWNER_GIVEN_UP: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
@@ -237,7 +244,9 @@ pub(crate) fn try_expedite(snap: u64) -> Expedite {
 
 fn run_one() {
     let finished = run_with(|readers| {
-        gp::grace_period(&GP, readers, &Real);
+        if gp::grace_period(&GP, readers, &Real) == gp::Completed::Fast {
+            FAST_GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
+        }
         true
     });
     debug_assert!(finished, "a full grace period always finishes");
@@ -297,10 +306,16 @@ pub(crate) fn assert_not_reading(what: &str) {
 /// ended (`synchronize_rcu`).
 ///
 /// Concurrent callers share grace periods. With no other registered
-/// thread it returns in about 0.2 µs; otherwise a grace period costs one
-/// `membarrier` call (an interrupt of every CPU running one of our
-/// threads: 0.2 µs alone, 1–20 µs with a reader running on the other CPU
-/// of the project's machine) plus the wait for readers.
+/// thread it returns in about 0.2 µs. Otherwise a grace period first
+/// flips the phase and watches the readers' slots for a few scans: when
+/// every reader is seen to begin a section after the flip (threads that
+/// run sections back to back), it is over, with no system call
+/// ([`Stats::fast_grace_periods`](crate::Stats::fast_grace_periods)).
+/// When some reader looks idle, that proves nothing without a barrier on
+/// its CPU, and the grace period costs one `membarrier` call (an
+/// interrupt of every CPU running one of our threads: 0.2 µs alone,
+/// 1–20 µs with a reader running on the other CPU of the project's
+/// machine) plus the wait for readers.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicPtr, Ordering};

@@ -50,17 +50,18 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    /// Whether the slot's reader is in a section that began before the
-    /// last flip of `gp_ctr`.
+    /// The published value of the slot's reader (`ReaderCtr::slot`), or
+    /// `None` if no reader is published: its thread has gone, and its
+    /// sections with it.
     ///
     /// # Safety
     /// The caller holds the registry lock (see the module header).
-    unsafe fn is_old(&self, gp_ctr: usize) -> bool {
+    unsafe fn reader_slot(&self) -> Option<usize> {
         let reader = self.reader.load(Ordering::Relaxed);
         // SAFETY: a published reader is a thread's `LOCAL`, valid until
         // that thread unpublishes it under the registry lock, which the
         // caller holds; or a slot's `own`, which is leaked.
-        !reader.is_null() && unsafe { &*reader }.is_old(gp_ctr)
+        (!reader.is_null()).then(|| unsafe { &*reader }.slot())
     }
 }
 
@@ -487,13 +488,16 @@ pub(crate) fn snapshot(out: &mut Vec<&'static Slot>) {
     out.extend(registry.iter().filter(|s| s.in_use.load(Ordering::Acquire)));
 }
 
-/// Keeps in `pending` the slots whose reader is in a section older than
-/// `gp_ctr`'s phase. Holds the registry lock for the scan, so that no
-/// thread-local reader in it can go away meanwhile.
-pub(crate) fn retain_old(pending: &mut Vec<&'static Slot>, gp_ctr: usize) {
+/// Runs `scan` holding the registry lock, so that no thread-local reader
+/// can go away meanwhile, with a function that reads a slot's published
+/// reader (`gp::Updater::scan_readers`).
+pub(crate) fn scan_readers<R>(
+    scan: impl FnOnce(&dyn Fn(&'static Slot) -> Option<usize>) -> R,
+) -> R {
     let _registry = REGISTRY.lock();
-    // SAFETY: we hold the registry lock.
-    pending.retain(|slot| unsafe { slot.is_old(gp_ctr) });
+    // SAFETY: we hold the registry lock until `scan` returns, and the
+    // function cannot outlive `scan` (it is borrowed for the call).
+    scan(&|slot| unsafe { slot.reader_slot() })
 }
 
 /// Number of registered readers now.

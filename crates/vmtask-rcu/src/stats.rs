@@ -40,6 +40,11 @@ pub struct Stats {
     /// because a reader stayed in its section; a later grace period (the
     /// callback thread's, or any other thread's) served instead.
     pub owner_grace_periods_given_up: u64,
+    /// Of those, the grace periods that ended without a heavy barrier
+    /// because every reader was seen to begin a section after the grace
+    /// period started (readers that run sections back to back; see
+    /// [`synchronize`](crate::synchronize)).
+    pub fast_grace_periods: u64,
     /// Mean grace-period latency.
     pub gp_latency_mean: Duration,
     /// Longest grace period.
@@ -86,6 +91,7 @@ pub fn stats() -> Stats {
         grace_periods,
         owner_grace_periods: grace::OWNER_GRACE_PERIODS.load(Ordering::Relaxed),
         owner_grace_periods_given_up: grace::OWNER_GIVEN_UP.load(Ordering::Relaxed),
+        fast_grace_periods: grace::FAST_GRACE_PERIODS.load(Ordering::Relaxed),
         gp_latency_mean: Duration::from_nanos(total.checked_div(grace_periods).unwrap_or(0)),
         gp_latency_max: Duration::from_nanos(grace::GP_NANOS_MAX.load(Ordering::Relaxed)),
         callbacks_queued,
@@ -109,8 +115,12 @@ impl fmt::Display for Stats {
         writeln!(f, "barrier mode:        {}", self.mode)?;
         writeln!(
             f,
-            "grace periods:       {} ({} run by deferring threads, {} given up)",
-            self.grace_periods, self.owner_grace_periods, self.owner_grace_periods_given_up
+            "grace periods:       {} ({} run by deferring threads, {} given up; {} without a \
+             heavy barrier)",
+            self.grace_periods,
+            self.owner_grace_periods,
+            self.owner_grace_periods_given_up,
+            self.fast_grace_periods
         )?;
         writeln!(
             f,

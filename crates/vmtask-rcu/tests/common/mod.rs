@@ -263,6 +263,10 @@ pub fn torture_paced(wait: Wait, readers: usize, duration: Duration, outside: us
 pub fn torture_all(label: &str) {
     let duration = torture_duration() / 4;
     let runs = [
+        // One reader beside the writer, on a two-CPU machine each on its
+        // own CPU: with membarrier, grace periods mostly take the fast
+        // path (the reader is seen to begin a section after the flip).
+        (Wait::Synchronize, 1, 0),
         (Wait::Synchronize, 2, 0),
         (Wait::Call, 2, 0),
         (Wait::DeferDrop, 2, 0),
@@ -277,13 +281,15 @@ pub fn torture_all(label: &str) {
         eprintln!(
             "torture[{label}, {wait:?}, {readers} reader threads, {outside} spins between sections]: {} reads, {} \
              updates, max pipe seen {}, freed seen {}; writer's own grace periods {} finished, \
-             {} given up",
+             {} given up; {} of {} grace periods without a heavy barrier",
             report.reads,
             report.updates,
             report.max_pipe_seen,
             report.freed_seen,
             after.owner_grace_periods - before.owner_grace_periods,
-            after.owner_grace_periods_given_up - before.owner_grace_periods_given_up
+            after.owner_grace_periods_given_up - before.owner_grace_periods_given_up,
+            after.fast_grace_periods - before.fast_grace_periods,
+            after.grace_periods - before.grace_periods
         );
         assert!(
             report.updates > MIN_UPDATES,
