@@ -246,6 +246,23 @@ fn synchronize(c: &mut Criterion) {
     });
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
+    // A registered thread that sleeps outside any section: the grace
+    // period cannot see it begin a section, so it takes the full protocol
+    // (a `membarrier` that interrupts no other CPU, since the thread is
+    // not running), after the scans of a fast attempt that gives up.
+    let (registered, wait_registered) = std::sync::mpsc::channel();
+    let (stop_idle, wait_stop) = std::sync::mpsc::channel::<()>();
+    let idle = std::thread::spawn(move || {
+        drop(vmtask_rcu::read_lock());
+        registered.send(()).unwrap();
+        let _ = wait_stop.recv();
+    });
+    wait_registered.recv().unwrap();
+    g.bench_function("one idle registered thread, blocked", |b| {
+        b.iter(vmtask_rcu::synchronize)
+    });
+    stop_idle.send(()).unwrap();
+    idle.join().unwrap();
     g.finish();
 }
 

@@ -700,24 +700,33 @@ fn readers_done_within<U: Updater>(
     false
 }
 
-/// `grace_period`, given up (returning false) if a wait for readers takes
-/// more than `scans` scans, so a caller that must not block can try one.
+/// `grace_period`, given up (`None`) if a wait for readers takes more
+/// than `scans` scans, so a caller that must not block can try one. The
+/// fast path comes first here too: with busy readers it is the attempt
+/// most likely to finish, and with idle ones its scans cost less than a
+/// microsecond per attempt, which a deferring thread makes once per 32
+/// batches.
 ///
-/// Giving up may leave the phase flipped once. That is harmless: a grace
-/// period's guarantee rests only on its own two waits, which between them
-/// wait for every reader that was in a section when it began, whatever
-/// phase that reader copied and whatever the phase was at the start. A
-/// given-up grace period guarantees nothing, and its caller must treat it
-/// so (`grace::try_expedite` rolls back the sequence count).
+/// Giving up may leave the phase flipped (once or twice, with the fast
+/// path's flip). That is harmless: a grace period's guarantee rests only
+/// on its own two waits, which between them wait for every reader that
+/// was in a section when it began, whatever phase that reader copied and
+/// whatever the phase was at the start. A given-up grace period
+/// guarantees nothing, and its caller must treat it so
+/// (`grace::try_expedite` rolls back the sequence count).
 pub(crate) fn try_grace_period<U: Updater>(
     gp: &GpWord,
     readers: &[U::Reader],
     updater: &U,
     scans: usize,
-) -> bool {
+) -> Option<Completed> {
+    if fast_grace_period(gp, readers, updater) {
+        return Some(Completed::Fast);
+    }
     two_waits(gp, updater, || {
         readers_done_within(gp, readers, updater, scans)
     })
+    .then_some(Completed::Full)
 }
 
 #[cfg(all(test, not(loom)))]
@@ -950,7 +959,7 @@ mod loom_model {
             let finished = match wait {
                 Wait::Full | Wait::TryBeforeFull => false,
                 Wait::TryThenFull | Wait::TryBeforeTryThenFull => {
-                    try_grace_period(&s.gp, &[()], &scan, 1)
+                    try_grace_period(&s.gp, &[()], &scan, 1).is_some()
                 }
             };
             if !finished {

@@ -232,7 +232,7 @@ pub(crate) fn try_expedite(snap: u64) -> Expedite {
     // periods at most.
     while !done(snap) {
         let finished =
-            run_with(|readers| gp::try_grace_period(&GP, readers, &Real, EXPEDITE_SCANS));
+            run_with(|readers| counted(gp::try_grace_period(&GP, readers, &Real, EXPEDITE_SCANS)));
         if !finished {
             OWNER_GIVEN_UP.fetch_add(1, Ordering::Relaxed);
             return Expedite::Readers;
@@ -243,13 +243,17 @@ pub(crate) fn try_expedite(snap: u64) -> Expedite {
 }
 
 fn run_one() {
-    let finished = run_with(|readers| {
-        if gp::grace_period(&GP, readers, &Real) == gp::Completed::Fast {
-            FAST_GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
-        }
-        true
-    });
+    let finished = run_with(|readers| counted(Some(gp::grace_period(&GP, readers, &Real))));
     debug_assert!(finished, "a full grace period always finishes");
+}
+
+/// Whether a grace period completed (`None`: given up), counting those
+/// that took the fast path.
+fn counted(completed: Option<gp::Completed>) -> bool {
+    if completed == Some(gp::Completed::Fast) {
+        FAST_GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
+    }
+    completed.is_some()
 }
 
 /// Runs one grace period with `grace_period` (over the registered

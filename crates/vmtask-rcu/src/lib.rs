@@ -16,7 +16,11 @@
 //!   readers issue a SeqCst fence and [`stats()`] says so.
 //! - **Grace periods.** [`synchronize`] returns after every read-side
 //!   section that began before it has ended. Concurrent callers share grace
-//!   periods.
+//!   periods. When every other registered thread is busy in back-to-back
+//!   sections, a grace period needs no `membarrier` at all: it flips the
+//!   grace-period counter and sees each reader begin a section that read
+//!   the new value ([`Stats::fast_grace_periods`]); an idle reader sends it
+//!   down the full protocol.
 //! - **Callbacks** are taken by one background thread in batches, one grace
 //!   period per batch; [`barrier`] waits for all queued before it.
 //!   Callbacks never run inside `call` itself; a thread waiting in

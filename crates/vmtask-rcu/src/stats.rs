@@ -40,10 +40,10 @@ pub struct Stats {
     /// because a reader stayed in its section; a later grace period (the
     /// callback thread's, or any other thread's) served instead.
     pub owner_grace_periods_given_up: u64,
-    /// Of those, the grace periods that ended without a heavy barrier
-    /// because every reader was seen to begin a section after the grace
-    /// period started (readers that run sections back to back; see
-    /// [`synchronize`](crate::synchronize)).
+    /// Of all `grace_periods` (deferring threads' included), those that
+    /// ended without a heavy barrier because every reader was seen to
+    /// begin a section after the grace period started (readers that run
+    /// sections back to back; see [`synchronize`](crate::synchronize)).
     pub fast_grace_periods: u64,
     /// Mean grace-period latency.
     pub gp_latency_mean: Duration,
