@@ -578,11 +578,16 @@ pub(crate) fn grace_period<U: Updater>(
     if fast_grace_period(gp, readers, updater) {
         return Completed::Fast;
     }
+    full_grace_period(gp, readers, updater);
+    Completed::Full
+}
+
+/// `grace_period` without the fast path: liburcu's protocol alone.
+fn full_grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
     two_waits(gp, updater, || {
         wait_for_readers(gp, readers, updater);
         true
     });
-    Completed::Full
 }
 
 /// Scans in which no pending reader's slot changes before
@@ -617,6 +622,22 @@ const FAST_MAX_SCANS_PER_IDLE: usize = 8;
 ///   store in `begin`: every earlier section of that reader (ended by an
 ///   earlier release store) happens before the updater's next steps, and
 ///   so before the caller's frees.
+/// - Other threads' unlinks, served by this grace period without running
+///   it (concurrent `synchronize` callers, deferring threads whose bags
+///   wait for it): such a thread unlinks, then takes its snapshot of
+///   `GP_SEQ` (`grace::snapshot`: a SeqCst fence F, then a SeqCst load
+///   that reads a value from before this grace period's SeqCst increment
+///   W, which precedes the flip's fence G). If a reader that read the
+///   flip then loaded the unlinked pointer, G would happen before that
+///   load, which reads before the unlink, which is sequenced before F:
+///   so G precedes F in the single total order of SeqCst operations
+///   (C++20 [atomics.order] p4.4), while F precedes W (p4.3: F is
+///   sequenced before a load that is coherence-ordered before W) and W
+///   precedes G (sequenced before): a cycle, so no such execution. Loom
+///   treats SeqCst as acquire/release and cannot check this step (a
+///   model of it fails there, and passes with the snapshot's load
+///   replaced by an RMW); x86-64's locked RMW and `mfence`, AArch64's
+///   `dmb`, forbid it too.
 ///
 /// Readers that leave meanwhile are done, as in the full protocol. Giving
 /// up leaves the phase flipped once, which is harmless (see
@@ -918,7 +939,18 @@ mod loom_model {
         run_waiting(mode, reader_sections, Wait::Full);
     }
 
+    /// Runs the model twice: with the grace period as the crate runs it
+    /// (the fast path first), and with the full protocol alone, so that
+    /// it is also checked starting from a phase no fast attempt flipped
+    /// (with the fast path first, a model without an earlier attempt
+    /// still passes with the second wait removed).
     fn run_waiting(mode: FenceMode, reader_sections: usize, wait: Wait) {
+        for fast_first in [true, false] {
+            run_model(mode, reader_sections, wait, fast_first);
+        }
+    }
+
+    fn run_model(mode: FenceMode, reader_sections: usize, wait: Wait, fast_first: bool) {
         loom::model(move || {
             let s = Arc::new(Shared {
                 gp: {
@@ -963,7 +995,11 @@ mod loom_model {
                 }
             };
             if !finished {
-                grace_period(&s.gp, &[()], &scan);
+                if fast_first {
+                    grace_period(&s.gp, &[()], &scan);
+                } else {
+                    full_grace_period(&s.gp, &[()], &scan);
+                }
             }
             s.freed[0].store(true, Ordering::Relaxed);
             // SAFETY: loom checks this write against the reader's reads.
@@ -1124,9 +1160,15 @@ mod loom_model {
     /// grace period that runs across it.
     #[test]
     fn loom_a_section_handed_to_the_slot_still_holds_the_grace_period() {
+        for fast_first in [true, false] {
+            handed_section_model(fast_first);
+        }
+    }
+
+    fn handed_section_model(fast_first: bool) {
         let mut builder = loom::model::Builder::new();
         builder.preemption_bound = Some(3);
-        builder.check(|| {
+        builder.check(move || {
             let gp = Arc::new(GpWord::new());
             let reg = Arc::new(Registry {
                 lock: loom::sync::Mutex::new(()),
@@ -1158,7 +1200,12 @@ mod loom_model {
                 r.published.store(NONE, Ordering::Relaxed);
             });
             obj.0.store(1, Ordering::Release);
-            grace_period(&gp, &[()], &Scan(|| locked_slot(&reg)));
+            let scan = Scan(|| locked_slot(&reg));
+            if fast_first {
+                grace_period(&gp, &[()], &scan);
+            } else {
+                full_grace_period(&gp, &[()], &scan);
+            }
             obj.1[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();
         });
