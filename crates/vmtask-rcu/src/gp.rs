@@ -778,6 +778,28 @@ mod tests {
     }
 
     #[test]
+    fn a_flip_advances_the_counter_within_its_field_and_keeps_the_other_bits() {
+        let gp = GpWord::new();
+        gp.set_mode(FenceMode::SeqCst);
+        let before = gp.ctr.load(Ordering::Relaxed);
+        flip(&gp);
+        let after = gp.ctr.load(Ordering::Relaxed);
+        assert_eq!(after, before + GP_PHASE);
+        assert_ne!((after ^ before) & GP_PHASE, 0, "a flip flips the phase");
+        // At the top of the field the counter wraps to zero, flipping the
+        // phase as ever, without touching the mode bit or the count.
+        gp.ctr
+            .store(GP_FLIPS | GP_SEQCST | GP_COUNT, Ordering::Relaxed);
+        flip(&gp);
+        assert_eq!(gp.ctr.load(Ordering::Relaxed), GP_SEQCST | GP_COUNT);
+        // Values that differ only in the counter are different grace
+        // periods to the fast path, the same phase to the full protocol.
+        assert_ne!(GP_COUNT, GP_COUNT + 2 * GP_PHASE);
+        assert!(!slot_is_old(GP_COUNT + 2 * GP_PHASE, GP_COUNT));
+        assert!(slot_is_old(GP_COUNT + GP_PHASE, GP_COUNT));
+    }
+
+    #[test]
     fn nested_and_detached_sections_end_exactly_once() {
         for mode in [FenceMode::Membarrier, FenceMode::SeqCst] {
             let gp = GpWord::new();

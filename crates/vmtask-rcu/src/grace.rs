@@ -213,7 +213,9 @@ pub(crate) static OWNER_GIVEN_UP: CachePadded<AtomicU64> = CachePadded::new(Atom
 /// callback thread, and that thread's grace period interrupts the
 /// deferring thread (`membarrier`). Run by the deferring thread,
 /// the grace period skips that thread's own slot, and with no other
-/// reader registered it costs no barrier at all. Measured on the
+/// reader registered it costs no barrier at all; nor with readers that
+/// all run sections back to back (`gp::fast_grace_period`, tried first).
+/// Measured on the
 /// project's machine: 3.7–7 µs of the deferring thread's time per grace
 /// period the callback thread ran (BENCHMARKS.md).
 ///
