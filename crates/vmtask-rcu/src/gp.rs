@@ -939,6 +939,53 @@ mod loom_model {
         contents: [UnsafeCell<usize>; 2],
     }
 
+    impl Shared {
+        fn new(mode: FenceMode) -> Arc<Shared> {
+            let gp = GpWord::new();
+            gp.set_mode(mode);
+            let reader = ReaderCtr::new();
+            reader.prepare(mode, false);
+            Arc::new(Shared {
+                gp,
+                reader,
+                published: AtomicUsize::new(0),
+                freed: [AtomicBool::new(false), AtomicBool::new(false)],
+                contents: [UnsafeCell::new(0), UnsafeCell::new(1)],
+            })
+        }
+
+        /// The reader: `sections` sections, each begun with `begin`, that
+        /// read the published object and check it was not freed.
+        fn spawn_reader(
+            s: &Arc<Self>,
+            sections: usize,
+            begin: fn(&ReaderCtr, &GpWord),
+        ) -> loom::thread::JoinHandle<()> {
+            let r = s.clone();
+            loom::thread::spawn(move || {
+                for _ in 0..sections {
+                    begin(&r.reader, &r.gp);
+                    let obj = r.published.load(Ordering::Acquire);
+                    assert!(
+                        !r.freed[obj].load(Ordering::Relaxed),
+                        "reader saw a freed object"
+                    );
+                    // SAFETY: loom checks this read against the free.
+                    let value = r.contents[obj].with(|v| unsafe { *v });
+                    assert_eq!(value, obj, "reader saw a freed object's contents");
+                    let _ = r.reader.unlock(&r.gp);
+                }
+            })
+        }
+
+        /// Frees object 0, which the updater unpublished.
+        fn free_first(&self) {
+            self.freed[0].store(true, Ordering::Relaxed);
+            // SAFETY: loom checks this write against the reader's reads.
+            self.contents[0].with_mut(|v| unsafe { *v = usize::MAX });
+        }
+    }
+
     /// How the model's updater waits for its grace period.
     #[derive(Clone, Copy)]
     enum Wait {
@@ -974,36 +1021,8 @@ mod loom_model {
 
     fn run_model(mode: FenceMode, reader_sections: usize, wait: Wait, fast_first: bool) {
         loom::model(move || {
-            let s = Arc::new(Shared {
-                gp: {
-                    let gp = GpWord::new();
-                    gp.set_mode(mode);
-                    gp
-                },
-                reader: {
-                    let reader = ReaderCtr::new();
-                    reader.prepare(mode, false);
-                    reader
-                },
-                published: AtomicUsize::new(0),
-                freed: [AtomicBool::new(false), AtomicBool::new(false)],
-                contents: [UnsafeCell::new(0), UnsafeCell::new(1)],
-            });
-            let r = s.clone();
-            let reader = loom::thread::spawn(move || {
-                for _ in 0..reader_sections {
-                    r.reader.lock(&r.gp);
-                    let obj = r.published.load(Ordering::Acquire);
-                    assert!(
-                        !r.freed[obj].load(Ordering::Relaxed),
-                        "reader saw a freed object"
-                    );
-                    // SAFETY: loom checks this read against the free.
-                    let value = r.contents[obj].with(|v| unsafe { *v });
-                    assert_eq!(value, obj, "reader saw a freed object's contents");
-                    let _ = r.reader.unlock(&r.gp);
-                }
-            });
+            let s = Shared::new(mode);
+            let reader = Shared::spawn_reader(&s, reader_sections, |r, gp| r.lock(gp));
             let scan = Scan(|| Some(s.reader.slot()));
             if let Wait::TryBeforeFull | Wait::TryBeforeTryThenFull = wait {
                 // Some earlier grace period, finished or given up.
@@ -1023,9 +1042,7 @@ mod loom_model {
                     full_grace_period(&s.gp, &[()], &scan);
                 }
             }
-            s.freed[0].store(true, Ordering::Relaxed);
-            // SAFETY: loom checks this write against the reader's reads.
-            s.contents[0].with_mut(|v| unsafe { *v = usize::MAX });
+            s.free_first();
             reader.join().unwrap();
         });
     }
@@ -1086,31 +1103,9 @@ mod loom_model {
         let completed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let completed_in_model = completed.clone();
         loom::model(move || {
-            let s = Arc::new(Shared {
-                gp: GpWord::new(),
-                reader: {
-                    let reader = ReaderCtr::new();
-                    reader.prepare(FenceMode::Membarrier, false);
-                    reader
-                },
-                published: AtomicUsize::new(0),
-                freed: [AtomicBool::new(false), AtomicBool::new(false)],
-                contents: [UnsafeCell::new(0), UnsafeCell::new(1)],
-            });
-            let r = s.clone();
-            let reader = loom::thread::spawn(move || {
-                for _ in 0..reader_sections {
-                    r.reader.publish_section(&r.gp);
-                    let obj = r.published.load(Ordering::Acquire);
-                    assert!(
-                        !r.freed[obj].load(Ordering::Relaxed),
-                        "reader saw a freed object"
-                    );
-                    // SAFETY: loom checks this read against the free.
-                    let value = r.contents[obj].with(|v| unsafe { *v });
-                    assert_eq!(value, obj, "reader saw a freed object's contents");
-                    let _ = r.reader.unlock(&r.gp);
-                }
+            let s = Shared::new(FenceMode::Membarrier);
+            let reader = Shared::spawn_reader(&s, reader_sections, |r, gp| {
+                r.publish_section(gp);
             });
             let scan = Scan(|| Some(s.reader.slot()));
             if attempt_before_unlink {
@@ -1120,9 +1115,7 @@ mod loom_model {
             s.published.store(1, Ordering::Release);
             if fast_grace_period(&s.gp, &[()], &scan) {
                 completed_in_model.store(true, std::sync::atomic::Ordering::Relaxed);
-                s.freed[0].store(true, Ordering::Relaxed);
-                // SAFETY: loom checks this write against the reader's reads.
-                s.contents[0].with_mut(|v| unsafe { *v = usize::MAX });
+                s.free_first();
             }
             reader.join().unwrap();
         });
