@@ -4,10 +4,12 @@
 //! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, in alternating rounds.
 //!
 //! ```sh
-//! cargo run --release -p vmtask-rcu --example sync_latency [ROUNDS]
+//! cargo run --release -p vmtask-rcu --example sync_latency [ROUNDS] [SPINS]
 //! ```
 //!
-//! Prints each round's mean per call, the medians, and how many grace
+//! `SPINS` (default 0) spin-loop hints in each of the reader's sections
+//! make them longer. Prints each round's mean per call, the medians, and
+//! how many grace
 //! periods took the fast path (no heavy barrier); in fence mode
 //! (`VMTASK_RCU_FORCE_FENCE=1`) the bare `membarrier` is skipped.
 
@@ -40,10 +42,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse().expect("usage: sync_latency [ROUNDS]"))
-        .unwrap_or(5);
+    let usage = "usage: sync_latency [ROUNDS] [SPINS]";
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().map_or(5, |s| s.parse().expect(usage));
+    let spins: usize = args.next().map_or(0, |s| s.parse().expect(usage));
     let cpus = vmtask_percpu::allowed_cpus();
     let [updater_cpu, reader_cpu, ..] = cpus[..] else {
         eprintln!("sync_latency needs two CPUs; this process may use {cpus:?}");
@@ -61,6 +63,9 @@ fn main() {
             while !stop.load(Ordering::Relaxed) {
                 let guard = vmtask_rcu::read_lock();
                 std::hint::black_box(&guard);
+                for _ in 0..spins {
+                    std::hint::spin_loop();
+                }
                 drop(guard);
             }
         })
@@ -91,7 +96,7 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     println!(
-        "grace periods: {gps}, of which {fast} ({:.1}%) without a heavy barrier",
+        "grace periods: {gps}, of which {fast} ({:.1}%) by the fast path",
         100.0 * fast as f64 / gps.max(1) as f64
     );
     let (s, b) = (median(sync), (!bare.is_empty()).then(|| median(bare)));

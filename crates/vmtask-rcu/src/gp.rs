@@ -30,9 +30,11 @@
 //!
 //! Updater, one grace period (`grace_period`). First the fast path
 //! (`fast_grace_period`): flip, and if every reader's slot is then seen to
-//! hold exactly the new `gp.ctr` within a few scans, that is the whole
-//! grace period, with no heavy barrier (readers that run sections back to
-//! back). Otherwise liburcu's protocol:
+//! hold exactly the new `gp.ctr` within a few microseconds, that is the
+//! whole grace period, with no heavy barrier (readers that run short
+//! sections back to back). A reader that looks idle ends the attempt at
+//! once (`FastScans`). Otherwise liburcu's protocol, in whose waits a
+//! slot holding exactly the attempt's value counts as done:
 //! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
 //!    of the process executes a full fence, so each reader's plain stores
 //!    and loads are ordered as if the reader had fenced itself);
@@ -430,7 +432,14 @@ impl ReaderCtr {
 /// before the last flip of `gp_ctr` (active, with the other phase).
 #[inline]
 pub(crate) fn slot_is_old(v: usize, gp_ctr: usize) -> bool {
-    v & NEST_MASK != 0 && v & OFFLINE == 0 && (v ^ gp_ctr) & GP_PHASE != 0
+    slot_in_section(v) && (v ^ gp_ctr) & GP_PHASE != 0
+}
+
+/// Whether a reader whose slot holds `v` is inside a section (not an
+/// offline reader, whose slot only looks nested).
+#[inline]
+fn slot_in_section(v: usize) -> bool {
+    v & NEST_MASK != 0 && v & OFFLINE == 0
 }
 
 /// Advances `gp.ctr`'s flip counter by one, which flips the phase. The
@@ -469,9 +478,8 @@ pub(crate) trait Updater {
     fn nap(&self, time: Duration);
     /// How many scans before sleeping.
     fn spins(&self) -> usize;
-    /// How many scans in which no pending reader's slot changes before
-    /// `fast_grace_period` gives up (`FAST_IDLE_SCANS`).
-    fn fast_idle_scans(&self) -> usize;
+    /// How long `fast_grace_period` scans (`FAST_SCANS`).
+    fn fast_scans(&self) -> FastScans;
     /// Called once per wait that has lasted `stall_after` since its first
     /// sleep.
     fn report_stall(&self);
@@ -502,14 +510,14 @@ const LONGEST_NAP: Duration = Duration::from_millis(10);
 /// section that ends is then seen within a nap: a quarter later than it
 /// could have been at most, and a wait stuck behind a leaked guard wakes
 /// no more often than the futex timeout would.
-fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
+fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U, proven: usize) {
     let mut pending = readers.to_vec();
     let mut attempts = 0;
     let mut first_sleep: Option<Instant> = None;
     let mut reported = false;
     let mut napping = false;
     loop {
-        retain_old(updater, &mut pending, gp);
+        retain_old(updater, &mut pending, gp, proven);
         if pending.is_empty() {
             return;
         }
@@ -530,7 +538,7 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             // wake us.
             gp.futex.store(-1, Ordering::Relaxed);
             updater.heavy_barrier();
-            retain_old(updater, &mut pending, gp);
+            retain_old(updater, &mut pending, gp, proven);
             if pending.is_empty() {
                 gp.futex.store(0, Ordering::Relaxed);
                 return;
@@ -538,7 +546,7 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
             let before = pending.len();
             let woken = updater.sleep(&gp.futex);
             gp.futex.store(0, Ordering::Relaxed);
-            retain_old(updater, &mut pending, gp);
+            retain_old(updater, &mut pending, gp, proven);
             // Woken by a reader we do not wait for: poll from now on.
             napping = woken && pending.len() == before;
         }
@@ -551,11 +559,16 @@ fn wait_for_readers<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U)
 }
 
 /// Keeps in `pending` the readers in a section older than `gp.ctr`'s
-/// phase.
-fn retain_old<U: Updater>(updater: &U, pending: &mut Vec<U::Reader>, gp: &GpWord) {
+/// phase, except those whose slot holds `proven`: the value of a flip
+/// made in this grace period, after the updates it must order (a failed
+/// fast attempt's, see `fast_grace_period`; 0 when there was none, which
+/// no section holds). Such a section read that flip, and so sees those
+/// updates, by the fast path's own argument; and waiting for it would
+/// wait a whole section more for a reader with long sections.
+fn retain_old<U: Updater>(updater: &U, pending: &mut Vec<U::Reader>, gp: &GpWord, proven: usize) {
     let gp_ctr = gp.ctr.load(Ordering::Relaxed);
     updater.scan_readers(|read| {
-        pending.retain(|r| read(*r).is_some_and(|v| slot_is_old(v, gp_ctr)));
+        pending.retain(|r| read(*r).is_some_and(|v| slot_is_old(v, gp_ctr) && v != proven));
     });
 }
 
@@ -575,37 +588,51 @@ pub(crate) fn grace_period<U: Updater>(
     readers: &[U::Reader],
     updater: &U,
 ) -> Completed {
-    if fast_grace_period(gp, readers, updater) {
-        return Completed::Fast;
+    match fast_grace_period(gp, readers, updater) {
+        Ok(()) => Completed::Fast,
+        Err(proven) => {
+            full_grace_period(gp, readers, updater, proven);
+            Completed::Full
+        }
     }
-    full_grace_period(gp, readers, updater);
-    Completed::Full
 }
 
 /// `grace_period` without the fast path: liburcu's protocol alone.
-fn full_grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) {
+/// `proven`: see `retain_old`.
+fn full_grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U, proven: usize) {
     two_waits(gp, updater, || {
-        wait_for_readers(gp, readers, updater);
+        wait_for_readers(gp, readers, updater, proven);
         true
     });
 }
 
-/// Scans in which no pending reader's slot changes before
-/// `fast_grace_period` gives up: its readers look idle (or stay in one
-/// old section), and only the heavy barrier can end the wait for them.
-/// A reader that runs sections back to back changes its slot every few
-/// nanoseconds; a scan takes tens.
+/// How long `fast_grace_period` scans before it gives up.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FastScans {
+    /// Scans in a row that find one pending reader outside any section,
+    /// its slot unchanged: that reader looks idle, and only the heavy
+    /// barrier can end the wait for it. A reader that runs sections back
+    /// to back changes its slot every few nanoseconds; a scan takes tens.
+    pub(crate) idle: usize,
+    /// Scans in all. A reader inside a section that began before the flip
+    /// does not count as idle: whatever the protocol, that section must
+    /// end first, and a busy reader then begins the next one at once. So
+    /// the fast path waits for sections of up to a few microseconds (the
+    /// full protocol spins longer, `Updater::spins`).
+    pub(crate) max: usize,
+}
+
+/// The real updater's `FastScans`.
 #[cfg_attr(all(loom, test), allow(dead_code))]
-pub(crate) const FAST_IDLE_SCANS: usize = 8;
-/// Scans `fast_grace_period` makes at most, per idle scan allowed.
-const FAST_MAX_SCANS_PER_IDLE: usize = 8;
+pub(crate) const FAST_SCANS: FastScans = FastScans { idle: 8, max: 128 };
 
 /// A grace period without the heavy barrier, for readers that are busy:
 /// flip the phase, then wait until every reader's slot holds exactly the
-/// new `gp.ctr`. Gives up (false) when readers look idle, since a slot
-/// that reads "outside a section" proves nothing without the heavy
-/// barrier: its owner's next slot store may still sit in its CPU's store
-/// buffer while the section's loads go ahead.
+/// new `gp.ctr`. Gives up (false) when a reader looks idle (see
+/// `FastScans`) or after `FastScans::max` scans: a slot that reads
+/// "outside a section" proves nothing without the heavy barrier, since
+/// its owner's next slot store may still sit in its CPU's store buffer
+/// while the section's loads go ahead.
 ///
 /// Why a slot equal to the new `gp.ctr` proves the reader done with
 /// everything unlinked before the flip, in the language's memory model
@@ -640,49 +667,62 @@ const FAST_MAX_SCANS_PER_IDLE: usize = 8;
 ///   `dmb`, forbid it too.
 ///
 /// Readers that leave meanwhile are done, as in the full protocol. Giving
-/// up leaves the phase flipped once, which is harmless (see
+/// up (`Err`) leaves the phase flipped once, which is harmless (see
 /// `try_grace_period`): the full protocol that follows is self-contained.
-/// Only in membarrier mode: with fence mode readers, the full protocol
-/// costs no interrupt anyway.
-fn fast_grace_period<U: Updater>(gp: &GpWord, readers: &[U::Reader], updater: &U) -> bool {
+/// It returns the value it flipped to (0 if it did not try), which the
+/// full protocol's waits may then count as done (`retain_old`): a reader
+/// in a long section, seen in it when the fast path gave up, would
+/// otherwise be waited for twice, in that section and in the one it
+/// began after this flip. Only in membarrier mode: with fence mode
+/// readers, the full protocol costs no interrupt anyway.
+fn fast_grace_period<U: Updater>(
+    gp: &GpWord,
+    readers: &[U::Reader],
+    updater: &U,
+) -> Result<(), usize> {
     if !FAST_PATH || gp.ctr.load(Ordering::Relaxed) & GP_SEQCST != 0 {
-        return false;
+        return Err(0);
     }
     fence(Ordering::SeqCst);
     flip(gp);
     // The slot loads below read values stored after the flip's.
     fence(Ordering::SeqCst);
     let now = gp.ctr.load(Ordering::Relaxed);
-    let mut pending = readers.to_vec();
-    let idle_scans = updater.fast_idle_scans();
+    let scans = updater.fast_scans();
+    // Each pending reader with the slot value last seen and how many scans
+    // in a row have seen it there, outside a section.
+    let mut pending: Vec<_> = readers.iter().map(|r| (*r, usize::MAX, 0)).collect();
     // One hold of the registry lock for every scan: a few µs at most.
     updater.scan_readers(|read| {
-        let mut last = None;
-        let mut unchanged = 0;
-        for _ in 0..idle_scans * FAST_MAX_SCANS_PER_IDLE {
-            // What the pending readers' slots hold, folded into one word.
-            let mut seen = pending.len();
-            pending.retain(|r| {
-                read(*r).is_some_and(|v| {
-                    seen = seen.rotate_left(7) ^ v;
-                    v != now
-                })
-            });
-            if pending.is_empty() {
-                return true;
-            }
-            if last == Some(seen) {
-                unchanged += 1;
-                if unchanged >= idle_scans {
+        for _ in 0..scans.max {
+            let mut idle = false;
+            pending.retain_mut(|(reader, last, same)| {
+                let Some(v) = read(*reader) else {
+                    return false;
+                };
+                if v == now {
                     return false;
                 }
-            } else {
-                last = Some(seen);
-                unchanged = 0;
+                if slot_in_section(v) {
+                    *same = 0;
+                } else if v == *last {
+                    *same += 1;
+                    idle |= *same >= scans.idle;
+                } else {
+                    *same = 0;
+                }
+                *last = v;
+                true
+            });
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if idle {
+                return Err(now);
             }
             spin();
         }
-        false
+        Err(now)
     })
 }
 
@@ -709,10 +749,11 @@ fn readers_done_within<U: Updater>(
     readers: &[U::Reader],
     updater: &U,
     scans: usize,
+    proven: usize,
 ) -> bool {
     let mut pending = readers.to_vec();
     for _ in 0..scans {
-        retain_old(updater, &mut pending, gp);
+        retain_old(updater, &mut pending, gp, proven);
         if pending.is_empty() {
             return true;
         }
@@ -741,13 +782,25 @@ pub(crate) fn try_grace_period<U: Updater>(
     updater: &U,
     scans: usize,
 ) -> Option<Completed> {
-    if fast_grace_period(gp, readers, updater) {
-        return Some(Completed::Fast);
+    match fast_grace_period(gp, readers, updater) {
+        Ok(()) => Some(Completed::Fast),
+        Err(proven) => {
+            try_full_grace_period(gp, readers, updater, scans, proven).then_some(Completed::Full)
+        }
     }
+}
+
+/// `try_grace_period` without the fast path: whether it completed.
+fn try_full_grace_period<U: Updater>(
+    gp: &GpWord,
+    readers: &[U::Reader],
+    updater: &U,
+    scans: usize,
+    proven: usize,
+) -> bool {
     two_waits(gp, updater, || {
-        readers_done_within(gp, readers, updater, scans)
+        readers_done_within(gp, readers, updater, scans, proven)
     })
-    .then_some(Completed::Full)
 }
 
 #[cfg(all(test, not(loom)))]
@@ -919,8 +972,8 @@ mod loom_model {
         fn spins(&self) -> usize {
             usize::MAX
         }
-        fn fast_idle_scans(&self) -> usize {
-            1
+        fn fast_scans(&self) -> FastScans {
+            FastScans { idle: 1, max: 3 }
         }
         fn report_stall(&self) {}
         fn stall_after(&self) -> Duration {
@@ -1008,11 +1061,12 @@ mod loom_model {
         run_waiting(mode, reader_sections, Wait::Full);
     }
 
-    /// Runs the model twice: with the grace period as the crate runs it
-    /// (the fast path first), and with the full protocol alone, so that
-    /// it is also checked starting from a phase no fast attempt flipped
-    /// (with the fast path first, a model without an earlier attempt
-    /// still passes with the second wait removed).
+    /// Runs the model twice: with the grace periods as the crate runs
+    /// them (the fast path first), and with the full protocol alone
+    /// (bounded attempts included), so that it is also checked starting
+    /// from a phase no fast attempt flipped: with the fast path first, a
+    /// model without an earlier attempt still passes with the second wait
+    /// removed, and the membarrier one with the heavy barrier removed.
     fn run_waiting(mode: FenceMode, reader_sections: usize, wait: Wait) {
         for fast_first in [true, false] {
             run_model(mode, reader_sections, wait, fast_first);
@@ -1024,22 +1078,28 @@ mod loom_model {
             let s = Shared::new(mode);
             let reader = Shared::spawn_reader(&s, reader_sections, |r, gp| r.lock(gp));
             let scan = Scan(|| Some(s.reader.slot()));
+            // A bounded attempt, one scan per wait.
+            let attempt = || {
+                if fast_first {
+                    try_grace_period(&s.gp, &[()], &scan, 1).is_some()
+                } else {
+                    try_full_grace_period(&s.gp, &[()], &scan, 1, 0)
+                }
+            };
             if let Wait::TryBeforeFull | Wait::TryBeforeTryThenFull = wait {
                 // Some earlier grace period, finished or given up.
-                let _ = try_grace_period(&s.gp, &[()], &scan, 1);
+                let _ = attempt();
             }
             s.published.store(1, Ordering::Release);
             let finished = match wait {
                 Wait::Full | Wait::TryBeforeFull => false,
-                Wait::TryThenFull | Wait::TryBeforeTryThenFull => {
-                    try_grace_period(&s.gp, &[()], &scan, 1).is_some()
-                }
+                Wait::TryThenFull | Wait::TryBeforeTryThenFull => attempt(),
             };
             if !finished {
                 if fast_first {
                     grace_period(&s.gp, &[()], &scan);
                 } else {
-                    full_grace_period(&s.gp, &[()], &scan);
+                    full_grace_period(&s.gp, &[()], &scan, 0);
                 }
             }
             s.free_first();
@@ -1113,7 +1173,7 @@ mod loom_model {
                 let _ = fast_grace_period(&s.gp, &[()], &scan);
             }
             s.published.store(1, Ordering::Release);
-            if fast_grace_period(&s.gp, &[()], &scan) {
+            if fast_grace_period(&s.gp, &[()], &scan).is_ok() {
                 completed_in_model.store(true, std::sync::atomic::Ordering::Relaxed);
                 s.free_first();
             }
@@ -1143,6 +1203,43 @@ mod loom_model {
     #[test]
     fn loom_the_fast_path_is_not_fooled_by_a_value_from_two_flips_ago() {
         run_fast(2, true);
+    }
+
+    /// The full protocol after a failed fast attempt counts a slot holding
+    /// exactly the attempt's flip as done (`retain_old`'s `proven`), and
+    /// nothing else: a section that copied `gp.ctr` before an earlier
+    /// flip carries the same phase as the attempt's flip, and must still
+    /// be waited for. (Counting every slot with that phase as done fails
+    /// this model.)
+    #[test]
+    fn loom_after_a_failed_fast_attempt_an_older_section_with_the_same_phase_is_waited_for() {
+        loom::model(|| {
+            let s = Shared::new(FenceMode::Membarrier);
+            let r = s.clone();
+            let reader = loom::thread::spawn(move || {
+                r.reader.lock(&r.gp);
+                let obj = r.published.load(Ordering::Acquire);
+                // A long section: the updater's scans yield, which lets
+                // this thread run on, so it yields back.
+                for _ in 0..4 {
+                    loom::thread::yield_now();
+                }
+                // SAFETY: loom checks this read against the free.
+                let value = r.contents[obj].with(|v| unsafe { *v });
+                assert_eq!(value, obj, "reader saw a freed object's contents");
+                let _ = r.reader.unlock(&r.gp);
+            });
+            // An earlier flip (a given-up attempt's), which the reader may
+            // or may not have read.
+            flip(&s.gp);
+            s.published.store(1, Ordering::Release);
+            let scan = Scan(|| Some(s.reader.slot()));
+            if let Err(proven) = fast_grace_period(&s.gp, &[()], &scan) {
+                full_grace_period(&s.gp, &[()], &scan, proven);
+            }
+            s.free_first();
+            reader.join().unwrap();
+        });
     }
 
     /// Which reader the slot publishes (`registry::Slot::reader`).
@@ -1219,7 +1316,7 @@ mod loom_model {
             if fast_first {
                 grace_period(&gp, &[()], &scan);
             } else {
-                full_grace_period(&gp, &[()], &scan);
+                full_grace_period(&gp, &[()], &scan, 0);
             }
             obj.1[0].store(true, Ordering::Relaxed);
             reader.join().unwrap();

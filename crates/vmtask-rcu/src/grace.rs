@@ -77,8 +77,8 @@ impl Updater for Real {
         SPINS
     }
 
-    fn fast_idle_scans(&self) -> usize {
-        gp::FAST_IDLE_SCANS
+    fn fast_scans(&self) -> gp::FastScans {
+        gp::FAST_SCANS
     }
 
     fn report_stall(&self) {
@@ -234,7 +234,7 @@ pub(crate) fn try_expedite(snap: u64) -> Expedite {
     // periods at most.
     while !done(snap) {
         let finished =
-            run_with(|readers| counted(gp::try_grace_period(&GP, readers, &Real, EXPEDITE_SCANS)));
+            run_with(|readers| gp::try_grace_period(&GP, readers, &Real, EXPEDITE_SCANS));
         if !finished {
             OWNER_GIVEN_UP.fetch_add(1, Ordering::Relaxed);
             return Expedite::Readers;
@@ -245,24 +245,18 @@ pub(crate) fn try_expedite(snap: u64) -> Expedite {
 }
 
 fn run_one() {
-    let finished = run_with(|readers| counted(Some(gp::grace_period(&GP, readers, &Real))));
+    let finished = run_with(|readers| Some(gp::grace_period(&GP, readers, &Real)));
     debug_assert!(finished, "a full grace period always finishes");
-}
-
-/// Whether a grace period completed (`None`: given up), counting those
-/// that took the fast path.
-fn counted(completed: Option<gp::Completed>) -> bool {
-    if completed == Some(gp::Completed::Fast) {
-        FAST_GRACE_PERIODS.fetch_add(1, Ordering::Relaxed);
-    }
-    completed.is_some()
 }
 
 /// Runs one grace period with `grace_period` (over the registered
 /// readers other than the caller), holding `GP_LOCK`. If `grace_period`
-/// gives up (returns false), the sequence count rolls back to "not
-/// started": the next grace period is a whole new one.
-fn run_with(grace_period: impl FnOnce(&[&'static registry::Slot]) -> bool) -> bool {
+/// gives up (returns `None`), the sequence count rolls back to "not
+/// started": the next grace period is a whole new one. Whether it
+/// completed.
+fn run_with(
+    grace_period: impl FnOnce(&[&'static registry::Slot]) -> Option<gp::Completed>,
+) -> bool {
     let start = Instant::now();
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
     let unfinished = Unfinished;
@@ -281,16 +275,26 @@ fn run_with(grace_period: impl FnOnce(&[&'static registry::Slot]) -> bool) -> bo
     // With no other registered thread there is no reader to wait for: a
     // thread that registers after the snapshot took the registry lock
     // after us, so its sections begin after the caller's updates (the
-    // lock's release/acquire). Otherwise the full protocol, barriers and
-    // all, even for readers that look quiescent now.
-    if !readers.is_empty() && !grace_period(&readers) {
-        // `unfinished` rolls the count back.
-        return false;
-    }
+    // lock's release/acquire). Otherwise the fast path or the full
+    // protocol, even for readers that look quiescent now.
+    let completed = if readers.is_empty() {
+        None
+    } else {
+        match grace_period(&readers) {
+            // `unfinished` rolls the count back.
+            None => return false,
+            completed => completed,
+        }
+    };
     std::mem::forget(unfinished);
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
     let nanos = start.elapsed().as_nanos() as u64;
     GP_COUNT.fetch_add(1, Ordering::Relaxed);
+    if completed == Some(gp::Completed::Fast) {
+        // Release, after the count: `stats()` reads this first, with
+        // acquire, and so never shows more fast grace periods than all.
+        FAST_GRACE_PERIODS.fetch_add(1, Ordering::Release);
+    }
     GP_NANOS_TOTAL.fetch_add(nanos, Ordering::Relaxed);
     GP_NANOS_MAX.fetch_max(nanos, Ordering::Relaxed);
     true
@@ -313,12 +317,14 @@ pub(crate) fn assert_not_reading(what: &str) {
 ///
 /// Concurrent callers share grace periods. With no other registered
 /// thread it returns in about 0.2 µs. Otherwise a grace period first
-/// flips the phase and watches the readers' slots for a few scans: when
-/// every reader is seen to begin a section after the flip (threads that
-/// run sections back to back), it is over, with no system call
-/// ([`Stats::fast_grace_periods`](crate::Stats::fast_grace_periods)).
-/// When some reader looks idle, that proves nothing without a barrier on
-/// its CPU, and the grace period costs one `membarrier` call (an
+/// flips the phase and watches the readers' slots for up to a few
+/// microseconds: when every reader is seen to begin a section after the
+/// flip (threads that run short sections back to back, each on its own
+/// CPU), it is over, with no system call
+/// ([`Stats::fast_grace_periods`](crate::Stats::fast_grace_periods); on
+/// 64-bit targets, in membarrier mode). When some reader looks idle or
+/// is not running, that proves nothing without a barrier on its CPU, and
+/// the grace period costs one `membarrier` call (an
 /// interrupt of every CPU running one of our threads: 0.2 µs alone,
 /// 1–20 µs with a reader running on the other CPU of the project's
 /// machine) plus the wait for readers.

@@ -16,11 +16,13 @@
 //!   readers issue a SeqCst fence and [`stats()`] says so.
 //! - **Grace periods.** [`synchronize`] returns after every read-side
 //!   section that began before it has ended. Concurrent callers share grace
-//!   periods. When every other registered thread is busy in back-to-back
-//!   sections, a grace period needs no `membarrier` at all: it flips the
-//!   grace-period counter and sees each reader begin a section that read
-//!   the new value ([`Stats::fast_grace_periods`]); an idle reader sends it
-//!   down the full protocol.
+//!   periods. A grace period first flips the grace-period counter and
+//!   watches the other registered threads for a few microseconds: if each
+//!   is seen to begin a section that read the new value (threads that run
+//!   short sections back to back, each on its own CPU), it needs no
+//!   `membarrier` at all ([`Stats::fast_grace_periods`]). A reader that
+//!   looks idle, is not running, or stays in one section longer than that
+//!   sends it down the full protocol. (64-bit targets, membarrier mode.)
 //! - **Callbacks** are taken by one background thread in batches, one grace
 //!   period per batch; [`barrier`] waits for all queued before it.
 //!   Callbacks never run inside `call` itself; a thread waiting in

@@ -41,9 +41,11 @@ pub struct Stats {
     /// callback thread's, or any other thread's) served instead.
     pub owner_grace_periods_given_up: u64,
     /// Of all `grace_periods` (deferring threads' included), those that
-    /// ended without a heavy barrier because every reader was seen to
-    /// begin a section after the grace period started (readers that run
-    /// sections back to back; see [`synchronize`](crate::synchronize)).
+    /// the fast path completed: every other registered reader was seen
+    /// to begin a section after the grace period started, so it issued no
+    /// heavy barrier (see [`synchronize`](crate::synchronize)). Grace
+    /// periods with no other registered reader issue none either, and are
+    /// not counted here.
     pub fast_grace_periods: u64,
     /// Mean grace-period latency.
     pub gp_latency_mean: Duration,
@@ -80,6 +82,9 @@ pub struct Stats {
 
 /// The counters now.
 pub fn stats() -> Stats {
+    // Fast first, with acquire: each was counted after its grace period
+    // (see `grace::run_with`), so the total read next is never below it.
+    let fast_grace_periods = grace::FAST_GRACE_PERIODS.load(Ordering::Acquire);
     let grace_periods = grace::GP_COUNT.load(Ordering::Relaxed);
     let total = grace::GP_NANOS_TOTAL.load(Ordering::Relaxed);
     // Invoked first, with acquire: whatever was invoked by then counted as
@@ -91,7 +96,7 @@ pub fn stats() -> Stats {
         grace_periods,
         owner_grace_periods: grace::OWNER_GRACE_PERIODS.load(Ordering::Relaxed),
         owner_grace_periods_given_up: grace::OWNER_GIVEN_UP.load(Ordering::Relaxed),
-        fast_grace_periods: grace::FAST_GRACE_PERIODS.load(Ordering::Relaxed),
+        fast_grace_periods,
         gp_latency_mean: Duration::from_nanos(total.checked_div(grace_periods).unwrap_or(0)),
         gp_latency_max: Duration::from_nanos(grace::GP_NANOS_MAX.load(Ordering::Relaxed)),
         callbacks_queued,
@@ -115,8 +120,8 @@ impl fmt::Display for Stats {
         writeln!(f, "barrier mode:        {}", self.mode)?;
         writeln!(
             f,
-            "grace periods:       {} ({} run by deferring threads, {} given up; {} without a \
-             heavy barrier)",
+            "grace periods:       {} ({} run by deferring threads, {} given up; {} by the fast \
+             path)",
             self.grace_periods,
             self.owner_grace_periods,
             self.owner_grace_periods_given_up,
