@@ -622,6 +622,9 @@ pub(crate) struct FastScans {
     pub(crate) max: usize,
 }
 
+/// Scans `fast_grace_period` makes per hold of the registry lock.
+const FAST_SCANS_PER_HOLD: usize = 16;
+
 /// The real updater's `FastScans`.
 #[cfg_attr(all(loom, test), allow(dead_code))]
 pub(crate) const FAST_SCANS: FastScans = FastScans { idle: 8, max: 128 };
@@ -692,38 +695,49 @@ fn fast_grace_period<U: Updater>(
     // Each pending reader with the slot value last seen and how many scans
     // in a row have seen it there, outside a section.
     let mut pending: Vec<_> = readers.iter().map(|r| (*r, usize::MAX, 0)).collect();
-    // One hold of the registry lock for every scan: a few µs at most.
-    updater.scan_readers(|read| {
-        for _ in 0..scans.max {
-            let mut idle = false;
-            pending.retain_mut(|(reader, last, same)| {
-                let Some(v) = read(*reader) else {
-                    return false;
-                };
-                if v == now {
-                    return false;
+    let mut left = scans.max;
+    loop {
+        // The registry lock is held for a few scans at a time (about a
+        // microsecond), not for the whole attempt: threads that register
+        // or exit, and `stats()`, wait for it meanwhile.
+        let ended = updater.scan_readers(|read| {
+            for _ in 0..left.min(FAST_SCANS_PER_HOLD) {
+                left -= 1;
+                let mut idle = false;
+                pending.retain_mut(|(reader, last, same)| {
+                    let Some(v) = read(*reader) else {
+                        return false;
+                    };
+                    if v == now {
+                        return false;
+                    }
+                    if slot_in_section(v) {
+                        *same = 0;
+                    } else if v == *last {
+                        *same += 1;
+                        idle |= *same >= scans.idle;
+                    } else {
+                        *same = 0;
+                    }
+                    *last = v;
+                    true
+                });
+                if pending.is_empty() {
+                    return Some(Ok(()));
                 }
-                if slot_in_section(v) {
-                    *same = 0;
-                } else if v == *last {
-                    *same += 1;
-                    idle |= *same >= scans.idle;
-                } else {
-                    *same = 0;
+                if idle {
+                    return Some(Err(now));
                 }
-                *last = v;
-                true
-            });
-            if pending.is_empty() {
-                return Ok(());
+                spin();
             }
-            if idle {
-                return Err(now);
-            }
-            spin();
+            None
+        });
+        match ended {
+            Some(ended) => return ended,
+            None if left == 0 => return Err(now),
+            None => {}
         }
-        Err(now)
-    })
+    }
 }
 
 /// The steps of a grace period around its two waits for readers; stops
@@ -1210,7 +1224,11 @@ mod loom_model {
     /// nothing else: a section that copied `gp.ctr` before an earlier
     /// flip carries the same phase as the attempt's flip, and must still
     /// be waited for. (Counting every slot with that phase as done fails
-    /// this model.)
+    /// this model.) Why a section holding exactly that value may count as
+    /// done is the fast path's argument, which the `run_fast` models
+    /// check: this reader locks with `lock`, whose modelled membarrier
+    /// (a SeqCst fence on the reader's side) would hide a missing acquire
+    /// load, and the full protocol needs that fence for its own reasons.
     #[test]
     fn loom_after_a_failed_fast_attempt_an_older_section_with_the_same_phase_is_waited_for() {
         loom::model(|| {
