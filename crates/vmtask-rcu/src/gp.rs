@@ -631,7 +631,7 @@ pub(crate) const FAST_SCANS: FastScans = FastScans { idle: 8, max: 128 };
 
 /// A grace period without the heavy barrier, for readers that are busy:
 /// flip the phase, then wait until every reader's slot holds exactly the
-/// new `gp.ctr`. Gives up (false) when a reader looks idle (see
+/// new `gp.ctr` (`Ok`). Gives up (`Err`) when a reader looks idle (see
 /// `FastScans`) or after `FastScans::max` scans: a slot that reads
 /// "outside a section" proves nothing without the heavy barrier, since
 /// its owner's next slot store may still sit in its CPU's store buffer
