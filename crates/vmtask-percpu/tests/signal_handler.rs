@@ -32,7 +32,7 @@ extern "C" fn handler(_: libc::c_int) {
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
     if run % 2 == 0 {
         // Distinct from the worker's pointers, which count up from 16.
-        let value = ((1usize << 40) + run) * 16;
+        let value = (1usize << (usize::BITS - 2)) + run * 16;
         let pointer = NonNull::new(value as *mut u8).expect("non-zero");
         if cache.push(pointer).is_ok() {
             let i = PUSHES.fetch_add(1, Ordering::Relaxed);

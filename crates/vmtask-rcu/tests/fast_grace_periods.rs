@@ -26,6 +26,12 @@ fn busy_reader(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
 
 #[test]
 fn a_busy_reader_lets_grace_periods_skip_the_heavy_barrier() {
+    if usize::BITS != 64 {
+        // A 32-bit word's flip counter could wrap while a reader sits
+        // between two instructions: the fast path stays off there.
+        eprintln!("skipped: no fast path on 32-bit targets");
+        return;
+    }
     if vmtask_rcu::stats().mode != vmtask_rcu::BarrierMode::Membarrier {
         eprintln!("skipped: no membarrier here, so no fast path");
         return;

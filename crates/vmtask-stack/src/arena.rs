@@ -505,7 +505,7 @@ mod tests {
         let (a, b) = (layout(16 * page), layout(7 * page));
         // Fake address ranges far from anything mapped: lookup is pure
         // arithmetic. Same end, different starts and slot sizes.
-        let end = 1usize << 46;
+        let end = (usize::MAX >> 2) + 1;
         let (start_a, start_b) = (end - 64 * a.slot_size, end - 64 * b.slot_size);
         let probe = end - 10 * page - 123;
         let expect = |start: usize, layout: &Layout| {

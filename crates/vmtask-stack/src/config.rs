@@ -17,7 +17,9 @@
 //!
 //! Reserved address space is free (`MAP_NORESERVE`, demand paged), but the
 //! 47-bit user address space holds 128 TiB, which bounds
-//! `max_stacks × slot`. Small slots are cheap but overflow sooner; use
+//! `max_stacks × slot`. On 32-bit targets the bound is 3 GiB (the
+//! smallest user split), and the default `max_stacks` is 8,192 (1 GiB of
+//! default slots) instead of 1,048,576. Small slots are cheap but overflow sooner; use
 //! [`ensure()`](crate::ensure()) before deep recursion.
 
 use crate::error::StackError;
@@ -62,7 +64,9 @@ pub struct Config {
     /// Raise it for foreign code whose frames can exceed it without
     /// probing each page (C without `-fstack-clash-protection`).
     pub guard_size: usize,
-    /// Most stacks the pool will ever hold at once. Default 1,048,576.
+    /// Most stacks the pool will ever hold at once. Default 1,048,576
+    /// (8,192 on 32-bit targets, whose address space holds no more than a
+    /// few thousand default slots beside everything else).
     pub max_stacks: usize,
     /// Free stacks each CPU's magazine holds. Default 16; the kernel uses 2.
     /// At most 65,536.
@@ -111,7 +115,7 @@ impl Default for Config {
         Config {
             stack_size: 128 * 1024,
             guard_size: page_size(),
-            max_stacks: 1 << 20,
+            max_stacks: DEFAULT_MAX_STACKS,
             cache_size: 16,
             depot_size: 4 * 16 * vmtask_percpu::possible_cpus(),
             keep_resident: 16 * 1024,
@@ -123,9 +127,23 @@ impl Default for Config {
 }
 
 /// The user address space the arenas must fit in (x86-64 and arm64
-/// with 4-level page tables; `mmap` stays below it unless asked).
+/// with 4-level page tables; `mmap` stays below it unless asked), and its
+/// size as the error messages write it.
+#[cfg(target_pointer_width = "64")]
 const USER_ADDRESS_SPACE: usize = 1 << 47;
-const USER_SPACE_TIB: usize = USER_ADDRESS_SPACE >> 40;
+#[cfg(target_pointer_width = "64")]
+const USER_SPACE: &str = "128 TiB";
+/// On 32-bit targets: the smallest user/kernel split (3 GiB; a 32-bit
+/// process on a 64-bit kernel has 4).
+#[cfg(not(target_pointer_width = "64"))]
+const USER_ADDRESS_SPACE: usize = 3 << 30;
+#[cfg(not(target_pointer_width = "64"))]
+const USER_SPACE: &str = "3 GiB";
+
+/// `Config::default().max_stacks`: 2^20 slots of 132 KiB reserve 132 GiB
+/// of a 64-bit address space as they are used; a 32-bit one holds 3 GiB
+/// in all, so there the default is 8,192 slots (1 GiB).
+const DEFAULT_MAX_STACKS: usize = if usize::BITS == 64 { 1 << 20 } else { 1 << 13 };
 
 /// The largest `cache_size`: far past any useful magazine. The per-CPU
 /// array takes that many pointers per possible CPU; where the allocator
@@ -181,7 +199,7 @@ impl Layout {
         let too_big = |field, n: usize| {
             invalid(
                 field,
-                format!("is {n} bytes; it must be less than the {USER_SPACE_TIB} TiB user address space"),
+                format!("is {n} bytes; it must be less than the {USER_SPACE} user address space"),
             )
         };
         let Some(stack_size) = fits(config.stack_size) else {
@@ -190,8 +208,8 @@ impl Layout {
         let Some(guard_size) = fits(config.guard_size) else {
             return too_big("guard_size", config.guard_size);
         };
-        // Both below 2^47: no overflow.
-        let slot_size = stack_size + guard_size;
+        // Saturating: on 32-bit targets two sizes under 3 GiB can wrap.
+        let slot_size = stack_size.saturating_add(guard_size);
         if slot_size >= USER_ADDRESS_SPACE {
             // Name the larger of the two: the one to make smaller.
             let (field, size, other, other_size) = if guard_size > stack_size {
@@ -202,7 +220,7 @@ impl Layout {
             return invalid(
                 field,
                 format!(
-                    "is {size} bytes, and with the {other_size}-byte {other} does not fit below the {USER_SPACE_TIB} TiB user address space"
+                    "is {size} bytes, and with the {other_size}-byte {other} does not fit below the {USER_SPACE} user address space"
                 ),
             );
         }
@@ -213,7 +231,7 @@ impl Layout {
             return invalid(
                 "max_stacks",
                 format!(
-                    "is {}: that many slots of {} KiB (stack_size + guard_size) do not fit below the {USER_SPACE_TIB} TiB user address space (at most {})",
+                    "is {}: that many slots of {} KiB (stack_size + guard_size) do not fit below the {USER_SPACE} user address space (at most {})",
                     config.max_stacks,
                     slot_size / 1024,
                     (USER_ADDRESS_SPACE - 1) / slot_size
@@ -309,21 +327,21 @@ mod tests {
             (
                 "stack_size",
                 Config {
-                    stack_size: 1 << 60,
+                    stack_size: USER_ADDRESS_SPACE + USER_ADDRESS_SPACE / 8,
                     ..Config::default()
                 },
             ),
             (
                 "guard_size",
                 Config {
-                    guard_size: (1 << 47) + 1,
+                    guard_size: USER_ADDRESS_SPACE + 1,
                     ..Config::default()
                 },
             ),
             (
                 "stack_size",
                 Config {
-                    stack_size: 1 << 47,
+                    stack_size: USER_ADDRESS_SPACE,
                     guard_size: 1,
                     max_stacks: 1,
                     ..Config::default()
@@ -335,8 +353,8 @@ mod tests {
             (
                 "stack_size",
                 Config {
-                    stack_size: 1 << 46,
-                    guard_size: 1 << 46,
+                    stack_size: USER_ADDRESS_SPACE / 2,
+                    guard_size: USER_ADDRESS_SPACE / 2,
                     max_stacks: 1,
                     ..Config::default()
                 },
@@ -344,7 +362,7 @@ mod tests {
             (
                 "max_stacks",
                 Config {
-                    stack_size: (1 << 46) - 4096,
+                    stack_size: USER_ADDRESS_SPACE / 2 - 4096,
                     guard_size: 4096,
                     max_stacks: 2,
                     ..Config::default()
@@ -359,14 +377,17 @@ mod tests {
                 other => panic!("{field}: expected InvalidConfig, got {other:?}"),
             }
         }
+        // 1 TiB stacks on 64-bit targets, 24 MiB ones on 32-bit: 127 fit.
         let err = Layout::new(&Config {
-            stack_size: 1 << 40,
+            stack_size: USER_ADDRESS_SPACE / 128,
             ..Config::default()
         })
         .unwrap_err();
         let message = err.to_string();
         assert!(
-            message.starts_with("invalid stack pool config: max_stacks is 1048576:"),
+            message.starts_with(&format!(
+                "invalid stack pool config: max_stacks is {DEFAULT_MAX_STACKS}:"
+            )),
             "{message}"
         );
         assert!(message.contains("(at most 127)"), "{message}");
@@ -382,7 +403,13 @@ mod tests {
     #[test]
     fn default_holds_a_million_default_stacks() {
         let config = Config::default();
-        assert!(config.max_stacks >= 1_000_000);
+        if usize::BITS == 64 {
+            assert!(config.max_stacks >= 1_000_000);
+        } else {
+            assert_eq!(config.max_stacks, 8192);
+        }
+        // The default is valid, on every target.
+        assert!(Layout::new(&config).is_ok());
         assert_eq!(config.stack_size, 128 * 1024);
         assert_eq!(config.cache_size, 16);
         assert!(!config.zero_on_reuse);

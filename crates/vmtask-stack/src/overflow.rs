@@ -323,15 +323,15 @@ fn frame_room() -> usize {
     (2 * min).max(8 * 1024)
 }
 
-/// Whether the fault was a general-protection fault (x86-64 delivers
-/// those as SIGSEGV with `SI_KERNEL` and address 0 too: a non-canonical
+/// Whether the fault was a general-protection fault (x86-64 and i386
+/// deliver those as SIGSEGV with `SI_KERNEL` and address 0 too: a non-canonical
 /// pointer, a misaligned SSE access), not a signal frame that did not fit
 /// (the kernel records no trap for that). The trap number is the thread's
 /// last one, so a thread whose earlier general-protection fault a handler
 /// recovered from has a frame that did not fit chained rather than
 /// reported: a miss in a rare case, where the other choice would report
 /// every general-protection fault near a guard as an overflow.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(any(target_arch = "x86_64", target_arch = "x86"), target_os = "linux"))]
 fn general_protection(ctx: *mut libc::c_void) -> bool {
     const X86_TRAP_GP: libc::greg_t = 13;
     let ctx = ctx.cast::<libc::ucontext_t>();
@@ -342,7 +342,7 @@ fn general_protection(ctx: *mut libc::c_void) -> bool {
 
 /// Elsewhere the kernel does not raise SIGSEGV with `SI_KERNEL` for such
 /// faults.
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+#[cfg(not(all(any(target_arch = "x86_64", target_arch = "x86"), target_os = "linux")))]
 fn general_protection(_ctx: *mut libc::c_void) -> bool {
     false
 }
@@ -366,9 +366,19 @@ fn interrupted_sp(ctx: *mut libc::c_void) -> Option<usize> {
     Some(sp as usize)
 }
 
+/// The stack pointer of the interrupted code, from the handler's context.
+#[cfg(all(target_arch = "x86", target_os = "linux"))]
+fn interrupted_sp(ctx: *mut libc::c_void) -> Option<usize> {
+    let ctx = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: as on x86_64.
+    let sp = unsafe { ctx.as_ref()?.uc_mcontext.gregs[libc::REG_ESP as usize] };
+    Some(sp as usize)
+}
+
 /// Elsewhere only the fault address is used.
 #[cfg(not(any(
     all(target_arch = "x86_64", target_os = "linux"),
+    all(target_arch = "x86", target_os = "linux"),
     all(target_arch = "aarch64", target_os = "linux")
 )))]
 fn interrupted_sp(_ctx: *mut libc::c_void) -> Option<usize> {
@@ -818,12 +828,12 @@ mod tests {
             buf: [0; 384],
             len: 0,
         };
-        m.push_hex(0x7f00_dead_b000);
+        m.push_hex(0xdead_b000);
         m.push(b" ");
         m.push_decimal(131072);
         m.push(b" ");
         m.push_hex(0);
-        assert_eq!(&m.buf[..m.len], b"0x7f00deadb000 131072 0x0");
+        assert_eq!(&m.buf[..m.len], b"0xdeadb000 131072 0x0");
     }
 
     #[test]

@@ -7,6 +7,12 @@ fn page() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
+/// The user address space the pool's checks assume (see `config.rs`).
+#[cfg(target_pointer_width = "64")]
+const USER_SPACE: usize = 1 << 47;
+#[cfg(not(target_pointer_width = "64"))]
+const USER_SPACE: usize = 3 << 30;
+
 fn field_of(config: Config) -> (&'static str, String) {
     match StackPool::new(config) {
         Err(StackError::InvalidConfig { field, reason }) => (field, reason),
@@ -15,13 +21,14 @@ fn field_of(config: Config) -> (&'static str, String) {
     }
 }
 
-/// A default 128 KiB stack with a guard just under 128 TiB: each size
+/// A default 128 KiB stack with a guard just under the user address
+/// space (128 TiB on 64-bit targets): each size
 /// fits alone, the slot does not. The guard is what is wrong; the error
 /// must not blame `stack_size`.
 #[test]
 fn a_huge_guard_is_named_as_the_guard() {
     let (field, reason) = field_of(Config {
-        guard_size: (1 << 47) - page(),
+        guard_size: USER_SPACE - page(),
         max_stacks: 1,
         ..Config::default()
     });
@@ -33,7 +40,7 @@ fn a_huge_guard_is_named_as_the_guard() {
 #[test]
 fn a_huge_stack_is_named_as_the_stack() {
     let (field, reason) = field_of(Config {
-        stack_size: 1 << 47,
+        stack_size: USER_SPACE,
         guard_size: 1,
         max_stacks: 1,
         ..Config::default()

@@ -38,7 +38,11 @@ fn stacks_allocated_up_to_the_address_space_limit_can_all_be_freed() {
             ENV,
         );
     }
-    let pool = StackPool::new(Config::default()).unwrap();
+    let pool = StackPool::new(Config {
+        max_stacks: common::max_stacks_past_kernel_limits(Config::default().stack_size),
+        ..Config::default()
+    })
+    .unwrap();
     limit_address_space(3 << 30);
     let (stacks, err) = alloc_until_error(&pool, 1 << 20);
     assert_enomem(&err);

@@ -23,6 +23,7 @@ fn run(mode: GuardMode) {
         StackPool::new(Config {
             stack_size: 1 << 20,
             guard_mode: mode,
+            max_stacks: common::max_stacks_past_kernel_limits(1 << 20),
             ..Config::default()
         })
         .unwrap(),

@@ -244,6 +244,7 @@ fn a_cleared_stack_freed_during_the_drop_still_destroys_the_pool() {
         let pool = StackPool::new(Config {
             stack_size: 1 << 20,
             zero_on_reuse: true,
+            max_stacks: common::max_stacks_past_kernel_limits(1 << 20),
             ..Config::default()
         })
         .unwrap();

@@ -171,6 +171,7 @@ fn store_into_guard_from_below(guard: usize) -> ! {
 }
 
 /// `run_child`, or `None` if the child printed that it skipped.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn run_child_unless_skipped(test: &str) -> Option<Output> {
     let out = run_child(test);
     (!String::from_utf8_lossy(&out.stdout).contains("SKIP")).then_some(out)
@@ -378,6 +379,7 @@ fn mprotect_mode_reports_the_map_count_limit_as_an_error() {
         let pool = StackPool::new(Config {
             guard_mode: GuardMode::Mprotect,
             stack_size: 4096,
+            max_stacks: common::max_stacks_past_kernel_limits(4096),
             ..Config::default()
         })
         .unwrap();
@@ -721,6 +723,7 @@ fn alt_stacks_are_recycled_after_thread_exit() {
     assert!(stacks.iter().all(|s| *s == stacks[0]), "{stdout}");
 }
 
+#[cfg(target_arch = "x86_64")]
 extern "C" fn ignore_usr1(_: libc::c_int) {}
 
 /// Sends SIGUSR1 to this thread with the stack pointer moved to `sp`, so
@@ -846,6 +849,7 @@ fn the_kernels_own_sigsegv_elsewhere_still_kills_under_the_default_action() {
 }
 
 /// The previous handler of these tests: says what it got and exits 42.
+#[cfg(target_arch = "x86_64")]
 extern "C" fn report_and_exit(
     _sig: libc::c_int,
     info: *mut libc::siginfo_t,

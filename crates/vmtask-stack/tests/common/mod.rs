@@ -7,6 +7,18 @@ pub fn page() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
+/// `max_stacks` for a pool of `stack_size` stacks (one-page guards) whose
+/// test wants the kernel's limits (address space, map count) reached
+/// before the pool's own: the default on 64-bit targets; on 32-bit ones,
+/// whose default is 8,192, as many slots as fit below 3 GiB.
+pub fn max_stacks_past_kernel_limits(stack_size: usize) -> usize {
+    if usize::BITS == 64 {
+        vmtask_stack::Config::default().max_stacks
+    } else {
+        ((3usize << 30) - 1) / (stack_size + page())
+    }
+}
+
 /// Runs `f` on a thread pinned to `cpu`, so per-CPU caches behave
 /// deterministically.
 pub fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
@@ -175,7 +187,10 @@ pub fn limit_address_space(headroom: u64) {
     };
     // SAFETY: reads this process's own limit into `limit`.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) }, 0);
-    limit.rlim_cur = (vm_size_kib * 1024 + headroom).min(limit.rlim_max);
+    // `rlim_t` is 32 bits wide on 32-bit targets: saturate there.
+    let wanted =
+        libc::rlim_t::try_from(vm_size_kib * 1024 + headroom).unwrap_or(libc::RLIM_INFINITY);
+    limit.rlim_cur = wanted.min(limit.rlim_max);
     // SAFETY: lowers this process's own soft limit; no pointer but `limit`.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
 }
