@@ -269,6 +269,13 @@ pub fn torture_all(label: &str) {
         // run prints how many.
         (Wait::Synchronize, 1, 0),
         (Wait::Synchronize, 2, 0),
+        // More busy threads than CPUs: a descheduled reader looks idle or
+        // stays in an old section, so fast attempts mostly give up and the
+        // full protocol takes over, with the values they proved.
+        (Wait::Synchronize, 4, 0),
+        // Readers that pause between sections, each seen busy, idle or
+        // in an old section by turns.
+        (Wait::Synchronize, 3, 2_000),
         (Wait::Call, 2, 0),
         (Wait::DeferDrop, 2, 0),
         // One reader that pauses between sections: the writer's own grace
