@@ -112,11 +112,14 @@ impl SpawnCostArgs {
 }
 
 /// `--stack-kib`: from the kernel's 16 KiB stacks up to 64 MiB, whose
-/// default pool of a million slots still fits in the address space.
+/// default pool of a million slots still fits in a 64-bit address space
+/// (on 32-bit targets, past about 380 KiB, the pool's 8,192 default slots
+/// do not fit, and the pool's configuration error says so).
 const STACK_KIB: std::ops::RangeInclusive<usize> = 16..=65536;
 /// `--tasks`: the populated phase makes 128 KiB resident per task, so
 /// 65536 tasks is 8 GiB; more would be refused by the pool (its
-/// `max_stacks` is 2^20) or end in the OOM killer, not in a message.
+/// `max_stacks` is 2^20 on 64-bit targets) or end in the OOM killer, not
+/// in a message.
 const TASKS: std::ops::RangeInclusive<usize> = 1..=65536;
 /// `--cache-size`: `vmtask_stack::Config::cache_size`'s range.
 const CACHE_SIZE: std::ops::RangeInclusive<usize> = 1..=65536;

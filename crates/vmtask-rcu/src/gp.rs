@@ -6,8 +6,10 @@
 //!   low bit) and a constant count of one (`GP_COUNT`), so a reader can
 //!   copy it into its slot as "nesting 1".
 //! - `ReaderCtr::ctr`, one per registered thread, written only by that
-//!   thread: zero when outside a read-side section, otherwise the copied
-//!   phase plus the nesting depth in the low bits.
+//!   thread: zero when outside a read-side section, otherwise a copy of
+//!   the whole `gp.ctr` its outermost lock loaded (flip counter, mode bit,
+//!   a nesting field of one; all ones for an offline reader). The depth
+//!   of nested guards lives in the owner's private `state` word.
 //! - `GpWord::futex`: -1 while an updater sleeps waiting for readers.
 //!
 //! Reader, outermost `lock`: `slot = gp.ctr` (an acquire load and a
@@ -28,13 +30,14 @@
 //! lock, which a thread takes to unregister: a thread-local `ctr` is never
 //! read after its thread has gone (see `registry.rs`).
 //!
-//! Updater, one grace period (`grace_period`). First the fast path
-//! (`fast_grace_period`): flip, and if every reader's slot is then seen to
-//! hold exactly the new `gp.ctr` within a few microseconds, that is the
-//! whole grace period, with no heavy barrier (readers that run short
-//! sections back to back). A reader that looks idle ends the attempt at
-//! once (`FastScans`). Otherwise liburcu's protocol, in whose waits a
-//! slot holding exactly the attempt's value counts as done:
+//! Updater, one grace period (`grace_period`). First, on 64-bit targets
+//! in membarrier mode, the fast path (`fast_grace_period`): flip, and if
+//! every reader's slot is then seen to hold exactly the new `gp.ctr`
+//! within a few microseconds, that is the whole grace period, with no
+//! heavy barrier (readers that run short sections back to back). A reader
+//! whose slot stays unchanged outside a section for a few scans
+//! (`FastScans::idle`) ends the attempt. Otherwise liburcu's protocol, in
+//! whose waits a slot holding exactly the attempt's value counts as done:
 //! 1. heavy barrier (`membarrier(PRIVATE_EXPEDITED)`: every running thread
 //!    of the process executes a full fence, so each reader's plain stores
 //!    and loads are ordered as if the reader had fenced itself);

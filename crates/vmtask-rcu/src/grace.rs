@@ -327,7 +327,8 @@ pub(crate) fn assert_not_reading(what: &str) {
 /// the grace period costs one `membarrier` call (an
 /// interrupt of every CPU running one of our threads: 0.2 µs alone,
 /// 1–20 µs with a reader running on the other CPU of the project's
-/// machine) plus the wait for readers.
+/// machine) plus the wait for readers, and one more `membarrier` each
+/// time that wait goes to sleep on a reader in a long section.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicPtr, Ordering};

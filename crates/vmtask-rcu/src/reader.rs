@@ -39,8 +39,9 @@ pub struct ReadGuard {
 
 /// Enters a read-side critical section (`rcu_read_lock`). Nestable.
 ///
-/// Two loads and a store on the thread's own thread-local reader; the
-/// first call on a thread registers it as a reader.
+/// Two loads (the thread's own thread-local slot and the global
+/// grace-period word) and a store to the slot; the first call on a thread
+/// registers it as a reader.
 ///
 /// A signal handler may take a read lock on a thread that has already
 /// used RCU: that path is a few loads and stores, no lock. Registration is

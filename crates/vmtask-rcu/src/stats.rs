@@ -68,9 +68,12 @@ pub struct Stats {
     pub expedited: u64,
     /// Times a caller waited at the hard backlog limit.
     pub throttled: u64,
-    /// Heavy barriers the updaters issued: `membarrier` calls, each an
-    /// interrupt on every CPU running one of the process's threads (or
-    /// SeqCst fences in the fallback mode).
+    /// Heavy barriers issued: `membarrier` calls, each an interrupt on
+    /// every CPU running one of the process's threads (or SeqCst fences in
+    /// the fallback mode). Grace periods' full protocol issues one, plus
+    /// one per sleep of its wait for readers; taking threads' deferred-drop
+    /// bags (the callback thread's flush of idle threads, `barrier`)
+    /// issues one per flush.
     pub heavy_barriers: u64,
     /// Reader slots in use now: threads registered as readers, plus the
     /// slots holding a section that outlived its thread's registration or

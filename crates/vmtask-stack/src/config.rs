@@ -65,8 +65,8 @@ pub struct Config {
     /// probing each page (C without `-fstack-clash-protection`).
     pub guard_size: usize,
     /// Most stacks the pool will ever hold at once. Default 1,048,576
-    /// (8,192 on 32-bit targets, whose address space holds no more than a
-    /// few thousand default slots beside everything else).
+    /// (8,192 on 32-bit targets: 1 GiB of default slots, a third of the
+    /// 3 GiB user address space, leaving the rest to the program).
     pub max_stacks: usize,
     /// Free stacks each CPU's magazine holds. Default 16; the kernel uses 2.
     /// At most 65,536.

@@ -384,7 +384,8 @@ fn mprotect_mode_reports_the_map_count_limit_as_an_error() {
         })
         .unwrap();
         // vm.max_map_count (65530 by default) ends it near 32,765 stacks,
-        // two mappings each; a default pool holds 1,048,576.
+        // two mappings each; a default pool holds 1,048,576 (on 64-bit
+        // targets).
         let (stacks, err) = common::alloc_until_error(&pool, 1 << 20);
         let held = stacks.len();
         drop(stacks);
