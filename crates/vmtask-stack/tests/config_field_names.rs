@@ -2,16 +2,8 @@
 
 use vmtask_stack::{Config, StackError, StackPool};
 
-fn page() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
-
-/// The user address space the pool's checks assume (see `config.rs`).
-#[cfg(target_pointer_width = "64")]
-const USER_SPACE: usize = 1 << 47;
-#[cfg(not(target_pointer_width = "64"))]
-const USER_SPACE: usize = 3 << 30;
+mod common;
+use common::{page, USER_SPACE};
 
 fn field_of(config: Config) -> (&'static str, String) {
     match StackPool::new(config) {

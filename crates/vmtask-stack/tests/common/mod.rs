@@ -7,6 +7,12 @@ pub fn page() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
+/// The user address space the pool's checks assume (`config.rs`).
+#[cfg(target_pointer_width = "64")]
+pub const USER_SPACE: usize = 1 << 47;
+#[cfg(not(target_pointer_width = "64"))]
+pub const USER_SPACE: usize = 3 << 30;
+
 /// `max_stacks` for a pool of `stack_size` stacks (one-page guards) whose
 /// test wants the kernel's limits (address space, map count) reached
 /// before the pool's own: the default on 64-bit targets; on 32-bit ones,
@@ -15,7 +21,7 @@ pub fn max_stacks_past_kernel_limits(stack_size: usize) -> usize {
     if usize::BITS == 64 {
         vmtask_stack::Config::default().max_stacks
     } else {
-        ((3usize << 30) - 1) / (stack_size + page())
+        (USER_SPACE - 1) / (stack_size + page())
     }
 }
 
