@@ -36,6 +36,48 @@ const SPINS: usize = 1000;
 /// silently; one that is genuinely long just costs a wake-up).
 const SLEEP_TIMEOUT: Duration = Duration::from_millis(10);
 
+/// Sleeps while `futex` holds -1, for at most `timeout`. Returns false if
+/// the timeout ended the sleep, true if a wake-up or a changed value did.
+///
+/// A signal delivered to the sleeping thread (`EINTR`) is neither: the
+/// sleep goes on for the rest of the timeout. Taking it for a wake-up made
+/// `wait_for_readers` conclude that some other reader had woken it, and
+/// poll from then on, so a signal storm cost every later wake-up.
+fn futex_sleep(futex: &AtomicI32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let left = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: FUTEX_WAIT on a live, aligned i32 with a valid timespec;
+        // the kernel only reads both. Returns at once if the value is no
+        // longer -1 (a reader already woke us).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                futex.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                -1,
+                &left as *const libc::timespec,
+            )
+        };
+        if rc == 0 {
+            return true;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ETIMEDOUT) => return false,
+            Some(libc::EINTR) => continue,
+            // EAGAIN: the value is no longer -1.
+            _ => return true,
+        }
+    }
+}
+
 struct Real;
 
 impl Updater for Real {
@@ -50,23 +92,7 @@ impl Updater for Real {
     }
 
     fn sleep(&self, futex: &AtomicI32) -> bool {
-        let timeout = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: SLEEP_TIMEOUT.as_nanos() as libc::c_long,
-        };
-        // SAFETY: FUTEX_WAIT on a live, aligned i32 with a valid timespec;
-        // the kernel only reads both. Returns at once if the value is no
-        // longer -1 (a reader already woke us).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                futex.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                -1,
-                &timeout as *const libc::timespec,
-            )
-        };
-        !(rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT))
+        futex_sleep(futex, SLEEP_TIMEOUT)
     }
 
     fn nap(&self, time: Duration) {
@@ -376,4 +402,85 @@ pub(crate) fn after_fork_child() {
         GP_SEQ.store(seq - 1, Ordering::Relaxed);
     }
     GP.futex.store(0, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::Arc;
+
+    static DELIVERED: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn count_signal(_: libc::c_int) {
+        DELIVERED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A signal storm on the sleeping updater is not a wake-up: the sleep
+    /// lasts its whole timeout (it returned `true` at the first `EINTR`).
+    #[test]
+    fn signals_do_not_end_the_sleep() {
+        let signal = libc::SIGRTMIN() + 5;
+        // SAFETY: an all-zero sigaction is valid to fill in; the handler
+        // only bumps an atomic, and no SA_RESTART, so a futex wait that a
+        // signal interrupts returns EINTR.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(libc::sigaction(signal, &action, std::ptr::null_mut()), 0);
+        }
+        let futex = AtomicI32::new(-1);
+        // SAFETY: pthread_self has no preconditions.
+        let sleeper = unsafe { libc::pthread_self() } as usize;
+        let done = Arc::new(AtomicBool::new(false));
+        let storm = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                while !done.load(Ordering::Relaxed) {
+                    // SAFETY: the sleeper joins this thread before it
+                    // returns, so its pthread_t stays valid meanwhile.
+                    unsafe { libc::pthread_kill(sleeper as libc::pthread_t, signal) };
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            }
+        });
+        let timeout = Duration::from_millis(40);
+        let start = Instant::now();
+        let woken = futex_sleep(&futex, timeout);
+        let slept = start.elapsed();
+        done.store(true, Ordering::Relaxed);
+        storm.join().unwrap();
+        assert!(
+            DELIVERED.load(Ordering::Relaxed) > 0,
+            "no signal reached the sleeping thread"
+        );
+        assert!(!woken, "a signal was taken for a wake-up after {slept:?}");
+        assert!(slept >= timeout, "slept {slept:?} of {timeout:?}");
+    }
+
+    #[test]
+    fn a_changed_value_or_a_wake_ends_the_sleep() {
+        let futex = AtomicI32::new(0);
+        assert!(futex_sleep(&futex, Duration::from_secs(10)));
+        let futex = Arc::new(AtomicI32::new(-1));
+        let waker = std::thread::spawn({
+            let futex = futex.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(20));
+                futex.store(0, Ordering::Relaxed);
+                // SAFETY: FUTEX_WAKE on a live, aligned i32.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        futex.as_ptr(),
+                        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                        1,
+                    )
+                };
+            }
+        });
+        assert!(futex_sleep(&futex, Duration::from_secs(10)));
+        waker.join().unwrap();
+    }
 }
