@@ -211,6 +211,16 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
         // is never linked further: later producers link from the stub.
         let next = if node == last {
             ptr::null_mut()
+        } else if UNCOUNTED.get() {
+            // A fork child that forked from a callback of this batch: a
+            // producer the fork stopped between its tail swap and its link
+            // left a link that nobody will write (the queues and batch
+            // lists were cut at such links in `after_fork_child`, but not
+            // this batch, which only this thread's stack holds). The batch
+            // ends at it; the rest is lost in the child, and was counted
+            // as invoked by `recount_after_fork`.
+            // SAFETY: `node` is queued and not yet invoked, so still valid.
+            unsafe { (*node).next.load(Ordering::Acquire) }
         } else {
             // SAFETY: `node` is queued and not yet invoked, so still valid.
             wait_next(unsafe { &*node })
@@ -233,7 +243,7 @@ unsafe fn invoke(first: *mut RcuHead, last: *mut RcuHead) -> u64 {
                 UNREPORTED.set(unreported);
             }
         }
-        if node == last {
+        if node == last || next.is_null() {
             return count;
         }
         node = next;
@@ -249,7 +259,8 @@ thread_local! {
     static UNREPORTED: Cell<u64> = const { Cell::new(0) };
     /// In a fork child, on the thread that forked from a callback: the rest
     /// of the batch it is running was counted as invoked by
-    /// `recount_after_fork`, so `invoke` does not count it again.
+    /// `recount_after_fork`, so `invoke` does not count it again, nor
+    /// waits for a link that a producer stopped by the fork never writes.
     static UNCOUNTED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -1554,4 +1565,98 @@ pub(crate) fn recount_after_fork() {
     });
     let pending = queued + spliced + own;
     INVOKED.store(queued_total().saturating_sub(pending), Ordering::SeqCst);
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI32;
+
+    static CHILD: AtomicI32 = AtomicI32::new(0);
+    static LATE_NODE_RAN: AtomicBool = AtomicBool::new(false);
+
+    /// A callback node running `f`, not queued yet.
+    fn call_node<F: FnOnce() + Send + 'static>(f: F) -> *mut RcuHead {
+        let node = Box::into_raw(Box::new(CallNode {
+            head: RcuHead::new(),
+            f,
+        }));
+        let head = node.cast::<RcuHead>();
+        // SAFETY: a fresh node of ours, not shared yet.
+        unsafe { *(*head).func.get() = Some(run_call_node::<F>) };
+        head
+    }
+
+    /// A callback forks while a later node of its batch still waits for
+    /// its producer's link. In the child the producer is gone: the batch
+    /// must end there, not spin on the link for good (which stopped every
+    /// callback and `barrier` in the child).
+    #[test]
+    fn a_fork_from_a_callback_before_a_missing_link_of_its_batch() {
+        crate::barrier();
+        let forks = call_node(|| {
+            // SAFETY: the child runs RCU code, then `_exit`s.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: a hang ends the child with SIGALRM.
+                unsafe { libc::alarm(10) };
+                std::thread::spawn(|| {
+                    crate::barrier();
+                    // SAFETY: ends the child without running the parent's
+                    // test harness.
+                    unsafe { libc::_exit(0) };
+                });
+                return;
+            }
+            CHILD.store(pid, Ordering::SeqCst);
+        });
+        // `invoke` reads a node's link before running it, so the missing
+        // link is the one after the next node.
+        let next = call_node(|| {});
+        let late = call_node(|| LATE_NODE_RAN.store(true, Ordering::SeqCst));
+        let queue = &callbacks().queues[0];
+        let unlinked = {
+            // No splice until the producer below is half-way.
+            let _no_splice = CONSUMER.lock();
+            // SAFETY: fresh nodes, each queued once.
+            unsafe {
+                queue.push(forks, 1);
+                queue.push(next, 1);
+            }
+            queue.queued.fetch_add(1, Ordering::Relaxed);
+            // The first half of `Queue::push`: a producer stopped between
+            // its tail swap and its link.
+            // SAFETY: `late` is ours and not queued yet.
+            unsafe { (*late).next.store(ptr::null_mut(), Ordering::Relaxed) };
+            queue.tail.swap(late, Ordering::SeqCst)
+        };
+        assert_ne!(
+            unlinked,
+            queue.stub(),
+            "the queue was spliced under the lock"
+        );
+        wake_thread_urgent();
+        let child = loop {
+            match CHILD.load(Ordering::SeqCst) {
+                0 => std::thread::sleep(Duration::from_millis(1)),
+                pid => break pid,
+            }
+        };
+        // The producer, in the parent, finishes its push.
+        // SAFETY: `unlinked` is queued after `forks` and not yet invoked:
+        // the invocation waits for this link.
+        unsafe { (*unlinked).next.store(late, Ordering::Release) };
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        crate::barrier();
+        assert!(
+            LATE_NODE_RAN.load(Ordering::SeqCst),
+            "the parent lost a node"
+        );
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's barrier did not return: wait status {status:#x}"
+        );
+    }
 }

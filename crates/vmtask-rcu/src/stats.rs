@@ -85,9 +85,11 @@ pub struct Stats {
 
 /// The counters now.
 pub fn stats() -> Stats {
-    // Fast first, with acquire: each was counted after its grace period
-    // (see `grace::run_with`), so the total read next is never below it.
+    // Fast and owner-run first, with acquire: each was counted after its
+    // grace period (see `grace::run_with` and `grace::try_expedite`), so
+    // the total read next is never below either.
     let fast_grace_periods = grace::FAST_GRACE_PERIODS.load(Ordering::Acquire);
+    let owner_grace_periods = grace::OWNER_GRACE_PERIODS.load(Ordering::Acquire);
     let grace_periods = grace::GP_COUNT.load(Ordering::Relaxed);
     let total = grace::GP_NANOS_TOTAL.load(Ordering::Relaxed);
     // Invoked first, with acquire: whatever was invoked by then counted as
@@ -97,7 +99,7 @@ pub fn stats() -> Stats {
     let callbacks_queued = callback::queued_total();
     Stats {
         grace_periods,
-        owner_grace_periods: grace::OWNER_GRACE_PERIODS.load(Ordering::Relaxed),
+        owner_grace_periods,
         owner_grace_periods_given_up: grace::OWNER_GIVEN_UP.load(Ordering::Relaxed),
         fast_grace_periods,
         gp_latency_mean: Duration::from_nanos(total.checked_div(grace_periods).unwrap_or(0)),
