@@ -342,6 +342,14 @@ impl Arenas {
             if marked {
                 arena.guarded += guards.len();
             } else {
+                // Two more mappings; the program keeps `MAP_HEADROOM`.
+                if !sys::room_for_mappings(2) {
+                    return Err(StackError::MapFailed {
+                        what: "protect a guard page and leave 1,024 mappings (or an eighth of vm.max_map_count) to the rest of the program (mprotect PROT_NONE)",
+                        bytes: layout.guard_size,
+                        errno: libc::ENOMEM,
+                    });
+                }
                 sys::install_guard(guards[0].0, layout.guard_size, false).map_err(|errno| {
                     StackError::MapFailed {
                         what: if markers {

@@ -39,7 +39,9 @@ pub enum GuardMode {
     GuardMarker,
     /// `mprotect(PROT_NONE)`: every guard splits the arena's mapping, so
     /// live stacks are bounded by `vm.max_map_count` (about 32,000 stacks at
-    /// the default 65,530 mappings).
+    /// the default 65,530 mappings). The pool stops carving 1,024 mappings
+    /// short of the limit (an eighth of a smaller one), which it leaves to
+    /// the rest of the program.
     Mprotect,
 }
 

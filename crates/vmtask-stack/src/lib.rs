@@ -31,7 +31,10 @@
 //! - Allocation fails with a [`StackError`], never a crash, when the pool
 //!   or the kernel runs out. Under an address-space limit (`RLIMIT_AS`)
 //!   the pool leaves the last 64 MiB to the rest of the program, so that
-//!   its heap, and the pool's own frees, can still allocate.
+//!   its heap can still grow; with `mprotect` guards it leaves the last
+//!   1,024 of `vm.max_map_count`'s mappings (an eighth of a smaller
+//!   limit), so that the program can still start threads and map memory.
+//!   A free never allocates: the pool's lists grow when it carves.
 //! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
 //!   reservation.
 //! - Pools are not async-signal-safe, as `malloc` is not: `alloc`, the free

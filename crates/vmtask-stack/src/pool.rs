@@ -145,6 +145,28 @@ struct Depot {
     sealed: bool,
 }
 
+impl Depot {
+    /// Grows both lists, before a carve, to hold `carved` stacks (the
+    /// depot at most `depot_size`): every list a free puts a stack on then
+    /// has room, so no free allocates. A free cannot fail, and an
+    /// allocation that fails in one aborts the process: it did when a pool
+    /// had taken the last mapping `vm.max_map_count` allows and the released
+    /// list had to grow (review finding). Here, a failure is the carve's
+    /// error.
+    fn make_room(&mut self, carved: usize, depot_size: usize) -> Result<(), StackError> {
+        let grow = |list: &mut Vec<NonNull<u8>>, want: usize| {
+            list.try_reserve(want.saturating_sub(list.len()))
+                .map_err(|_| StackError::MapFailed {
+                    what: "grow the pool's lists of free stacks (malloc)",
+                    bytes: want.saturating_mul(std::mem::size_of::<NonNull<u8>>()),
+                    errno: libc::ENOMEM,
+                })
+        };
+        grow(&mut self.released, carved)?;
+        grow(&mut self.stacks, carved.min(depot_size))
+    }
+}
+
 // SAFETY: the pointers are addresses of free stacks that the depot owns;
 // it never dereferences them.
 unsafe impl Send for Depot {}
@@ -334,11 +356,14 @@ impl PoolInner {
             self.populate_top(top);
             return Ok(top);
         }
-        let carved = self
-            .arenas
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .carve(&self.layout, self.markers);
+        let carved = {
+            let mut depot = self.depot.lock();
+            let mut arenas = self.arenas.lock().unwrap_or_else(|e| e.into_inner());
+            match depot.make_room(arenas.carved() + 1, self.layout.depot_size) {
+                Ok(()) => arenas.carve(&self.layout, self.markers),
+                Err(e) => Err(e),
+            }
+        };
         match carved {
             Ok((top, populate)) => {
                 if let Some(pages) = populate {
@@ -1254,6 +1279,44 @@ mod tests {
         if let Some(hook) = CHOSEN_TO_DESTROY.with(|h| h.take()) {
             hook();
         }
+    }
+
+    /// The lists a free puts stacks on have room for every carved stack
+    /// before the free: none grows in a free, where an allocation failure
+    /// aborts (see `Depot::make_room`).
+    #[test]
+    fn frees_find_room_on_the_lists() {
+        let pool = StackPool::new(Config {
+            stack_size: 16 << 10,
+            cache_size: 2,
+            depot_size: 5,
+            ..Config::default()
+        })
+        .unwrap();
+        let inner = pool.inner();
+        let room = || {
+            let depot = inner.depot.lock();
+            (depot.released.capacity(), depot.stacks.capacity())
+        };
+        let mut stacks = Vec::new();
+        for carved in 1..=300 {
+            stacks.push(pool.alloc().unwrap());
+            let (released, depot) = room();
+            assert!(released >= carved, "{released} places for {carved} stacks");
+            assert!(
+                depot >= carved.min(5),
+                "{depot} depot places, {carved} carved"
+            );
+        }
+        let before = room();
+        drop(stacks);
+        let stats = pool.stats();
+        assert_eq!(stats.live, 0, "{stats}");
+        assert!(
+            stats.stacks_released > 0,
+            "no stack reached the released list"
+        );
+        assert_eq!(room(), before, "a free grew a list");
     }
 
     fn registered(id: u64) -> bool {

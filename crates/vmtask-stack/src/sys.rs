@@ -143,6 +143,127 @@ pub(crate) fn install_guard(addr: usize, len: usize, markers: bool) -> Result<()
     }
 }
 
+/// Mappings an `mprotect`-guarded pool leaves to the rest of the program
+/// (at most an eighth of `vm.max_map_count`). Each `mprotect` guard splits
+/// off two mappings, and a pool that took the last one left the program
+/// none: no thread could start, no large allocation be made, and the free
+/// of a stack that had to grow a list of the pool's aborted in `malloc`
+/// (review finding: 32,750 stacks allocated, then their drop aborted).
+const MAP_HEADROOM: usize = 1024;
+
+/// The process's mappings as last counted, plus those our `mprotect`
+/// guards added since (0: not counted yet). An estimate: the rest of the
+/// program maps and unmaps without telling us, so it is counted again
+/// before a guard is refused.
+static MAPPINGS: AtomicUsize = AtomicUsize::new(0);
+
+/// When a guard was last refused for want of mappings, in milliseconds of
+/// `CLOCK_MONOTONIC` (0: never). Counting the mappings near the limit
+/// reads 60,000 lines of `/proc/self/maps`, 16 ms here, so a refusal
+/// stands for [`RECOUNT_AFTER_MS`] before they are counted again.
+static REFUSED_AT: AtomicU64 = AtomicU64::new(0);
+const RECOUNT_AFTER_MS: u64 = 100;
+
+/// Whether `n` more mappings leave [`MAP_HEADROOM`] of `vm.max_map_count`
+/// to the rest of the program; if so, they are counted as made. True where
+/// `/proc` cannot tell (the kernel's refusal is then the limit).
+pub(crate) fn room_for_mappings(n: usize) -> bool {
+    let Some(limit) = max_map_count() else {
+        return true;
+    };
+    let keep = MAP_HEADROOM.min(limit / 8);
+    let fits = |mappings: usize| mappings.saturating_add(n).saturating_add(keep) <= limit;
+    let known = MAPPINGS.load(Ordering::Relaxed);
+    if known != 0 && fits(known) {
+        MAPPINGS.fetch_add(n, Ordering::Relaxed);
+        return true;
+    }
+    let now = monotonic_ms();
+    let refused = REFUSED_AT.load(Ordering::Relaxed);
+    if refused != 0 && now.saturating_sub(refused) < RECOUNT_AFTER_MS {
+        return false;
+    }
+    let Some(counted) = mapping_count() else {
+        return true;
+    };
+    if fits(counted) {
+        MAPPINGS.store(counted + n, Ordering::Relaxed);
+        true
+    } else {
+        MAPPINGS.store(counted, Ordering::Relaxed);
+        REFUSED_AT.store(now.max(1), Ordering::Relaxed);
+        false
+    }
+}
+
+/// `vm.max_map_count`, read once (0: not yet, `usize::MAX`: unreadable).
+/// Not a `OnceLock`, for the reason [`page_size`] gives.
+static MAX_MAP_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn max_map_count() -> Option<usize> {
+    let mut limit = MAX_MAP_COUNT.load(Ordering::Relaxed);
+    if limit == 0 {
+        let mut buf = [0u8; 32];
+        let mut value: Option<usize> = None;
+        let read = read_proc(c"/proc/sys/vm/max_map_count", &mut buf, |chunk| {
+            for &b in chunk.iter().take_while(|b| b.is_ascii_digit()) {
+                let digit = usize::from(b - b'0');
+                value = Some(value.unwrap_or(0).saturating_mul(10).saturating_add(digit));
+            }
+        });
+        limit = value
+            .filter(|&n| read && n > 0 && n != usize::MAX)
+            .unwrap_or(usize::MAX);
+        MAX_MAP_COUNT.store(limit, Ordering::Relaxed);
+    }
+    (limit != usize::MAX).then_some(limit)
+}
+
+/// The process's mappings now: the lines of `/proc/self/maps`. Reads with
+/// a buffer on the stack: near the limit, a large allocation would need a
+/// mapping itself.
+fn mapping_count() -> Option<usize> {
+    let mut buf = [0u8; 16 << 10];
+    let mut lines = 0;
+    read_proc(c"/proc/self/maps", &mut buf, |chunk| {
+        lines += chunk.iter().filter(|&&b| b == b'\n').count();
+    })
+    .then_some(lines)
+}
+
+/// Reads the whole file at `path` through `buf`, handing each chunk to
+/// `each`; false if it cannot be read.
+fn read_proc(path: &std::ffi::CStr, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> bool {
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return false;
+    }
+    let ok = loop {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => break true,
+            n if n > 0 => each(&buf[..n as usize]),
+            _ if errno() == libc::EINTR => {}
+            _ => break false,
+        }
+    };
+    // SAFETY: `fd` is ours and open.
+    unsafe { libc::close(fd) };
+    ok
+}
+
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is writable; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// Gives the pages of `[addr, addr + len)` back to the kernel; the next
 /// touch reads zeros. Returns false where the kernel refuses: a range the
 /// user locked (`mlock`, or `mlockall(MCL_FUTURE)` before the arena was
