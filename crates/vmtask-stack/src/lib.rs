@@ -34,7 +34,8 @@
 //!   its heap can still grow; with `mprotect` guards it leaves the last
 //!   1,024 of `vm.max_map_count`'s mappings (an eighth of a smaller
 //!   limit), so that the program can still start threads and map memory.
-//!   A free never allocates: the pool's lists grow when it carves.
+//!   The pool's lists of free stacks grow when it carves, never in a free
+//!   (a free allocates only a magazine's worth of scratch space).
 //! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
 //!   reservation.
 //! - Pools are not async-signal-safe, as `malloc` is not: `alloc`, the free
