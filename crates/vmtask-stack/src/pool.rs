@@ -148,11 +148,12 @@ struct Depot {
 impl Depot {
     /// Grows both lists, before a carve, to hold `carved` stacks (the
     /// depot at most `depot_size`): every list a free puts a stack on then
-    /// has room, so no free allocates. A free cannot fail, and an
+    /// has room, so no free grows one (its other allocations are a
+    /// magazine's worth of scratch space). A free cannot fail, and an
     /// allocation that fails in one aborts the process: it did when a pool
     /// had taken the last mapping `vm.max_map_count` allows and the released
-    /// list had to grow (review finding). Here, a failure is the carve's
-    /// error.
+    /// list, 8 bytes a stack, had to grow (review finding). Here, a failure
+    /// is the carve's error.
     fn make_room(&mut self, carved: usize, depot_size: usize) -> Result<(), StackError> {
         let grow = |list: &mut Vec<NonNull<u8>>, want: usize| {
             list.try_reserve(want.saturating_sub(list.len()))

@@ -69,7 +69,7 @@ fn main() {
     assert_eq!(again.to_string(), err.to_string());
     drop(big);
     // Even with the headroom taken by the rest of the program, every stack
-    // comes back: no free allocates (the pool's lists grew when it
+    // comes back: no free grows the pool's lists (they grew when it
     // carved).
     let mut reused = Vec::with_capacity(held);
     let filler = take_every_mapping_left();
