@@ -42,14 +42,22 @@ const COLOURS: [RGBColor; 4] = [
 
 /// Creates `dir` if needed and checks that files can be written in it.
 pub fn check_dir(dir: &Path) -> Result<(), Error> {
-    let probe = dir.join(".vmtask-write-check");
-    let fail = |e: std::io::Error| Error::Chart {
+    let fail = |reason: String| Error::Chart {
         path: dir.to_path_buf(),
-        reason: format!("the chart directory is not writable: {e}"),
+        reason,
     };
-    std::fs::create_dir_all(dir).map_err(fail)?;
-    std::fs::write(&probe, b"").map_err(fail)?;
-    std::fs::remove_file(&probe).map_err(fail)
+    if dir.exists() && !dir.is_dir() {
+        return Err(fail(
+            "--out names a file; it must name a directory (made if missing)".to_owned(),
+        ));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| fail(format!("cannot make the chart directory (--out): {e}")))?;
+    let probe = dir.join(".vmtask-write-check");
+    let unwritable =
+        |e: std::io::Error| fail(format!("the chart directory (--out) is not writable: {e}"));
+    std::fs::write(&probe, b"").map_err(unwritable)?;
+    std::fs::remove_file(&probe).map_err(unwritable)
 }
 
 impl BarChart {

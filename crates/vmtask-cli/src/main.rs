@@ -79,7 +79,7 @@ struct RcuFreeArgs {
 
 #[derive(Args, Debug, Default)]
 struct MemoryArgs {
-    /// Tasks live at once, at least 1 [default: 2000; --quick 200].
+    /// Tasks live at once, 1 to 65536 [default: 2000; --quick 200].
     #[arg(long)]
     tasks: Option<usize>,
 }

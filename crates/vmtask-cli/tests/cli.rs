@@ -98,7 +98,7 @@ fn unwritable_chart_directory_fails_before_running() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("the chart directory is not writable"),
+        stderr.contains("cannot make the chart directory (--out)"),
         "{stderr}"
     );
     assert!(
@@ -106,6 +106,28 @@ fn unwritable_chart_directory_fails_before_running() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[test]
+fn chart_directory_that_is_a_file_is_named_as_such() {
+    let file = std::env::temp_dir().join(format!("vmtask-cli-out-file-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let out = vmtask(&["memory", "--quick", "--out", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--out names a file; it must name a directory"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "ran before failing");
+}
+
+#[test]
+fn help_gives_the_ranges_that_are_checked() {
+    let out = vmtask(&["memory", "--help"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 to 65536"), "{stdout}");
 }
 
 #[test]

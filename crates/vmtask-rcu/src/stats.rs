@@ -139,10 +139,12 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "callbacks:           {} queued, {} invoked, {} pending",
+            "callbacks:           {} queued, {} invoked, {} waiting (deferred drops count once \
+             their thread's batch of {} fills or is handed over)",
             self.callbacks_queued,
             self.callbacks_invoked,
-            self.callbacks_queued.saturating_sub(self.callbacks_invoked)
+            self.callbacks_queued.saturating_sub(self.callbacks_invoked),
+            crate::bag::BAG_CAPACITY
         )?;
         writeln!(
             f,

@@ -615,6 +615,11 @@ fn stats_display_names_the_barrier_mode() {
     let text = s.to_string();
     assert!(text.contains("barrier mode"));
     assert!(text.contains("grace periods"));
+    // Entries of a batch still filling are not in the counts: it says so.
+    assert!(
+        text.contains("deferred drops count once their thread's batch of 126 fills"),
+        "{text}"
+    );
     let shown = match s.mode {
         BarrierMode::Membarrier => "membarrier",
         BarrierMode::Fence => "SeqCst fence fallback",
