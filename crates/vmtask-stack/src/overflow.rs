@@ -790,8 +790,13 @@ extern "C" fn put_alt_stack(value: *mut libc::c_void) {
     let map = value as usize;
     OURS.set(0);
     // A pool allocation after this prepares the thread again, and setting
-    // the key again gets this destructor another round.
+    // the key again gets this destructor another round. Forgetting the
+    // thread's pool sends that allocation down a path that prepares: the
+    // fast path (a stack parked on the thread, a magazine hit) does not
+    // (review finding: a later key destructor's stack had no alternate
+    // stack).
     PREPARED.set(false);
+    crate::tally::forget_current();
     // SAFETY: an all-zero stack_t is a valid value to query into.
     let mut current: libc::stack_t = unsafe { std::mem::zeroed() };
     // SAFETY: querying the current alternate stack writes into `current`.

@@ -90,9 +90,16 @@ struct Owned(RefCell<Vec<(u64, Arc<Tally>)>>);
 impl Drop for Owned {
     fn drop(&mut self) {
         // The tallies may die with this list; later hits must not use them.
-        CURRENT_ID.set(0);
-        CURRENT_TALLY.set(ptr::null());
+        forget_current();
     }
+}
+
+/// Forgets the thread's cached pool: its next allocation or free of any
+/// pool takes the path that selects the pool's tally again (and, for an
+/// allocation, prepares the thread for overflow reports).
+pub(crate) fn forget_current() {
+    CURRENT_ID.set(0);
+    CURRENT_TALLY.set(ptr::null());
 }
 
 /// The destructor of the pthread key that `Tallies::select` sets with each
@@ -100,8 +107,7 @@ impl Drop for Owned {
 /// of records, if it is still alive, as its own destructor would have.
 /// After `Owned::drop` the list is gone and this does nothing.
 extern "C" fn drop_owned_at_exit(_armed: *mut libc::c_void) {
-    CURRENT_ID.set(0);
-    CURRENT_TALLY.set(ptr::null());
+    forget_current();
     let records = OWNED
         .try_with(|owned| {
             owned
