@@ -113,6 +113,12 @@ extern "C" fn after_fork_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Whether this process is a fork child (of a process that had
+/// registered the handler, as every process using this crate has).
+pub(crate) fn in_fork_child() -> bool {
+    FORK_GENERATION.load(Ordering::Relaxed) != 0
+}
+
 /// Registers `after_fork_child` once per process: when the program starts
 /// (below), while it has one thread, and, should that not have run, when
 /// the first cache is made (a handler run twice bumps the generation
@@ -402,7 +408,9 @@ impl CpuCache {
 
     /// Takes the most recently pushed pointer from the current CPU's area.
     /// `None` if it is empty or busy (being drained, or, in try-lock mode,
-    /// used by another thread) right now.
+    /// used by another thread) right now; in rseq mode, also always on a
+    /// thread the kernel refused to register for rseq (its CPU number
+    /// reads as negative), whose callers take their slow paths.
     #[inline]
     pub fn pop(&self) -> Option<NonNull<u8>> {
         #[cfg(all(
@@ -419,7 +427,8 @@ impl CpuCache {
     }
 
     /// Puts `item` on the current CPU's area; gives it back if the area is
-    /// full or busy right now.
+    /// full or busy right now, and, in rseq mode, always on a thread the
+    /// kernel refused to register for rseq (see [`CpuCache::pop`]).
     #[inline]
     pub fn push(&self, item: NonNull<u8>) -> Result<(), NonNull<u8>> {
         #[cfg(all(

@@ -14,7 +14,7 @@
 /// assert!(vmtask_percpu::env_switch("VMTASK_EXAMPLE_SWITCH"));
 /// ```
 pub fn env_switch(name: &str) -> bool {
-    let Some(value) = std::env::var_os(name) else {
+    let Some(value) = var(name) else {
         return false;
     };
     let text = value.to_string_lossy();
@@ -30,5 +30,29 @@ pub fn env_switch(name: &str) -> bool {
             ));
             true
         }
+    }
+}
+
+/// The variable `name`, read through `std` as a rule, but through libc's
+/// `getenv` in a fork child: `std` takes a lock of its own on the
+/// environment, which a fork while another thread was in
+/// `std::env::set_var` leaves held for good in the child (review finding:
+/// a child's first `CpuCache::new` hung there). glibc's `getenv` takes
+/// none.
+fn var(name: &str) -> Option<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    if !crate::cache::in_fork_child() {
+        return std::env::var_os(name);
+    }
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name. The value is copied out at once; the
+    // environment changes only through `setenv`, whose callers in a
+    // threaded program must keep other readers away (`std::env::set_var`'s
+    // contract), as with any C library's `getenv`.
+    unsafe {
+        let value = libc::getenv(name.as_ptr());
+        (!value.is_null()).then(|| {
+            std::ffi::OsStr::from_bytes(std::ffi::CStr::from_ptr(value).to_bytes()).to_owned()
+        })
     }
 }

@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A `pthread_atfork` handler.
 pub type ForkHandler = extern "C" fn();
 
-/// Registers `pthread_atfork(prepare, parent, child)` once per process;
-/// returns whether the handlers are registered (false: `pthread_atfork`
-/// failed, and the next call tries again).
+/// Registers `pthread_atfork(prepare, parent, child)` once per process.
+/// Returns false if `pthread_atfork` failed (the next call tries again),
+/// true if the handlers are registered or another thread of this process
+/// is registering them now (which may yet fail: then a later call tries
+/// again).
 ///
 /// `state` is the caller's own static, zero at first: 0, none; the pid +
 /// 1 of a process registering now; `u64::MAX`, done. A flag, not a
