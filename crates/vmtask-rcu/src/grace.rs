@@ -288,6 +288,15 @@ fn run_with(
 ) -> bool {
     let start = Instant::now();
     GP_SEQ.fetch_add(1, Ordering::SeqCst);
+    // A SeqCst fence after the count, before the snapshot (review
+    // finding): a reader that registers after the snapshot takes the
+    // registry lock after us, so this fence happens before its loads. In
+    // the C++ model, a caller whose `snapshot` (fence, then a load of
+    // `GP_SEQ`) read the count before our increment then has its fence,
+    // and its updates before it, ordered before this one, and so before
+    // that reader's loads. The increment alone, a read-modify-write and
+    // not a fence, does not give that (x86-64 and AArch64 do anyway).
+    fence(Ordering::SeqCst);
     let unfinished = Unfinished;
     let mut readers = Vec::new();
     registry::snapshot(&mut readers);
@@ -303,8 +312,9 @@ fn run_with(
     }
     // With no other registered thread there is no reader to wait for: a
     // thread that registers after the snapshot took the registry lock
-    // after us, so its sections begin after the caller's updates (the
-    // lock's release/acquire). Otherwise the fast path or the full
+    // after us, so its sections begin after the caller's updates and
+    // after those of every caller this grace period serves (the lock's
+    // release/acquire, and the fence above). Otherwise the fast path or the full
     // protocol, even for readers that look quiescent now.
     let completed = if readers.is_empty() {
         None

@@ -7,9 +7,10 @@
 //! and [`call_intrusive`] queue work for after it — and only then free it.
 //!
 //! Guarantees:
-//! - **Cheap readers.** `read_lock` and dropping the guard are four plain
-//!   loads and two stores, on the thread's own thread-local reader and the
-//!   global grace-period word: no read-modify-write, no hardware fence, and
+//! - **Cheap readers.** `read_lock` and dropping the guard are four loads
+//!   and two stores, on the thread's own thread-local reader and the
+//!   global grace-period word: no read-modify-write, no hardware fence
+//!   (plain moves on x86-64; two are acquire and release on AArch64), and
 //!   an empty guard. Updaters pay instead, with
 //!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`; where the kernel lacks
 //!   it (or [`force_fence_fallback`] / `VMTASK_RCU_FORCE_FENCE=1` asks),
@@ -49,7 +50,8 @@
 //!
 //! Signal handlers: only [`read_lock`] and dropping its guard are
 //! async-signal-safe, on a thread that has taken a read lock before (see
-//! [`read_lock`]). The rest takes locks or allocates, or owns the thread's
+//! [`read_lock`]), and a handler must drop every guard it takes before it
+//! returns (as liburcu requires). The rest takes locks or allocates, or owns the thread's
 //! batches while it runs: `synchronize`, `barrier`, `call`,
 //! `call_intrusive`, `defer_drop`, `defer_raw`, the writes of [`RcuCell`]
 //! and [`stats`] must not run in a handler that may interrupt the same

@@ -27,7 +27,8 @@ use crate::registry::{self, LOCAL};
 /// state is in the thread's reader.
 ///
 /// A guard that is never dropped (leaked with `mem::forget`, or alive in
-/// a coroutine that is never resumed) keeps its thread in the section:
+/// a coroutine that is never resumed) keeps its thread in the section
+/// (unless a signal handler took it: see [`read_lock`]):
 /// every later grace period waits for it, forever, so `synchronize`,
 /// `barrier` and the deferred frees stop. A grace period that has waited
 /// a second says so on stderr, once per process.
@@ -44,7 +45,13 @@ pub struct ReadGuard {
 /// registers it as a reader.
 ///
 /// A signal handler may take a read lock on a thread that has already
-/// used RCU: that path is a few loads and stores, no lock. Registration is
+/// used RCU: that path is a few loads and stores, no lock. The handler
+/// must drop the guard before it returns: the code it interrupted may be
+/// between its own check of the thread's section and its store to the
+/// slot, and that store then ends (or opens anew) the section the
+/// handler's guard counts on. A guard the handler keeps (leaks, or stores
+/// for the thread's later use) may then hold no section at all
+/// (review finding, reproduced by single-stepping). Registration is
 /// not async-signal-safe (it takes the registry lock), so take one read
 /// lock on a thread before its signal handlers may. Signals are held back
 /// while the thread registers and unregisters, and while a thread past
