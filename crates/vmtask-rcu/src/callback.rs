@@ -1636,9 +1636,16 @@ mod tests {
             "the queue was spliced under the lock"
         );
         wake_thread_urgent();
+        let start = std::time::Instant::now();
         let child = loop {
             match CHILD.load(Ordering::SeqCst) {
-                0 => std::thread::sleep(Duration::from_millis(1)),
+                0 => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(60),
+                        "the forking callback did not run in 60 s"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 pid => break pid,
             }
         };

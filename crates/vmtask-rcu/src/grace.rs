@@ -447,17 +447,25 @@ mod tests {
         // SAFETY: pthread_self has no preconditions.
         let sleeper = unsafe { libc::pthread_self() } as usize;
         let done = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicBool::new(false));
         let storm = std::thread::spawn({
-            let done = done.clone();
-            move || {
-                while !done.load(Ordering::Relaxed) {
-                    // SAFETY: the sleeper joins this thread before it
-                    // returns, so its pthread_t stays valid meanwhile.
-                    unsafe { libc::pthread_kill(sleeper as libc::pthread_t, signal) };
-                    std::thread::sleep(Duration::from_micros(500));
+            let (done, started) = (done.clone(), started.clone());
+            move || loop {
+                // SAFETY: the sleeper joins this thread before it returns,
+                // so its pthread_t stays valid meanwhile.
+                unsafe { libc::pthread_kill(sleeper as libc::pthread_t, signal) };
+                started.store(true, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(500));
+                if done.load(Ordering::Relaxed) {
+                    break;
                 }
             }
         });
+        // The storm has begun (a storm thread given no CPU during the
+        // sleep would send nothing: test audit).
+        while !started.load(Ordering::Relaxed) {
+            std::thread::yield_now();
+        }
         let timeout = Duration::from_millis(40);
         let start = Instant::now();
         let woken = futex_sleep(&futex, timeout);

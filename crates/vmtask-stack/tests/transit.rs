@@ -38,15 +38,18 @@ struct Tally {
 /// and now and then moves to another CPU (so stacks freed on one CPU flow
 /// through the depot to another), until `stop`.
 fn worker(pool: &StackPool, k: usize, seed: u64, stop: &AtomicBool, tally: &Tally) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPUs this thread may run on, whatever their ids (test audit:
+    // `available_parallelism` gives a count, not ids).
+    let cpus = vmtask_percpu::allowed_cpus();
     let mut rng = Rng(seed | 1);
     let mut held: Vec<Stack> = Vec::with_capacity(k);
     let (mut allocs, mut exhausted) = (0u64, 0u64);
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
         round += 1;
-        if round % 64 == 0 && cpus > 1 {
-            let _ = vmtask_percpu::pin_current_thread((rng.next() as usize) % cpus);
+        if round % 64 == 0 && cpus.len() > 1 {
+            let cpu = cpus[(rng.next() as usize) % cpus.len()];
+            vmtask_percpu::pin_current_thread(cpu).expect("pinning to an allowed CPU");
         }
         let want = 1 + (rng.next() as usize) % k;
         while held.len() < want {
