@@ -52,7 +52,13 @@ fn room_at(sp: usize) -> Option<usize> {
 /// `bytes` left below the stack pointer; otherwise the pages are faulted in
 /// with `MADV_POPULATE_WRITE`, and a kernel that cannot find the memory
 /// gives [`StackError::OutOfMemory`] here instead of a SIGSEGV or an OOM kill
-/// at some later call. Where the kernel lacks `MADV_POPULATE_WRITE`
+/// at some later call. That needs a kernel that fails the charge rather
+/// than kill: past a memory cgroup's limit with its OOM killer off (cgroup
+/// v1 `memory.oom_control`), or with no process left to kill. Where the
+/// OOM killer may run (a cgroup v2 `memory.max`, the whole machine out of
+/// memory), it runs during this call, as it would have at the later page
+/// fault: the failure comes sooner, not as an `Err` (review finding).
+/// Where the kernel lacks `MADV_POPULATE_WRITE`
 /// (before Linux 5.14, or a seccomp filter refuses it), the pages are
 /// touched instead, one write fault each, and running out of memory there
 /// is the kernel's to handle as for any page fault. On any other stack it

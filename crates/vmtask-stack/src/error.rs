@@ -86,7 +86,7 @@ impl fmt::Display for StackError {
             StackError::OutOfMemory { bytes } => {
                 write!(
                     f,
-                    "out of memory while pre-faulting {bytes} bytes of stack (limits: the memory cgroup's memory.max, physical memory and swap)"
+                    "out of memory while pre-faulting {bytes} bytes of stack (limits: the memory cgroup's limit with its OOM killer off, physical memory and swap)"
                 )
             }
             StackError::TooLarge { requested, available, stack_size } => write!(
@@ -141,6 +141,6 @@ mod tests {
         let e = StackError::OutOfMemory { bytes: 32768 };
         let message = e.to_string();
         assert!(message.contains("32768 bytes"), "{message}");
-        assert!(message.contains("memory.max"), "{message}");
+        assert!(message.contains("OOM killer off"), "{message}");
     }
 }

@@ -37,7 +37,9 @@
 //!   The pool's lists of free stacks grow when it carves, never in a free
 //!   (a free allocates only a magazine's worth of scratch space).
 //! - [`ensure()`] turns "growth that cannot fail" into an explicit, fallible
-//!   reservation.
+//!   reservation, where the kernel fails a charge instead of calling the OOM
+//!   killer (see [`ensure()`]); where it calls the OOM killer, that happens
+//!   during `ensure`, not at a later call.
 //! - Pools are not async-signal-safe, as `malloc` is not: `alloc`, the free
 //!   of a [`Stack`], `trim` and `stats` must not run in a signal handler
 //!   that may interrupt the same thread inside one of them (they share the

@@ -9,9 +9,16 @@
 //!   reads them without synchronisation (a fork child whose parent was
 //!   installing installs again, skipping a signal that has ours already).
 //!   A handler another thread installs between the query and ours is put
-//!   back, as if it came after ours (which it then bypasses). The only state
-//!   the handler writes is one flag per signal, set when a one-shot
-//!   (`SA_RESETHAND`) previous handler has had its one call.
+//!   back, as if it came after ours (which it then bypasses). The handler
+//!   writes one flag per signal, set when a one-shot (`SA_RESETHAND`)
+//!   previous handler has had its one call, the flag that lets one report
+//!   at a time through, and, to let a fault kill the process as it would
+//!   have, the signal's action back to `SIG_DFL`.
+//! - The thread's mask: a fault on a thread that blocks SIGSEGV or SIGBUS
+//!   kills the process at once, with no handler run (the kernel's rule for
+//!   synchronous faults). Blocking them avoids nothing else, so preparing
+//!   a thread for pool stacks ([`prepare_thread`]) unblocks both: worker
+//!   threads often block every signal when they start.
 //! - Every thread that allocates from a pool gets an alternate signal stack
 //!   ([`prepare_thread`]) unless it already has one (Rust's runtime gives
 //!   one to the main thread and to every `std::thread`), and keeps one until
@@ -88,6 +95,10 @@ use crate::sys;
 pub type LabelHook = fn(base: *mut u8, out: &mut [u8]) -> usize;
 
 static HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+/// `SEGV_MTEAERR` (Linux's generic `si_code` for SIGSEGV; `libc` does not
+/// name it on every target).
+const SEGV_MTEAERR: libc::c_int = 8;
 
 /// Sets (or with `None` clears) the hook that labels an overflowing stack in
 /// the overflow report; a task runtime puts the task's name and id there.
@@ -239,13 +250,25 @@ fn install_actions() {
 ///
 /// A fault is a signal the kernel raised for the faulting instruction:
 /// `si_code > 0`, except SIGBUS with `BUS_MCEERR_AO`, a machine-check
-/// report that the kernel sends like kill() does. A sent signal has
+/// report that the kernel sends like kill() does, and SIGSEGV with
+/// `SEGV_MTEAERR`, an asynchronous tag-check fault (aarch64 MTE) reported
+/// on a return to user space, which no retried instruction repeats (a
+/// review finding: retrying it under `SIG_DFL` let the process go on). A sent signal has
 /// `si_code <= 0` (`SI_USER` from kill, `SI_QUEUE` from sigqueue,
 /// `SI_TKILL` from tgkill and raise).
 extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-    let fault = code > 0 && !(sig == libc::SIGBUS && code == libc::BUS_MCEERR_AO);
+    // A caller that chains to us by hand may pass no siginfo: a sent
+    // signal, then, for all we can tell.
+    let (code, addr) = if info.is_null() {
+        (libc::SI_USER, 0)
+    } else {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO
+        // handler, and so must a caller chaining to us with one.
+        unsafe { ((*info).si_code, (*info).si_addr() as usize) }
+    };
+    let fault = code > 0
+        && !(sig == libc::SIGBUS && code == libc::BUS_MCEERR_AO)
+        && !(sig == libc::SIGSEGV && code == SEGV_MTEAERR);
     // Only a fault carries the faulting address in si_addr. The
     // interrupted stack pointer catches the rest: a fault whose address
     // says nothing (the kernel's own SIGSEGV, address 0, when it could not
@@ -631,11 +654,31 @@ thread_local! {
 /// and after code that may have turned the thread's alternate stack off
 /// (`sigaltstack` with `SS_DISABLE`, by you or another library): it checks
 /// with one `sigaltstack` query and installs one of ours if there is none.
+/// It also unblocks SIGSEGV and SIGBUS on the thread (one
+/// `pthread_sigmask`): a fault on a thread that blocks them kills the
+/// process with no report (see the module docs), so call it too after code
+/// that blocks every signal on a thread that already ran pool stacks.
 pub fn prepare_thread() {
     if PREPARED.get() {
+        unblock_faults();
         arm();
     } else {
         prepare_thread_slow();
+    }
+}
+
+/// Unblocks SIGSEGV and SIGBUS on the calling thread: the kernel kills a
+/// process whose thread faults with them blocked, no handler run (review
+/// finding: a worker thread that blocked every signal died silently).
+fn unblock_faults() {
+    // SAFETY: an all-zero sigset_t is a valid set to fill in; the calls
+    // only read and write `set` and this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSEGV);
+        libc::sigaddset(&mut set, libc::SIGBUS);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -651,6 +694,7 @@ pub(crate) fn prepare_thread_once() {
 #[cold]
 fn prepare_thread_slow() {
     PREPARED.set(true);
+    unblock_faults();
     // Registers the exit-time check; fails only when the thread's locals
     // are already being destroyed, and then `arm` below is all there is.
     let _ = REARM.try_with(|_| ());

@@ -122,6 +122,41 @@ fn recursion_in_a_coroutine_reports_overflow_with_label() {
     );
 }
 
+/// A worker thread that blocks every signal before it runs pool stacks
+/// still gets its overflow reported (review finding: the kernel killed the
+/// process silently, as it does for a fault on a thread that blocks the
+/// signal).
+#[test]
+fn an_overflow_on_a_thread_that_blocks_every_signal_is_reported() {
+    if in_child() {
+        std::thread::spawn(|| {
+            // SAFETY: an all-zero sigset_t is valid to fill; blocks every
+            // signal on this thread only.
+            unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+            }
+            let pool = StackPool::new(Config {
+                stack_size: 64 * 1024,
+                ..Config::default()
+            })
+            .unwrap();
+            let stack = pool.alloc().unwrap();
+            print_bounds(&stack);
+            let mut co =
+                Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
+            co.resume(());
+            unreachable!("unbounded recursion returned");
+        })
+        .join()
+        .unwrap();
+    }
+    assert_overflow_report(&run_child(
+        "an_overflow_on_a_thread_that_blocks_every_signal_is_reported",
+    ));
+}
+
 /// A fault whose address is not in the guard (a null read here, or the
 /// kernel's address-0 SIGSEGV when it cannot push a signal frame) while the
 /// stack pointer is in it is an overflow too: the handler reads the
