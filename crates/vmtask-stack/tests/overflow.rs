@@ -93,21 +93,33 @@ fn label_task(_base: *mut u8, out: &mut [u8]) -> usize {
     label.len()
 }
 
+/// A 64 KiB stack of a new pool, its bounds printed for the parent.
+fn printed_pool_stack() -> (StackPool, vmtask_stack::Stack) {
+    let pool = StackPool::new(Config {
+        stack_size: 64 * 1024,
+        ..Config::default()
+    })
+    .unwrap();
+    let stack = pool.alloc().unwrap();
+    print_bounds(&stack);
+    (pool, stack)
+}
+
+/// Recurses on a [`printed_pool_stack`], in a coroutine, until it
+/// overflows.
+fn recurse_on_a_pool_stack() -> ! {
+    let (_pool, stack) = printed_pool_stack();
+    let mut co = Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
+    co.resume(());
+    unreachable!("unbounded recursion returned");
+}
+
 #[test]
 fn recursion_in_a_coroutine_reports_overflow_with_label() {
     if in_child() {
         // SAFETY: `label_task` copies a constant: async-signal-safe.
         unsafe { vmtask_stack::set_overflow_label_hook(Some(label_task)) };
-        let pool = StackPool::new(Config {
-            stack_size: 64 * 1024,
-            ..Config::default()
-        })
-        .unwrap();
-        let stack = pool.alloc().unwrap();
-        print_bounds(&stack);
-        let mut co = Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
-        co.resume(());
-        unreachable!("unbounded recursion returned");
+        recurse_on_a_pool_stack();
     }
     let out = run_child("recursion_in_a_coroutine_reports_overflow_with_label");
     assert_overflow_report(&out);
@@ -137,17 +149,7 @@ fn an_overflow_on_a_thread_that_blocks_every_signal_is_reported() {
                 libc::sigfillset(&mut all);
                 libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
             }
-            let pool = StackPool::new(Config {
-                stack_size: 64 * 1024,
-                ..Config::default()
-            })
-            .unwrap();
-            let stack = pool.alloc().unwrap();
-            print_bounds(&stack);
-            let mut co =
-                Coroutine::with_stack(stack, |_: &corosensei::Yielder<(), ()>, ()| recurse(0));
-            co.resume(());
-            unreachable!("unbounded recursion returned");
+            recurse_on_a_pool_stack();
         })
         .join()
         .unwrap();
@@ -967,13 +969,7 @@ fn a_general_protection_fault_far_from_the_guard_is_chained() {
 #[test]
 fn prepare_thread_rearms_a_thread_whose_alt_stack_was_disabled() {
     if in_child() {
-        let pool = StackPool::new(Config {
-            stack_size: 64 * 1024,
-            ..Config::default()
-        })
-        .unwrap();
-        let stack = pool.alloc().unwrap();
-        print_bounds(&stack);
+        let (_pool, stack) = printed_pool_stack();
         let off = libc::stack_t {
             ss_sp: std::ptr::null_mut(),
             ss_flags: libc::SS_DISABLE,
