@@ -45,14 +45,16 @@ fn var(name: &str) -> Option<std::ffi::OsString> {
         return std::env::var_os(name);
     }
     let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a NUL-terminated name. The value is copied out at once; the
-    // environment changes only through `setenv`, whose callers in a
+    // The environment changes only through `setenv`, whose callers in a
     // threaded program must keep other readers away (`std::env::set_var`'s
-    // contract), as with any C library's `getenv`.
-    unsafe {
-        let value = libc::getenv(name.as_ptr());
-        (!value.is_null()).then(|| {
-            std::ffi::OsStr::from_bytes(std::ffi::CStr::from_ptr(value).to_bytes()).to_owned()
-        })
+    // contract), as with any C library's `getenv`; the value is copied out
+    // at once.
+    // SAFETY: `name` is NUL-terminated; see above for the environment.
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return None;
     }
+    // SAFETY: a non-null `getenv` result is a NUL-terminated string.
+    let value = unsafe { std::ffi::CStr::from_ptr(value) };
+    Some(std::ffi::OsStr::from_bytes(value.to_bytes()).to_owned())
 }
